@@ -1,0 +1,67 @@
+"""The FastAPI application: thin routes over :class:`~sandboxsec.services.Services`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sandboxsec import __version__
+from sandboxsec.api.errors import ERROR_RESPONSES, install_error_handlers
+from sandboxsec.api.middleware import Metrics, RequestGuard
+from sandboxsec.services import Services
+
+__all__ = ["ROUTE_MODULES", "create_app"]
+
+#: Route modules under ``sandboxsec.api.routes``: ``router`` is mounted at ``/v1``,
+#: ``page_router`` (if any) at the root.
+ROUTE_MODULES = (
+    "health", "tenants", "attestation", "sessions", "actions", "approvals", "grants",
+    "policy", "trajectory", "keys", "audit",
+)
+
+
+def create_app(services: Services | None = None, *, own_services: bool | None = None) -> FastAPI:
+    """Build the app around ``services`` (a default :class:`Services` when omitted).
+
+    When the app builds its own services it also closes them at shutdown.
+    """
+    svc = services or Services()
+    close_at_end = own_services if own_services is not None else services is None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_at_end:
+                svc.close()
+
+    app = FastAPI(
+        title="sandboxsec",
+        version=__version__,
+        description="Attested sandboxes, human approval for sensitive agent actions, "
+        "encrypted trajectories and a verifiable audit log.",
+        lifespan=lifespan,
+    )
+    app.state.services = svc
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    for name in ROUTE_MODULES:
+        module = importlib.import_module(f"sandboxsec.api.routes.{name}")
+        router = getattr(module, "router", None)
+        if router is not None:
+            app.include_router(router, prefix="/v1", responses=ERROR_RESPONSES)
+        page = getattr(module, "page_router", None)
+        if page is not None:
+            app.include_router(page)
+    app.add_middleware(
+        RequestGuard,
+        max_body=svc.settings.max_body_bytes,
+        max_depth=svc.settings.max_json_depth,
+        metrics=app.state.metrics,
+        record_body=svc.settings.max_record_bytes * 4 // 3 + (1 << 20),
+    )
+    return app

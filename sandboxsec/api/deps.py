@@ -1,0 +1,54 @@
+"""FastAPI dependencies: the services, and the authenticated, authorized principal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+
+from sandboxsec.api.authz import authorize
+from sandboxsec.principal import Principal
+from sandboxsec.services import Services
+from sandboxsec.tenants.errors import ApiKeyInvalidError
+
+__all__ = ["ServicesDep", "get_services", "require"]
+
+
+def get_services(request: Request) -> Services:
+    """The :class:`Services` of the running app."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiKeyInvalidError("send 'Authorization: Bearer <api key>'")
+    return value.strip()
+
+
+def require(permission: str) -> Callable[..., Principal]:
+    """A dependency that authenticates the caller and checks ``permission`` for its role.
+
+    Authentication failures are 401 ``api_key_invalid``; a valid key whose role lacks the
+    permission is 403 ``forbidden``.  Objects of other tenants are filtered in the repository
+    layer (404), not here.
+    """
+
+    def dependency(request: Request, services: ServicesDep) -> Principal:
+        principal = services.tenants.authenticate(_bearer(request))
+        structlog.contextvars.bind_contextvars(
+            tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role)
+        )
+        authorize(principal, permission)
+        request.state.principal = principal
+        return principal
+
+    dependency.__name__ = f"require_{permission.replace(':', '_')}"
+    return dependency

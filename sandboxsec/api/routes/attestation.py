@@ -1,0 +1,204 @@
+"""Routes: attestation challenges, AK binding, evidence verification, the token keys."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.attestation.errors import EvidenceMalformedError
+from sandboxsec.attestation.service import decode_evidence_field
+from sandboxsec.attestation.verifier import Evidence
+from sandboxsec.principal import Principal
+
+router = APIRouter(tags=["attestation"])
+
+_B64_LIMIT = 64 * 1024  # quotes, signatures, public areas and certificates are small
+_LOG_LIMIT = 8 * 1024 * 1024
+
+
+class ChallengeIn(BaseModel):
+    pass
+
+
+class ChallengeOut(BaseModel):
+    nonce: str = Field(description="base64; put it in the quote's qualifying data")
+    expires_at: datetime
+
+
+class FailureOut(BaseModel):
+    code: str
+    message: str
+
+
+class VerifyIn(BaseModel):
+    nonce: str = Field(max_length=256)
+    quote: str = Field(max_length=_B64_LIMIT, description="base64 TPMS_ATTEST")
+    signature: str = Field(max_length=_B64_LIMIT, description="base64 TPMT_SIGNATURE")
+    ak_public: str = Field(max_length=_B64_LIMIT, description="base64 TPM2B_PUBLIC")
+    ek_certificate: str | None = Field(default=None, max_length=_B64_LIMIT)
+    pcrs: dict[str, dict[str, str]] = Field(description='{"sha256": {"0": hex, ...}}')
+    event_log: str | None = Field(default=None, max_length=_LOG_LIMIT)
+    image_manifest: dict[str, Any] | str = Field(description="the DSSE envelope (JSON)")
+
+
+class VerifyOut(BaseModel):
+    status: str
+    failures: list[FailureOut]
+    token: str | None
+    attestation_id: str
+    token_expires_at: datetime | None = None
+    trust_vector: dict[str, int]
+    ak_name: str
+    image_digest: str
+    unknown_event_types: list[str]
+
+
+class AkChallengeIn(BaseModel):
+    ak_public: str = Field(max_length=_B64_LIMIT, description="base64 TPM2B_PUBLIC of the AK")
+    ek_certificate: str = Field(max_length=_B64_LIMIT, description="base64 DER")
+    ek_public: str | None = Field(
+        default=None, max_length=_B64_LIMIT, description="base64 TPM2B_PUBLIC of the EK"
+    )
+    ek_intermediates: list[str] = Field(default_factory=list, max_length=8)
+
+
+class AkChallengeOut(BaseModel):
+    credential_id: str
+    credential_blob: str = Field(description="base64 TPM2B_ID_OBJECT")
+    encrypted_secret: str = Field(description="base64 TPM2B_ENCRYPTED_SECRET")
+    ak_name: str = Field(description="hex TPM name the credential is bound to")
+    expires_at: datetime
+
+
+class AkActivateIn(BaseModel):
+    credential_id: str = Field(max_length=64)
+    secret: str = Field(max_length=256, description="base64 of what ActivateCredential returned")
+
+
+class AkActivateOut(BaseModel):
+    ak_name: str
+    bound: bool
+
+
+def _enc(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64(value: str, what: str) -> bytes:
+    return decode_evidence_field(value, what)
+
+
+def _pcrs(raw: dict[str, dict[str, str]]) -> dict[str, dict[int, bytes]]:
+    out: dict[str, dict[int, bytes]] = {}
+    if len(raw) > 8:
+        raise EvidenceMalformedError("too many PCR banks")
+    for bank, values in raw.items():
+        parsed: dict[int, bytes] = {}
+        for index, value in values.items():
+            if not index.isdigit() or len(index) > 2 or not 0 <= int(index) < 24:
+                raise EvidenceMalformedError(f"PCR index {index[:8]!r} is not 0..23")
+            try:
+                parsed[int(index)] = bytes.fromhex(value)
+            except ValueError:
+                raise EvidenceMalformedError(f"PCR {bank}:{index} is not hex") from None
+        out[bank] = parsed
+    return out
+
+
+def _manifest(value: dict[str, Any] | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+@router.post("/attestation/challenge", response_model=ChallengeOut)
+def challenge(
+    services: ServicesDep,
+    who: Annotated[Principal, Depends(require("attestation:challenge"))],
+    body: ChallengeIn | None = None,
+) -> ChallengeOut:
+    """A single-use nonce for the next quote; it expires after ``nonce_ttl_seconds``."""
+    issued = services.attestation.issue_nonce(who)
+    return ChallengeOut(nonce=_enc(issued.nonce), expires_at=issued.expires_at)
+
+
+@router.post("/attestation/verify", response_model=VerifyOut)
+def verify(
+    body: VerifyIn,
+    services: ServicesDep,
+    who: Annotated[Principal, Depends(require("attestation:verify"))],
+) -> VerifyOut:
+    """Verify a quote and its evidence; ``affirming`` comes with a short-lived token."""
+    evidence = Evidence(
+        nonce=_b64(body.nonce, "nonce"),
+        quote=_b64(body.quote, "quote"),
+        signature=_b64(body.signature, "signature"),
+        ak_public=_b64(body.ak_public, "ak_public"),
+        ek_certificate=_b64(body.ek_certificate, "ek_certificate")
+        if body.ek_certificate
+        else None,
+        pcrs=_pcrs(body.pcrs),
+        event_log=_b64(body.event_log, "event_log") if body.event_log is not None else None,
+        image_manifest=_manifest(body.image_manifest),
+    )
+    verdict = services.attestation.verify(who, evidence)
+    result = verdict.result
+    return VerifyOut(
+        status=result.status,
+        failures=[FailureOut(code=f.code, message=f.message) for f in result.failures],
+        token=verdict.token,
+        attestation_id=verdict.attestation_id,
+        token_expires_at=verdict.token_expires_at,
+        trust_vector=dict(result.trust_vector),
+        ak_name=result.ak_name,
+        image_digest=result.image_digest,
+        unknown_event_types=list(result.unknown_event_types),
+    )
+
+
+@router.post("/attestation/ak/challenge", response_model=AkChallengeOut)
+def ak_challenge(
+    body: AkChallengeIn,
+    services: ServicesDep,
+    who: Annotated[Principal, Depends(require("attestation:ak"))],
+) -> AkChallengeOut:
+    """MakeCredential for an AK under a certified EK; answer with ActivateCredential."""
+    issued = services.attestation.ak_challenge(
+        who,
+        ak_public=_b64(body.ak_public, "ak_public"),
+        ek_certificate=_b64(body.ek_certificate, "ek_certificate"),
+        ek_public=_b64(body.ek_public, "ek_public") if body.ek_public else None,
+        ek_intermediates=[_b64(c, "ek_intermediates") for c in body.ek_intermediates],
+    )
+    return AkChallengeOut(
+        credential_id=issued.credential_id,
+        credential_blob=_enc(issued.credential_blob),
+        encrypted_secret=_enc(issued.encrypted_secret),
+        ak_name=issued.ak_name,
+        expires_at=issued.expires_at,
+    )
+
+
+@router.post("/attestation/ak/activate", response_model=AkActivateOut)
+def ak_activate(
+    body: AkActivateIn,
+    services: ServicesDep,
+    who: Annotated[Principal, Depends(require("attestation:ak"))],
+) -> AkActivateOut:
+    """Return the activated secret; a match binds the AK to the certified EK."""
+    bound = services.attestation.ak_activate(
+        who, credential_id=body.credential_id, secret=_b64(body.secret, "secret")
+    )
+    return AkActivateOut(ak_name=bound.ak_name, bound=True)
+
+
+@router.get("/attestation/keys")
+def keys(services: ServicesDep) -> dict[str, list[dict[str, str]]]:
+    """The JWK Set that verifies attestation tokens offline (public, no auth)."""
+    return services.attestation.public_jwks()

@@ -1,0 +1,67 @@
+"""Routes: ``POST /v1/grants/verify``, the downstream's single-use check of a grant."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.principal import Principal
+
+__all__ = ["GrantKeys", "GrantVerifyIn", "GrantVerifyOut", "router"]
+
+router = APIRouter(tags=["grants"])
+
+
+class GrantVerifyIn(BaseModel):
+    """The grant and exactly what the downstream is about to execute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grant: str = Field(min_length=1, max_length=4096)
+    action: str = Field(min_length=1, max_length=64)
+    params: dict[str, Any]
+    resource: str | None = Field(default=None, max_length=512,
+                                 description="Checked against the grant when given.")
+
+
+class GrantVerifyOut(BaseModel):
+    """A valid grant, now used: a second verification is refused."""
+
+    valid: Literal[True] = True
+    grant_id: str
+    session_id: str
+    approval_id: str | None
+    action: str
+    resource: str
+    params_hash: str
+    expires_at: datetime
+    used_at: datetime
+
+
+class GrantKeys(BaseModel):
+    """Grant signing public keys (raw Ed25519, base64) by key id, for offline pre-checks."""
+
+    keys: dict[str, str]
+
+
+@router.post("/grants/verify", response_model=GrantVerifyOut)
+def verify_grant(body: GrantVerifyIn, services: ServicesDep,
+                 who: Annotated[Principal, Depends(require("grant:verify"))]) -> GrantVerifyOut:
+    """Valid once: a used, expired, or differently-parametrised grant is refused with its reason."""
+    v = services.policy.verify_grant(who, token=body.grant, action=body.action,
+                                     params=body.params, resource=body.resource)
+    return GrantVerifyOut(grant_id=v.grant_id, session_id=v.session_id,
+                          approval_id=v.approval_id, action=v.action, resource=v.resource,
+                          params_hash=v.params_hash, expires_at=v.expires_at, used_at=v.used_at)
+
+
+@router.get("/grants/keys", response_model=GrantKeys)
+def grant_keys(services: ServicesDep) -> GrantKeys:
+    """The public keys grants are signed with (public: no key needed)."""
+    return GrantKeys(keys={k: base64.b64encode(v).decode("ascii")
+                           for k, v in services.policy.public_keys().items()})

@@ -1,0 +1,679 @@
+"""The attestation service: the adapter between storage, caches, audit and the pure verifier.
+
+It owns the state attestation needs (single-use nonces, AK credential challenges, bound AKs
+with their last clock, verdicts), the trust configuration (publisher and TPM-manufacturer
+roots, revocations), the caches (verified manifests and EK chains, by digest) and the
+token-signing key.  Every decision is audited in the same transaction as the state change;
+when the audit log cannot write, nothing is decided and the caller gets a 503.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import delete, insert, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from sandboxsec.attestation import akbind, quote, token
+from sandboxsec.attestation import nonce as nonces
+from sandboxsec.attestation.errors import (
+    AkCredentialExpiredError,
+    AkCredentialUsedError,
+    AkNameMismatchError,
+    AttestationKeyUnavailableError,
+    EkCertificateMissingError,
+    EvidenceMalformedError,
+)
+from sandboxsec.attestation.image import ManifestVerifier, VerifiedManifest
+from sandboxsec.attestation.image_errors import CertificateChainError
+from sandboxsec.attestation.models import (
+    AkCredential,
+    AttestationNonce,
+    AttestationRecord,
+    BoundAk,
+)
+from sandboxsec.attestation.trust import TrustStore
+from sandboxsec.attestation.verifier import (
+    AttestationResult,
+    Binding,
+    Evidence,
+    NonceState,
+    VerifierContext,
+    verify_evidence,
+)
+from sandboxsec.attestation.x509chain import (
+    TCG_EK_CERTIFICATE,
+    VerifiedChain,
+    load_pem_certificates,
+    verify_chain,
+)
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.errors import SandboxSecError
+from sandboxsec.ids import new_id
+from sandboxsec.principal import Principal
+from sandboxsec.storage.tenancy import get_scoped
+
+if TYPE_CHECKING:
+    from sandboxsec.services import Services
+
+__all__ = ["AkChallenge", "AttestationService", "IssuedNonce", "Verdict", "decode_evidence_field"]
+
+CREDENTIAL_BYTES: Final = 32
+SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
+NONCE_KEY_FILE: Final = "attestation-nonce-key"
+_EK_CACHE_MAX: Final = 4096
+_PURGE_EVERY: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedNonce:
+    nonce: bytes
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AkChallenge:
+    credential_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+    ak_name: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    attestation_id: str
+    result: AttestationResult
+    token: str | None
+    token_expires_at: datetime | None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class AttestationService:
+    """Nonces, AK binding, verification and tokens for one service instance."""
+
+    def __init__(self, services: Services) -> None:
+        self._s = services
+        self.policy = quote.QuotePolicy()
+        self._lock = threading.Lock()
+        self._signing_key: Ed25519PrivateKey | None = None
+        self._publishers: ManifestVerifier | None = None
+        self._ek_roots: tuple[x509.Certificate, ...] | None = None
+        self._ek_intermediates: tuple[bytes, ...] = ()
+        self._ek_cache: OrderedDict[str, VerifiedChain] = OrderedDict()
+        self._nonce_secret: bytes | None = None
+        self._verifications = 0
+
+    # -- trust configuration ---------------------------------------------------------------
+
+    def configure_trust(
+        self,
+        *,
+        publishers: TrustStore | None = None,
+        ek_roots: Sequence[x509.Certificate] | None = None,
+        ek_intermediates: Sequence[x509.Certificate] = (),
+    ) -> None:
+        """Replace the trust configuration in code (embedding, tests); clears the caches."""
+        with self._lock:
+            if publishers is not None:
+                self._publishers = ManifestVerifier(publishers)
+            if ek_roots is not None:
+                self._ek_roots = tuple(ek_roots)
+                self._ek_intermediates = tuple(
+                    c.public_bytes(serialization.Encoding.DER) for c in ek_intermediates
+                )
+            self._ek_cache.clear()
+
+    def reload_trust(self) -> None:
+        """Forget the trust configuration; the next use reads the trust directory again."""
+        with self._lock:
+            self._publishers = None
+            self._ek_roots = None
+            self._ek_intermediates = ()
+            self._ek_cache.clear()
+
+    def _manifest_verifier(self) -> ManifestVerifier:
+        with self._lock:
+            if self._publishers is None:
+                base = self._s.settings.resolved_trust_dir()
+                self._publishers = ManifestVerifier(TrustStore.from_directory(base))
+            return self._publishers
+
+    def _ek_trust(self) -> tuple[tuple[x509.Certificate, ...], tuple[bytes, ...]]:
+        with self._lock:
+            if self._ek_roots is None:
+                base = self._s.settings.resolved_trust_dir() / "trust-roots"
+                self._ek_roots = _pem_dir(base / "tpm-manufacturers")
+                self._ek_intermediates = tuple(
+                    c.public_bytes(serialization.Encoding.DER)
+                    for c in _pem_dir(base / "tpm-intermediates")
+                )
+            return self._ek_roots, self._ek_intermediates
+
+    def _verify_ek(self, chain_der: Sequence[bytes], now: datetime) -> VerifiedChain:
+        """The EK certificate chains to a TPM-manufacturer root; cached by chain digest."""
+        key = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chain_der)).hexdigest()
+        with self._lock:
+            cached = self._ek_cache.get(key)
+            if cached is not None:
+                self._ek_cache.move_to_end(key)
+        if cached is not None and cached.valid_from <= now < cached.valid_until:
+            return cached
+        roots, pool = self._ek_trust()
+        if not roots:
+            raise CertificateChainError("no TPM-manufacturer trust root is configured")
+        # The EK certificate profile marks key use by key type (keyEncipherment for RSA,
+        # keyAgreement for ECC); the TCG EKU, when present, must say EK certificate.
+        chain = verify_chain(
+            chain_der[0],
+            [*chain_der[1:], *pool],
+            roots,
+            now,
+            required_key_usage=(),
+            required_eku=TCG_EK_CERTIFICATE,
+            max_intermediates=8 + len(pool),
+        )
+        with self._lock:
+            self._ek_cache[key] = chain
+            while len(self._ek_cache) > _EK_CACHE_MAX:
+                self._ek_cache.popitem(last=False)
+        return chain
+
+    # -- the token-signing key -------------------------------------------------------------
+
+    def _key(self) -> Ed25519PrivateKey:
+        with self._lock:
+            if self._signing_key is None:
+                self._signing_key = _load_or_create_key(self._s.settings.home / SIGNING_KEY_FILE)
+            return self._signing_key
+
+    def _nonce_key(self) -> bytes:
+        with self._lock:
+            if self._nonce_secret is None:
+                self._nonce_secret = _load_or_create_secret(
+                    self._s.settings.home / NONCE_KEY_FILE
+                )
+            return self._nonce_secret
+
+    def public_jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The JWK Set relying parties verify attestation tokens with."""
+        return {"keys": [token.jwk(self._key().public_key())]}
+
+    def token_keys(self) -> dict[str, Ed25519PublicKey]:
+        public = self._key().public_key()
+        return {token.jwk_thumbprint(public): public}
+
+    def verify_token(self, presented: str, *, tenant_id: str) -> token.TokenClaims:
+        """Verify an attestation token of ``tenant_id`` at the service's current time."""
+        return token.verify_token(
+            presented, self.token_keys(), self._s.clock.now(), tenant_id=tenant_id
+        )
+
+    # -- nonces ----------------------------------------------------------------------------
+
+    def issue_nonce(self, who: Principal) -> IssuedNonce:
+        """A fresh single-use nonce for ``who``'s tenant, audited.
+
+        Nothing is stored: the nonce authenticates its tenant and expiry itself (see
+        :mod:`sandboxsec.attestation.nonce`), and the audit entry goes through the log's
+        group commit, so concurrent challenges share one transaction.
+        """
+        now = self._s.clock.now()
+        expires = now + timedelta(seconds=self._s.settings.nonce_ttl_seconds)
+        value = nonces.mint_nonce(self._nonce_key(), who.tenant_id, expires)
+        self._audit(None, who, AuditEvent.ATTESTATION_CHALLENGE, "success",
+                    object_ids={"nonce": value.hex()})
+        return IssuedNonce(nonce=value, expires_at=nonces.nonce_expiry(value))
+
+    def _consume_nonce(
+        self, s: Session, who: Principal, nonce: bytes, now: datetime
+    ) -> NonceState:
+        """Authenticate the nonce, then consume it atomically (first insert wins)."""
+        state = nonces.check_nonce(self._nonce_key(), who.tenant_id, nonce, now)
+        if state is not NonceState.FRESH:
+            return state
+        values = {
+            "id": nonce.hex(),
+            "tenant_id": who.tenant_id,
+            "consumed_by": who.key_id,
+            "consumed_at": now,
+            "expires_at": nonces.nonce_expiry(nonce),
+        }
+        insert = pg_insert if self._s.db.is_postgres else sqlite_insert
+        table: Any = AttestationNonce
+        # RETURNING says whether this statement inserted the row (rowcount is not reliable
+        # for ON CONFLICT DO NOTHING across drivers).
+        won = s.execute(
+            insert(AttestationNonce).values(**values).on_conflict_do_nothing().returning(table.id)
+        ).first()
+        return NonceState.FRESH if won is not None else NonceState.REPLAYED
+
+    def _purge_nonces(self, now: datetime) -> None:
+        # Housekeeping: consumed nonces are only needed until they expire.
+        table: Any = AttestationNonce
+        try:
+            with self._s.db.session() as s:
+                s.execute(delete(AttestationNonce).where(table.expires_at < now))
+        except SandboxSecError:
+            return  # the next purge retries; nothing is decided here
+
+    # -- AK binding ------------------------------------------------------------------------
+
+    def ak_challenge(
+        self,
+        who: Principal,
+        *,
+        ak_public: bytes,
+        ek_certificate: bytes,
+        ek_public: bytes | None = None,
+        ek_intermediates: Sequence[bytes] = (),
+    ) -> AkChallenge:
+        """Start binding an AK: check the AK and the EK chain, then MakeCredential.
+
+        Refusals raise typed errors and are audited with their reason code.
+        """
+        now = self._s.clock.now()
+        try:
+            # 1. The AK is a restricted fixedTPM signing key; its name is what gets bound.
+            ak = quote.parse_ak_public(ak_public)
+            # 2. The EK certificate chains to a trusted TPM manufacturer.
+            if not ek_certificate:
+                raise EkCertificateMissingError("an EK certificate is required")
+            chain = self._verify_ek([ek_certificate, *ek_intermediates], now)
+            # 3. Credential protection under the certified EK, bound to the AK's name.
+            profile = akbind.ek_profile(chain.leaf, ek_public)
+            secret = secrets.token_bytes(CREDENTIAL_BYTES)
+            credential = akbind.make_credential(profile, ak.name, secret)
+        except SandboxSecError as exc:
+            self._refuse(who, AuditEvent.AK_CREDENTIAL_ISSUE, exc)
+            raise
+        credential_id = new_id("akc")
+        expires = now + timedelta(seconds=self._s.settings.nonce_ttl_seconds)
+        with self._s.db.session() as s:
+            s.add(
+                AkCredential(
+                    id=credential_id,
+                    tenant_id=who.tenant_id,
+                    ak_name=ak.name_hex,
+                    ak_public=ak_public.hex(),
+                    ek_fingerprint=hashlib.sha256(ek_certificate).hexdigest(),
+                    ek_certificate=",".join(
+                        _b64(c) for c in [ek_certificate, *ek_intermediates]
+                    ),
+                    secret_digest=hashlib.sha256(secret).hexdigest(),
+                    created_at=now,
+                    expires_at=expires,
+                )
+            )
+            self._audit(
+                s, who, AuditEvent.AK_CREDENTIAL_ISSUE, "success",
+                object_ids={"credential_id": credential_id, "ak_name": ak.name_hex},
+                body={"ek_fingerprint": hashlib.sha256(ek_certificate).hexdigest(),
+                      "ek_issuer": chain.path[1].subject.rfc4514_string()
+                      if len(chain.path) > 1 else chain.subject},
+            )
+        return AkChallenge(
+            credential_id=credential_id,
+            credential_blob=credential.credential_blob,
+            encrypted_secret=credential.encrypted_secret,
+            ak_name=ak.name_hex,
+            expires_at=expires,
+        )
+
+    def ak_activate(self, who: Principal, *, credential_id: str, secret: bytes) -> BoundAk:
+        """Finish binding: the returned secret proves the AK and EK share one TPM.
+
+        A challenge is answered once: a wrong secret burns it too, so it cannot be guessed.
+        """
+        now = self._s.clock.now()
+        failure: SandboxSecError | None = None
+        bound: BoundAk | None = None
+        with self._s.db.session() as s:
+            cred = get_scoped(s, AkCredential, who.tenant_id, credential_id,
+                              for_update=True, what="AK credential")
+            if cred.used_at is not None:
+                failure = AkCredentialUsedError("this credential challenge was already answered")
+            elif now >= cred.expires_at:
+                failure = AkCredentialExpiredError("the credential challenge expired")
+            else:
+                cred.used_at = now
+                s.add(cred)
+                try:
+                    akbind.check_activation(bytes.fromhex(cred.secret_digest), secret)
+                except SandboxSecError as exc:
+                    failure = exc
+            if failure is None:
+                bound = self._bind(s, who, cred, now)
+            self._audit(
+                s, who, AuditEvent.AK_CREDENTIAL_ACTIVATE,
+                "success" if failure is None else "failure",
+                reason=failure.reason if failure else None,
+                object_ids={"credential_id": credential_id, "ak_name": cred.ak_name},
+            )
+        if failure is not None:
+            raise failure
+        assert bound is not None
+        return bound
+
+    @staticmethod
+    def _bind(s: Session, who: Principal, cred: AkCredential, now: datetime) -> BoundAk:
+        table: Any = BoundAk
+        existing = s.exec(
+            select(BoundAk).where(table.tenant_id == who.tenant_id, table.ak_name == cred.ak_name)
+        ).first()
+        if existing is not None:
+            if existing.ek_fingerprint != cred.ek_fingerprint:
+                # One AK name cannot move to another EK: that would be a second TPM.
+                raise AkNameMismatchError("this AK is already bound to another EK")
+            return existing
+        bound = BoundAk(
+            id=new_id("ak"),
+            tenant_id=who.tenant_id,
+            ak_name=cred.ak_name,
+            ak_public=cred.ak_public,
+            ek_fingerprint=cred.ek_fingerprint,
+            ek_certificate=cred.ek_certificate,
+            credential_id=cred.id,
+            bound_at=now,
+        )
+        s.add(bound)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise AkCredentialUsedError("this AK was bound concurrently") from None
+        return bound
+
+    # -- verification ----------------------------------------------------------------------
+
+    def verify(self, who: Principal, evidence: Evidence) -> Verdict:
+        """Verify evidence and, when affirming, issue a token; the verdict is audited.
+
+        The nonce is consumed by this submission whatever the verdict.  The clock state of a
+        bound AK advances only on a quote whose signature verified.
+        """
+        now = self._s.clock.now()
+        settings = self._s.settings
+        signing_key = self._key()  # fail closed before anything is consumed
+        # Pure, cacheable work happens before the transaction to keep row locks short.
+        manifest: VerifiedManifest | SandboxSecError
+        try:
+            manifest = self._manifest_verifier().verify(evidence.image_manifest, now)
+        except SandboxSecError as exc:
+            manifest = exc
+        try:
+            ak_name = quote.parse_ak_public(evidence.ak_public).name_hex
+        except SandboxSecError:
+            ak_name = None
+        attestation_id = new_id("att")
+        token_expires = now + timedelta(seconds=settings.attestation_token_ttl_seconds)
+        with self._s.db.session() as s:
+            # 1. Consume the nonce (atomic; a replay loses here even across processes).
+            state = self._consume_nonce(s, who, evidence.nonce, now)
+            # 2. The AK's binding and last clock, locked so concurrent quotes serialise.
+            bound = self._load_binding(s, who.tenant_id, ak_name)
+            binding, ek_error = None, None
+            if bound is not None:
+                binding = Binding(
+                    ak_name=bytes.fromhex(bound.ak_name),
+                    ek_fingerprint=bound.ek_fingerprint,
+                    last_clock=_clock_of(bound),
+                )
+                try:
+                    self._verify_ek(
+                        [base64.b64decode(c) for c in bound.ek_certificate.split(",")], now
+                    )
+                except SandboxSecError as exc:
+                    ek_error = exc
+            # 3. The pure verifier runs every check.
+            result = verify_evidence(
+                evidence,
+                VerifierContext(
+                    tenant_id=who.tenant_id,
+                    now=now,
+                    nonce_state=state,
+                    binding=binding,
+                    manifest=manifest,
+                    ek_chain_error=ek_error,
+                    policy=self.policy,
+                    max_event_log_bytes=settings.max_body_bytes,
+                ),
+            )
+            # 4. Advance the AK's clock state on a signed, non-stale clock.
+            #    (Core statements, not ORM units of work: this is the hot path.)
+            if bound is not None and result.clock is not None and _advances(bound, result.clock):
+                bound_table: Any = BoundAk
+                s.execute(
+                    update(BoundAk)
+                    .where(bound_table.id == bound.id)
+                    .values(
+                        last_reset_count=result.clock.reset_count,
+                        last_restart_count=result.clock.restart_count,
+                        last_clock=str(result.clock.clock),
+                    )
+                )
+            # 5. Record and audit the verdict in the same transaction.
+            s.execute(
+                insert(AttestationRecord).values(
+                    id=attestation_id,
+                    tenant_id=who.tenant_id,
+                    status=result.status,
+                    failures=",".join(result.failure_codes)[:8192],
+                    image_name=result.image_name[:500],
+                    image_digest=result.image_digest[:80],
+                    ak_name=result.ak_name[:140],
+                    nonce=evidence.nonce.hex()[:96],
+                    created_at=now,
+                    token_expires_at=token_expires if result.affirming else None,
+                )
+            )
+            self._audit(
+                s, who, AuditEvent.ATTESTATION_VERDICT,
+                "success" if result.affirming else "failure",
+                reason=result.failures[0].code if result.failures else None,
+                object_ids={"attestation_id": attestation_id, "ak_name": result.ak_name,
+                            "nonce": evidence.nonce.hex()[:96]},
+                body={"status": result.status, "failures": list(result.failure_codes),
+                      "image_digest": result.image_digest,
+                      "unknown_event_types": list(result.unknown_event_types)},
+            )
+            # 6. Sign the token last: if anything above fails, no token exists.
+            issued: str | None = None
+            if result.affirming:
+                issued = token.sign_token(
+                    token.TokenClaims(
+                        attestation_id=attestation_id,
+                        tenant_id=who.tenant_id,
+                        status=result.status,
+                        trust_vector=result.trust_vector,
+                        image_name=result.image_name,
+                        image_digest=result.image_digest,
+                        ak_name=result.ak_name,
+                        nonce=result.nonce,
+                        issued_at=now,
+                        expires_at=token_expires,
+                        kid="",
+                    ),
+                    signing_key,
+                )
+        self._verifications += 1
+        if self._verifications % _PURGE_EVERY == 0:
+            self._purge_nonces(now)
+        return Verdict(
+            attestation_id=attestation_id,
+            result=result,
+            token=issued,
+            token_expires_at=token_expires if issued else None,
+        )
+
+    def _load_binding(self, s: Session, tenant_id: str, ak_name: str | None) -> BoundAk | None:
+        if ak_name is None:
+            return None
+        table: Any = BoundAk
+        stmt = select(BoundAk).where(table.tenant_id == tenant_id, table.ak_name == ak_name)
+        if self._s.db.is_postgres:
+            stmt = stmt.with_for_update()
+        return s.exec(stmt).first()
+
+    def claim_for_session(
+        self, s: Session, tenant_id: str, attestation_id: str, session_id: str
+    ) -> bool:
+        """Mark the verdict as used by ``session_id``; False if it was used or is unknown."""
+        table: Any = AttestationRecord
+        won = s.execute(
+            update(AttestationRecord)
+            .where(
+                table.id == attestation_id,
+                table.tenant_id == tenant_id,
+                table.status == "affirming",
+                table.session_id.is_(None),
+            )
+            .values(session_id=session_id)
+        )
+        return getattr(won, "rowcount", 0) == 1
+
+    # -- audit helpers ---------------------------------------------------------------------
+
+    def _audit(
+        self,
+        s: Session | None,
+        who: Principal,
+        event: AuditEvent,
+        outcome: str,
+        *,
+        reason: str | None = None,
+        object_ids: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        self._s.audit.append(
+            AuditRecord(
+                event=event,
+                tenant_id=who.tenant_id,
+                actor_key_id=who.key_id,
+                actor_role=str(who.role),
+                outcome=outcome,
+                reason=reason,
+                object_ids=object_ids or {},
+                body=body or {},
+            ),
+            session=s,
+        )
+
+    def _refuse(self, who: Principal, event: AuditEvent, exc: SandboxSecError) -> None:
+        # A refusal is recorded too; if even that cannot be written the caller gets a 503.
+        self._audit(None, who, event, "failure", reason=exc.reason)
+
+
+def _clock_of(bound: BoundAk) -> quote.ClockInfo | None:
+    if bound.last_reset_count is None or bound.last_restart_count is None:
+        return None
+    return quote.ClockInfo(
+        clock=int(bound.last_clock or 0),
+        reset_count=bound.last_reset_count,
+        restart_count=bound.last_restart_count,
+        safe=True,
+    )
+
+
+def _advances(bound: BoundAk, clock: quote.ClockInfo) -> bool:
+    previous = _clock_of(bound)
+    if previous is None:
+        return True
+    return (clock.reset_count, clock.restart_count, clock.clock) > (
+        previous.reset_count, previous.restart_count, previous.clock
+    )
+
+
+def _pem_dir(directory: Path) -> tuple[x509.Certificate, ...]:
+    if not directory.is_dir():
+        return ()
+    out: list[x509.Certificate] = []
+    for path in sorted(directory.glob("*.pem")):
+        out.extend(load_pem_certificates(path.read_bytes(), source=str(path)))
+    return tuple(out)
+
+
+def _create_once(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` (mode 0600) unless it exists.
+
+    A temporary file is linked into place, so two processes starting at once end up with
+    the same contents and no reader ever sees a half-written file.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won; use its file
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_or_create_secret(path: Path) -> bytes:
+    """The 32-byte nonce MAC key, created on first use."""
+    try:
+        _create_once(path, secrets.token_bytes(32))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AttestationKeyUnavailableError(
+            f"cannot read or create the attestation nonce key ({type(exc).__name__})"
+        ) from None
+    if len(data) != 32:
+        raise AttestationKeyUnavailableError("the attestation nonce key is not 32 bytes")
+    return data
+
+
+def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """Load the token-signing key, creating it (mode 0600) on first use."""
+    try:
+        _create_once(
+            path,
+            Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise AttestationKeyUnavailableError(
+            f"cannot read or create the attestation signing key ({type(exc).__name__})"
+        ) from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise AttestationKeyUnavailableError("the attestation signing key is not Ed25519")
+    return loaded
+
+
+def decode_evidence_field(value: str, what: str) -> bytes:
+    """Strict standard base64 of one evidence field, or :class:`EvidenceMalformedError`."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise EvidenceMalformedError(f"{what} is not standard base64") from None

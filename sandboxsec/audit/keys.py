@@ -1,0 +1,146 @@
+"""The service's audit keys: the Ed25519 checkpoint signing key and the HMAC root secret.
+
+Both live under ``<home>/audit/`` with mode 0600 and are created on first use.  Creation is
+race-free across worker processes: each process writes a private temporary file and
+``os.link``s it into place; the loser of the race reads the winner's file.
+
+Per-log HMAC keys are derived, never stored: ``HKDF-SHA256(secret, info="sandboxsec audit
+hmac v1" || 0x00 || log_id)``, so each tenant's MACs are unlinkable to another tenant's.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sandboxsec.audit.checkpoint import key_id, verifier_key
+from sandboxsec.audit.errors import AuditUnavailableError
+
+__all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
+
+_HMAC_INFO = b"sandboxsec audit hmac v1\x00"
+
+
+def derive_hmac_key(secret: bytes, log_id: str) -> bytes:
+    """The 32-byte HMAC key of one log (pure)."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=_HMAC_INFO + log_id.encode()
+    ).derive(secret)
+
+
+def _create_once(path: Path, content: bytes) -> bytes:
+    """Write ``content`` to ``path`` unless it exists; return what is at ``path`` after."""
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and refuses to overwrite
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+def load_public_key(data: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM, or from a signed-note verifier key ``name+id+b64``."""
+    text = data.strip()
+    if text.startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(text)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("the public key is not an Ed25519 key")
+        return key
+    parts = text.decode("ascii").split("+", 2)
+    if len(parts) != 3:
+        raise ValueError("the public key is neither PEM nor a signed-note verifier key")
+    raw = base64.b64decode(parts[2], validate=True)
+    if len(raw) != 33 or raw[0] != 1:
+        raise ValueError("the verifier key is not an Ed25519 key")
+    key = Ed25519PublicKey.from_public_bytes(raw[1:])
+    if key_id(parts[0], key).hex() != parts[1]:
+        raise ValueError("the verifier key's id does not match its key")
+    return key
+
+
+class AuditKeys:
+    """Loads (or creates) the keys under ``<home>/audit`` once, then serves them from memory."""
+
+    def __init__(self, home: Path, key_name: str) -> None:
+        self._dir = home / "audit"
+        self.key_name = key_name
+        self._lock = threading.Lock()
+        self._signing: Ed25519PrivateKey | None = None
+        self._secret: bytes | None = None
+        self._hmac: dict[str, bytes] = {}
+
+    def _load(self) -> None:
+        try:
+            pem = _create_once(
+                self._dir / "signing_key.pem",
+                Ed25519PrivateKey.generate().private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            )
+            key = serialization.load_pem_private_key(pem, password=None)
+            secret = _create_once(self._dir / "hmac_secret", secrets.token_bytes(32))
+        except (OSError, ValueError) as exc:
+            raise AuditUnavailableError("the audit keys cannot be read") from exc
+        if not isinstance(key, Ed25519PrivateKey) or len(secret) != 32:
+            raise AuditUnavailableError("the audit key files are not valid")
+        self._signing, self._secret = key, secret
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        with self._lock:
+            if self._signing is None:
+                self._load()
+            assert self._signing is not None
+            return self._signing
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.signing_key.public_key()
+
+    def public_pem(self) -> str:
+        """The public key as PEM (SubjectPublicKeyInfo), what ``audit verify`` takes."""
+        return (
+            self.public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode("ascii")
+        )
+
+    def verifier_key(self) -> str:
+        """The signed-note verifier key string of the checkpoint key."""
+        return verifier_key(self.key_name, self.public_key)
+
+    def hmac_key(self, log_id: str) -> bytes:
+        """The HMAC key of one log."""
+        with self._lock:
+            cached = self._hmac.get(log_id)
+            if cached is not None:
+                return cached
+            if self._secret is None:
+                self._load()
+            assert self._secret is not None
+            k = derive_hmac_key(self._secret, log_id)
+            if len(self._hmac) > 10_000:
+                self._hmac.clear()
+            self._hmac[log_id] = k
+            return k

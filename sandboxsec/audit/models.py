@@ -1,0 +1,86 @@
+"""Tables of the audit log: entries, one head row per log, signed checkpoints.
+
+``tenant_id`` is the log id: the tenant's id for tenant logs, ``_service`` for the service's
+own operations.  Entries are append-only by contract; nothing in the code updates or deletes
+them, and any change made behind the service's back is what verification detects.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from sandboxsec.storage.types import UTCDateTime
+
+__all__ = ["AuditCheckpointRow", "AuditEntryRow", "AuditHeadRow", "AuditNodeRow"]
+
+
+class AuditEntryRow(SQLModel, table=True):
+    """One entry: its canonical line (what the leaf hashes) and the leaf hash itself."""
+
+    __tablename__ = "audit_entries"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "seq", name="uq_audit_entries_log_seq"),
+        Index("ix_audit_entries_log_event", "tenant_id", "event"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    seq: int
+    event: str = Field(max_length=64)
+    time: datetime = Field(sa_type=UTCDateTime)
+    entry: str = Field(sa_column=Column(Text, nullable=False))
+    leaf_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+
+
+class AuditHeadRow(SQLModel, table=True):
+    """The tip of one log: its size and Merkle frontier, locked by every append.
+
+    Locking this row in the appending transaction is what keeps the order of a log total
+    across worker processes.
+    """
+
+    __tablename__ = "audit_heads"
+
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(index=True, max_length=64)
+    size: int = 0
+    frontier: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    last_leaf: bytes | None = Field(default=None, sa_column=Column(LargeBinary(32)))
+    checkpoint_size: int = 0
+    checkpoint_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class AuditCheckpointRow(SQLModel, table=True):
+    """A signed checkpoint (C2SP signed note) of one log; all are kept."""
+
+    __tablename__ = "audit_checkpoints"
+    __table_args__ = (UniqueConstraint("tenant_id", "size", name="uq_audit_checkpoints_log_size"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    size: int
+    root_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+    note: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class AuditNodeRow(SQLModel, table=True):
+    """A perfect subtree root of height >= 8 (256 leaves), written when the append completes it.
+
+    With these, a proof or a frontier reads O(log n) nodes plus at most two 256-leaf blocks
+    instead of every leaf of the log.
+    """
+
+    __tablename__ = "audit_nodes"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "level", "idx", name="uq_audit_nodes_log_level_idx"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    level: int
+    idx: int
+    hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))

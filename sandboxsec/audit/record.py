@@ -1,0 +1,48 @@
+"""The value every caller hands to the audit log, and the receipt it gets back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sandboxsec.audit.events import AuditEvent
+
+__all__ = ["SERVICE_LOG", "AuditReceipt", "AuditRecord", "AuditSink"]
+
+#: The log id of the service's own operations (tenant logs use the tenant id).
+SERVICE_LOG = "_service"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One security decision or change, before it is sequenced and hashed.
+
+    ``body`` is written as given (no secrets in it).  ``sensitive`` values (tokens, keys,
+    personal data) are never written in clear: the log stores an HMAC of each with the tenant's
+    audit key so an auditor holding a value can match it.
+    """
+
+    event: AuditEvent
+    tenant_id: str | None
+    actor_key_id: str | None
+    actor_role: str | None
+    outcome: str
+    reason: str | None = None
+    object_ids: Mapping[str, str] = field(default_factory=dict)
+    body: Mapping[str, Any] = field(default_factory=dict)
+    sensitive: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReceipt:
+    """Proof of a durable append: the log it went to and its sequence number there."""
+
+    log_id: str
+    seq: int
+
+
+class AuditSink(Protocol):
+    """Appends records durably; raises ``AuditUnavailableError`` (fail closed) when it cannot."""
+
+    def append(self, record: AuditRecord, *, session: Any | None = None) -> AuditReceipt: ...

@@ -1,0 +1,25 @@
+"""Helpers shared by command modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from sandboxsec.services import Services
+
+__all__ = ["open_services", "print_json"]
+
+
+def open_services() -> Services:
+    """Services from the environment, schema migrated (the embedded default when unset)."""
+    services = Services()
+    services.settings.ensure_home()
+    services.db.migrate()
+    return services
+
+
+def print_json(value: Any) -> None:
+    """Pretty JSON on stdout."""
+    json.dump(value, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,201 @@
+"""``sandboxsec audit``: the auditor's offline checks, and the operator's export tools.
+
+``verify`` and ``verify-proof`` need no service and no database: only the file and the audit
+public key obtained out of band.  Exit codes: 0 valid, 1 does not verify, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sandboxsec.audit.errors import AuditVerificationError
+from sandboxsec.audit.keys import load_public_key
+from sandboxsec.audit.record import SERVICE_LOG
+from sandboxsec.audit.verify import verify_entry_proof, verify_export
+
+__all__ = ["register"]
+
+
+def print_json(value: Any) -> None:
+    """Pretty JSON on stdout (local: ``cli._common`` would load the database stack)."""
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def register(subs: Any) -> None:
+    """Add ``audit verify``, ``verify-proof``, ``export``, ``checkpoint`` and ``public-key``."""
+    p = subs.add_parser("audit", help="verify and export the tamper-evident audit log")
+    a = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND")
+    a.required = True
+
+    v = a.add_parser("verify", help="verify an audit export offline (exit 0 valid, 1 tampered)")
+    v.add_argument("export", type=Path, help="the JSON Lines export file")
+    v.add_argument("--public-key", required=True, type=Path,
+                   help="the audit public key: PEM or a signed-note verifier key")
+    v.add_argument("--key-name", help="require signatures under this key name")
+    v.add_argument("--log", dest="log_id", help="require the export to be of this log")
+    v.add_argument("--previous", action="append", default=[], type=Path, metavar="CHECKPOINT",
+                   help="a checkpoint note kept from an earlier audit (repeatable): a fork or "
+                   "a rewrite since then fails verification")
+    v.set_defaults(handler=_verify)
+
+    vp = a.add_parser("verify-proof", help="verify one entry's inclusion proof offline")
+    vp.add_argument("bundle", type=Path, help="JSON from GET /v1/audit/proof")
+    vp.add_argument("--public-key", required=True, type=Path)
+    vp.set_defaults(handler=_verify_proof)
+
+    e = a.add_parser("export", help="export a log from the database (operator)")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", help="tenant id or name")
+    who.add_argument("--service", action="store_true", help="the service's own log")
+    e.add_argument("--from", dest="start", type=int, default=0)
+    e.add_argument("--to", dest="end", type=int, default=None)
+    e.add_argument("--since", type=int, default=None)
+    e.add_argument("-o", "--output", type=Path, required=True)
+    e.set_defaults(handler=_export)
+
+    c = a.add_parser("checkpoint", help="print the newest checkpoint note of a log")
+    cwho = c.add_mutually_exclusive_group(required=True)
+    cwho.add_argument("--tenant")
+    cwho.add_argument("--service", action="store_true")
+    c.set_defaults(handler=_checkpoint)
+
+    k = a.add_parser("public-key", help="print the audit public key (give it to auditors)")
+    k.add_argument("--verifier-key", action="store_true",
+                   help="print the signed-note verifier key instead of PEM")
+    k.set_defaults(handler=_public_key)
+
+
+def _read(path: Path, what: str) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read {what} {path}: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def _fail(exc: AuditVerificationError) -> int:
+    where = f" (first bad entry: seq {exc.seq})" if exc.seq is not None else ""
+    print(f"INVALID: {exc.reason}: {exc.message}{where}", file=sys.stderr)
+    print_json({"valid": False, "code": exc.reason, "message": exc.message, "seq": exc.seq})
+    return 1
+
+
+def _key(path: Path) -> Any:
+    raw = _read(path, "public key")
+    if raw is None:
+        return None
+    try:
+        return load_public_key(raw)
+    except ValueError as exc:
+        print(f"error: {path} is not an Ed25519 public key: {exc}", file=sys.stderr)
+        return None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    key = _key(args.public_key)
+    data = _read(args.export, "export")
+    previous = [_read(p, "checkpoint") for p in args.previous]
+    if key is None or data is None or any(p is None for p in previous):
+        return 2
+    try:
+        notes = [p.decode("utf-8") for p in previous if p is not None]
+        report = verify_export(
+            data, key, key_name=args.key_name, expected_log=args.log_id,
+            previous_checkpoints=notes,
+        )
+    except UnicodeDecodeError:
+        print("error: a checkpoint file is not UTF-8 text", file=sys.stderr)
+        return 2
+    except AuditVerificationError as exc:
+        return _fail(exc)
+    print_json({
+        "valid": True,
+        "log_id": report.log_id,
+        "origin": report.origin,
+        "entries": report.entries,
+        "from": report.first_seq,
+        "to": report.end_seq,
+        "checkpoints": report.checkpoints,
+        "consistency_proofs": report.consistency_proofs,
+        "tree_size": report.tree_size,
+        "root_hash": base64.b64encode(report.root_hash).decode(),
+    })
+    return 0
+
+
+def _verify_proof(args: argparse.Namespace) -> int:
+    key = _key(args.public_key)
+    raw = _read(args.bundle, "proof bundle")
+    if key is None or raw is None:
+        return 2
+    try:
+        bundle = json.loads(raw)
+    except ValueError:
+        print("error: the proof bundle is not JSON", file=sys.stderr)
+        return 2
+    if not isinstance(bundle, dict):
+        print("error: the proof bundle is not a JSON object", file=sys.stderr)
+        return 2
+    try:
+        report = verify_entry_proof(bundle, key)
+    except AuditVerificationError as exc:
+        return _fail(exc)
+    print_json({"valid": True, "log_id": report.log_id, "seq": report.seq,
+                "tree_size": report.tree_size})
+    return 0
+
+
+def _open_services() -> Any:
+    # Imported here: the offline checks above must not load the database stack.
+    from sandboxsec.cli._common import open_services
+
+    return open_services()
+
+
+def _log_id(services: Any, args: argparse.Namespace) -> str:
+    if args.service:
+        return SERVICE_LOG
+    tenant_id: str = services.tenants.find(args.tenant).id
+    return tenant_id
+
+
+def _export(args: argparse.Namespace) -> int:
+    services = _open_services()
+    try:
+        log_id = _log_id(services, args)
+        lines = services.audit.export(log_id, start=args.start, end=args.end, since=args.since)
+        tmp = args.output.with_name(args.output.name + ".part")
+        with tmp.open("wb") as f:
+            for line in lines:
+                f.write(line)
+        tmp.replace(args.output)
+    finally:
+        services.close()
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    services = _open_services()
+    try:
+        cp = services.audit.checkpoint_now(_log_id(services, args))
+    finally:
+        services.close()
+    sys.stdout.write(cp.note)
+    return 0
+
+
+def _public_key(args: argparse.Namespace) -> int:
+    services = _open_services()
+    try:
+        keys = services.audit.keys
+        sys.stdout.write(keys.verifier_key() + "\n" if args.verifier_key else keys.public_pem())
+    finally:
+        services.close()
+    return 0

@@ -1,0 +1,82 @@
+"""Reason codes of the encryption domain (documented in ``docs/encryption.md``).
+
+Every way a ciphertext can fail to open (wrong key, flipped bit, moved row, truncated or
+reordered stream, malformed header) is the single opaque :class:`DecryptionFailedError`, so
+an attacker probing stored data learns nothing from the answer.
+"""
+
+from __future__ import annotations
+
+from sandboxsec.errors import (
+    ConflictError,
+    DependencyUnavailableError,
+    InputError,
+    PayloadTooLargeError,
+    VerificationError,
+)
+
+__all__ = [
+    "DecryptionFailedError",
+    "KeyProviderMismatchError",
+    "KeyProviderUnavailableError",
+    "KeyVersionInvalidError",
+    "KeyVersionRetiredError",
+    "TenantKeysShreddedError",
+    "TrajectoryKindInvalidError",
+    "TrajectoryRecordTooLargeError",
+    "TrajectorySessionClosedError",
+]
+
+
+class KeyProviderUnavailableError(DependencyUnavailableError):
+    """The key provider holding the root key cannot be reached; nothing was read or written."""
+
+    code = "key_provider_unavailable"
+
+
+class KeyProviderMismatchError(DependencyUnavailableError):
+    """The tenant's keys were wrapped by a different root key than the configured provider's."""
+
+    code = "key_provider_mismatch"
+
+
+class DecryptionFailedError(VerificationError):
+    """The stored ciphertext could not be decrypted and authenticated."""
+
+    code = "decryption_failed"
+
+
+class TrajectoryRecordTooLargeError(PayloadTooLargeError):
+    """The trajectory record exceeds the configured size limit; it was not stored."""
+
+    code = "trajectory_record_too_large"
+
+
+class KeyVersionRetiredError(ConflictError):
+    """The data is wrapped by a key version below the tenant's minimum decryption version."""
+
+    code = "key_version_retired"
+
+
+class KeyVersionInvalidError(InputError):
+    """The requested key version does not exist for this tenant."""
+
+    code = "key_version_invalid"
+
+
+class TenantKeysShreddedError(ConflictError):
+    """The tenant's keys were destroyed (crypto-shredded); its data can no longer be read."""
+
+    code = "tenant_keys_shredded"
+
+
+class TrajectorySessionClosedError(ConflictError):
+    """The session has ended or expired; no more trajectory records can be added to it."""
+
+    code = "trajectory_session_closed"
+
+
+class TrajectoryKindInvalidError(InputError):
+    """A record kind is 1-64 characters: lower-case letters, digits, '.', '_' or '-'."""
+
+    code = "trajectory_kind_invalid"

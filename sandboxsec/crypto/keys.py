@@ -1,0 +1,333 @@
+"""Root-key providers: the only code that touches the root key.
+
+A provider wraps and unwraps tenant key-encryption keys (KEKs) under the root key.  Two exist:
+
+* :class:`LocalKeyProvider`: a 32-byte key file under ``$SANDBOXSEC_HOME`` (mode 0600,
+  created on first use).  The file is read on every call, so a missing or unreadable file
+  fails closed at once.
+* :class:`Pkcs11KeyProvider`: an AES-256 key inside an HSM reached through PKCS#11.  The key is
+  generated in the token as sensitive and non-extractable; wrapping and unwrapping run inside
+  the HSM (``CKM_AES_GCM``), so the root key never leaves it.
+
+Every provider failure (file missing, module unloadable, token removed, wrong PIN) is
+:class:`KeyProviderUnavailableError` (503); a wrapped key that does not authenticate is
+:class:`DecryptionFailedError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from sandboxsec.crypto.envelope import KEY_BYTES, unwrap_secret, wrap_secret
+from sandboxsec.crypto.errors import DecryptionFailedError, KeyProviderUnavailableError
+
+__all__ = [
+    "KeyProvider",
+    "LocalKeyProvider",
+    "Pkcs11KeyProvider",
+    "build_key_provider",
+]
+
+_NONCE_BYTES = 12
+_TAG_BITS = 128
+_WRAP_FORMAT_HSM = 0x02
+
+
+class KeyProvider(Protocol):
+    """Holds the root key; wraps and unwraps tenant KEKs with it.
+
+    ``provider_id`` names the root key (never derived from secret material in a way that
+    helps an attacker); it is stored with every wrapped KEK so a KEK wrapped by another root
+    is recognised instead of failing as corrupt.
+    """
+
+    @property
+    def provider_id(self) -> str: ...
+
+    def wrap(self, secret: bytes, aad: bytes) -> bytes:
+        """Encrypt ``secret`` under the root key, binding ``aad``."""
+        ...
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        """Decrypt what :meth:`wrap` returned for the same ``aad``."""
+        ...
+
+    def check(self) -> None:
+        """Raise :class:`KeyProviderUnavailableError` unless the root key is usable now."""
+        ...
+
+    def has_root_key(self) -> bool:
+        """Whether the root key exists yet (:meth:`wrap` makes it on first use; nothing else
+        does).  Raises :class:`KeyProviderUnavailableError` if the provider cannot answer."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalKeyProvider:
+    """A root key in a file (``root.key`` under the home directory), for embedded use."""
+
+    FILE_NAME = "root.key"
+
+    def __init__(self, home: Path, *, create: bool = True) -> None:
+        self._path = Path(home) / self.FILE_NAME
+        self._create = create
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def provider_id(self) -> str:
+        # A hash of a 256-bit random key reveals nothing about it and pins the exact key.
+        digest = hashlib.sha256(b"sandboxsec/v1/root-key-id\x00" + self._read()).hexdigest()
+        return f"local:{digest[:16]}"
+
+    def _read(self, *, create: bool = False) -> bytes:
+        with self._lock:
+            if create and self._create and not self._path.exists():
+                self._generate()
+            try:
+                fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                raise KeyProviderUnavailableError(
+                    f"root key file {self._path} cannot be opened ({exc.strerror})"
+                ) from None
+            try:
+                info = os.fstat(fd)
+                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise KeyProviderUnavailableError(
+                        f"root key file {self._path} is accessible to other users; "
+                        "it must be mode 0600"
+                    )
+                key = os.read(fd, KEY_BYTES + 1)
+            except OSError as exc:
+                raise KeyProviderUnavailableError(
+                    f"root key file {self._path} cannot be read ({exc.strerror})"
+                ) from None
+            finally:
+                os.close(fd)
+        if len(key) != KEY_BYTES:
+            raise KeyProviderUnavailableError(
+                f"root key file {self._path} is not a {KEY_BYTES}-byte key"
+            )
+        return key
+
+    def _generate(self) -> None:
+        # Written to a private temporary file first and linked into place: a crash never
+        # leaves a partial key, and of two processes starting at once only one key wins.
+        tmp = self._path.with_name(f".{self.FILE_NAME}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self._path)
+            except FileExistsError:
+                pass
+        except OSError as exc:
+            raise KeyProviderUnavailableError(
+                f"root key file {self._path} cannot be created ({exc.strerror})"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def wrap(self, secret: bytes, aad: bytes) -> bytes:
+        return wrap_secret(self._read(create=True), secret, aad)
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        return unwrap_secret(self._read(), wrapped, aad)
+
+    def check(self) -> None:
+        self._read()
+
+    def has_root_key(self) -> bool:
+        return self._path.exists()
+
+    def close(self) -> None:
+        return None
+
+
+class Pkcs11KeyProvider:
+    """A root key inside an HSM, used through PKCS#11 (tested with SoftHSM2).
+
+    One logged-in session is kept open and shared under a lock.  After any PKCS#11 failure
+    the session is dropped and the library re-initialised on the next call, so the provider
+    recovers when the token comes back.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        token_label: str,
+        pin: str,
+        key_label: str = "sandboxsec-root",
+        *,
+        create_key: bool = True,
+    ) -> None:
+        self._module = module
+        self._token_label = token_label
+        self._pin = pin
+        self._key_label = key_label
+        self._create_key = create_key
+        self._lock = threading.RLock()
+        self._lib: Any = None
+        self._session: Any = None
+        self._key: Any = None
+        self._needs_reinit = False
+
+    @property
+    def provider_id(self) -> str:
+        return f"pkcs11:{self._token_label}/{self._key_label}"
+
+    def _unavailable(self, exc: BaseException) -> KeyProviderUnavailableError:
+        self._drop()
+        self._needs_reinit = True
+        detail = type(exc).__name__
+        return KeyProviderUnavailableError(
+            f"HSM token {self._token_label!r} via {self._module} is unavailable ({detail})"
+        )
+
+    def _drop(self) -> None:
+        session, self._session, self._key = self._session, None, None
+        if session is not None:
+            try:
+                session.close()
+            except Exception:  # noqa: S110 - the session is being discarded anyway
+                pass
+
+    def _root_key(self, *, create: bool = False) -> Any:
+        """The root key handle, opening the library, token and session as needed."""
+        import pkcs11
+        from pkcs11 import Attribute, KeyType
+
+        if self._key is not None:
+            return self._key
+        if self._lib is None:
+            self._lib = pkcs11.lib(self._module)
+        elif self._needs_reinit:
+            self._lib.reinitialize()
+        self._needs_reinit = False
+        token = self._lib.get_token(token_label=self._token_label)
+        try:
+            self._session = token.open(rw=True, user_pin=self._pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # PKCS#11 logs in per application: another session of this process already did.
+            self._session = token.open(rw=True)
+        try:
+            self._key = self._session.get_key(label=self._key_label, key_type=KeyType.AES)
+        except pkcs11.NoSuchKey:
+            if not (create and self._create_key):
+                raise
+            self._key = self._session.generate_key(
+                KeyType.AES,
+                KEY_BYTES * 8,
+                label=self._key_label,
+                store=True,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.TOKEN: True,
+                },
+            )
+        return self._key
+
+    def _call(self, fn: str, data: bytes, nonce: bytes, aad: bytes) -> bytes:
+        import pkcs11
+        from pkcs11 import GCMParams, Mechanism
+
+        with self._lock:
+            try:
+                key = self._root_key(create=fn == "encrypt")
+                out: bytes = getattr(key, fn)(
+                    data,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, _TAG_BITS),
+                )
+                return out
+            except (
+                pkcs11.exceptions.EncryptedDataInvalid,
+                pkcs11.exceptions.EncryptedDataLenRange,
+            ):
+                raise DecryptionFailedError() from None
+            except pkcs11.exceptions.GeneralError as exc:
+                # SoftHSM reports a failed GCM tag as a general error; so does a lost token.
+                if fn == "decrypt" and self._token_present():
+                    raise DecryptionFailedError() from None
+                raise self._unavailable(exc) from None
+            except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
+                raise self._unavailable(exc) from None
+
+    def _token_present(self) -> bool:
+        try:
+            self._lib.get_token(token_label=self._token_label)
+        except Exception:
+            return False
+        return True
+
+    def wrap(self, secret: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return bytes([_WRAP_FORMAT_HSM]) + nonce + self._call("encrypt", secret, nonce, aad)
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        if len(wrapped) < 1 + _NONCE_BYTES + _TAG_BITS // 8 or wrapped[0] != _WRAP_FORMAT_HSM:
+            raise DecryptionFailedError()
+        return self._call("decrypt", wrapped[1 + _NONCE_BYTES :], wrapped[1:13], aad)
+
+    def check(self) -> None:
+        if not self.has_root_key():
+            raise KeyProviderUnavailableError(
+                f"HSM token {self._token_label!r} has no key {self._key_label!r}"
+            )
+
+    def has_root_key(self) -> bool:
+        import pkcs11
+
+        with self._lock:
+            try:
+                self._root_key()
+            except pkcs11.NoSuchKey:
+                self._drop()
+                return False
+            except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
+                raise self._unavailable(exc) from None
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def build_key_provider(settings: Any) -> KeyProvider:
+    """The provider the settings select: ``local`` (default) or ``pkcs11``."""
+    kind = str(getattr(settings, "key_provider", "local")).lower()
+    if kind == "local":
+        return LocalKeyProvider(Path(settings.home))
+    if kind == "pkcs11":
+        pin = getattr(settings, "pkcs11_pin", None)
+        if pin is not None and hasattr(pin, "get_secret_value"):
+            pin = pin.get_secret_value()
+        module = getattr(settings, "pkcs11_module", None)
+        token = getattr(settings, "pkcs11_token_label", None)
+        if not module or not token or pin is None:
+            raise KeyProviderUnavailableError(
+                "the pkcs11 key provider needs SANDBOXSEC_PKCS11_MODULE, "
+                "SANDBOXSEC_PKCS11_TOKEN_LABEL and SANDBOXSEC_PKCS11_PIN"
+            )
+        return Pkcs11KeyProvider(
+            str(module),
+            str(token),
+            str(pin),
+            str(getattr(settings, "pkcs11_key_label", None) or "sandboxsec-root"),
+        )
+    raise KeyProviderUnavailableError(f"unknown key provider {kind!r} (use local or pkcs11)")

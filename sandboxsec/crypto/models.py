@@ -1,0 +1,104 @@
+"""Tables of the encryption domain: keyrings, wrapped keys, encrypted trajectory records.
+
+Nothing here holds key material or trajectory content in clear: KEKs are wrapped by the
+root key, DEKs by a KEK, record metadata and data are sealed under a DEK.  What stays in
+clear is what must stay searchable: time, kind, size and content hash.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from sandboxsec.storage.types import UTCDateTime
+
+__all__ = [
+    "DataEncryptionKey",
+    "KeyEncryptionKey",
+    "TenantKeyring",
+    "TrajectoryRecord",
+    "TrajectorySegment",
+]
+
+
+class TenantKeyring(SQLModel, table=True):
+    """A tenant's key state: current KEK version, oldest readable version, shredding."""
+
+    __tablename__ = "crypto_keyrings"
+
+    # One row per tenant: the id is the tenant id.
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    current_version: int = Field(default=1)
+    min_decryption_version: int = Field(default=1)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    shredded_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class KeyEncryptionKey(SQLModel, table=True):
+    """One version of a tenant's KEK, wrapped by the root key of ``provider_id``."""
+
+    __tablename__ = "crypto_keks"
+    __table_args__ = (UniqueConstraint("tenant_id", "version", name="uq_crypto_keks_version"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    version: int
+    provider_id: str = Field(max_length=200)
+    wrapped_key: bytes = Field(sa_type=LargeBinary)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class DataEncryptionKey(SQLModel, table=True):
+    """A data key of one session's records, wrapped by KEK ``kek_version`` of the tenant."""
+
+    __tablename__ = "crypto_deks"
+
+    # The 16-byte DEK id in hex: the same id is written into every ciphertext header.
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    session_id: str = Field(index=True, max_length=40)
+    kek_version: int = Field(index=True)
+    wrapped_key: bytes = Field(sa_type=LargeBinary)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    rewrapped_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class TrajectoryRecord(SQLModel, table=True):
+    """One encrypted trajectory record; ``meta_sealed`` and the data are ciphertext.
+
+    ``layout`` is ``sealed`` (``data`` holds one sealed record) or ``stream`` (``data`` holds
+    the stream header, the segments are :class:`TrajectorySegment` rows).
+    """
+
+    __tablename__ = "trajectory_records"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    session_id: str = Field(index=True, max_length=40)
+    created_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    created_by: str = Field(default="", max_length=40)
+    kind: str = Field(max_length=64, index=True)
+    size: int
+    content_sha256: str = Field(max_length=64)
+    dek_id: str = Field(index=True, max_length=40)
+    layout: str = Field(max_length=8)
+    segment_count: int = Field(default=0)
+    meta_sealed: bytes = Field(sa_type=LargeBinary)
+    data: bytes = Field(sa_type=LargeBinary)
+
+
+class TrajectorySegment(SQLModel, table=True):
+    """One ciphertext segment of a streamed record, in order ``seq`` from 0."""
+
+    __tablename__ = "trajectory_segments"
+    __table_args__ = (UniqueConstraint("record_id", "seq", name="uq_trajectory_segments_seq"),)
+
+    id: str = Field(primary_key=True, max_length=60)
+    tenant_id: str = Field(index=True, max_length=40)
+    record_id: str = Field(index=True, max_length=40)
+    seq: int
+    data: bytes = Field(sa_type=LargeBinary)

@@ -1,0 +1,491 @@
+"""The action policy engine: per-tenant casbin enforcers, three outcomes, one named rule.
+
+Pure: :func:`compile_policy` turns policy text into a :class:`CompiledPolicy` (or raises
+:class:`PolicyInvalidError` naming the failing line), and :class:`PolicyEngine` decides an
+:class:`ActionContext` against a tenant's compiled policy.  Storage of the policy text and of
+its version lives in :mod:`sandboxsec.policy.service`; the engine is told the current version
+on each decision and recompiles only when it changed.
+
+Why per tenant: one casbin enforcer scans every row on every decision, so one enforcer over all
+tenants costs time linear in the total rule count.  A tenant's own enforcer costs the same at
+10,000 tenants as at one.  Enforcers are shared between tenants whose policy text is identical
+(most tenants keep the default), and both caches are bounded LRUs.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+import casbin
+
+from sandboxsec.policy.canonical import parse_amount
+from sandboxsec.policy.errors import AmountInvalidError, PolicyInvalidError, PolicyTooLargeError
+
+__all__ = [
+    "DEFAULT_RULE_ID",
+    "MAX_POLICY_BYTES",
+    "MAX_RULES",
+    "ActionContext",
+    "CompiledPolicy",
+    "Decision",
+    "Outcome",
+    "PolicyEngine",
+    "Rule",
+    "bundled_default_policy",
+    "bundled_model",
+    "compile_policy",
+]
+
+#: The rule id reported when no rule matched (default deny).
+DEFAULT_RULE_ID = "default-deny"
+MAX_POLICY_BYTES = 256 * 1024
+MAX_RULES = 1000
+
+
+class Outcome(StrEnum):
+    """What a decision says.  Ordered by precedence: deny beats approval beats allow."""
+
+    DENY = "deny"
+    APPROVAL_REQUIRED = "approval_required"
+    ALLOW = "allow"
+
+
+_PRECEDENCE = {Outcome.DENY: 0, Outcome.APPROVAL_REQUIRED: 1, Outcome.ALLOW: 2}
+
+
+def bundled_model() -> str:
+    """The casbin model text shipped with the package (``policy/data/model.conf``)."""
+    return resources.files("sandboxsec.policy").joinpath("data/model.conf").read_text("utf-8")
+
+
+def bundled_default_policy() -> str:
+    """The default policy shipped with the package (``policy/data/default.csv``)."""
+    return resources.files("sandboxsec.policy").joinpath("data/default.csv").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """Everything a rule may look at for one requested action.
+
+    ``None`` means "not known for this action" (a login has no amount).  Conditions on an
+    unknown attribute fail closed: they match in deny and approval_required rules and do not
+    match in allow rules.
+    """
+
+    tenant_id: str
+    role: str
+    session_id: str
+    attested: bool
+    image_name: str
+    image_digest: str
+    action: str
+    resource: str
+    amount: Decimal | None = None
+    currency: str | None = None
+    app: str | None = None
+    domain: str | None = None
+    payee: str | None = None
+    new_domain: bool | None = None
+
+    def attribute(self, name: str) -> Any:
+        return _ATTRIBUTES[name][1](self)
+
+
+# name -> (type, getter).  Types: "bool", "decimal", "str".
+_ATTRIBUTES: dict[str, tuple[str, Callable[[ActionContext], Any]]] = {
+    "role": ("str", lambda c: c.role),
+    "session": ("str", lambda c: c.session_id),
+    "attested": ("bool", lambda c: c.attested),
+    "image": ("str", lambda c: c.image_name or None),
+    "image_digest": ("str", lambda c: c.image_digest or None),
+    "action": ("str", lambda c: c.action),
+    "resource": ("str", lambda c: c.resource),
+    "app": ("str", lambda c: c.app),
+    "domain": ("str", lambda c: c.domain),
+    "payee": ("str", lambda c: c.payee),
+    "amount": ("decimal", lambda c: c.amount),
+    "currency": ("str", lambda c: c.currency),
+    "new_domain": ("bool", lambda c: c.new_domain),
+}
+
+_OPS_BY_TYPE = {
+    "bool": {"==", "!="},
+    "decimal": {"==", "!=", "<", "<=", ">", ">="},
+    "str": {"==", "!=", "in", "notin"},
+}
+_CLAUSE = re.compile(r"\s*([a-z_]+)\s*(==|!=|<=|>=|<|>|\bnotin\b|\bin\b)\s*(\S+)\s*")
+_RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_ACTION = re.compile(r"\*|[a-z][a-z0-9_.-]{0,63}")
+_RESOURCE_PATTERN = re.compile(r"[^\s,]{1,256}")
+_STR_VALUE = re.compile(r"[^\s,|]{1,256}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Clause:
+    attribute: str
+    op: str
+    value: Any
+
+    def eval(self, ctx: ActionContext) -> bool | None:
+        actual = ctx.attribute(self.attribute)
+        if actual is None:
+            return None
+        op, want = self.op, self.value
+        if op == "==":
+            return bool(actual == want)
+        if op == "!=":
+            return bool(actual != want)
+        if op == "in":
+            return actual in want
+        if op == "notin":
+            return actual not in want
+        if op == "<":
+            return bool(actual < want)
+        if op == "<=":
+            return bool(actual <= want)
+        if op == ">":
+            return bool(actual > want)
+        return bool(actual >= want)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One validated rule.  ``line`` is its line number in the policy text."""
+
+    rule_id: str
+    action: str
+    resource: str
+    condition: str
+    outcome: Outcome
+    line: int
+    clauses: tuple[_Clause, ...] = field(repr=False, compare=False)
+
+    def matches_condition(self, ctx: ActionContext) -> bool:
+        """True when every clause holds; an unknown attribute fails closed (see ActionContext)."""
+        unknown = False
+        for clause in self.clauses:
+            result = clause.eval(ctx)
+            if result is False:
+                return False
+            if result is None:
+                unknown = True
+        return not unknown or self.outcome is not Outcome.ALLOW
+
+    def explain(self) -> str:
+        return (
+            f"rule {self.rule_id} (line {self.line}): {self.outcome.value} "
+            f"{self.action} on {self.resource} when {self.condition}"
+        )
+
+
+def _parse_value(attr_type: str, op: str, raw: str, line: int) -> Any:
+    if attr_type == "bool":
+        if raw not in ("true", "false"):
+            raise PolicyInvalidError(f"expected true or false, got {raw!r}", line=line)
+        return raw == "true"
+    if attr_type == "decimal":
+        try:
+            return parse_amount(raw)
+        except AmountInvalidError:
+            raise PolicyInvalidError(f"expected a decimal number, got {raw!r}", line=line) from None
+    if op in ("in", "notin"):
+        items = raw.split("|")
+        if not all(_STR_VALUE.fullmatch(i) for i in items):
+            raise PolicyInvalidError(f"bad value list {raw!r} (use A|B|C)", line=line)
+        return frozenset(items)
+    if not _STR_VALUE.fullmatch(raw):
+        raise PolicyInvalidError(f"bad value {raw!r}", line=line)
+    return raw
+
+
+def _parse_condition(text: str, line: int) -> tuple[_Clause, ...]:
+    if text == "true":
+        return ()
+    clauses = []
+    for part in re.split(r"\s+and\s+|\s*&&\s*", text):
+        m = _CLAUSE.fullmatch(part)
+        if m is None:
+            raise PolicyInvalidError(
+                f"cannot read condition {part.strip()!r}: write <attribute> <op> <value>, "
+                "joined with 'and'",
+                line=line,
+            )
+        attr, op, raw = m.groups()
+        if attr not in _ATTRIBUTES:
+            raise PolicyInvalidError(
+                f"unknown attribute {attr!r} (known: {', '.join(sorted(_ATTRIBUTES))})", line=line
+            )
+        attr_type = _ATTRIBUTES[attr][0]
+        if op not in _OPS_BY_TYPE[attr_type]:
+            raise PolicyInvalidError(
+                f"operator {op!r} does not apply to {attr_type} attribute {attr!r}", line=line
+            )
+        clauses.append(_Clause(attr, op, _parse_value(attr_type, op, raw, line)))
+    return tuple(clauses)
+
+
+def _parse_rules(text: str) -> list[Rule]:
+    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
+        raise PolicyTooLargeError(f"policy text is larger than {MAX_POLICY_BYTES} bytes")
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        if _CONTROL.search(raw_line):
+            raise PolicyInvalidError("control characters are not allowed", line=number)
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        tokens = [t.strip() for t in line.split(",")]
+        if tokens[0] != "p":
+            raise PolicyInvalidError("rules start with 'p,'", line=number)
+        if len(tokens) != 6:
+            raise PolicyInvalidError(
+                f"expected 6 fields (p, id, action, resource, condition, decision), "
+                f"got {len(tokens)}",
+                line=number,
+            )
+        _, rule_id, action, resource, condition, decision = tokens
+        # 1. the id names the rule in every decision, so it must be unique and readable
+        if not _RULE_ID.fullmatch(rule_id):
+            raise PolicyInvalidError(f"bad rule id {rule_id!r}", line=number)
+        if rule_id == DEFAULT_RULE_ID:
+            raise PolicyInvalidError(f"rule id {DEFAULT_RULE_ID!r} is reserved", line=number)
+        if rule_id in seen:
+            raise PolicyInvalidError(
+                f"rule id {rule_id!r} repeats line {seen[rule_id]}", line=number
+            )
+        seen[rule_id] = number
+        # 2. action and resource pattern
+        if not _ACTION.fullmatch(action):
+            raise PolicyInvalidError(f"bad action {action!r}", line=number)
+        if not _RESOURCE_PATTERN.fullmatch(resource):
+            raise PolicyInvalidError(f"bad resource pattern {resource!r}", line=number)
+        # 3. condition and decision
+        clauses = _parse_condition(condition, number)
+        try:
+            outcome = Outcome(decision)
+        except ValueError:
+            raise PolicyInvalidError(
+                f"decision must be allow, deny or approval_required, got {decision!r}",
+                line=number,
+            ) from None
+        rules.append(Rule(rule_id, action, resource, condition, outcome, number, clauses))
+        if len(rules) > MAX_RULES:
+            raise PolicyTooLargeError(f"a policy holds at most {MAX_RULES} rules")
+    return rules
+
+
+@functools.lru_cache(maxsize=65536)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(p) for p in pattern.split("*")), re.DOTALL)
+
+
+def _res_match(resource: str, pattern: str) -> bool:
+    """``resMatch`` of the model: ``*`` matches any run of characters, nothing else is special."""
+    return pattern == "*" or _pattern_regex(pattern).fullmatch(resource) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What ``r.ctx`` carries into the matcher: the context and the rules it is checked against."""
+
+    ctx: ActionContext
+    rules: Mapping[str, Rule]
+
+
+def _when(request: _Request, rule_id: str) -> bool:
+    """``when`` of the model: the rule's condition holds for the request's context."""
+    return request.rules[rule_id].matches_condition(request.ctx)
+
+
+# The node types the model's matcher may use: boolean logic, equality and calls of the
+# registered functions on request and policy fields.  Nothing else (no attributes, subscripts,
+# arithmetic or lambdas) is compiled.
+_MATCHER_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not,
+                  ast.Compare, ast.Eq, ast.NotEq, ast.Call, ast.Name, ast.Load, ast.Constant)
+
+
+class _CompiledMatcher:
+    """The model's matcher compiled to Python bytecode once, instead of interpreted per row.
+
+    casbin hands ``_get_expression`` the matcher with fields renamed (``r.act`` as ``r_act``),
+    rewrites ``&&``/``||``/``!`` to Python and interprets it with simpleeval for every policy
+    row, which costs several microseconds a row.  The matcher comes from the packaged model file,
+    never from a request or a tenant's policy, and is checked to hold only the node types in
+    ``_MATCHER_NODES`` and calls of registered functions before it is compiled; it runs with
+    no builtins.  Tenants' conditions are parsed by this module, not evaluated as code.
+    """
+
+    def __init__(self, expr: str, functions: Mapping[str, Any]) -> None:
+        # The same rewriting casbin applies before interpreting: && || ! to Python.
+        expr = re.sub(r"!(?!=)", "not ", expr.replace("&&", "and").replace("||", "or"))
+        tree = ast.parse(expr.strip(), mode="eval")
+        for node in ast.walk(tree):
+            if not isinstance(node, _MATCHER_NODES):
+                raise ValueError(f"matcher uses {type(node).__name__}")
+            if isinstance(node, ast.Call) and not (
+                isinstance(node.func, ast.Name) and node.func.id in functions
+            ):
+                raise ValueError("matcher calls an unregistered function")
+        self._code = compile(tree, "<policy matcher>", "eval")
+        self._globals: dict[str, Any] = {"__builtins__": {}, **functions}
+
+    def eval(self, names: dict[str, Any]) -> Any:
+        return eval(self._code, self._globals, names)  # noqa: S307 - see the class docstring
+
+
+_MATCHERS: dict[str, _CompiledMatcher] = {}
+
+
+class _Enforcer(casbin.Enforcer):  # type: ignore[misc]
+    """casbin's enforcer with its matcher compiled once (see :class:`_CompiledMatcher`)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.add_function("resMatch", _res_match)
+        self.add_function("when", _when)
+
+    def _get_expression(self, expr: str, functions: Any = None) -> Any:
+        # One compiled matcher per expression for every enforcer: they all register the same
+        # module-level functions, so it need not be compiled again per tenant.
+        matcher = _MATCHERS.get(expr)
+        if matcher is None:
+            try:
+                matcher = _CompiledMatcher(expr, functions or {})
+            except (SyntaxError, ValueError):
+                # Anything outside the safe subset stays with casbin's own interpreter, which
+                # keeps per-call state: never shared.
+                return casbin.Enforcer._get_expression(expr, functions)
+            _MATCHERS[expr] = matcher
+        return matcher
+
+
+class CompiledPolicy:
+    """A validated policy and its casbin enforcer.  Immutable once built; safe to share."""
+
+    def __init__(self, text: str, model_text: str) -> None:
+        self.text = text
+        self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        parsed = _parse_rules(text)
+        # Deny, then approval_required, then allow; file order within each (sorted is stable).
+        self.rules: tuple[Rule, ...] = tuple(sorted(parsed, key=lambda r: _PRECEDENCE[r.outcome]))
+        self._by_id = {r.rule_id: r for r in self.rules}
+        model = casbin.Enforcer.new_model(text=model_text)
+        self._enforcer = _Enforcer(model)
+        if self.rules:
+            self._enforcer.add_named_policies(
+                "p",
+                [[r.rule_id, r.action, r.resource, r.condition, r.outcome.value]
+                 for r in self.rules],
+            )
+
+    def evaluate(self, ctx: ActionContext) -> tuple[Outcome, Rule | None]:
+        """The outcome for ``ctx`` and the rule that decided it (``None``: default deny)."""
+        _, row = self._enforcer.enforce_ex(ctx.action, ctx.resource, _Request(ctx, self._by_id))
+        if not row:
+            return Outcome.DENY, None
+        rule = self._by_id[row[0]]
+        return rule.outcome, rule
+
+
+def compile_policy(text: str, model_text: str | None = None) -> CompiledPolicy:
+    """Validate and compile policy text; raise :class:`PolicyInvalidError` naming the line."""
+    return CompiledPolicy(text, model_text if model_text is not None else bundled_model())
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one action: the outcome, the rule that decided it and why."""
+
+    outcome: Outcome
+    rule_id: str
+    explanation: str
+    decision_id: str
+    policy_version: int
+    policy_sha256: str
+
+
+class PolicyEngine:
+    """Decides actions against per-tenant compiled policies held in bounded LRU caches.
+
+    ``decide`` is told the tenant's current policy version (the caller reads it from the
+    database on every decision, which is how a change reaches every worker process) and a
+    loader for the text, called only when the cached version differs.
+    """
+
+    def __init__(self, *, model_text: str | None = None, cache_size: int = 4096) -> None:
+        self._model_text = model_text if model_text is not None else bundled_model()
+        self._cache_size = cache_size
+        self._tenants: OrderedDict[str, tuple[int, CompiledPolicy]] = OrderedDict()
+        self._compiled: OrderedDict[str, CompiledPolicy] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, text: str) -> CompiledPolicy:
+        """Compile ``text``, reusing an identical policy compiled before."""
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with self._lock:
+            hit = self._compiled.get(digest)
+            if hit is not None:
+                self._compiled.move_to_end(digest)
+                return hit
+        compiled = CompiledPolicy(text, self._model_text)
+        with self._lock:
+            self._compiled[digest] = compiled
+            while len(self._compiled) > self._cache_size:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def policy_for(self, tenant_id: str, version: int, load_text: Callable[[], str]
+                   ) -> CompiledPolicy:
+        """The tenant's compiled policy at ``version``, compiling it on a miss."""
+        with self._lock:
+            hit = self._tenants.get(tenant_id)
+            if hit is not None and hit[0] == version:
+                self._tenants.move_to_end(tenant_id)
+                return hit[1]
+        compiled = self.compile(load_text())
+        with self._lock:
+            self._tenants[tenant_id] = (version, compiled)
+            self._tenants.move_to_end(tenant_id)
+            while len(self._tenants) > self._cache_size:
+                self._tenants.popitem(last=False)
+        return compiled
+
+    def decide(
+        self,
+        ctx: ActionContext,
+        *,
+        version: int,
+        load_text: Callable[[], str],
+        decision_id: str | None = None,
+    ) -> Decision:
+        """Decide ``ctx`` under the tenant's policy at ``version``."""
+        policy = self.policy_for(ctx.tenant_id, version, load_text)
+        outcome, rule = policy.evaluate(ctx)
+        if rule is None:
+            rule_id = DEFAULT_RULE_ID
+            explanation = f"no rule allows {ctx.action} on {ctx.resource}: denied by default"
+        else:
+            rule_id, explanation = rule.rule_id, rule.explain()
+        return Decision(
+            outcome=outcome,
+            rule_id=rule_id,
+            explanation=explanation,
+            decision_id=decision_id or f"dec_{secrets.token_hex(16)}",
+            policy_version=version,
+            policy_sha256=policy.sha256,
+        )
+

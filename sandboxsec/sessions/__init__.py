@@ -1,0 +1,1 @@
+"""Agent sessions, started only from an affirming attestation (see ``service.py``)."""

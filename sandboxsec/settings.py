@@ -1,0 +1,131 @@
+"""One settings object, read from ``SANDBOXSEC_*`` environment variables.
+
+Defaults are the embedded single-machine set-up (SQLite file and local root key under
+``home``).  Each domain keeps its settings in its own marked section below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of one sandboxsec service.  See ``docs/configuration.md``."""
+
+    model_config = SettingsConfigDict(env_prefix="SANDBOXSEC_", extra="ignore")
+
+    # --- core ---
+    home: Path = Field(
+        default=Path(".sandboxsec"),
+        description="State directory: SQLite file, local root key, service signing keys.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; unset means the SQLite file <home>/sandboxsec.db. "
+        "postgresql:// URLs use psycopg 3.",
+    )
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="Connect/lock timeout; past it requests fail closed."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest accepted HTTP request body."
+    )
+    max_json_depth: int = Field(default=32, ge=4, le=256)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # --- attestation ---
+    nonce_ttl_seconds: int = Field(default=120, ge=5, le=3600)
+    attestation_token_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    trust_dir: Path | None = Field(
+        default=None,
+        description="Trust roots and revocation lists (default: <home>/trust, see attestation/).",
+    )
+
+    # --- sessions ---
+    session_ttl_seconds: int = Field(default=8 * 3600, ge=60)
+
+    # --- policy ---
+    approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)
+    grant_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    approval_wait_max_seconds: float = Field(default=60.0, gt=0, le=600)
+    policy_cache_size: int = Field(default=4096, ge=16)
+    # --- policy: approval webhook (optional; see docs/policy.md) ---
+    approval_webhook_url: str | None = Field(
+        default=None, description="POSTed (HMAC-signed) when an approval request is created."
+    )
+    approval_webhook_secret: str | None = Field(default=None, repr=False)
+    approval_webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    approval_recheck_seconds: float = Field(
+        default=1.0, gt=0, le=30,
+        description="SQLite only: waiters re-read the database this often.",
+    )
+
+    # --- crypto ---
+    key_provider: Literal["local", "pkcs11"] = "local"
+    pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    pkcs11_token_label: str = "sandboxsec"  # noqa: S105 - a label, not a secret
+    pkcs11_pin: str | None = Field(default=None, repr=False)
+    pkcs11_key_label: str = "sandboxsec-root"
+    max_record_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # --- crypto: key caches and record layout (owned by crypto; see docs/encryption.md) ---
+    key_cache_ttl_seconds: float = Field(
+        default=60.0, ge=0, le=3600,
+        description="How long unwrapped KEKs/DEKs stay cached; 0 disables the cache.",
+    )
+    key_cache_max_entries: int = Field(default=10_000, ge=16)
+    dek_max_messages: int = Field(
+        default=1 << 24, ge=1, le=1 << 32,
+        description="Records sealed under one data key before a fresh one is made.",
+    )
+    stream_threshold_bytes: int = Field(
+        default=1 << 20, ge=1024,
+        description="Records larger than this use the segmented streaming format.",
+    )
+    stream_segment_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 26)
+
+    # --- audit ---
+    audit_checkpoint_every: int = Field(default=1000, ge=1)
+    audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
+    audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    audit_origin: str = "sandboxsec.local/audit"
+
+    # --- audit (validation) ---
+    @field_validator("audit_origin")
+    @classmethod
+    def _audit_origin_is_a_key_name(cls, v: str) -> str:
+        # It is also the signed-note key name of checkpoints: one token, no '+'.
+        if not v or any(c.isspace() for c in v) or "+" in v:
+            raise ValueError("audit_origin must be non-empty, without spaces or '+'")
+        return v
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    def resolved_database_url(self) -> str:
+        """The database URL in use: the configured one, or the SQLite file under ``home``."""
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{self.home / 'sandboxsec.db'}"
+
+    def resolved_trust_dir(self) -> Path:
+        """Where trust roots and revocation lists are read from."""
+        return self.trust_dir if self.trust_dir is not None else self.home / "trust"
+
+    def ensure_home(self) -> Path:
+        """Create ``home`` (mode 0700) if missing and return it."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.home

@@ -1,0 +1,253 @@
+"""Tenants and their API keys: creation, authentication, revocation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.errors import NotFoundError
+from sandboxsec.ids import new_id
+from sandboxsec.principal import Principal, Role
+from sandboxsec.storage.tenancy import get_scoped
+from sandboxsec.tenants.apikeys import generate_key, parse_key, secret_matches
+from sandboxsec.tenants.errors import (
+    ApiKeyInvalidError,
+    TenantNameInvalidError,
+    TenantNameTakenError,
+)
+from sandboxsec.tenants.models import ApiKey, Tenant
+
+if TYPE_CHECKING:
+    from sandboxsec.services import Services
+
+__all__ = ["CreatedTenant", "DeletedTenant", "IssuedKey", "TenantService"]
+
+# A short positive cache keeps a hot key off the database; revocation bumps it out at once in
+# this process, and other processes see it within this many seconds.
+_AUTH_CACHE_SECONDS = 2.0
+_AUTH_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new API key, shown once."""
+
+    key_id: str
+    role: Role
+    key: str
+
+
+@dataclass(frozen=True)
+class DeletedTenant:
+    """What deleting a tenant destroyed."""
+
+    tenant_id: str
+    deleted_at: datetime
+    keys_revoked: int
+    keks_destroyed: int
+    deks_destroyed: int
+
+
+@dataclass(frozen=True)
+class CreatedTenant:
+    """A new tenant and one key per role."""
+
+    tenant_id: str
+    name: str
+    keys: dict[Role, IssuedKey]
+
+
+def _valid_name(name: str) -> str:
+    name = name.strip()
+    if not (1 <= len(name) <= 200) or not name.isprintable():
+        raise TenantNameInvalidError("tenant names are 1-200 printable characters")
+    return name
+
+
+class TenantService:
+    """Creates tenants and keys, and turns a presented key into a :class:`Principal`."""
+
+    def __init__(self, services: Services) -> None:
+        self._s = services
+        self._cache: dict[str, tuple[str, Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
+        """Create a tenant with one key per role; audited in the same transaction."""
+        name = _valid_name(name)
+        now = self._s.clock.now()
+        tenant_id = new_id("tn")
+        keys: dict[Role, IssuedKey] = {}
+        try:
+            with self._s.db.session() as s:
+                s.add(Tenant(id=tenant_id, name=name, created_at=now))
+                s.flush()
+                for role in Role:
+                    keys[role] = self._add_key(s, tenant_id, role, now, label=f"initial {role}")
+                self._s.audit.append(
+                    AuditRecord(
+                        event=AuditEvent.TENANT_CREATE,
+                        tenant_id=tenant_id,
+                        actor_key_id=actor.key_id if actor else None,
+                        actor_role=str(actor.role) if actor else "operator",
+                        outcome="success",
+                        object_ids={"tenant_id": tenant_id},
+                        body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
+                    ),
+                    session=s,
+                )
+        except IntegrityError as exc:
+            raise TenantNameTakenError(f"a tenant named {name!r} exists already") from exc
+        return CreatedTenant(tenant_id=tenant_id, name=name, keys=keys)
+
+    @staticmethod
+    def _add_key(s: Session, tenant_id: str, role: Role, now: datetime, label: str) -> IssuedKey:
+        full, key_id, digest = generate_key()
+        s.add(ApiKey(id=key_id, tenant_id=tenant_id, role=str(role), secret_sha256=digest,
+                     label=label, created_at=now))
+        return IssuedKey(key_id=key_id, role=role, key=full)
+
+    def create_key(self, tenant_id: str, role: Role, *, actor: Principal | None,
+                   label: str = "") -> IssuedKey:
+        """Issue one more key of ``role`` for ``tenant_id``."""
+        now = self._s.clock.now()
+        with self._s.db.session() as s:
+            tenant = s.get(Tenant, tenant_id)
+            if tenant is None or tenant.deleted_at is not None:
+                raise NotFoundError("no such tenant")
+            issued = self._add_key(s, tenant_id, role, now, label=label[:200])
+            self._s.audit.append(
+                AuditRecord(
+                    event=AuditEvent.APIKEY_CREATE, tenant_id=tenant_id,
+                    actor_key_id=actor.key_id if actor else None,
+                    actor_role=str(actor.role) if actor else "operator",
+                    outcome="success", object_ids={"key_id": issued.key_id},
+                    body={"role": str(role), "label": label[:200]},
+                ),
+                session=s,
+            )
+        return issued
+
+    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        """Every key of the tenant (hashes only), newest first."""
+        with self._s.db.session() as s:
+            rows = s.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id)).all()
+        return sorted(rows, key=lambda k: k.created_at, reverse=True)
+
+    def revoke_key(self, tenant_id: str, key_id: str, *, actor: Principal | None) -> None:
+        """Revoke a key of this tenant; later requests with it are refused."""
+        now = self._s.clock.now()
+        with self._s.db.session() as s:
+            row = get_scoped(s, ApiKey, tenant_id, key_id, what="API key")
+            if row.revoked_at is None:
+                row.revoked_at = now
+                s.add(row)
+            self._s.audit.append(
+                AuditRecord(
+                    event=AuditEvent.APIKEY_REVOKE, tenant_id=tenant_id,
+                    actor_key_id=actor.key_id if actor else None,
+                    actor_role=str(actor.role) if actor else "operator",
+                    outcome="success", object_ids={"key_id": key_id},
+                ),
+                session=s,
+            )
+        with self._lock:
+            self._cache.pop(key_id, None)
+
+    def authenticate(self, presented: str) -> Principal:
+        """The principal of a presented key, or :class:`ApiKeyInvalidError`."""
+        try:
+            parsed = parse_key(presented)
+        except Exception as exc:
+            raise ApiKeyInvalidError("invalid API key") from exc
+        mono = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(parsed.key_id)
+        if hit is not None and hit[2] > mono and secret_matches(parsed.secret, hit[0]):
+            return hit[1]
+        with self._s.db.session() as s:
+            row = s.get(ApiKey, parsed.key_id)
+            tenant = s.get(Tenant, row.tenant_id) if row is not None else None
+        if (
+            row is None
+            or tenant is None
+            or row.revoked_at is not None
+            or tenant.deleted_at is not None
+            or not secret_matches(parsed.secret, row.secret_sha256)
+        ):
+            raise ApiKeyInvalidError("invalid API key")
+        principal = Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
+        with self._lock:
+            if len(self._cache) >= _AUTH_CACHE_MAX:
+                self._cache.clear()
+            self._cache[row.id] = (row.secret_sha256, principal, mono + _AUTH_CACHE_SECONDS)
+        return principal
+
+    def delete(self, tenant_id: str, *, actor: Principal | None) -> DeletedTenant:
+        """Delete a tenant: crypto-shred its keys, then revoke every API key it has.
+
+        Shredding comes first and is idempotent, so a deletion interrupted half-way is finished
+        by running it again; the tenant stops authenticating only once its data is unreadable.
+        """
+        self.get(tenant_id)
+        shred = self._s.trajectory.shred_tenant(tenant_id, actor)
+        now = self._s.clock.now()
+        with self._s.db.session() as s:
+            tenant = s.get(Tenant, tenant_id, with_for_update=True)
+            if tenant is None or tenant.deleted_at is not None:
+                raise NotFoundError("no such tenant")
+            tenant.deleted_at = now
+            s.add(tenant)
+            revoked = 0
+            for key in s.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id)).all():
+                if key.revoked_at is None:
+                    key.revoked_at = now
+                    s.add(key)
+                    revoked += 1
+            self._s.audit.append(
+                AuditRecord(
+                    event=AuditEvent.TENANT_DELETE, tenant_id=tenant_id,
+                    actor_key_id=actor.key_id if actor else None,
+                    actor_role=str(actor.role) if actor else "operator",
+                    outcome="success", object_ids={"tenant_id": tenant_id},
+                    body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
+                          "deks_destroyed": shred.deks_destroyed},
+                ),
+                session=s,
+            )
+        with self._lock:
+            self._cache.clear()
+        return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
+                             keks_destroyed=shred.keks_destroyed,
+                             deks_destroyed=shred.deks_destroyed)
+
+    def get(self, tenant_id: str) -> Tenant:
+        """The tenant, unless missing or deleted."""
+        with self._s.db.session() as s:
+            t = s.get(Tenant, tenant_id)
+        if t is None or t.deleted_at is not None:
+            raise NotFoundError("no such tenant")
+        return t
+
+    def find(self, name_or_id: str) -> Tenant:
+        """A live tenant by id or by name."""
+        with self._s.db.session() as s:
+            t = s.get(Tenant, name_or_id) or s.exec(
+                select(Tenant).where(Tenant.name == name_or_id)
+            ).first()
+        if t is None or t.deleted_at is not None:
+            raise NotFoundError("no such tenant")
+        return t
+
+    def forget_cached(self) -> None:
+        """Drop the authentication cache (after revocations made by other processes)."""
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,202 @@
+"""Shared fixtures: databases (SQLite and a throwaway PostgreSQL 15), services, app, tenants."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from sandboxsec.clock import FixedClock
+from sandboxsec.principal import Role
+from sandboxsec.services import Services
+from sandboxsec.settings import Settings
+from sandboxsec.storage.db import Database
+from tests.pgcluster import PgCluster
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster | None]:
+    """The suite's PostgreSQL cluster (``SANDBOXSEC_TEST_NO_PG=1`` skips PostgreSQL tests)."""
+    if os.environ.get("SANDBOXSEC_TEST_NO_PG") == "1":
+        yield None
+        return
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster: PgCluster | None) -> str | None:
+    """Name of a migrated template database that per-test databases are copied from."""
+    if pg_cluster is None:
+        return None
+    admin = create_engine(pg_cluster.url("postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text("CREATE DATABASE sandboxsec_template"))
+    admin.dispose()
+    db = Database(pg_cluster.url("sandboxsec_template"))
+    db.migrate()
+    db.dispose()
+    return "sandboxsec_template"
+
+
+def _new_pg_database(cluster: PgCluster, template: str) -> str:
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    admin = create_engine(cluster.url("postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE {template}'))
+    admin.dispose()
+    return cluster.url(name)
+
+
+def _drop_pg_database(cluster: PgCluster, url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(cluster.url("postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database URL: each test runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'sandboxsec.db'}"
+        db = Database(url)
+        db.migrate()
+        db.dispose()
+        yield url
+        return
+    cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
+    if cluster is None:
+        pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
+    template: str = request.getfixturevalue("pg_template")
+    url = _new_pg_database(cluster, template)
+    yield url
+    _drop_pg_database(cluster, url)
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A fresh migrated :class:`Database` (SQLite and PostgreSQL)."""
+    db = Database(db_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    """A fresh migrated SQLite :class:`Database`, for tests that need only one backend."""
+    db = Database(f"sqlite:///{tmp_path / 'state' / 'sandboxsec.db'}")
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings with ``home`` in a tmp dir (set in the environment for code that reads it)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("SANDBOXSEC_HOME", str(home))
+    return Settings(home=home)
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    """A clock that moves only when a test says so."""
+    from datetime import UTC, datetime
+
+    return FixedClock(datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def services(settings: Settings, database: Database, clock: FixedClock) -> Iterator[Services]:
+    """A :class:`Services` on a fresh database (both backends) with a fixed clock."""
+    svc = Services(settings, clock=clock, db=database)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def client(services: Services) -> Iterator[TestClient]:
+    """An HTTP client for the app on ``services`` (no network: ASGI in process)."""
+    from sandboxsec.api.app import create_app
+
+    with TestClient(create_app(services), raise_server_exceptions=False) as c:
+        yield c
+
+
+@dataclass
+class TenantKeys:
+    """A tenant created for a test, with one API key per role."""
+
+    id: str
+    name: str
+    keys: dict[str, str] = field(default_factory=dict)
+    key_ids: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, role: str | Role) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[str(role)]}"}
+
+
+def make_tenant(services: Services, name: str) -> TenantKeys:
+    created = services.tenants.create(name)
+    return TenantKeys(
+        id=created.tenant_id,
+        name=created.name,
+        keys={str(r): k.key for r, k in created.keys.items()},
+        key_ids={str(r): k.key_id for r, k in created.keys.items()},
+    )
+
+
+@pytest.fixture
+def tenant(services: Services) -> TenantKeys:
+    """Tenant A."""
+    return make_tenant(services, "tenant-a")
+
+
+@pytest.fixture
+def other_tenant(services: Services) -> TenantKeys:
+    """Tenant B, for cross-tenant tests."""
+    return make_tenant(services, "tenant-b")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long soak/load runs are marked ``slow``: only ``make soak`` (SANDBOXSEC_SOAK=1) runs them."""
+    if os.environ.get("SANDBOXSEC_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with `make soak`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_session(services: Services, tenant: TenantKeys, *, attested: bool = True,
+                 image_name: str = "bank-desktop", ttl_seconds: int = 3600) -> str:
+    """Insert an agent session row directly (test set-up only; the product starts sessions
+    solely from an affirming attestation, tested in tests/integration/attestation)."""
+    from datetime import timedelta
+
+    from sandboxsec.ids import new_id
+    from sandboxsec.sessions.models import AgentSession
+
+    now = services.clock.now()
+    sid = new_id("ses")
+    with services.db.session() as s:
+        s.add(AgentSession(id=sid, tenant_id=tenant.id, image_name=image_name,
+                           image_digest="sha256:" + "ab" * 32, ak_name="000b" + "cd" * 32,
+                           attested=attested, created_by=tenant.key_ids["agent"],
+                           created_at=now, expires_at=now + timedelta(seconds=ttl_seconds)))
+    return sid

@@ -1,0 +1,128 @@
+"""The approver's page in headless Chromium against a real uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from sandboxsec.api.app import create_app
+from sandboxsec.services import Services
+from sandboxsec.settings import Settings
+from sandboxsec.storage.db import Database
+from tests.conftest import TenantKeys, make_tenant
+from tests.integration.policy.conftest import PAYMENT, make_session
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@dataclass
+class Live:
+    base: str
+    services: Services
+    tenant: TenantKeys
+    session_id: str
+
+
+@pytest.fixture
+def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
+    """uvicorn serving the app on a free port of 127.0.0.1, in a thread."""
+    services = Services(settings, db=sqlite_database)
+    tenant = make_tenant(services, "browser-tenant")
+    sid = make_session(services, tenant)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(services), log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    try:
+        yield Live(f"http://127.0.0.1:{port}", services, tenant, sid)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        services.close()
+
+
+def _request_payment(live: Live) -> dict[str, Any]:
+    r = httpx.post(f"{live.base}/v1/actions", headers=live.tenant.headers("agent"), json={
+        "session_id": live.session_id, "action": "payment", "resource": "payee:acme-gmbh",
+        "params": PAYMENT})
+    assert r.status_code == 200 and r.json()["decision"] == "approval_required"
+    return dict(r.json())
+
+
+def test_approver_approves_in_the_browser_and_the_agent_wakes(live: Live) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    action = _request_payment(live)
+    aid = action["approval_id"]
+    woke: list[httpx.Response] = []
+    waiter = threading.Thread(target=lambda: woke.append(httpx.get(
+        f"{live.base}/v1/approvals/{aid}/wait", params={"timeout": 30},
+        headers=live.tenant.headers("agent"), timeout=40)))
+    waiter.start()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            response = page.goto(f"{live.base}/approve/{aid}")
+            assert response is not None and response.ok
+            assert response.headers["x-frame-options"] == "DENY"
+            page.fill("#key", live.tenant.keys["approver"])
+            page.click("#load")
+            # What the person sees is exactly what the agent asked for.
+            expect(page.locator("#amount")).to_have_text("125.50")
+            assert page.text_content("#currency") == "EUR"
+            assert page.text_content("#payee") == "acme-gmbh"
+            assert page.text_content("#session") == live.session_id
+            assert page.text_content("#short-code") == action["short_code"]
+            assert page.text_content("#params-hash") == action["params_hash"]
+            assert page.text_content("#state") == "pending"
+            page.click("#approve")
+            expect(page.locator("#result")).to_have_text("Approved.")
+            assert page.text_content("#state") == "approved"
+        finally:
+            browser.close()
+
+    waiter.join(40)
+    assert woke and woke[0].status_code == 200
+    assert woke[0].json()["state"] == "approved"
+    assert woke[0].json()["grant"].startswith("sgr1.")
+
+
+def test_agent_key_in_the_page_cannot_approve(live: Live) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    aid = _request_payment(live)["approval_id"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            # The key may come in the fragment, which never reaches the server.
+            page.goto(f"{live.base}/approve/{aid}#key={live.tenant.keys['agent']}")
+            expect(page.locator("#amount")).to_have_text("125.50")
+            assert "#key" not in page.url
+            page.click("#approve")
+            expect(page.locator("#result")).to_contain_text("forbidden")
+        finally:
+            browser.close()
+    r = httpx.get(f"{live.base}/v1/approvals/{aid}", headers=live.tenant.headers("approver"))
+    assert r.json()["state"] == "pending"
