@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +74,9 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ""
+            if path and path != ":memory:":
+                _WriterLock(Path(path + ".writer-lock"), timeout_seconds).install(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -111,6 +119,79 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+_DML = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+_HELD = "sandboxsec_writer_lock"
+
+
+class _WriterLock:
+    """Serializes SQLite writers across threads (a lock) and processes (``flock``).
+
+    SQLite lets one writer in at a time; the others sleep in its busy handler (1, 2, 5, 10 …
+    ms) and retry, which under concurrency costs more than the writes themselves.  Writers of
+    this service instead queue here: the lock is taken right before a transaction's first
+    write statement and released when it commits or rolls back, so a waiter runs as soon as
+    the previous writer is done.  Readers never take it (WAL lets them run beside a writer).
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def install(self, engine: Engine) -> None:
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+        event.listen(engine, "commit", self._release_conn)
+        event.listen(engine, "rollback", self._release_conn)
+        event.listen(engine, "checkin", self._release_record)
+        event.listen(engine, "invalidate", self._release_invalidated)
+
+    def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if conn.info.get(_HELD) or not statement.lstrip()[:7].upper().startswith(_DML):
+            return
+        self._acquire()
+        conn.info[_HELD] = True
+
+    def _acquire(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise sqlite3.OperationalError("database is locked (writer queue timed out)")
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            pause = 0.0002
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise sqlite3.OperationalError(
+                            "database is locked (another process holds the writer lock)"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.005)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def _release(self, info: dict[str, Any]) -> None:
+        if info.pop(_HELD, False):
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._thread_lock.release()
+
+    def _release_conn(self, conn: Any) -> None:
+        self._release(conn.info)
+
+    def _release_record(self, _dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            self._release(record.info)
+
+    def _release_invalidated(self, _dbapi_conn: Any, record: Any, _exc: Any) -> None:
+        self._release(record.info)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

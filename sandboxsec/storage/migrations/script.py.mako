@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 import sqlmodel
+
+import sandboxsec.storage.types
 from alembic import op
 ${imports if imports else ""}
 
