@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -68,6 +67,7 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
+from sandboxsec.statefiles import create_once
 from sandboxsec.storage.tenancy import get_scoped
 
 if TYPE_CHECKING:
@@ -612,35 +612,10 @@ def _pem_dir(directory: Path) -> tuple[x509.Certificate, ...]:
     return tuple(out)
 
 
-def _create_once(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` (mode 0600) unless it exists.
-
-    A temporary file is linked into place, so two processes starting at once end up with
-    the same contents and no reader ever sees a half-written file.
-    """
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won; use its file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _load_or_create_secret(path: Path) -> bytes:
     """The 32-byte nonce MAC key, created on first use."""
     try:
-        _create_once(path, secrets.token_bytes(32))
-        data = path.read_bytes()
+        data = create_once(path, secrets.token_bytes(32))
     except OSError as exc:
         raise AttestationKeyUnavailableError(
             f"cannot read or create the attestation nonce key ({type(exc).__name__})"
@@ -653,7 +628,7 @@ def _load_or_create_secret(path: Path) -> bytes:
 def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
     """Load the token-signing key, creating it (mode 0600) on first use."""
     try:
-        _create_once(
+        pem = create_once(
             path,
             Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM,
@@ -661,7 +636,7 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
                 serialization.NoEncryption(),
             ),
         )
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(pem, password=None)
     except (OSError, ValueError) as exc:
         raise AttestationKeyUnavailableError(
             f"cannot read or create the attestation signing key ({type(exc).__name__})"

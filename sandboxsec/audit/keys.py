@@ -11,7 +11,6 @@ hmac v1" || 0x00 || log_id)``, so each tenant's MACs are unlinkable to another t
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sandboxsec.audit.checkpoint import key_id, verifier_key
 from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.statefiles import create_once
 
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
 
@@ -33,27 +33,6 @@ def derive_hmac_key(secret: bytes, log_id: str) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=_HMAC_INFO + log_id.encode()
     ).derive(secret)
-
-
-def _create_once(path: Path, content: bytes) -> bytes:
-    """Write ``content`` to ``path`` unless it exists; return what is at ``path`` after."""
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic and refuses to overwrite
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_bytes()
 
 
 def load_public_key(data: bytes) -> Ed25519PublicKey:
@@ -89,7 +68,7 @@ class AuditKeys:
 
     def _load(self) -> None:
         try:
-            pem = _create_once(
+            pem = create_once(
                 self._dir / "signing_key.pem",
                 Ed25519PrivateKey.generate().private_bytes(
                     serialization.Encoding.PEM,
@@ -98,7 +77,7 @@ class AuditKeys:
                 ),
             )
             key = serialization.load_pem_private_key(pem, password=None)
-            secret = _create_once(self._dir / "hmac_secret", secrets.token_bytes(32))
+            secret = create_once(self._dir / "hmac_secret", secrets.token_bytes(32))
         except (OSError, ValueError) as exc:
             raise AuditUnavailableError("the audit keys cannot be read") from exc
         if not isinstance(key, Ed25519PrivateKey) or len(secret) != 32:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from sandboxsec.crypto.envelope import KEY_BYTES, unwrap_secret, wrap_secret
 from sandboxsec.crypto.errors import DecryptionFailedError, KeyProviderUnavailableError
+from sandboxsec.statefiles import create_once
 
 __all__ = [
     "KeyProvider",
@@ -120,27 +121,13 @@ class LocalKeyProvider:
         return key
 
     def _generate(self) -> None:
-        # Written to a private temporary file first and linked into place: a crash never
-        # leaves a partial key, and of two processes starting at once only one key wins.
-        tmp = self._path.with_name(f".{self.FILE_NAME}.{os.getpid()}.{os.urandom(4).hex()}")
+        # Atomic and race-free: of two processes starting at once only one key wins.
         try:
-            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, os.urandom(KEY_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, self._path)
-            except FileExistsError:
-                pass
+            create_once(self._path, os.urandom(KEY_BYTES))
         except OSError as exc:
             raise KeyProviderUnavailableError(
                 f"root key file {self._path} cannot be created ({exc.strerror})"
             ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def wrap(self, secret: bytes, aad: bytes) -> bytes:
         return wrap_secret(self._read(create=True), secret, aad)

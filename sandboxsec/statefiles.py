@@ -1,0 +1,40 @@
+"""Private files under ``SANDBOXSEC_HOME``: service keys and secrets, created once, mode 0600.
+
+Several worker processes start at once and each may find a key missing.  The content is
+written to a private temporary file and hard-linked into place, which is atomic and refuses to
+overwrite: exactly one process's key wins, every process then reads that one, and no reader
+ever sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["create_once"]
+
+
+def create_once(path: Path, content: bytes) -> bytes:
+    """Write ``content`` to ``path`` (mode 0600, parent 0700) unless it exists; return what is
+    at ``path`` afterwards (the caller's content, or the file another process made first).
+
+    Raises ``OSError`` when the file can neither be created nor read; callers turn that into
+    their fail-closed "key unavailable" error.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won; use its file
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_bytes()
