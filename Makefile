@@ -52,7 +52,7 @@ bench: test-deps
 soak: test-deps
 	@SANDBOXSEC_SOAK=1 bash scripts/test.sh -m slow
 
-demo: deps
+demo: test-deps
 	@$(BIN)/sandboxsec demo
 
 clean:

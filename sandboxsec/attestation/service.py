@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import delete, insert, update
+from sqlalchemy import Table, delete, insert, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -77,6 +77,9 @@ __all__ = ["AkChallenge", "AttestationService", "IssuedNonce", "Verdict", "decod
 
 CREDENTIAL_BYTES: Final = 32
 SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
+_NONCES = cast(Table, AttestationNonce.__table__)  # type: ignore[attr-defined]
+_BOUND_AKS = cast(Table, BoundAk.__table__)  # type: ignore[attr-defined]
+_RECORDS = cast(Table, AttestationRecord.__table__)  # type: ignore[attr-defined]
 NONCE_KEY_FILE: Final = "attestation-nonce-key"
 _EK_CACHE_MAX: Final = 4096
 _PURGE_EVERY: Final = 512
@@ -260,11 +263,11 @@ class AttestationService:
             "expires_at": nonces.nonce_expiry(nonce),
         }
         insert = pg_insert if self._s.db.is_postgres else sqlite_insert
-        table: Any = AttestationNonce
         # RETURNING says whether this statement inserted the row (rowcount is not reliable
-        # for ON CONFLICT DO NOTHING across drivers).
+        # for ON CONFLICT DO NOTHING across drivers).  Core tables, not ORM classes: the ORM
+        # bulk path costs more than the statement on this hot path.
         won = s.execute(
-            insert(AttestationNonce).values(**values).on_conflict_do_nothing().returning(table.id)
+            insert(_NONCES).values(**values).on_conflict_do_nothing().returning(_NONCES.c.id)
         ).first()
         return NonceState.FRESH if won is not None else NonceState.REPLAYED
 
@@ -461,10 +464,9 @@ class AttestationService:
             # 4. Advance the AK's clock state on a signed, non-stale clock.
             #    (Core statements, not ORM units of work: this is the hot path.)
             if bound is not None and result.clock is not None and _advances(bound, result.clock):
-                bound_table: Any = BoundAk
                 s.execute(
-                    update(BoundAk)
-                    .where(bound_table.id == bound.id)
+                    update(_BOUND_AKS)
+                    .where(_BOUND_AKS.c.id == bound.id)
                     .values(
                         last_reset_count=result.clock.reset_count,
                         last_restart_count=result.clock.restart_count,
@@ -473,7 +475,7 @@ class AttestationService:
                 )
             # 5. Record and audit the verdict in the same transaction.
             s.execute(
-                insert(AttestationRecord).values(
+                insert(_RECORDS).values(
                     id=attestation_id,
                     tenant_id=who.tenant_id,
                     status=result.status,

@@ -36,9 +36,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -99,9 +99,10 @@ class ScenarioOptions:
     """How to run the scenario.
 
     ``workdir``: where to put everything (default: a new temporary directory, removed at the
-    end unless ``keep``).  ``postgres_url``: run the service on this (empty or throwaway)
-    PostgreSQL database instead of an SQLite file.  ``browser``: approve in headless
-    Chromium when it is available (else through the API, with a note).
+    end unless ``keep``; a directory given here is never removed).  ``postgres_url``: run
+    the service on this (empty or throwaway) PostgreSQL database instead of an SQLite file.
+    ``browser``: approve in headless Chromium when it is available (else through the API,
+    with a note).
     """
 
     workdir: Path | None = None
@@ -186,13 +187,15 @@ def run_scenario(options: ScenarioOptions | None = None,
             run.execute(stack)
         except _StepFailed as exc:
             run.error = str(exc)
-        except (ApiError, httpx.HTTPError, OSError, subprocess.SubprocessError, RuntimeError,
-                ValueError, KeyError) as exc:
-            # An unexpected answer or a broken tool: report it as the step that was running.
+        except Exception as exc:
+            # An unexpected answer, a broken tool or a browser that timed out: report it as
+            # the step that was running (KeyboardInterrupt is not caught: it unwinds).
             run.error = f"{run.current}: {type(exc).__name__}: {exc}"
             out(f"    FAILED while '{run.current}': {type(exc).__name__}: {exc}")
     if run.kept is not None:
-        out(f"kept: {run.kept}")
+        db = " with the same SANDBOXSEC_DATABASE_URL" if run.options.postgres_url else ""
+        out(f"kept: {run.kept} (tenant keys in tenant.json; to look around again: "
+            f"SANDBOXSEC_HOME={run.kept / 'home'} sandboxsec serve{db})")
     return run.result()
 
 
@@ -299,7 +302,7 @@ class _Run:
         self.check(verified.returncode == 0, said if verified.returncode == 0
                    else verified.stderr.strip())
 
-        self._wait_for_server()
+        self._wait_for_server(stack)
 
         self.begin("operator creates a tenant (sandboxsec tenant create)")
         created = self._cli("tenant", "create", f"demo-bank-{secrets.token_hex(3)}")
@@ -307,6 +310,11 @@ class _Run:
             self.check(False, created.stderr.strip())
         tenant = json.loads(created.stdout)
         self.facts["tenant_id"] = tenant["tenant_id"]
+        if self.options.keep:
+            # Kept state is only useful with the keys to it; owner-only, like the service's.
+            keys = self.workdir / "tenant.json"
+            keys.touch(mode=0o600)
+            keys.write_text(created.stdout)
         self.check(set(tenant["keys"]) == {"admin", "agent", "approver", "auditor"},
                    f"{_short(tenant['tenant_id'])} with keys for "
                    f"{', '.join(sorted(tenant['keys']))}")
@@ -406,18 +414,18 @@ class _Run:
 
     def _decide(self, p: _Parties, approver_key: str, login_id: str,
                 payment_id: str) -> tuple[Approval, Approval]:
-        # The agent waits (long-poll) while the person decides, as a runtime would.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-wait") as pool:
-            waits: dict[str, Future[Approval]] = {
-                aid: pool.submit(self._wait, aid) for aid in (login_id, payment_id)
-            }
-            decisions = ((login_id, "approve", "the login"), (payment_id, "deny", "the payment"))
-            if self._browser_available():
-                self._decide_in_browser(approver_key, decisions)
-            else:
-                for aid, verb, what in decisions:
-                    self._decide_by_api(p.approver, aid, verb, what)
-            login, payment = waits[login_id].result(), waits[payment_id].result()
+        # The agent waits (long-poll) while the person decides, as a runtime would.  Daemon
+        # threads: an interrupted run must not sit out their long-poll before cleaning up
+        # (stopping the server ends the polls anyway).
+        waits = {aid: _Waiter(self.base, self.agent_key, aid, self.options.wait_timeout_seconds)
+                 for aid in (login_id, payment_id)}
+        codes = self.facts["short_codes"]
+        decisions = ((login_id, "approve", "the login", codes["login"]),
+                     (payment_id, "deny", "the payment", codes["payment"]))
+        if not (self._browser_available() and self._decide_in_browser(approver_key, decisions)):
+            for aid, verb, what, code in decisions:
+                self._decide_by_api(p.approver, aid, verb, what, code)
+        login, payment = waits[login_id].result(), waits[payment_id].result()
 
         self.begin("agent's waits return each outcome")
         self.facts["login_state"] = login.state
@@ -427,11 +435,6 @@ class _Run:
                    and payment.state == "denied",
                    f"login {login.state} with a grant; payment {payment.state}")
         return login, payment
-
-    def _wait(self, approval_id: str) -> Approval:
-        # One client per waiting thread, as separate runtime workers would have.
-        with AgentClient(self.base, self.agent_key) as waiter:
-            return waiter.wait(approval_id, timeout=self.options.wait_timeout_seconds)
 
     def _browser_available(self) -> bool:
         if not self.options.browser:
@@ -448,15 +451,23 @@ class _Run:
             return False
         return True
 
-    def _decide_in_browser(self, key: str, decisions: tuple[tuple[str, str, str], ...]) -> None:
-        from playwright.sync_api import expect, sync_playwright
+    def _decide_in_browser(self, key: str,
+                           decisions: tuple[tuple[str, str, str, str], ...]) -> bool:
+        """Decide in the approval page; False (nothing decided) if Chromium cannot start."""
+        from playwright.sync_api import Error, expect, sync_playwright
 
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=self.options.chromium_path,
-                                         args=list(CHROMIUM_ARGS))
+            try:
+                browser = pw.chromium.launch(executable_path=self.options.chromium_path,
+                                             args=list(CHROMIUM_ARGS))
+            except Error as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason"
+                self.note(f"Chromium did not start ({first}): the approver decides through "
+                          "the API, as the page does")
+                return False
             self.browser_used = True
             try:
-                for aid, verb, what in decisions:
+                for aid, verb, what, code in decisions:
                     self.begin(f"approver {'approves' if verb == 'approve' else 'denies'} "
                                f"{what} in the approval page")
                     page = browser.new_page()
@@ -468,6 +479,10 @@ class _Run:
                         shown = {k: page.text_content(f"#{k}") for k in
                                  ("action", "amount", "currency", "payee", "domain",
                                   "short-code", "params-hash")}
+                        # The person compares the code with the agent's screen first.
+                        if shown["short-code"] != code:
+                            self.check(False, f"the page shows code {shown['short-code']}, "
+                                              f"the agent {code}: not deciding")
                         page.click(f"#{verb}")
                         expect(page.locator("#result")).to_have_text(
                             "Approved." if verb == "approve" else "Denied.")
@@ -476,15 +491,22 @@ class _Run:
                         page.close()
                     self.facts[f"page_{verb}"] = shown
                     what_shown = ", ".join(f"{k} {v}" for k, v in shown.items()
-                                           if v and v != "-" and k != "params-hash")
+                                           if v and v != "-" and k not in
+                                           ("params-hash", "short-code"))
                     self.check(state == ("approved" if verb == "approve" else "denied"),
-                               f"{state} (Chromium; page showed {what_shown})")
+                               f"{state} in Chromium; page showed {what_shown}, "
+                               f"code {code} as on the agent's screen")
             finally:
                 browser.close()
+        return True
 
-    def _decide_by_api(self, approver: ApiClient, aid: str, verb: str, what: str) -> None:
+    def _decide_by_api(self, approver: ApiClient, aid: str, verb: str, what: str,
+                       code: str) -> None:
         self.begin(f"approver {'approves' if verb == 'approve' else 'denies'} {what} (API)")
         request = approver.call("GET", f"/v1/approvals/{aid}")
+        if request["short_code"] != code:
+            self.check(False, f"the request shows code {request['short_code']}, the agent "
+                              f"{code}: not deciding")
         # Like the page: recompute the hash of the params shown, and send that.
         shown_hash = params_hash(request["params"])
         if shown_hash != request["params_hash"]:
@@ -492,7 +514,8 @@ class _Run:
         out = approver.call("POST", f"/v1/approvals/{aid}/{verb}",
                             json={"params_hash": shown_hash})
         self.check(out["state"] == ("approved" if verb == "approve" else "denied"),
-                   f"{out['state']} (code {request['short_code']} compared)")
+                   f"{out['state']}; code {code} as on the agent's screen, params hash "
+                   "recomputed")
 
     def _grants(self, p: _Parties, login: Approval, payment: Approval) -> None:
         self.begin("no grant exists for the denied payment")
@@ -548,7 +571,7 @@ class _Run:
         pub = self.workdir / "audit.pub"
         pub.write_text(keys["public_key_pem"])
         export = self.workdir / "audit-export.jsonl"
-        data = p.auditor.text("/v1/audit/export")
+        data = p.auditor.get_bytes("/v1/audit/export")
         export.write_bytes(data)
         for line in data.splitlines():
             if line.startswith(b'{"v":'):
@@ -591,6 +614,9 @@ class _Run:
         if self.options.workdir is not None:
             self.workdir = self.options.workdir
             self.workdir.mkdir(parents=True, exist_ok=True)
+            if any(self.workdir.iterdir()):
+                # A fresh service means fresh state: never mix with an earlier run's files.
+                self.check(False, f"{self.workdir} is not empty")
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix="sandboxsec-demo-"))
         if self.options.keep:
@@ -622,7 +648,7 @@ class _Run:
         self.begin("service starts (sandboxsec serve)")
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
-        log = (self.workdir / "server.log").open("wb")
+        log = (self.workdir / "server.log").open("ab")
         stack.callback(log.close)
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             [sys.executable, "-m", "sandboxsec.cli", "serve", "--host", "127.0.0.1",
@@ -634,25 +660,61 @@ class _Run:
         self.server = proc
         self.server_started = time.monotonic()
 
-    def _wait_for_server(self) -> None:
-        proc = self.server
-        assert proc is not None
-        deadline = self.server_started + self.options.startup_timeout_seconds
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.1)
-        else:
-            self.current = "service starts (sandboxsec serve)"
-            code = proc.poll()
-            for line in _tail(self.workdir).splitlines():
-                self.note(f"server: {line}")
-            self.check(False, f"the server exited with code {code}" if code is not None else
-                       f"no answer on /healthz within {self.options.startup_timeout_seconds:g} s")
+    def _wait_for_server(self, stack: contextlib.ExitStack) -> None:
+        for attempt in range(3):
+            proc = self.server
+            assert proc is not None
+            deadline = self.server_started + self.options.startup_timeout_seconds
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.1)
+            else:
+                # The free port can be taken between choosing it and the server binding it.
+                if (proc.poll() is not None and attempt < 2
+                        and "address already in use" in _tail(self.workdir).lower()):
+                    self._start_server(stack)
+                    continue
+                self.current = "service starts (sandboxsec serve)"
+                code = proc.poll()
+                for line in _tail(self.workdir).splitlines():
+                    self.note(f"server: {line}")
+                self.check(False, f"the server exited with code {code}" if code is not None
+                           else f"no answer on /healthz within "
+                                f"{self.options.startup_timeout_seconds:g} s")
+            break
+        assert self.server is not None
         db = "PostgreSQL" if self.options.postgres_url else "SQLite"
         self.current = "service starts (sandboxsec serve)"
-        self.check(True, f"{self.base} ({db}, pid {proc.pid})")
+        self.check(True, f"{self.base} ({db}, pid {self.server.pid})")
+
+
+class _Waiter:
+    """An agent worker long-polling one approval in a daemon thread (own client, own key)."""
+
+    def __init__(self, base: str, key: str, approval_id: str, timeout: float) -> None:
+        self._outcome: Approval | BaseException | None = None
+        self._timeout = timeout
+        self._thread = threading.Thread(target=self._run, args=(base, key, approval_id),
+                                        name=f"agent-wait-{approval_id[:12]}", daemon=True)
+        self._thread.start()
+
+    def _run(self, base: str, key: str, approval_id: str) -> None:
+        try:
+            with AgentClient(base, key) as agent:
+                self._outcome = agent.wait(approval_id, timeout=self._timeout)
+        except BaseException as exc:  # handed to the main thread by result()
+            self._outcome = exc
+
+    def result(self) -> Approval:
+        self._thread.join(self._timeout + 60)
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is None:
+            raise RuntimeError("the agent's wait did not return")
+        return outcome
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
