@@ -16,12 +16,14 @@ __all__ = [
     "ConflictError",
     "DependencyUnavailableError",
     "ForbiddenError",
+    "HeadersTooLargeError",
     "InputError",
     "InternalError",
     "JsonTooDeepError",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "SandboxSecError",
     "VerificationError",
     "all_reason_codes",
@@ -140,3 +142,17 @@ class InternalError(SandboxSecError):
 
     code = "internal_error"
     status = 500
+
+
+class RequestTimeoutError(InputError):
+    """The request head or body did not arrive within the request timeout."""
+
+    code = "request_timeout"
+    status = 408
+
+
+class HeadersTooLargeError(InputError):
+    """The request line and headers exceed the head size limit (64 KiB)."""
+
+    code = "headers_too_large"
+    status = 431

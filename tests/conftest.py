@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
 from sandboxsec.clock import FixedClock
@@ -20,6 +21,12 @@ from sandboxsec.storage.db import Database
 from tests.pgcluster import PgCluster
 
 _counter = itertools.count()
+
+# CI runs the property tests with a fixed seed sequence, so a red build is reproducible and a
+# green one does not depend on luck; developers' runs stay random and keep finding new cases.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -63,5 +63,6 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
         max_depth=svc.settings.max_json_depth,
         metrics=app.state.metrics,
         record_body=svc.settings.max_record_bytes * 4 // 3 + (1 << 20),
+        body_timeout=svc.settings.request_timeout_seconds,
     )
     return app

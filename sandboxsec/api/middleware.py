@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -96,8 +97,9 @@ class RequestGuard:
     """
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_depth: int, metrics: Metrics,
-                 record_body: int | None = None) -> None:
+                 record_body: int | None = None, body_timeout: float = 30.0) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.max_body = max_body
         # Trajectory uploads carry base64 records up to the record limit; only that route
         # gets the larger body limit.
@@ -134,8 +136,16 @@ class RequestGuard:
         body_parts: list[bytes] = []
         size = 0
         more = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+        # A client that trickles its body holds a connection and a buffer: it gets the
+        # request timeout for the whole body, then 408.
+        deadline = time.monotonic() + self.body_timeout
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await _send_error(send, 408, "request_timeout",
+                                  "the request body did not arrive in time", rid)
+                return
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")

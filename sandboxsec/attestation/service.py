@@ -429,38 +429,24 @@ class AttestationService:
             ak_name = None
         attestation_id = new_id("att")
         token_expires = now + timedelta(seconds=settings.attestation_token_ttl_seconds)
+        # The checks run before the write transaction, on what the nonce and the AK's binding
+        # look like now, so the writer lock (SQLite) or row lock (PostgreSQL) is held only for
+        # the writes.  Inside the transaction both are read again under the lock; if either
+        # changed meanwhile (a replayed nonce, a concurrent quote of the same AK) the verdict
+        # is computed again on the locked state, so the outcome is exactly as if everything
+        # had run under the lock.
+        with self._s.db.session() as s:
+            early_bound = self._load_binding(s, who.tenant_id, ak_name, lock=False)
+        early_state = nonces.check_nonce(self._nonce_key(), who.tenant_id, evidence.nonce, now)
+        result = self._judge(who, evidence, now, manifest, early_state, early_bound)
         with self._s.db.session() as s:
             # 1. Consume the nonce (atomic; a replay loses here even across processes).
             state = self._consume_nonce(s, who, evidence.nonce, now)
             # 2. The AK's binding and last clock, locked so concurrent quotes serialise.
             bound = self._load_binding(s, who.tenant_id, ak_name)
-            binding, ek_error = None, None
-            if bound is not None:
-                binding = Binding(
-                    ak_name=bytes.fromhex(bound.ak_name),
-                    ek_fingerprint=bound.ek_fingerprint,
-                    last_clock=_clock_of(bound),
-                )
-                try:
-                    self._verify_ek(
-                        [base64.b64decode(c) for c in bound.ek_certificate.split(",")], now
-                    )
-                except SandboxSecError as exc:
-                    ek_error = exc
-            # 3. The pure verifier runs every check.
-            result = verify_evidence(
-                evidence,
-                VerifierContext(
-                    tenant_id=who.tenant_id,
-                    now=now,
-                    nonce_state=state,
-                    binding=binding,
-                    manifest=manifest,
-                    ek_chain_error=ek_error,
-                    policy=self.policy,
-                    max_event_log_bytes=settings.max_body_bytes,
-                ),
-            )
+            # 3. The pure verifier's result stands unless what it saw has changed.
+            if state is not early_state or _clock_state(bound) != _clock_state(early_bound):
+                result = self._judge(who, evidence, now, manifest, state, bound)
             # 4. Advance the AK's clock state on a signed, non-stale clock.
             #    (Core statements, not ORM units of work: this is the hot path.)
             if bound is not None and result.clock is not None and _advances(bound, result.clock):
@@ -527,12 +513,51 @@ class AttestationService:
             token_expires_at=token_expires if issued else None,
         )
 
-    def _load_binding(self, s: Session, tenant_id: str, ak_name: str | None) -> BoundAk | None:
+    def _judge(
+        self,
+        who: Principal,
+        evidence: Evidence,
+        now: datetime,
+        manifest: VerifiedManifest | SandboxSecError,
+        state: NonceState,
+        bound: BoundAk | None,
+    ) -> AttestationResult:
+        """Every check of the pure verifier, on one view of the nonce and the AK binding."""
+        binding, ek_error = None, None
+        if bound is not None:
+            binding = Binding(
+                ak_name=bytes.fromhex(bound.ak_name),
+                ek_fingerprint=bound.ek_fingerprint,
+                last_clock=_clock_of(bound),
+            )
+            try:
+                self._verify_ek(
+                    [base64.b64decode(c) for c in bound.ek_certificate.split(",")], now
+                )
+            except SandboxSecError as exc:
+                ek_error = exc
+        return verify_evidence(
+            evidence,
+            VerifierContext(
+                tenant_id=who.tenant_id,
+                now=now,
+                nonce_state=state,
+                binding=binding,
+                manifest=manifest,
+                ek_chain_error=ek_error,
+                policy=self.policy,
+                max_event_log_bytes=self._s.settings.max_body_bytes,
+            ),
+        )
+
+    def _load_binding(
+        self, s: Session, tenant_id: str, ak_name: str | None, *, lock: bool = True
+    ) -> BoundAk | None:
         if ak_name is None:
             return None
         table: Any = BoundAk
         stmt = select(BoundAk).where(table.tenant_id == tenant_id, table.ak_name == ak_name)
-        if self._s.db.is_postgres:
+        if lock and self._s.db.is_postgres:
             stmt = stmt.with_for_update()
         return s.exec(stmt).first()
 
@@ -583,6 +608,14 @@ class AttestationService:
     def _refuse(self, who: Principal, event: AuditEvent, exc: SandboxSecError) -> None:
         # A refusal is recorded too; if even that cannot be written the caller gets a 503.
         self._audit(None, who, event, "failure", reason=exc.reason)
+
+
+def _clock_state(bound: BoundAk | None) -> tuple[object, ...] | None:
+    # What the verifier's outcome depends on in a binding row.
+    if bound is None:
+        return None
+    return (bound.id, bound.ek_fingerprint, bound.last_reset_count, bound.last_restart_count,
+            bound.last_clock)
 
 
 def _clock_of(bound: BoundAk) -> quote.ClockInfo | None:

@@ -171,6 +171,14 @@ def load_certificate(der: bytes, *, position: str = "certificate") -> x509.Certi
         _ = cert.subject == cert.issuer
         _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number
         _ = cert.signature_algorithm_oid, cert.signature, cert.tbs_certificate_bytes
+        # The parser hands back the input bytes as the "re-encoding" and accepts a signature
+        # BIT STRING that declares unused bits: either would let one signed certificate take
+        # many encodings, each with its own SHA-256, and slip past a fingerprint revocation.
+        tag, start, length = _der_header(raw, 0)
+        if tag != 0x30 or start + length != len(raw):
+            raise ValueError("not exactly one DER SEQUENCE (trailing or missing bytes)")
+        if raw[len(raw) - len(cert.signature) - 1] != 0:
+            raise ValueError("the signature BIT STRING declares unused bits")
     except CertificateChainError:
         raise
     except Exception as exc:  # the parser raises many types on hostile input

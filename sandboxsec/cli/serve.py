@@ -40,8 +40,11 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    from sandboxsec.api.protocol import GuardedHttpToolsProtocol
+
     uvicorn.run(
         "sandboxsec.api.asgi:app",
+        http=GuardedHttpToolsProtocol,
         host=args.host,
         port=args.port,
         workers=max(1, args.workers),

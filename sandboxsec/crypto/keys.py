@@ -276,6 +276,9 @@ class Pkcs11KeyProvider:
             raise KeyProviderUnavailableError(
                 f"HSM token {self._token_label!r} has no key {self._key_label!r}"
             )
+        # A cached key handle outlives a removed token; only a real operation inside the HSM
+        # proves the key is usable now.
+        self._call("encrypt", bytes(16), os.urandom(12), b"sandboxsec/v1/health")
 
     def has_root_key(self) -> bool:
         import pkcs11

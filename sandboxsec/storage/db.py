@@ -172,7 +172,7 @@ class _WriterLock:
                             "database is locked (another process holds the writer lock)"
                         ) from None
                     time.sleep(pause)
-                    pause = min(pause * 2, 0.005)
+                    pause = min(pause * 2, 0.001)
         except BaseException:
             self._thread_lock.release()
             raise

@@ -4,13 +4,14 @@ Each test runs a small load of simulated agents and approvers (see ``faults_supp
 breaks something a real deployment loses (the server process, the database, the HSM, the
 network manners of a client), and then proves through the public API and the offline audit
 verifier that nothing acknowledged was lost, nothing was allowed that should not have been,
-and the service came back.  ``make soak`` (``SANDBOXSEC_SOAK=1``) runs longer variants.
+and the service came back.  ``make soak`` runs the longer variants (marked ``slow``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import secrets
 import shutil
@@ -37,13 +38,13 @@ from tests.integration.e2e.faults_support import (
     Server,
     Tenant,
     check_ledger,
+    keep_checkpoint,
     run_load_async,
     running,
     summary,
 )
 from tests.pgcluster import PgCluster
 
-SOAK = os.environ.get("SANDBOXSEC_SOAK") == "1"
 #: Fail-closed answers while the database is down.
 DOWN_CODES = {"database_unavailable", "audit_unavailable"}
 
@@ -95,8 +96,16 @@ def _kill9_run(tmp_path: Path, database_url: str | None, *, seconds: float,
                          wait_timeout=2.0)
         ledger = Ledger()
 
+        kept: dict[str, tuple[Path, ...]] = {}
+
         async def crash() -> None:
-            await asyncio.sleep(kill_after)
+            await asyncio.sleep(kill_after - 0.5)
+            # An auditor's checkpoint from just before the crash: whatever the crash and the
+            # restart do, the log must extend it (no rewrite, no fork).
+            for t in deployment.tenants:
+                kept[t.id] = (await asyncio.to_thread(keep_checkpoint, deployment,
+                                                      server.base, t),)
+            await asyncio.sleep(0.5)
             await asyncio.to_thread(server.kill9)
 
         async def both() -> None:
@@ -105,7 +114,7 @@ def _kill9_run(tmp_path: Path, database_url: str | None, *, seconds: float,
                 crash())
 
         asyncio.run(both())
-        killed_with = (len(ledger.sessions), len(ledger.records))
+        sessions_before = len(ledger.sessions)
         # The crash was real: requests in flight or sent afterwards got no answer.
         assert any("transport:" in k for k in ledger.errors), summary(ledger)
         # Restart on the same home and database, as an operator (or systemd) would.
@@ -113,10 +122,11 @@ def _kill9_run(tmp_path: Path, database_url: str | None, *, seconds: float,
         # Life goes on after the restart: new agents attest, work and get approvals.
         asyncio.run(run_load_async(server.base, deployment.tenants, deployment.trust,
                                    LoadConfig(agents_per_tenant=1, approvers_per_tenant=1,
-                                              seconds=1.5, wait_timeout=2.0), ledger))
-        assert len(ledger.sessions) > killed_with[0], summary(ledger)
+                                              seconds=2.0, wait_timeout=2.0), ledger))
+        assert len(ledger.sessions) > sessions_before, summary(ledger)
         _assert_did_work(ledger)
-        _assert_clean(deployment, server.base, ledger)
+        problems = check_ledger(deployment, server.base, ledger, kept)
+        assert not problems, "\n".join(problems[:30]) + "\n" + summary(ledger)
     finally:
         server.stop()
 
@@ -126,7 +136,7 @@ def test_kill9_during_load_loses_no_acknowledged_write(tmp_path: Path,
                                                        database_url: str | None) -> None:
     """kill -9 of every server process mid-load, restart: every acknowledged record, decision
     and grant use is there, the logs verify, no approval or grant is in an impossible state."""
-    _kill9_run(tmp_path, database_url, seconds=4.0, kill_after=2.5)
+    _kill9_run(tmp_path, database_url, seconds=3.0, kill_after=2.0)
 
 
 @pytest.mark.slow
@@ -249,6 +259,19 @@ async def _wait_sees_decision(api: Api, tenant: Tenant, sid: str, n: int) -> str
 @pytest.mark.timeout(150)
 def test_database_outage_fails_closed_and_recovers_without_restart(
         outage_setup: tuple[Deployment, _Outage]) -> None:
+    _outage_run(outage_setup, seconds=6.0, down_for=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_database_outage_soak(outage_setup: tuple[Deployment, _Outage]) -> None:
+    _outage_run(outage_setup, seconds=30.0, down_for=8.0)
+
+
+def _outage_run(outage_setup: tuple[Deployment, _Outage], *, seconds: float,
+                down_for: float) -> None:
+    """Load; the database goes away mid-load (probes of each write while it is away) and
+    comes back; the same process recovers, and nothing acknowledged is lost."""
     deployment, outage = outage_setup
     (tenant,) = deployment.create_tenants("bank-a")
     with running(deployment, workers=2) as server:
@@ -256,8 +279,9 @@ def test_database_outage_fails_closed_and_recovers_without_restart(
         ledger = Ledger()
         down = asyncio.Event()
         cfg = LoadConfig(agents_per_tenant=3, approvers_per_tenant=2,
-                         seconds=12.0 if SOAK else 6.0, wait_timeout=2.0, outage=down)
+                         seconds=seconds, wait_timeout=2.0, outage=down)
         answers: dict[str, tuple[int, str | None]] = {}
+        health: dict[str, Any] = {}
 
         async def scenario() -> dict[str, Any]:
             async with httpx.AsyncClient(base_url=server.base) as client:
@@ -265,7 +289,7 @@ def test_database_outage_fails_closed_and_recovers_without_restart(
                 prep = await _prepare(api, tenant, deployment, ledger)
 
                 async def fault() -> None:
-                    await asyncio.sleep(1.5)
+                    await asyncio.sleep(seconds / 4)
                     await asyncio.to_thread(outage.stop)
                     down.set()
                     # 1. While down: each kind of write fails closed with a reason code.
@@ -277,7 +301,9 @@ def test_database_outage_fails_closed_and_recovers_without_restart(
                         code = data.get("error", {}).get("code") if isinstance(data, dict) \
                             else None
                         answers[name] = (status, code)
-                    await asyncio.sleep(1.0 if not SOAK else 5.0)
+                    status, data = await api.call("probe health", "GET", "/healthz", {})
+                    health.update(status=status, body=data)
+                    await asyncio.sleep(down_for)
                     down.clear()
                     await asyncio.to_thread(outage.start)
 
@@ -317,6 +343,303 @@ def test_database_outage_fails_closed_and_recovers_without_restart(
         for name, (status, code) in answers.items():
             assert status == 503 and code in DOWN_CODES, (outage.name, name, status, code)
         assert ledger.violations == [], ledger.violations
+        if deployment.database_url:
+            # A load balancer asking /healthz takes the instance out while PostgreSQL is away.
+            # (Under an SQLite write lock reads still work, so the instance stays "up".)
+            assert health["status"] == 503 and health["body"]["database"] == "unavailable", \
+                health
         assert after["states"] == ["approved"] * 4, after
         _assert_did_work(ledger)
+        _assert_clean(deployment, server.base, ledger)
+
+
+# --- the key provider (SoftHSM2) goes away -------------------------------------------------
+
+
+class _Token:
+    """A SoftHSM2 token in its own directory; "unplugging" it moves the directory away, which
+    is what a removed token or an unmounted token store looks like to the PKCS#11 module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tokens = root / "tokens"
+        self.tokens.mkdir(parents=True)
+        self.conf = root / "softhsm2.conf"
+        self.conf.write_text(f"directories.tokendir = {self.tokens}\nobjectstore.backend = file\n"
+                             "log.level = ERROR\nslots.removable = false\n")
+        self.pin = secrets.token_hex(4)
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "sandboxsec",
+                        "--pin", self.pin, "--so-pin", secrets.token_hex(4)], check=True,
+                       capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(self.conf)})
+
+    def env(self) -> dict[str, str]:
+        return {"SOFTHSM2_CONF": str(self.conf), "SANDBOXSEC_KEY_PROVIDER": "pkcs11",
+                "SANDBOXSEC_PKCS11_MODULE": SOFTHSM_MODULE,
+                "SANDBOXSEC_PKCS11_TOKEN_LABEL": "sandboxsec", "SANDBOXSEC_PKCS11_PIN": self.pin}
+
+    def unplug(self) -> None:
+        shutil.move(self.tokens, self.root / "unplugged")
+
+    def plug(self) -> None:
+        shutil.move(self.root / "unplugged", self.tokens)
+
+
+@pytest.mark.softhsm
+@pytest.mark.timeout(120)
+def test_key_provider_outage_fails_closed_and_loses_nothing(tmp_path: Path) -> None:
+    if not Path(SOFTHSM_MODULE).exists() or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 is not installed")
+    token = _Token(tmp_path / "hsm")
+    # No key cache: every record operation goes to the HSM, so the outage is seen at once
+    # (with the default 60 s cache, keys already unwrapped keep working until they expire).
+    deployment = Deployment(tmp_path / "home", None,
+                            extra_env={**token.env(), "SANDBOXSEC_KEY_CACHE_TTL_SECONDS": "0"})
+    (tenant,) = deployment.create_tenants("bank-a")
+    with running(deployment, workers=2) as server:
+        ledger = Ledger()
+
+        async def scenario() -> dict[str, tuple[int, str | None]]:
+            await run_load_async(server.base, deployment.tenants, deployment.trust,
+                                 LoadConfig(agents_per_tenant=2, approvers_per_tenant=1,
+                                            seconds=1.5, wait_timeout=2.0), ledger)
+            sid, rid = next((s, r) for r, (_, s, _) in ledger.records.items())
+            agent, admin = tenant.h("agent"), tenant.h("admin")
+            answers: dict[str, tuple[int, str | None]] = {}
+            async with httpx.AsyncClient(base_url=server.base, timeout=30) as c:
+                token.unplug()
+                try:
+                    record = {"kind": "action", "data": base64.b64encode(b"x" * 100).decode(),
+                              "meta": {"during": "hsm outage"}}
+                    for name, req in {
+                        "write": c.post(f"/v1/sessions/{sid}/trajectory", headers=agent,
+                                        json=record),
+                        "read": c.get(f"/v1/sessions/{sid}/trajectory/{rid}", headers=admin),
+                        "list": c.get(f"/v1/sessions/{sid}/trajectory", headers=admin),
+                        "data": c.get(f"/v1/sessions/{sid}/trajectory/{rid}/data",
+                                      headers=admin),
+                    }.items():
+                        r = await req
+                        body = r.json() if r.headers.get("content-type", "").startswith(
+                            "application/json") else {}
+                        answers[name] = (r.status_code, body.get("error", {}).get("code"))
+                finally:
+                    token.plug()
+                # Back: the same process writes and reads again.
+                r = await c.post(f"/v1/sessions/{sid}/trajectory", headers=agent, json={
+                    "kind": "action", "data": base64.b64encode(b"after").decode(), "meta": {}})
+                assert r.status_code == 201, r.text
+                ledger.records[r.json()["record_id"]] = (
+                    tenant.id, sid, hashlib.sha256(b"after").hexdigest())
+            return answers
+
+        answers = asyncio.run(scenario())
+        for name in ("write", "read", "list", "data"):
+            assert answers[name] == (503, "key_provider_unavailable"), (name, answers)
+        _assert_clean(deployment, server.base, ledger)
+
+
+@pytest.mark.softhsm
+@pytest.mark.timeout(60)
+def test_health_reports_a_removed_hsm_at_once(tmp_path: Path) -> None:
+    """A load balancer or operator asking /healthz learns the HSM is gone before any
+    request fails on it (default settings, keys cached)."""
+    if not Path(SOFTHSM_MODULE).exists() or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 is not installed")
+    token = _Token(tmp_path / "hsm")
+    deployment = Deployment(tmp_path / "home", None, extra_env=token.env())
+    deployment.create_tenants("bank-a")
+    with running(deployment, workers=1) as server:
+        # Some records, so the root key exists and the tenant's keys are in use.
+        ledger = asyncio.run(run_load_async(
+            server.base, deployment.tenants, deployment.trust,
+            LoadConfig(agents_per_tenant=1, approvers_per_tenant=1, seconds=1.0,
+                       wait_timeout=1.0)))
+        assert ledger.records
+        assert httpx.get(f"{server.base}/healthz").json()["key_provider"] == "ok"
+        token.unplug()
+        try:
+            r = httpx.get(f"{server.base}/healthz")
+        finally:
+            token.plug()
+        assert (r.status_code, r.json()["key_provider"]) == (503, "unavailable"), r.text
+
+
+# --- bad input and bad manners -------------------------------------------------------------
+
+
+def _status(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Read an HTTP answer's status and the start of its body from a raw socket: 0 if the
+    server closed the connection without one, -1 if it said nothing within ``timeout``."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or len(data) < 200:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        if not data:
+            return -1, b""
+    except ConnectionResetError:
+        pass
+    if not data.startswith(b"HTTP/1.1 "):
+        return 0, data[:200]
+    return int(data[9:12]), data.split(b"\r\n\r\n", 1)[-1][:300]
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _head(method: str, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *[f"{k}: {v}" for k, v in
+                                                              headers.items()]]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def plain_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Tenant]]:
+    # A short request timeout, so the test of slow clients need not wait the default 30 s.
+    deployment = Deployment(tmp_path_factory.mktemp("badinput") / "home",
+                            extra_env={"SANDBOXSEC_REQUEST_TIMEOUT_SECONDS": "2"})
+    (tenant,) = deployment.create_tenants("bank-a")
+    with running(deployment, workers=2) as server:
+        yield server, tenant
+
+
+def _serves_others(server: Server, tenant: Tenant, rounds: int = 10) -> None:
+    """A well-behaved client is answered, each call within a bounded time."""
+    with httpx.Client(base_url=server.base, timeout=5) as c:
+        for _ in range(rounds):
+            assert c.get("/healthz").status_code == 200
+            r = c.post("/v1/attestation/challenge", headers=tenant.h("agent"), json={})
+            assert r.status_code == 200, r.text
+
+
+@pytest.mark.timeout(90)
+def test_oversized_and_deep_bodies_are_refused(plain_service: tuple[Server, Tenant]) -> None:
+    server, tenant = plain_service
+    auth = tenant.h("agent")["Authorization"]
+    # 1. A declared length over the limit: refused before a byte of the body is read.
+    with _connect(server.port) as s:
+        s.sendall(_head("POST", "/v1/actions", {"Authorization": auth,
+                                                "Content-Type": "application/json",
+                                                "Content-Length": str(100 * 1024 * 1024)}))
+        status, body = _status(s)
+    assert (status, b"payload_too_large" in body) == (413, True), body
+    # 2. No declared length (chunked): refused once the limit is crossed, not after 100 MiB.
+    with _connect(server.port) as s:
+        s.sendall(_head("POST", "/v1/actions", {"Authorization": auth,
+                                                "Content-Type": "application/json",
+                                                "Transfer-Encoding": "chunked"}))
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        sent = 0
+        try:
+            s.settimeout(10)
+            while sent < 100:
+                s.sendall(chunk)
+                sent += 1
+        except OSError:
+            pass  # the server answered and closed while we were still sending
+        status, body = _status(s)
+    assert status == 413 and b"payload_too_large" in body, (status, body)
+    assert sent < 100, "the server read 100 MiB before refusing"
+    # 3. Deep JSON: refused before any parser recurses into it.
+    with httpx.Client(base_url=server.base, timeout=10) as c:
+        deep = "[" * 100_000 + "]" * 100_000
+        r = c.post("/v1/actions", headers={**tenant.h("agent"), "Content-Type":
+                                           "application/json"}, content=deep)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "json_too_deep")
+        # Within the body's depth limit but deeper than params may be (16): refused too.
+        params: dict[str, Any] = {"q": 1}
+        for _ in range(17):
+            params = {"a": params}
+        r = c.post("/v1/actions", headers=tenant.h("agent"), json={
+            "session_id": "ses_x", "action": "message", "resource": "app:chat",
+            "params": params})
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "params_too_large")
+    _serves_others(server, tenant)
+
+
+@pytest.mark.timeout(60)
+def test_oversized_headers_are_refused(plain_service: tuple[Server, Tenant]) -> None:
+    """Headers are bounded like bodies: 1 MiB of headers is refused (4xx) or cut off."""
+    server, tenant = plain_service
+    with _connect(server.port) as s:
+        try:
+            s.sendall(_head("GET", "/healthz", {"X-Padding": "a" * (1 << 20)}))
+        except OSError:
+            pass  # cut off while sending: refused
+        status, _ = _status(s)
+    _serves_others(server, tenant, rounds=2)
+    assert status == 0 or 400 <= status < 500, status
+
+
+@pytest.mark.timeout(90)
+def test_slow_and_idle_clients_do_not_starve_others(plain_service: tuple[Server, Tenant]) -> None:
+    server, tenant = plain_service
+    auth = tenant.h("agent")["Authorization"]
+    idle: list[socket.socket] = []
+    try:
+        # 1. Connections that never send anything.
+        idle += [_connect(server.port) for _ in range(200)]
+        # 2. Slowloris: a request line and part of the headers, then one header at a time.
+        partial = [_connect(server.port) for _ in range(50)]
+        idle += partial
+        for s in partial:
+            s.sendall(b"POST /v1/actions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        # 3. Slow bodies: complete headers, then the body a byte at a time.
+        slow_body = [_connect(server.port) for _ in range(50)]
+        idle += slow_body
+        for s in slow_body:
+            s.sendall(_head("POST", "/v1/actions", {"Authorization": auth,
+                                                    "Content-Type": "application/json",
+                                                    "Content-Length": "4096"}) + b"{")
+        for n in range(3):
+            for s in partial:
+                s.sendall(f"X-Slow-{n}: 1\r\n".encode())
+            for s in slow_body:
+                s.sendall(b" ")
+            # 4. Meanwhile everyone else is served, each call within the client's bound.
+            _serves_others(server, tenant, rounds=5)
+    finally:
+        for s in idle:
+            s.close()
+    _serves_others(server, tenant)
+
+
+@pytest.mark.timeout(60)
+def test_slow_clients_are_cut_off(plain_service: tuple[Server, Tenant]) -> None:
+    """A client that takes longer than the request timeout to send its headers or body is
+    answered (408) or disconnected, so it cannot hold server resources forever."""
+    server, tenant = plain_service
+    auth = tenant.h("agent")["Authorization"]
+    with _connect(server.port) as headers_slow, _connect(server.port) as body_slow:
+        headers_slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        body_slow.sendall(_head("POST", "/v1/actions", {"Authorization": auth,
+                                                        "Content-Length": "100"}) + b"{")
+        # Generous: the request timeout is 2 s here (SANDBOXSEC_REQUEST_TIMEOUT_SECONDS).
+        first = _status(headers_slow, timeout=6)
+        second = _status(body_slow, timeout=2)
+        for status, data in (first, second):
+            assert status == 408 or (status == 0 and data == b""), (status, data)
+
+
+# --- long load (make soak) -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_load_soak_loses_nothing(tmp_path: Path, database_url: str | None) -> None:
+    """Minutes of agents and approvers (``bench/load.py`` in a test): nothing lost."""
+    deployment = Deployment(tmp_path / "home", database_url)
+    deployment.create_tenants("bank-a", "bank-b", "bank-c")
+    with running(deployment, workers=2) as server:
+        ledger = asyncio.run(run_load_async(
+            server.base, deployment.tenants, deployment.trust,
+            LoadConfig(agents_per_tenant=4, approvers_per_tenant=2, seconds=120.0,
+                       wait_timeout=5.0)))
+        _assert_did_work(ledger)
+        assert ledger.violations == [], ledger.violations
         _assert_clean(deployment, server.base, ledger)
