@@ -592,16 +592,8 @@ class AttestationService:
         body: dict[str, Any] | None = None,
     ) -> None:
         self._s.audit.append(
-            AuditRecord(
-                event=event,
-                tenant_id=who.tenant_id,
-                actor_key_id=who.key_id,
-                actor_role=str(who.role),
-                outcome=outcome,
-                reason=reason,
-                object_ids=object_ids or {},
-                body=body or {},
-            ),
+            AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
+                           body=body),
             session=s,
         )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sandboxsec.audit.events import AuditEvent
+from sandboxsec.principal import Principal
 
 __all__ = ["SERVICE_LOG", "AuditReceipt", "AuditRecord", "AuditSink"]
 
@@ -32,6 +33,35 @@ class AuditRecord:
     object_ids: Mapping[str, str] = field(default_factory=dict)
     body: Mapping[str, Any] = field(default_factory=dict)
     sensitive: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def by(
+        cls,
+        actor: Principal | None,
+        event: AuditEvent,
+        outcome: str,
+        *,
+        tenant_id: str | None = None,
+        reason: str | None = None,
+        object_ids: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+        sensitive: Mapping[str, str] | None = None,
+    ) -> AuditRecord:
+        """A record of what ``actor`` did (``None``: the operator at the command line, who has
+        no key), in the log of ``tenant_id``, by default the actor's own tenant."""
+        if tenant_id is None and actor is not None:
+            tenant_id = actor.tenant_id
+        return cls(
+            event=event,
+            tenant_id=tenant_id,
+            actor_key_id=actor.key_id if actor is not None else None,
+            actor_role=str(actor.role) if actor is not None else "operator",
+            outcome=outcome,
+            reason=reason,
+            object_ids=dict(object_ids or {}),
+            body=dict(body or {}),
+            sensitive=dict(sensitive or {}),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,17 +303,8 @@ class PolicyService:
         A batch is written with one ``append_many`` (one lock of the log head instead of one
         per record) by the caller, still inside the same transaction.
         """
-        record = AuditRecord(
-            event=event,
-            tenant_id=who.tenant_id,
-            actor_key_id=who.key_id,
-            actor_role=str(who.role),
-            outcome=outcome,
-            reason=reason,
-            object_ids=dict(object_ids or {}),
-            body=dict(body or {}),
-            sensitive=dict(sensitive or {}),
-        )
+        record = AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
+                                body=body, sensitive=sensitive)
         if batch is not None:
             batch.append(record)
         else:

@@ -101,15 +101,7 @@ class SessionService:
         session: object | None = None,
     ) -> None:
         self._s.audit.append(
-            AuditRecord(
-                event=event,
-                tenant_id=who.tenant_id,
-                actor_key_id=who.key_id,
-                actor_role=str(who.role),
-                outcome=outcome,
-                reason=reason,
-                object_ids=object_ids,
-                body=body,
-            ),
+            AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
+                           body=body),
             session=session,
         )

@@ -93,12 +93,8 @@ class TenantService:
                 for role in Role:
                     keys[role] = self._add_key(s, tenant_id, role, now, label=f"initial {role}")
                 self._s.audit.append(
-                    AuditRecord(
-                        event=AuditEvent.TENANT_CREATE,
-                        tenant_id=tenant_id,
-                        actor_key_id=actor.key_id if actor else None,
-                        actor_role=str(actor.role) if actor else "operator",
-                        outcome="success",
+                    AuditRecord.by(
+                        actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
                         object_ids={"tenant_id": tenant_id},
                         body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
                     ),
@@ -125,11 +121,9 @@ class TenantService:
                 raise NotFoundError("no such tenant")
             issued = self._add_key(s, tenant_id, role, now, label=label[:200])
             self._s.audit.append(
-                AuditRecord(
-                    event=AuditEvent.APIKEY_CREATE, tenant_id=tenant_id,
-                    actor_key_id=actor.key_id if actor else None,
-                    actor_role=str(actor.role) if actor else "operator",
-                    outcome="success", object_ids={"key_id": issued.key_id},
+                AuditRecord.by(
+                    actor, AuditEvent.APIKEY_CREATE, "success", tenant_id=tenant_id,
+                    object_ids={"key_id": issued.key_id},
                     body={"role": str(role), "label": label[:200]},
                 ),
                 session=s,
@@ -151,11 +145,9 @@ class TenantService:
                 row.revoked_at = now
                 s.add(row)
             self._s.audit.append(
-                AuditRecord(
-                    event=AuditEvent.APIKEY_REVOKE, tenant_id=tenant_id,
-                    actor_key_id=actor.key_id if actor else None,
-                    actor_role=str(actor.role) if actor else "operator",
-                    outcome="success", object_ids={"key_id": key_id},
+                AuditRecord.by(
+                    actor, AuditEvent.APIKEY_REVOKE, "success", tenant_id=tenant_id,
+                    object_ids={"key_id": key_id},
                 ),
                 session=s,
             )
@@ -213,11 +205,9 @@ class TenantService:
                     s.add(key)
                     revoked += 1
             self._s.audit.append(
-                AuditRecord(
-                    event=AuditEvent.TENANT_DELETE, tenant_id=tenant_id,
-                    actor_key_id=actor.key_id if actor else None,
-                    actor_role=str(actor.role) if actor else "operator",
-                    outcome="success", object_ids={"tenant_id": tenant_id},
+                AuditRecord.by(
+                    actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
+                    object_ids={"tenant_id": tenant_id},
                     body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
                           "deks_destroyed": shred.deks_destroyed},
                 ),
