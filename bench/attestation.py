@@ -162,7 +162,6 @@ def bench_http(seconds: float, clients: int, workers: int, postgres: bool) -> No
     from sandboxsec.settings import Settings
 
     home = Path(tempfile.mkdtemp(prefix="sandboxsec-bench-"))
-    now = datetime.now(UTC)
     cluster = None
     database_url = None
     if postgres:
@@ -172,17 +171,10 @@ def bench_http(seconds: float, clients: int, workers: int, postgres: bool) -> No
         database_url = cluster.start()
     try:
         # 1. Trust: a publisher and a TPM manufacturer, written where the service reads them.
-        publisher = make_publisher(not_before=now - timedelta(days=1),
-                                   not_after=now + timedelta(days=30))
-        manufacturer = make_ca("Bench TPM CA")
-        ek_key = rsa.generate_private_key(65537, 2048)
-        ek = make_leaf(manufacturer, "Bench EK", key=ek_key, key_usage=("key_encipherment",),
-                       eku=(TCG_EK_CERTIFICATE,))
-        roots = home / "trust" / "trust-roots"
-        (roots / "publishers").mkdir(parents=True)
-        (roots / "tpm-manufacturers").mkdir(parents=True)
-        (roots / "publishers" / "bench.pem").write_bytes(publisher.root.pem)
-        (roots / "tpm-manufacturers" / "bench.pem").write_bytes(manufacturer.pem)
+        from tests.integration.e2e.faults_support import make_trust
+
+        trust = make_trust(home)
+        publisher, ek_key, ek = trust.publisher, trust.ek_key, trust.ek
         env = {**os.environ, "SANDBOXSEC_HOME": str(home), "SANDBOXSEC_LOG_LEVEL": "warning"}
         env.pop("SANDBOXSEC_DATABASE_URL", None)
         if database_url:

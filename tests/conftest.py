@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import create_engine, text
 
 from sandboxsec.clock import FixedClock
 from sandboxsec.principal import Role
@@ -48,31 +47,10 @@ def pg_template(pg_cluster: PgCluster | None) -> str | None:
     """Name of a migrated template database that per-test databases are copied from."""
     if pg_cluster is None:
         return None
-    admin = create_engine(pg_cluster.url("postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text("CREATE DATABASE sandboxsec_template"))
-    admin.dispose()
-    db = Database(pg_cluster.url("sandboxsec_template"))
+    db = Database(pg_cluster.create_database("sandboxsec_template"))
     db.migrate()
     db.dispose()
     return "sandboxsec_template"
-
-
-def _new_pg_database(cluster: PgCluster, template: str) -> str:
-    name = f"t_{os.getpid()}_{next(_counter)}"
-    admin = create_engine(cluster.url("postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE {template}'))
-    admin.dispose()
-    return cluster.url(name)
-
-
-def _drop_pg_database(cluster: PgCluster, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(cluster.url("postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -89,9 +67,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if cluster is None:
         pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
     template: str = request.getfixturevalue("pg_template")
-    url = _new_pg_database(cluster, template)
+    url = cluster.create_database(f"t_{os.getpid()}_{next(_counter)}", template=template)
     yield url
-    _drop_pg_database(cluster, url)
+    cluster.drop_database(url)
 
 
 @pytest.fixture

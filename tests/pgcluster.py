@@ -51,6 +51,26 @@ class PgCluster:
     def url(self, dbname: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{dbname}"
 
+    def _admin(self, sql: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as c:
+                c.execute(text(sql))
+        finally:
+            admin.dispose()
+
+    def create_database(self, name: str, *, template: str | None = None) -> str:
+        """Create database ``name`` (empty, or a copy of ``template``) and return its URL."""
+        self._admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return self.url(name)
+
+    def drop_database(self, url_or_name: str) -> None:
+        """Drop a database, closing its connections first."""
+        name = url_or_name.rsplit("/", 1)[-1]
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     def pg_ctl(self, action: str) -> None:
         """``stop`` / ``start`` the server (for fault tests), data kept."""
         if action == "stop":

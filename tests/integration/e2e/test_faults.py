@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.integration.e2e.faults_support import (
     SOFTHSM_MODULE,
@@ -58,16 +57,11 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
     if cluster is None:
         pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    name = f"faults_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = create_engine(cluster.url("postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = cluster.create_database(f"faults_{os.getpid()}_{secrets.token_hex(4)}")
     try:
-        yield cluster.url(name)
+        yield url
     finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        cluster.drop_database(url)
 
 
 def _assert_clean(deployment: Deployment, base: str, ledger: Ledger) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from sandboxsec.cli import main
 from sandboxsec.sandbox import swtpm
@@ -50,16 +49,11 @@ def postgres_url(pg_cluster: PgCluster | None) -> Iterator[str]:
     """An empty database on the suite's cluster (the demo's server migrates it)."""
     if pg_cluster is None:
         pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    name = f"demo_{os.getpid()}_{next(_counter)}"
-    admin = create_engine(pg_cluster.url("postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_cluster.create_database(f"demo_{os.getpid()}_{next(_counter)}")
     try:
-        yield pg_cluster.url(name)
+        yield url
     finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        pg_cluster.drop_database(url)
 
 
 def _run(tmp_path: Path, **kw: Any) -> tuple[ScenarioResult, list[str]]:
