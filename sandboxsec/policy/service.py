@@ -43,7 +43,8 @@ from sandboxsec.policy.approvals import (
     check_decision,
     effective_state,
 )
-from sandboxsec.policy.canonical import canonical_json, params_hash, parse_amount, short_code
+from sandboxsec.policy.canonical import canonical_json, params_hash, short_code
+from sandboxsec.policy.context import action_context, session_facts
 from sandboxsec.policy.engine import (
     ActionContext,
     CompiledPolicy,
@@ -74,6 +75,7 @@ from sandboxsec.policy.models import (
     PolicyRevision,
 )
 from sandboxsec.policy.notify import WebhookNotifier
+from sandboxsec.policy.target import resolve_target
 from sandboxsec.policy.wakeup import CHANNEL, PgListener, Wakeups
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
@@ -94,9 +96,6 @@ __all__ = [
 log = structlog.get_logger("sandboxsec.policy")
 
 _ACTION = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_RESOURCE_KINDS = ("app", "domain", "payee")
-_MAX_RESOURCE = 512
 # When no SQLite recheck applies (PostgreSQL), waiters still re-read this often in case a
 # notification was lost while the listener reconnected.
 _PG_SAFETY_RECHECK = 10.0
@@ -172,18 +171,6 @@ class GrantVerdict:
     params_hash: str
     expires_at: datetime
     used_at: datetime
-
-
-def _normalize_domain(value: str) -> str:
-    return value.strip().rstrip(".").lower()
-
-
-def _text_field(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_RESOURCE:
-        raise ActionInvalidError(f"{name} must be a non-empty string of at most 512 characters")
-    if not value.isprintable():
-        raise ActionInvalidError(f"{name} must not contain control characters")
-    return value
 
 
 class _Keyring:
@@ -403,46 +390,9 @@ class PolicyService:
 
     def _context(self, who: Principal, session: AgentSession, action: str, resource: str,
                  params: Mapping[str, Any]) -> ActionContext:
-        attrs: dict[str, str] = {}
-        kind, sep, value = resource.partition(":")
-        if sep and kind in _RESOURCE_KINDS:
-            attrs[kind] = _normalize_domain(value) if kind == "domain" else value
-        for name in _RESOURCE_KINDS:
-            if name not in params:
-                continue
-            given = _text_field(f"params.{name}", params[name])
-            if name == "domain":
-                given = _normalize_domain(given)
-            # The resource and the params must not tell two stories: rules read one, the
-            # downstream executes the other.
-            if name in attrs and attrs[name] != given:
-                raise ActionInvalidError(f"resource names {name} {attrs[name]!r} "
-                                         f"but params.{name} is {given!r}")
-            attrs[name] = given
-        amount = parse_amount(params["amount"]) if "amount" in params else None
-        currency = params.get("currency")
-        if currency is not None and (not isinstance(currency, str)
-                                     or not _CURRENCY.fullmatch(currency)):
-            raise ActionInvalidError("currency must be an ISO 4217 code such as \"EUR\"")
-        if action == "payment" and (amount is None or currency is None):
-            raise ActionInvalidError("a payment needs params.amount and params.currency")
-        if action == "login" and "domain" not in attrs:
-            raise ActionInvalidError("a login needs a domain (resource domain:<name>)")
-        return ActionContext(
-            tenant_id=who.tenant_id,
-            role=str(who.role),
-            session_id=session.id,
-            attested=bool(session.attested),
-            image_name=session.image_name,
-            image_digest=session.image_digest,
-            action=action,
-            resource=resource,
-            amount=amount,
-            currency=currency,
-            app=attrs.get("app"),
-            domain=attrs.get("domain"),
-            payee=attrs.get("payee"),
-        )
+        return action_context(tenant_id=who.tenant_id, role=str(who.role),
+                              session=session_facts(session), action=action,
+                              resource=resource, params=params)
 
     def request_action(self, who: Principal, *, session_id: str, action: str, resource: str,
                        params: Mapping[str, Any]) -> ActionResult:
@@ -458,7 +408,6 @@ class PolicyService:
         # 1. input
         if not isinstance(action, str) or not _ACTION.fullmatch(action):
             raise ActionInvalidError("action must match [a-z][a-z0-9_.-]{0,63}")
-        resource = _text_field("resource", resource)
         canonical = canonical_json(params)
         p_hash = params_hash(params)
         code = short_code(p_hash)
@@ -494,7 +443,7 @@ class PolicyService:
                 if decision.outcome is Outcome.APPROVAL_REQUIRED:
                     pending = self._pending(s, who.tenant_id, session.id, now)
                     existing = next((p for p in pending if (p.action, p.resource, p.params_hash)
-                                     == (action, resource, p_hash)), None)
+                                     == (action, ctx.resource, p_hash)), None)
                     if existing is None and len(pending) >= MAX_PENDING_PER_SESSION:
                         refused = ApprovalPendingLimitError(
                             f"this session already has {len(pending)} pending approval requests"
@@ -955,11 +904,10 @@ def _grant_ids(claims: GrantClaims) -> dict[str, str]:
 def _login_domain(row: ApprovalRequest) -> str | None:
     if row.action != "login":
         return None
-    params = json.loads(row.params_json)
-    if isinstance(params, dict) and isinstance(params.get("domain"), str):
-        return _normalize_domain(params["domain"])
-    kind, sep, value = row.resource.partition(":")
-    return _normalize_domain(value) if sep and kind == "domain" else None
+    try:
+        return resolve_target(row.action, row.resource, json.loads(row.params_json)).value
+    except SandboxSecError:
+        return None
 
 
 def _with_new_domain(ctx: ActionContext, new_domain: bool) -> ActionContext:
