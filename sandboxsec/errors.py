@@ -19,6 +19,7 @@ __all__ = [
     "HeadersTooLargeError",
     "InputError",
     "InternalError",
+    "JsonDuplicateKeyError",
     "JsonTooDeepError",
     "MethodNotAllowedError",
     "NotFoundError",
@@ -128,6 +129,12 @@ class JsonTooDeepError(InputError):
     """The JSON body nests deeper than the configured limit."""
 
     code = "json_too_deep"
+
+
+class JsonDuplicateKeyError(InputError):
+    """A JSON object in the body repeats a member name (parsers disagree on which one wins)."""
+
+    code = "json_duplicate_key"
 
 
 class MethodNotAllowedError(InputError):

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids and log context, body size and JSON depth limits, metrics."""
+"""ASGI middleware: request ids and log context, body limits (size, JSON depth, duplicate
+member names), ``Cache-Control: no-store`` on every answer, metrics."""
 
 from __future__ import annotations
 
@@ -58,6 +59,36 @@ def _json_too_deep(body: bytes, limit: int) -> bool:
     return False
 
 
+class _DuplicateMember(ValueError):
+    """Raised by the object hook on a repeated member name."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _DuplicateMember
+    return dict(pairs)
+
+
+def _has_duplicate_member(body: bytes) -> bool:
+    """True when a JSON body repeats a member name in some object.
+
+    RFC 8259 leaves duplicates to the parser: Python keeps the last, other parsers the first,
+    so a downstream could execute another amount than the one decided on.  Names are
+    compared after unescaping (``"a"`` and ``"\\u0061"`` are one name).  A body that is not
+    JSON is left to the route, which refuses it.
+    """
+    if b"{" not in body:
+        return False
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateMember:
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
 _RECORD_PATH = re.compile(r"^/v1/sessions/[^/]+/trajectory$")
 
 
@@ -84,6 +115,7 @@ async def _send_error(send: Send, status: int, code: str, message: str, rid: str
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
                     (b"x-request-id", rid.encode()), (b"connection", b"close")],
     })
     await send({"type": "http.response.body", "body": body})
@@ -161,6 +193,12 @@ class RequestGuard:
             await _send_error(send, 400, "json_too_deep",
                               f"JSON nesting is limited to {self.max_depth} levels", rid)
             return
+        # One place for every route: a body that repeats a member name is refused before any
+        # handler parses it (each would keep the last value, a downstream maybe the first).
+        if body and _has_duplicate_member(body):
+            await _send_error(send, 400, "json_duplicate_key",
+                              "a JSON object in the body repeats a member name", rid)
+            return
 
         replayed = False
 
@@ -176,6 +214,10 @@ class RequestGuard:
                 status_holder["status"] = message["status"]
                 hdrs: list[Any] = list(message.get("headers", []))
                 hdrs.append((b"x-request-id", rid.encode()))
+                # Answers carry grants, API keys, tokens and decrypted records: no cache (a
+                # proxy's, the browser's) may keep one.  A route may set its own policy.
+                if not any(name.lower() == b"cache-control" for name, _ in hdrs):
+                    hdrs.append((b"cache-control", b"no-store"))
                 message["headers"] = hdrs
             await send(message)
 

@@ -79,6 +79,7 @@ from sandboxsec.policy.target import resolve_target
 from sandboxsec.policy.wakeup import CHANNEL, PgListener, Wakeups
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
+from sandboxsec.storage.locks import lock_row
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
 
 if TYPE_CHECKING:
@@ -157,6 +158,8 @@ class ActionResult:
     grant_expires_at: datetime | None
     #: False when an identical pending request was answered instead of opening a new one
     new_approval: bool = False
+    #: the canonical resource the policy decided on (see policy/target.py)
+    resource: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +444,8 @@ class PolicyService:
                 # 4. persist (an agent retrying asks the approver once; a flood is refused)
                 existing: ApprovalRequest | None = None
                 if decision.outcome is Outcome.APPROVAL_REQUIRED:
+                    # The count and the insert below are one atomic step (lock_row).
+                    lock_row(s, AgentSession, who.tenant_id, session.id)
                     pending = self._pending(s, who.tenant_id, session.id, now)
                     existing = next((p for p in pending if (p.action, p.resource, p.params_hash)
                                      == (action, ctx.resource, p_hash)), None)
@@ -538,7 +543,8 @@ class PolicyService:
                         body={"action": ctx.action, "params_hash": p_hash}, batch=batch)
         self._s.audit.append_many(batch, session=s)
         return ActionResult(decision, p_hash, code, approval, grant, grant_expires,
-                            new_approval=approval is not None and existing is None)
+                            new_approval=approval is not None and existing is None,
+                            resource=ctx.resource)
 
     def _remember_domain(self, s: Session, tenant_id: str, domain: str, session_id: str,
                          now: datetime) -> None:
