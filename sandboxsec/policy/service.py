@@ -44,7 +44,7 @@ from sandboxsec.policy.approvals import (
     effective_state,
 )
 from sandboxsec.policy.canonical import canonical_json, params_hash, short_code
-from sandboxsec.policy.context import action_context, session_facts
+from sandboxsec.policy.context import SessionFacts, action_context, session_facts
 from sandboxsec.policy.engine import (
     ActionContext,
     CompiledPolicy,
@@ -59,9 +59,11 @@ from sandboxsec.policy.errors import (
     ApprovalExpiredError,
     ApprovalNotPendingError,
     ApprovalPendingLimitError,
+    ApprovalPolicyDeniedError,
     GrantAlreadyUsedError,
     GrantKeyUnavailableError,
     GrantNotFoundError,
+    GrantPolicyDeniedError,
     GrantSessionEndedError,
     GrantSignatureInvalidError,
     PolicyVersionConflictError,
@@ -75,6 +77,7 @@ from sandboxsec.policy.models import (
     PolicyRevision,
 )
 from sandboxsec.policy.notify import WebhookNotifier
+from sandboxsec.policy.redecide import reconsider_grant, reconsider_pending
 from sandboxsec.policy.target import resolve_target
 from sandboxsec.policy.wakeup import CHANNEL, PgListener, Wakeups
 from sandboxsec.principal import Principal, Role
@@ -351,7 +354,9 @@ class PolicyService:
 
         1. the text compiles (else refused with the failing line, audited);
         2. when ``base_version`` is given, it is still the version in force;
-        3. the new revision is stored as version + 1, audited in the same transaction.
+        3. the new revision is stored as version + 1, audited in the same transaction;
+        4. pending requests the new policy denies are denied (approving and using a grant
+           re-decide too, so nothing in flight escapes a stricter policy).
         """
         # 1. validate before anything is stored
         try:
@@ -386,6 +391,8 @@ class PolicyService:
             raise PolicyVersionConflictError(
                 "another change to this policy landed first; read it and try again"
             ) from exc
+        # 4. what is in flight is decided again under the new policy
+        self._sweep_pending(who)
         return PolicyView(who.tenant_id, row.version, row.text, row.sha256, row.rule_count,
                           False, row.created_at, row.created_by)
 
@@ -396,6 +403,95 @@ class PolicyService:
         return action_context(tenant_id=who.tenant_id, role=str(who.role),
                               session=session_facts(session), action=action,
                               resource=resource, params=params)
+
+    def _with_login_seen(self, s: Session, ctx: ActionContext) -> ActionContext:
+        """``ctx`` with ``new_domain`` set for a login (has this tenant logged in there?)."""
+        if ctx.domain is None or ctx.action != "login":
+            return ctx
+        seen = s.exec(select(LoginDomain.id).where(
+            LoginDomain.tenant_id == ctx.tenant_id, LoginDomain.domain == ctx.domain
+        )).first()
+        return _with_new_domain(ctx, seen is None)
+
+    # ------------------------------------------------------------------ re-decisions
+    # A policy change reaches what is in flight: see policy/redecide.py.
+
+    def _policy_now(self, s: Session, tenant_id: str) -> tuple[int, CompiledPolicy]:
+        version = self._current_version(s, tenant_id)
+        return version, self.engine.policy_for(
+            tenant_id, version, lambda: self._load_text(tenant_id, version))
+
+    def _reconsider_approval(self, s: Session, row: ApprovalRequest) -> str | None:
+        """Why the policy in force now refuses this pending request (``None``: it does not)."""
+        facts = SessionFacts(row.session_id, bool(row.attested), row.image_name,
+                             row.image_digest)
+        version, policy = self._policy_now(s, row.tenant_id)
+        try:
+            ctx = action_context(tenant_id=row.tenant_id, role=str(Role.AGENT), session=facts,
+                                 action=row.action, resource=row.resource,
+                                 params=json.loads(row.params_json))
+        except SandboxSecError as exc:
+            return f"the request no longer passes the input checks ({exc.reason})"
+        why = reconsider_pending(policy, self._with_login_seen(s, ctx))
+        return why.explain("request", version) if why is not None else None
+
+    def _reconsider_grant(self, s: Session, record: GrantRecord, session: AgentSession,
+                          params: Mapping[str, Any]) -> str | None:
+        """Why the policy in force now refuses this grant's use (``None``: it does not)."""
+        version, policy = self._policy_now(s, record.tenant_id)
+        try:
+            ctx = action_context(tenant_id=record.tenant_id, role=str(Role.AGENT),
+                                 session=session_facts(session), action=record.action,
+                                 resource=record.resource, params=params)
+        except SandboxSecError as exc:
+            return f"the granted action no longer passes the input checks ({exc.reason})"
+        why = reconsider_grant(policy, self._with_login_seen(s, ctx),
+                               approved_by_person=record.approval_id is not None)
+        return why.explain("grant", version) if why is not None else None
+
+    def _policy_deny(self, s: Session, who: Principal, row: ApprovalRequest, now: datetime,
+                     why: str) -> bool:
+        """Deny a pending request because the policy in force denies it (conditional, audited)."""
+        won = _rowcount(s.execute(
+            update(ApprovalRequest)
+            .where(col(ApprovalRequest.id) == row.id,
+                   col(ApprovalRequest.tenant_id) == row.tenant_id,
+                   col(ApprovalRequest.state) == ApprovalState.PENDING.value)
+            .values(state=ApprovalState.DENIED.value, decided_at=now, decided_by="policy")
+        ))
+        if won == 1:
+            self._audit(s, who, AuditEvent.APPROVAL_DENY, "denied",
+                        reason=ApprovalPolicyDeniedError.code,
+                        object_ids={"approval_id": row.id, "session_id": row.session_id},
+                        body={"params_hash": row.params_hash, "message": why[:500]})
+            self._notify_db(s, row.id)
+            row.state, row.decided_at, row.decided_by = ApprovalState.DENIED.value, now, "policy"
+        return won == 1
+
+    def _sweep_pending(self, who: Principal) -> None:
+        """After a policy change: deny every pending request the new policy denies.
+
+        Approving re-decides too (``decide``), so this sweep only makes the change visible at
+        once (lists, waiting agents); if it fails, nothing is approved that should not be.
+        """
+        now = self._s.clock.now()
+        denied: list[str] = []
+        try:
+            with self._s.db.session() as s:
+                rows = s.exec(select_scoped(ApprovalRequest, who.tenant_id).where(
+                    ApprovalRequest.state == ApprovalState.PENDING.value,
+                    col(ApprovalRequest.expires_at) > now)).all()
+                for row in rows:
+                    why = self._reconsider_approval(s, row)
+                    if why is not None and self._policy_deny(s, who, row, now, why):
+                        denied.append(row.id)
+        except SandboxSecError as exc:
+            log.warning("policy_sweep_failed", reason=exc.reason)
+            return
+        for approval_id in denied:
+            self.wakeups.notify(approval_id)
+        if denied:
+            log.info("policy_sweep", denied=len(denied))
 
     def request_action(self, who: Principal, *, session_id: str, action: str, resource: str,
                        params: Mapping[str, Any]) -> ActionResult:
@@ -428,12 +524,8 @@ class PolicyService:
                             object_ids={"session_id": session.id},
                             body={"action": action, "params_hash": p_hash})
             else:
-                ctx = self._context(who, session, action, resource, params)
-                if ctx.domain is not None and action == "login":
-                    seen = s.exec(select(LoginDomain.id).where(
-                        LoginDomain.tenant_id == who.tenant_id, LoginDomain.domain == ctx.domain
-                    )).first()
-                    ctx = _with_new_domain(ctx, seen is None)
+                ctx = self._with_login_seen(
+                    s, self._context(who, session, action, resource, params))
                 # 3. decide under the version in force right now
                 version = self._current_version(s, who.tenant_id)
                 decision = self.engine.decide(
@@ -604,7 +696,9 @@ class PolicyService:
         1. the token parses and its signature verifies;
         2. it is this tenant's grant;
         3. not expired, same action, params hash to the granted params_hash, same resource;
-        4. the grant exists, its session is still live, and it was not used: marked used with a
+        4. the grant exists, its session is still live, the policy in force now still allows
+           the action (a stricter policy revokes what it no longer allows), and it was not
+           used: marked used with a
            conditional update, so of two concurrent uses exactly one wins; its approval
            becomes ``consumed``.
         """
@@ -634,6 +728,10 @@ class PolicyService:
                 if (session is None or session.tenant_id != who.tenant_id
                         or session.ended_at is not None or now >= session.expires_at):
                     raise GrantSessionEndedError("the grant's session has ended")
+                # The policy in force now still allows it (see policy/redecide.py).
+                why = self._reconsider_grant(s, record, session, params)
+                if why is not None:
+                    raise GrantPolicyDeniedError(why)
                 won = _rowcount(s.execute(
                     update(GrantRecord)
                     .where(col(GrantRecord.id) == record.id,
@@ -757,6 +855,8 @@ class PolicyService:
                shown_params_hash: str) -> ApprovalView:
         """The approver approves or denies exactly what they were shown.
 
+        0. an approval is decided again under the policy in force now: if it denies the
+           request, the request is denied (``approval_policy_denied``);
         1. the request is this tenant's (404 otherwise), pending and not expired;
         2. ``shown_params_hash`` equals the request's;
         3. the state changes with a conditional update on ``pending``: of two concurrent
@@ -770,13 +870,20 @@ class PolicyService:
         with self._s.db.session() as s:
             # 1.-2. pure checks on the current row
             row = get_scoped(s, ApprovalRequest, who.tenant_id, approval_id, what="approval")
+            if (event is ApprovalEvent.APPROVE and row.state == ApprovalState.PENDING.value
+                    and now < row.expires_at):
+                # 0. the policy in force now still lets a person approve this
+                why = self._reconsider_approval(s, row)
+                if why is not None:
+                    self._policy_deny(s, who, row, now, why)
+                    refused = ApprovalPolicyDeniedError(why)
             try:
                 new_state = check_decision(
                     state=ApprovalState(row.state), event=event, expires_at=row.expires_at,
                     now=now, shown_params_hash=shown_params_hash, params_hash=row.params_hash,
                 )
             except SandboxSecError as exc:
-                refused = exc
+                refused = refused or exc
                 if isinstance(exc, ApprovalExpiredError):
                     self._expire(s, who, row, now)
             if refused is None:
