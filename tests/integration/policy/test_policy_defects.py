@@ -248,3 +248,128 @@ def test_rule_hidden_after_a_line_separator_is_refused(client: TestClient, tenan
     assert (r.status_code, _code(r)) == (400, "policy_invalid")
     assert "line 2" in r.json()["error"]["message"]
     assert client.get("/v1/policy", headers=tenant.headers("admin")).json()["version"] == 0
+
+
+# --------------------------------------------------------------------------- in flight
+
+def _approve(client: TestClient, tenant: TenantKeys, aid: str) -> Any:
+    shown = client.get(f"/v1/approvals/{aid}", headers=tenant.headers("approver")).json()
+    return client.post(f"/v1/approvals/{aid}/approve", json={"params_hash": shown["params_hash"]},
+                       headers=tenant.headers("approver"))
+
+
+def _verify(client: TestClient, tenant: TenantKeys, grant: str, action: str,
+            params: dict[str, Any]) -> Any:
+    return client.post("/v1/grants/verify", json={"grant": grant, "action": action,
+                                                  "params": params},
+                       headers=tenant.headers("auditor"))
+
+
+def _payment(i: int) -> dict[str, Any]:
+    return {"amount": f"{100 + i}.00", "currency": "EUR", "payee": "acme-gmbh"}
+
+
+MESSAGE = {"channel": "ops", "text": "deploy done"}
+
+
+def test_stricter_policy_denies_pending_and_revokes_grants(
+        client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
+    pending = act(params=_payment(1)).json()["approval_id"]
+    approved = act(params=_payment(2)).json()["approval_id"]
+    assert _approve(client, tenant, approved).status_code == 200
+    approved_grant = client.get(f"/v1/approvals/{approved}",
+                                headers=tenant.headers("agent")).json()["grant"]
+    allowed = act("message", "app:slack", MESSAGE).json()
+    assert allowed["decision"] == "allow"
+
+    # After an incident the admin denies everything.
+    _put_policy(client, tenant, "p, lockdown, *, *, true, deny\n")
+
+    shown = client.get(f"/v1/approvals/{pending}", headers=tenant.headers("approver")).json()
+    assert shown["state"] == "denied" and shown["decided_by"] == "policy"
+    r = _approve(client, tenant, pending)
+    assert r.status_code == 409
+    for grant, action, params in ((approved_grant, "payment", _payment(2)),
+                                  (allowed["grant"], "message", MESSAGE)):
+        r = _verify(client, tenant, grant, action, params)
+        assert (r.status_code, _code(r)) == (422, "grant_policy_denied"), r.text
+        assert "lockdown" in r.json()["error"]["message"]
+    entries = services.audit.entries(tenant.id)
+    reasons = {(e["event"], e.get("reason")) for e in entries}
+    assert ("approval:request:deny", "approval_policy_denied") in reasons
+    assert ("grant:grant:reject", "grant_policy_denied") in reasons
+    # Refused, not used: the grants stay unused (an admin can restore the policy).
+    _put_policy(client, tenant, "p, pay, payment, *, true, approval_required\n"
+                                "p, msg, message, *, true, allow\n")
+    assert _verify(client, tenant, approved_grant, "payment", _payment(2)).status_code == 200
+    assert _verify(client, tenant, allowed["grant"], "message", MESSAGE).status_code == 200
+
+
+def test_change_by_another_node_is_caught_when_approving(
+        client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
+    from datetime import timedelta
+
+    from sandboxsec.ids import new_id
+    from sandboxsec.policy.models import PolicyRevision
+
+    aid = act(params=_payment(3)).json()["approval_id"]
+    # A revision stored without the sweep (another node, or a sweep that failed).
+    text = "p, no-acme, payment, payee:acme-gmbh, true, deny\n"
+    compiled = services.policy.validate_policy(text)
+    with services.db.session() as s:
+        s.add(PolicyRevision(id=new_id("pol"), tenant_id=tenant.id, version=1, text=text,
+                             sha256=compiled.sha256, rule_count=1,
+                             created_at=services.clock.now() + timedelta(seconds=1),
+                             created_by=tenant.key_ids["admin"]))
+    assert client.get(f"/v1/approvals/{aid}",
+                      headers=tenant.headers("approver")).json()["state"] == "pending"
+    r = _approve(client, tenant, aid)
+    assert (r.status_code, _code(r)) == (409, "approval_policy_denied"), r.text
+    view = client.get(f"/v1/approvals/{aid}", headers=tenant.headers("agent")).json()
+    assert view["state"] == "denied" and "grant" not in view
+
+
+def test_grant_issued_without_a_person_needs_one_under_the_new_policy(
+        client: TestClient, tenant: TenantKeys, act: ActFn) -> None:
+    allowed = act("message", "app:slack", MESSAGE).json()
+    assert allowed["decision"] == "allow"
+    approved = act(params=_payment(4)).json()["approval_id"]
+    _approve(client, tenant, approved)
+    grant = client.get(f"/v1/approvals/{approved}",
+                       headers=tenant.headers("agent")).json()["grant"]
+    pending = act(params=_payment(5)).json()["approval_id"]
+    _put_policy(client, tenant, "p, pay, payment, *, true, approval_required\n"
+                                "p, msg, message, *, true, approval_required\n")
+    r = _verify(client, tenant, allowed["grant"], "message", MESSAGE)
+    assert (r.status_code, _code(r)) == (422, "grant_policy_denied")
+    # A person approved this one, and the new policy asks no more than a person's approval.
+    assert _verify(client, tenant, grant, "payment", _payment(4)).status_code == 200
+    # A looser or equal policy leaves pending requests to their person.
+    assert _approve(client, tenant, pending).status_code == 200
+
+
+# --------------------------------------------------------------------------- no-store
+
+def test_answers_carrying_secrets_are_not_cached(client: TestClient, tenant: TenantKeys,
+                                                 act: ActFn) -> None:
+    answers = []
+    allowed = act("message", "app:slack", MESSAGE)
+    assert "grant" in allowed.json()
+    answers.append(allowed)
+    aid = act(params=_payment(6)).json()["approval_id"]
+    _approve(client, tenant, aid)
+    with_grant = client.get(f"/v1/approvals/{aid}", headers=tenant.headers("agent"))
+    assert "grant" in with_grant.json()
+    answers.append(with_grant)
+    answers.append(client.get(f"/v1/approvals/{aid}/wait?timeout=0",
+                              headers=tenant.headers("agent")))
+    key = client.post("/v1/api-keys", json={"role": "agent"}, headers=tenant.headers("admin"))
+    assert key.status_code == 201 and "key" in key.json()
+    answers.append(key)
+    # Errors and middleware refusals too.
+    answers.append(client.get("/v1/tenant"))
+    answers.append(client.post("/v1/actions", content=b'{"a":1,"a":2}',
+                               headers=tenant.headers("agent")))
+    answers.append(client.get("/v1/approvals/nope", headers=tenant.headers("agent")))
+    for r in answers:
+        assert r.headers.get("cache-control") == "no-store", (r.request.url, r.headers)
