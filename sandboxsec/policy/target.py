@@ -99,7 +99,7 @@ def _mixes_scripts(text: str) -> bool:
     return len(scripts) > 1 and scripts != {"LATIN", "CJK"}
 
 
-def _refuse_common(what: str, raw: str) -> None:
+def _refuse_common(what: str, raw: str, *, opaque: bool = False) -> None:
     if not raw:
         raise ActionTargetInvalidError(f"{what} is empty")
     if len(raw) > MAX_RESOURCE:
@@ -107,6 +107,8 @@ def _refuse_common(what: str, raw: str) -> None:
     bad = first_unsafe(raw)
     if bad is not None:
         raise ActionTargetInvalidError(f"{what} contains {bad}, which does not display as itself")
+    if opaque:
+        return  # a resource of another kind keeps its spaces and its percent signs
     if any(ch.isspace() for ch in raw):
         raise ActionTargetInvalidError(f"{what} must not contain whitespace")
     if "%" in raw:
@@ -185,7 +187,7 @@ def resolve_target(action: str, resource: Any, params: Mapping[str, Any]) -> Tar
     if not isinstance(resource, str) or not resource:
         raise ActionInvalidError(f"resource must be a non-empty string of at most "
                                  f"{MAX_RESOURCE} characters")
-    _refuse_common("resource", resource)
+    _refuse_common("resource", resource, opaque=True)
     # 1.-2. every target named, in canonical form
     kind, value = split_resource(resource)
     named = _named_in_params(params)

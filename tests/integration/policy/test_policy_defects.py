@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
@@ -38,40 +37,45 @@ DOMAIN_DENY = (
 )
 
 
-@pytest.mark.parametrize("resource", [
+DENIED_SPELLINGS = [
     "domain:evil.example", "domain:EVIL.example", "domain:evil.example.", "domain:Evil.Example.",
     "DOMAIN:evil.example", "Domain:evil.example",
     "domain:\uff45\uff56\uff49\uff4c.example",       # full-width letters
     "domain:evil\u3002example",                       # ideographic full stop
     "domain:evil\uff0eexample",                       # full-width full stop
     "domain:WWW.EVIL.EXAMPLE.",
-])
+]
+
+
 def test_domain_deny_not_bypassed_by_spelling(client: TestClient, tenant: TenantKeys,
-                                             act: ActFn, resource: str) -> None:
+                                             act: ActFn) -> None:
     _put_policy(client, tenant, DOMAIN_DENY)
-    r = act("login", resource, {"username": "ops"})
-    assert r.status_code == 200, r.text
-    assert r.json()["decision"] == "deny" and r.json()["rule_id"].startswith("no-evil")
-    # The same target named in the params instead of the resource is the same target.
-    r = act("login", "url:https://x", {"domain": resource.split(":", 1)[1]})
-    assert r.json()["decision"] == "deny", r.text
-    assert "grant" not in r.json()
+    for resource in DENIED_SPELLINGS:
+        r = act("login", resource, {"username": "ops"})
+        assert r.status_code == 200, r.text
+        assert r.json()["decision"] == "deny" and r.json()["rule_id"].startswith("no-evil")
+        # The same target named in the params instead of the resource is the same target.
+        r = act("login", "url:https://x", {"domain": resource.split(":", 1)[1]})
+        assert r.json()["decision"] == "deny", r.text
+        assert "grant" not in r.json()
 
 
-@pytest.mark.parametrize("resource", [
+REFUSED_SPELLINGS = [
     "domain:evil%2Eexample", "domain:evil.example%00", "domain: evil.example",
     "domain:evil.example ", "domain:evil\u200b.example", "domain:evil.example\u202e",
     "domain:ev\u0456l.example",                       # Cyrillic i inside a Latin label
     "domain:evil..example", "domain:evil.example..", "domain:*.evil.example",
     "domain:evil\u00a0.example",
-])
+]
+
+
 def test_domain_spellings_without_a_canonical_form_are_refused(
-        client: TestClient, tenant: TenantKeys, act: ActFn, resource: str,
-        services: Services) -> None:
+        client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
     _put_policy(client, tenant, DOMAIN_DENY)
-    r = act("login", resource, {"username": "ops"})
-    assert r.status_code == 400, r.text
-    assert _code(r) in ("action_target_invalid", "action_invalid")
+    for resource in REFUSED_SPELLINGS:
+        r = act("login", resource, {"username": "ops"})
+        assert r.status_code == 400, r.text
+        assert _code(r) in ("action_target_invalid", "action_invalid")
     with services.db.session() as s:
         assert s.exec(select(ApprovalRequest)).first() is None
 
@@ -118,38 +122,44 @@ def test_payee_deny_not_bypassed_by_another_resource_kind(client: TestClient, te
     assert (r.status_code, _code(r)) == (400, "action_invalid")
 
 
-@pytest.mark.parametrize("payee", [
+PAYEE_SPELLINGS = [
     "EVIL-CORP", "Evil-Corp", "evil-corp ", "evil%2Dcorp", "\uff45vil-corp",
     "\u0435vil-corp",                                 # Cyrillic e
     "evil\u200d-corp", "evil\u2060-corp", "evil-corp\u00ad",
-])
+]
+
+
 def test_payee_spellings_refused_not_rewritten(client: TestClient, tenant: TenantKeys,
-                                               act: ActFn, payee: str) -> None:
+                                               act: ActFn) -> None:
     _put_policy(client, tenant, PAYEE_DENY)
-    for resource, params in ((f"payee:{payee}", {"amount": "10.00", "currency": "EUR"}),
-                             ("payee:evil-corp", {**EVIL_PAYMENT, "payee": payee}),
-                             ("iban:x", {**EVIL_PAYMENT, "payee": payee})):
-        r = act("payment", resource, params)
-        assert r.status_code == 400, (payee, r.text)
-        assert _code(r) in ("action_target_invalid", "action_invalid", "params_text_unsafe")
+    for payee in PAYEE_SPELLINGS:
+        for resource, params in ((f"payee:{payee}", {"amount": "10.00", "currency": "EUR"}),
+                                 ("payee:evil-corp", {**EVIL_PAYMENT, "payee": payee}),
+                                 ("iban:x", {**EVIL_PAYMENT, "payee": payee})):
+            r = act("payment", resource, params)
+            assert r.status_code == 400, (payee, r.text)
+            assert _code(r) in ("action_target_invalid", "action_invalid",
+                                "params_text_unsafe")
 
 
-@pytest.mark.parametrize("char", [
+UNSAFE_CHARS = [
     "\u202e", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200e", "\u200f", "\u061c",
     "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\u3164", "\u115f",
     "\u2800", "\ufe0f", "\U000e0041", "\u2028", "\u2029", "\u0085", "\r", "\x0b", "\x1b",
     "\u00a0", "\u2007", "\u3000", "\ue000",
-])
+]
+
+
 def test_params_that_display_as_other_text_are_refused(
-        client: TestClient, tenant: TenantKeys, act: ActFn, char: str,
-        services: Services) -> None:
+        client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
     base = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh"}
-    for params in ({**base, "memo": f"invoice {char}1234"},
-                   {**base, "lines": [{"text": f"a{char}b"}]},
-                   {**base, f"me{char}mo": "x"}):
-        r = act("payment", "payee:acme-gmbh", params)
-        assert (r.status_code, _code(r)) == (400, "params_text_unsafe"), (repr(char), r.text)
-        assert char not in r.json()["error"]["message"]
+    for char in UNSAFE_CHARS:
+        for params in ({**base, "memo": f"invoice {char}1234"},
+                       {**base, "lines": [{"text": f"a{char}b"}]},
+                       {**base, f"me{char}mo": "x"}):
+            r = act("payment", "payee:acme-gmbh", params)
+            assert (r.status_code, _code(r)) == (400, "params_text_unsafe"), (repr(char), r.text)
+            assert char not in r.json()["error"]["message"]
     with services.db.session() as s:
         assert s.exec(select(ApprovalRequest)).first() is None
     # Line breaks and tabs in free text display as themselves and pass.
@@ -157,7 +167,7 @@ def test_params_that_display_as_other_text_are_refused(
     assert ok.status_code == 200 and ok.json()["decision"] == "approval_required"
 
 
-@pytest.mark.parametrize("body", [
+DUPLICATE_BODIES = [
     b'{"session_id": "s", "action": "payment", "action": "login", "resource": "payee:a"}',
     b'{"session_id": "s", "action": "payment", "resource": "payee:a", '
     b'"params": {"amount": "1.00", "amount": "9999.00", "currency": "EUR"}}',
@@ -165,12 +175,15 @@ def test_params_that_display_as_other_text_are_refused(
     b'"params": {"amount": "1.00", "\\u0061mount": "9999.00", "currency": "EUR"}}',
     b'{"session_id": "s", "action": "payment", "resource": "payee:a", '
     b'"params": {"x": [{"k": 1, "k": 2}]}}',
-])
-def test_duplicate_member_names_refused_on_actions(client: TestClient, tenant: TenantKeys,
-                                                   body: bytes) -> None:
-    r = client.post("/v1/actions", content=body, headers={
-        **tenant.headers("agent"), "content-type": "application/json"})
-    assert (r.status_code, _code(r)) == (400, "json_duplicate_key")
+]
+
+
+def test_duplicate_member_names_refused_on_actions(client: TestClient,
+                                                   tenant: TenantKeys) -> None:
+    for body in DUPLICATE_BODIES:
+        r = client.post("/v1/actions", content=body, headers={
+            **tenant.headers("agent"), "content-type": "application/json"})
+        assert (r.status_code, _code(r)) == (400, "json_duplicate_key")
 
 
 def test_duplicate_member_names_refused_on_every_route(client: TestClient,
@@ -238,15 +251,15 @@ def test_policy_over_the_size_limit_is_413(client: TestClient, tenant: TenantKey
     assert client.get("/v1/policy", headers=tenant.headers("admin")).json()["version"] == 0
 
 
-@pytest.mark.parametrize("sep", ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
-                                 "\u2028", "\u2029", "\r\n"])
 def test_rule_hidden_after_a_line_separator_is_refused(client: TestClient, tenant: TenantKeys,
-                                                       act: ActFn, sep: str) -> None:
-    text = ("p, no-pay, payment, *, true, deny\n"
-            f"# payments are denied{sep}p, allow-all, *, *, true, allow\n")
-    r = client.put("/v1/policy", json={"text": text}, headers=tenant.headers("admin"))
-    assert (r.status_code, _code(r)) == (400, "policy_invalid")
-    assert "line 2" in r.json()["error"]["message"]
+                                                       act: ActFn) -> None:
+    for sep in ("\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029",
+                "\r\n"):
+        text = ("p, no-pay, payment, *, true, deny\n"
+                f"# payments are denied{sep}p, allow-all, *, *, true, allow\n")
+        r = client.put("/v1/policy", json={"text": text}, headers=tenant.headers("admin"))
+        assert (r.status_code, _code(r)) == (400, "policy_invalid")
+        assert "line 2" in r.json()["error"]["message"]
     assert client.get("/v1/policy", headers=tenant.headers("admin")).json()["version"] == 0
 
 
