@@ -715,7 +715,7 @@ class PolicyService:
                 raise GrantNotFoundError("no such grant")
             # 3. binding
             check_grant(claims, now=now, action=action, params_hash=params_hash(params),
-                        resource=resource)
+                        resource=_canonical_resource(action, resource, params))
             # 4. single use
             with self._s.db.session() as s:
                 record = get_scoped(s, GrantRecord, who.tenant_id, claims.grant_id, what="grant")
@@ -1012,6 +1012,17 @@ def _grant_ids(claims: GrantClaims) -> dict[str, str]:
     if claims.approval_id:
         ids["approval_id"] = claims.approval_id
     return ids
+
+
+def _canonical_resource(action: str, resource: str | None, params: Mapping[str, Any]
+                        ) -> str | None:
+    """The canonical form of a resource a downstream names (grants hold canonical ones)."""
+    if resource is None:
+        return None
+    try:
+        return resolve_target(action, resource, params).resource
+    except SandboxSecError:
+        return resource  # compared as given: it cannot equal a canonical one
 
 
 def _login_domain(row: ApprovalRequest) -> str | None:

@@ -386,3 +386,20 @@ def test_answers_carrying_secrets_are_not_cached(client: TestClient, tenant: Ten
     answers.append(client.get("/v1/approvals/nope", headers=tenant.headers("agent")))
     for r in answers:
         assert r.headers.get("cache-control") == "no-store", (r.request.url, r.headers)
+
+
+def test_downstream_may_name_the_resource_in_any_spelling(client: TestClient,
+                                                          tenant: TenantKeys,
+                                                          act: ActFn) -> None:
+    _put_policy(client, tenant, "p, logins, login, *, true, allow\n")
+    r = act("login", "domain:Bank.Example.", {"username": "ops"})
+    assert r.json()["resource"] == "domain:bank.example"
+    ok = client.post("/v1/grants/verify", headers=tenant.headers("auditor"), json={
+        "grant": r.json()["grant"], "action": "login", "params": {"username": "ops"},
+        "resource": "DOMAIN:BANK.EXAMPLE"})
+    assert ok.status_code == 200 and ok.json()["resource"] == "domain:bank.example"
+    r = act("login", "domain:bank.example", {"username": "ops"})
+    other = client.post("/v1/grants/verify", headers=tenant.headers("auditor"), json={
+        "grant": r.json()["grant"], "action": "login", "params": {"username": "ops"},
+        "resource": "domain:evil.example"})
+    assert (other.status_code, _code(other)) == (422, "grant_resource_mismatch")
