@@ -13,6 +13,7 @@ from typing import ClassVar
 
 __all__ = [
     "AuthenticationError",
+    "ConfigurationError",
     "ConflictError",
     "DependencyUnavailableError",
     "ForbiddenError",
@@ -24,6 +25,7 @@ __all__ = [
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "RateLimitedError",
     "RequestTimeoutError",
     "SandboxSecError",
     "VerificationError",
@@ -111,6 +113,24 @@ class DependencyUnavailableError(SandboxSecError):
 
     code = "dependency_unavailable"
     status = 503
+
+
+class ConfigurationError(SandboxSecError):
+    """A setting is invalid (the message names the variable); nothing was started."""
+
+    code = "invalid_setting"
+    status = 500
+
+
+class RateLimitedError(SandboxSecError):
+    """Too many requests with this API key; retry after ``retry_after`` seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def _subclasses(cls: type[SandboxSecError]) -> list[type[SandboxSecError]]:

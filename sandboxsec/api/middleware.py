@@ -10,9 +10,13 @@ import secrets
 import time
 from typing import Any
 
+import anyio
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandboxsec.api.gate import EXEMPT_PREFIXES, KeyGate
+from sandboxsec.errors import SandboxSecError
 
 __all__ = ["Metrics", "RequestGuard"]
 
@@ -89,6 +93,7 @@ def _has_duplicate_member(body: bytes) -> bool:
     return False
 
 
+_BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 _RECORD_PATH = re.compile(r"^/v1/sessions/[^/]+/trajectory$")
 
 
@@ -109,15 +114,16 @@ def _route_template(scope: Scope) -> str:
     return path
 
 
-async def _send_error(send: Send, status: int, code: str, message: str, rid: str) -> None:
+async def _send_error(send: Send, status: int, code: str, message: str, rid: str,
+                      retry_after: int | None = None) -> None:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send({
-        "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store"),
-                    (b"x-request-id", rid.encode()), (b"connection", b"close")],
-    })
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"),
+               (b"x-request-id", rid.encode()), (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -129,8 +135,10 @@ class RequestGuard:
     """
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_depth: int, metrics: Metrics,
-                 record_body: int | None = None, body_timeout: float = 30.0) -> None:
+                 record_body: int | None = None, body_timeout: float = 30.0,
+                 gate: KeyGate | None = None) -> None:
         self.app = app
+        self.gate = gate
         self.body_timeout = body_timeout
         self.max_body = max_body
         # Trajectory uploads carry base64 records up to the record limit; only that route
@@ -138,6 +146,32 @@ class RequestGuard:
         self.record_body = max(record_body or max_body, max_body)
         self.max_depth = max_depth
         self.metrics = metrics
+
+    async def _admit(self, scope: Scope, headers: dict[bytes, bytes], send: Send,
+                     rid: str) -> int | None:
+        """Check the key of a ``/v1`` request before its body: the status it was refused with
+        (the answer is sent), or ``None``."""
+        assert self.gate is not None
+        path = str(scope.get("path", ""))
+        auth = headers.get(b"authorization")
+        has_body = scope["method"] in _BODY_METHODS
+        if not path.startswith("/v1/") or path.startswith(EXEMPT_PREFIXES):
+            return None
+        if auth is None and not has_body:
+            return None  # a public GET, or the route answers 401 itself
+        try:
+            token, principal = await anyio.to_thread.run_sync(
+                self.gate.admit, (auth or b"").decode("latin-1"))
+        except SandboxSecError as exc:
+            retry = getattr(exc, "retry_after", None)
+            if exc.status == 503:
+                retry = 1
+            await _send_error(send, exc.status, exc.reason, exc.message, rid, retry)
+            return exc.status
+        scope.setdefault("state", {})["principal"] = (token, principal)
+        structlog.contextvars.bind_contextvars(
+            tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role))
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,6 +184,14 @@ class RequestGuard:
         structlog.contextvars.bind_contextvars(request_id=rid)
         start = time.perf_counter()
         status_holder = {"status": 500}
+
+        # The key first (api/gate.py): nobody without a valid key, or over its rate, gets a
+        # body read, buffered and parsed.
+        if self.gate is not None:
+            refused = await self._admit(scope, headers, send, rid)
+            if refused is not None:
+                self.metrics.requests.labels(scope["method"], "key_gate", str(refused)).inc()
+                return
 
         limit = self.max_body
         if scope["method"] == "POST" and _RECORD_PATH.match(scope.get("path", "")):
@@ -167,7 +209,7 @@ class RequestGuard:
 
         body_parts: list[bytes] = []
         size = 0
-        more = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+        more = scope["method"] in _BODY_METHODS
         # A client that trickles its body holds a connection and a buffer: it gets the
         # request timeout for the whole body, then 408.
         deadline = time.monotonic() + self.body_timeout

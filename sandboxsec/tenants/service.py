@@ -206,6 +206,12 @@ class TenantService:
                              keks_destroyed=shred.keks_destroyed,
                              deks_destroyed=shred.deks_destroyed)
 
+    def list(self) -> list[Tenant]:
+        """Every live tenant, oldest first."""
+        with self._s.db.session() as s:
+            rows = s.exec(select(Tenant).where(col(Tenant.deleted_at).is_(None))).all()
+        return sorted(rows, key=lambda t: (t.created_at, t.id))
+
     def get(self, tenant_id: str) -> Tenant:
         """The tenant, unless missing or deleted."""
         with self._s.db.session() as s:
