@@ -44,7 +44,7 @@ from sandboxsec.policy.engine import (
     bundled_model,
     compile_policy,
 )
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings

@@ -203,7 +203,7 @@ def test_audit_failure_means_no_token(
     def broken(*_a: object, **_k: object) -> None:
         raise AuditUnavailableError("audit store is down")
 
-    monkeypatch.setattr(services.audit, "append", broken)
+    monkeypatch.setattr(services.audit_writer, "append", broken)
     r = client.post("/v1/attestation/verify", headers=tenant.headers("agent"),
                     json=bound.evidence(nonce))
     assert r.status_code == 503 and "token" not in r.json()
@@ -243,7 +243,7 @@ def test_audit_failure_means_no_session(
     def broken(*_a: object, **_k: object) -> None:
         raise AuditUnavailableError("audit store is down")
 
-    monkeypatch.setattr(services.audit, "append", broken)
+    monkeypatch.setattr(services.audit_writer, "append", broken)
     h = tenant.headers("agent")
     r = client.post("/v1/sessions", headers=h, json={"attestation_token": token})
     assert r.status_code == 503
