@@ -136,8 +136,8 @@ def test_store_builders_and_fingerprint() -> None:
     assert TrustStore.from_pem(pub.root.pem).fingerprint == base.fingerprint
 
 
-def test_repository_attestation_dir_has_no_private_keys_and_loads() -> None:
-    base = REPO / "attestation"
+def test_example_trust_dir_has_no_private_keys_and_loads() -> None:
+    base = REPO / "examples" / "trust"
     for path in base.rglob("*"):
         if path.is_file():
             assert b"PRIVATE KEY" not in path.read_bytes(), path
