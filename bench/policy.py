@@ -264,7 +264,7 @@ def bench_wake() -> None:
     if not pg_bin.exists():
         print("  PostgreSQL not installed: cross-worker case skipped")
         return
-    from tests.pgcluster import PgCluster
+    from tests.support.pgcluster import PgCluster
 
     cluster = PgCluster()
     cluster.start()

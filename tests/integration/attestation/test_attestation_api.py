@@ -23,8 +23,8 @@ from tests.integration.attestation.conftest import (
     make_machine,
     nonce_for,
 )
-from tests.unit.attestation.pki import make_ca, make_leaf
-from tests.unit.attestation.softtpm import SoftAk, make_manifest
+from tests.support.pki import make_ca, make_leaf
+from tests.support.softtpm import SoftAk, make_manifest
 
 pytestmark = pytest.mark.usefixtures("machine")
 
@@ -157,7 +157,7 @@ def test_reset_count_rollback(bound: SoftMachine, submit: Submit) -> None:
 
 
 def test_event_log_that_does_not_replay(bound: SoftMachine, submit: Submit) -> None:
-    from tests.unit.attestation.softtpm import boot_log
+    from tests.support.softtpm import boot_log
 
     assert codes(submit(event_log=b64(boot_log(25)[0]))) == ["eventlog_replay_mismatch"]
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sandboxsec.attestation.image import sign_manifest, verify_manifest
 from sandboxsec.attestation.trust import Revocations, TrustStore, load_crl, parse_revocations
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.pki import NOW, make_crl, make_publisher, sample_reference
+from tests.support.pki import NOW, make_crl, make_publisher, sample_reference
 
 REPO = Path(__file__).resolve().parents[3]
 
