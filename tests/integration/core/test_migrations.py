@@ -4,7 +4,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from sandboxsec.storage.db import Database
-from sandboxsec.storage.registry import metadata
+from sandboxsec.schema import metadata
 
 
 def test_migrations_produce_exactly_the_models(database: Database) -> None:
