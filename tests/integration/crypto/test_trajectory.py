@@ -23,8 +23,8 @@ from sandboxsec.crypto.errors import (
 from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey
 from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.principal import Role
-from sandboxsec.services import Services
 from sandboxsec.schema import metadata
+from sandboxsec.services import Services
 from sandboxsec.trajectory.models import TrajectoryRecord, TrajectorySegment
 from tests.conftest import TenantKeys
 from tests.integration.crypto.conftest import principal
