@@ -74,7 +74,14 @@ from sandboxsec.statefiles import create_once
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
-__all__ = ["AkChallenge", "AttestationService", "IssuedNonce", "Verdict", "decode_evidence_field"]
+__all__ = [
+    "AkChallenge",
+    "AttestationService",
+    "BoundAkView",
+    "IssuedNonce",
+    "Verdict",
+    "decode_evidence_field",
+]
 
 CREDENTIAL_BYTES: Final = 32
 SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
@@ -99,6 +106,15 @@ class AkChallenge:
     encrypted_secret: bytes
     ak_name: str
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAkView:
+    """An AK bound to its tenant (what an activation returns)."""
+
+    tenant_id: str
+    ak_name: str
+    ek_fingerprint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +364,8 @@ class AttestationService:
             expires_at=expires,
         )
 
-    def ak_activate(self, who: Principal, *, credential_id: str, secret: bytes) -> BoundAk:
+    def ak_activate(self, who: Principal, *, credential_id: str, secret: bytes
+                    ) -> BoundAkView:
         """Finish binding: the returned secret proves the AK and EK share one TPM.
 
         A challenge is answered once: a wrong secret burns it too, so it cannot be guessed.
@@ -381,7 +398,7 @@ class AttestationService:
         if failure is not None:
             raise failure
         assert bound is not None
-        return bound
+        return BoundAkView(bound.tenant_id, bound.ak_name, bound.ek_fingerprint)
 
     @staticmethod
     def _bind(s: Session, who: Principal, cred: AkCredential, now: datetime) -> BoundAk:
