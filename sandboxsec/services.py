@@ -154,8 +154,7 @@ class Services:
     def policy_admin(self) -> PolicyAdmin:
         """The tenants' policies: read, validate, replace."""
         return PolicyAdmin(self._policy_repository, self.clock, self.audit_writer,
-                           PolicyEngine(cache_size=self.settings.policy_cache_size),
-                           bundled_default_policy())
+                           self._policy_engine, bundled_default_policy())
 
     @cached_property
     def grants(self) -> GrantService:
@@ -173,10 +172,9 @@ class Services:
             notifier = WebhookNotifier(s.approval_webhook_url,
                                        s.approval_webhook_secret.encode("utf-8"),
                                        max_attempts=s.approval_webhook_max_attempts)
-        config = PolicyConfig(cache_size=s.policy_cache_size,
-                              approval_ttl_seconds=s.approval_ttl_seconds)
+        config = PolicyConfig(approval_ttl_seconds=s.approval_ttl_seconds)
         return DecisionService(self._policy_repository, self.clock, self.audit_writer,
-                               PolicyEngine(cache_size=s.policy_cache_size), self.policy_admin,
+                               self._policy_engine, self.policy_admin,
                                self.grants, config, notifier)
 
     @cached_property
@@ -197,6 +195,12 @@ class Services:
     def policy(self) -> PolicyService:
         """Policy admin, decisions, approvals and grants behind one handle."""
         return PolicyService(self.policy_admin, self.decisions, self.approvals, self.grants)
+
+    @cached_property
+    def _policy_engine(self) -> PolicyEngine:
+        # One engine for admin and decisions: a policy compiled when it is installed is the
+        # one decisions use.
+        return PolicyEngine(cache_size=self.settings.policy_cache_size)
 
     @cached_property
     def _wakeups(self) -> Wakeups:

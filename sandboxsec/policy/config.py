@@ -9,9 +9,8 @@ __all__ = ["ApprovalConfig", "GrantConfig", "PolicyConfig"]
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Decisions: compiled policies kept, and how long an approval request stays open."""
+    """Decisions: how long an approval request they open stays open."""
 
-    cache_size: int
     approval_ttl_seconds: int
 
 

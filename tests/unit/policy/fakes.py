@@ -303,6 +303,6 @@ def build(texts: Mapping[int, str] | None = None) -> Kit:
     approvals = ApprovalService(repo, clock, audit, grants, wakeups,
                                 ApprovalConfig(wait_max_seconds=5, recheck_seconds=0.05))
     decisions = DecisionService(repo, clock, audit, PolicyEngine(cache_size=8), policies,
-                                grants, PolicyConfig(cache_size=8, approval_ttl_seconds=600),
+                                grants, PolicyConfig(approval_ttl_seconds=600),
                                 notifier)
     return Kit(repo, audit, signer, clock, notifier, policies, grants, approvals, decisions)
