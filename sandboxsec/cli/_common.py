@@ -11,16 +11,17 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
-from sqlalchemy.engine import make_url
+from typing import TYPE_CHECKING, Any
 
 from sandboxsec.display import visible
 from sandboxsec.errors import ConfigurationError
-from sandboxsec.services import Services
-from sandboxsec.settings import Settings
-from sandboxsec.storage.db import DatabaseMissingError
+
+# The composition root, the settings and the database stack are imported where they are
+# used: commands that need none of them (the offline ``audit verify``, ``image``) start
+# without loading every domain.
+if TYPE_CHECKING:
+    from sandboxsec.services import Services
+    from sandboxsec.settings import Settings
 
 __all__ = ["OUTPUT_FORMATS", "describe_database", "emit", "load_settings", "open_services",
            "print_json", "sqlite_path"]
@@ -30,6 +31,10 @@ OUTPUT_FORMATS = ("table", "json")
 
 def load_settings() -> Settings:
     """The settings from the environment, or one clear :class:`ConfigurationError`."""
+    from pydantic import ValidationError
+
+    from sandboxsec.settings import Settings
+
     try:
         return Settings()
     except ValidationError as exc:
@@ -43,6 +48,8 @@ def load_settings() -> Settings:
 
 def sqlite_path(url: str) -> Path | None:
     """The file of an SQLite URL (``None`` for other databases or an in-memory one)."""
+    from sqlalchemy.engine import make_url
+
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database \
             or parsed.database == ":memory:":
@@ -52,6 +59,8 @@ def sqlite_path(url: str) -> Path | None:
 
 def describe_database(settings: Settings) -> str:
     """Which database the settings select, without its password."""
+    from sqlalchemy.engine import make_url
+
     url = settings.resolved_database_url()
     path = sqlite_path(url)
     if path is not None:
@@ -68,6 +77,9 @@ def open_services(*, migrate: bool = False, check_schema: bool = True) -> Servic
     with the wrong settings says so instead of starting an empty database whose keys the
     server would never accept.
     """
+    from sandboxsec.services import Services
+    from sandboxsec.storage.db import DatabaseMissingError
+
     settings = load_settings()
     print(f"sandboxsec: database {describe_database(settings)}", file=sys.stderr)
     path = sqlite_path(settings.resolved_database_url())

@@ -18,7 +18,7 @@ import pytest
 from sandboxsec import __version__
 from sandboxsec.cli import main
 from tests.integration.core.test_cli_serve import SANDBOXSEC, _env, _free_port
-from tests.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster
 
 
 class _Cli:
