@@ -162,7 +162,8 @@ class Services:
 
     @cached_property
     def _policy_in_force(self) -> PolicyInForce:
-        return PolicyInForce(self._policy_repository, self._policy_engine, self.policy_admin)
+        return PolicyInForce(self._policy_repository, self._policy_engine,
+                             self.policy_admin.text)
 
     @cached_property
     def grants(self) -> GrantService:

@@ -8,13 +8,12 @@ decision did (:func:`~sandboxsec.policy.context.action_context`) and decides it 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.policy.context import SessionFacts, action_context, session_facts
-from sandboxsec.policy.decisions import PolicyTexts
 from sandboxsec.policy.engine import ActionContext, CompiledPolicy, PolicyEngine
 from sandboxsec.policy.models import ApprovalRequest, GrantRecord
 from sandboxsec.policy.redecide import reconsider_grant, reconsider_pending
@@ -29,7 +28,8 @@ class PolicyInForce:
     """Decides pending requests and grants again under the tenant's policy in force now."""
 
     def __init__(self, repo: PolicyRepository, engine: PolicyEngine,
-                 texts: PolicyTexts) -> None:
+                 texts: Callable[[str, int], str]) -> None:
+        """``texts(tenant_id, version)`` is the text of a policy version (policy admin)."""
         self._repo = repo
         self._engine = engine
         self._texts = texts
@@ -37,7 +37,7 @@ class PolicyInForce:
     def _policy(self, tx: Tx, tenant_id: str) -> tuple[int, CompiledPolicy]:
         version = self._repo.current_version(tx, tenant_id)
         return version, self._engine.policy_for(
-            tenant_id, version, lambda: self._texts.text(tenant_id, version))
+            tenant_id, version, lambda: self._texts(tenant_id, version))
 
     def _login_seen(self, tx: Tx, ctx: ActionContext) -> ActionContext:
         if ctx.action != "login" or ctx.domain is None:
