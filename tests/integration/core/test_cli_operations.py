@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from sandboxsec import __version__
 from sandboxsec.cli import main
 from tests.integration.core.test_cli_serve import SANDBOXSEC, _env, _free_port
 from tests.support.pgcluster import PgCluster
+
+_LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[")
 
 
 class _Cli:
@@ -43,7 +46,10 @@ class _Cli:
         except SystemExit as exc:  # argparse: --version, usage errors
             code = int(exc.code or 0)
         out = self.capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+        # Log lines of background threads (the audit checkpoint sweeper) are not the output.
+        stdout = "".join(line for line in out.out.splitlines(keepends=True)
+                         if not _LOG_LINE.match(line))
+        return SimpleNamespace(returncode=code, stdout=stdout, stderr=out.err)
 
 
 @pytest.fixture
