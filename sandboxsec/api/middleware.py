@@ -13,6 +13,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandboxsec.encoding import json_lone_surrogate
+
 __all__ = ["Metrics", "RequestGuard"]
 
 
@@ -160,6 +162,12 @@ class RequestGuard:
         if body and _json_too_deep(body, self.max_depth):
             await _send_error(send, 400, "json_too_deep",
                               f"JSON nesting is limited to {self.max_depth} levels", rid)
+            return
+        if body and json_lone_surrogate(body):
+            # Text that cannot be encoded as UTF-8 would fail deep inside a handler (a
+            # database driver, a signature, a hash) as a 500: refuse it at the door.
+            await _send_error(send, 400, "invalid_input",
+                              "the body is not valid UTF-8 text (a lone surrogate)", rid)
             return
 
         replayed = False

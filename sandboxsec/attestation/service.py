@@ -64,6 +64,7 @@ from sandboxsec.attestation.x509chain import (
 )
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
@@ -412,7 +413,7 @@ class AttestationService:
         """Verify evidence and, when affirming, issue a token; the verdict is audited.
 
         The nonce is consumed by this submission whatever the verdict.  The clock state of a
-        bound AK advances only on a quote whose signature verified.
+        bound AK advances only on a fully valid (affirming) quote.
         """
         now = self._s.clock.now()
         settings = self._s.settings
@@ -676,6 +677,6 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
 def decode_evidence_field(value: str, what: str) -> bytes:
     """Strict standard base64 of one evidence field, or :class:`EvidenceMalformedError`."""
     try:
-        return base64.b64decode(value, validate=True)
+        return b64decode_strict(value)
     except (ValueError, TypeError):
-        raise EvidenceMalformedError(f"{what} is not standard base64") from None
+        raise EvidenceMalformedError(f"{what} is not canonical standard base64") from None

@@ -10,7 +10,6 @@ hmac v1" || 0x00 || log_id)``, so each tenant's MACs are unlinkable to another t
 
 from __future__ import annotations
 
-import base64
 import secrets
 import threading
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sandboxsec.audit.checkpoint import key_id, verifier_key
 from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.statefiles import create_once
 
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
@@ -46,7 +46,7 @@ def load_public_key(data: bytes) -> Ed25519PublicKey:
     parts = text.decode("ascii").split("+", 2)
     if len(parts) != 3:
         raise ValueError("the public key is neither PEM nor a signed-note verifier key")
-    raw = base64.b64decode(parts[2], validate=True)
+    raw = b64decode_strict(parts[2])
     if len(raw) != 33 or raw[0] != 1:
         raise ValueError("the verifier key is not an Ed25519 key")
     key = Ed25519PublicKey.from_public_bytes(raw[1:])

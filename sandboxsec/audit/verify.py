@@ -10,7 +10,6 @@ position, so it never parses an entry as JSON; that keeps it well above 500,000 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import itertools
@@ -45,6 +44,7 @@ from sandboxsec.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from sandboxsec.encoding import b64decode_strict
 
 __all__ = ["EntryProofReport", "ExportReport", "verify_entry_proof", "verify_export"]
 
@@ -72,7 +72,7 @@ def _b64_hashes(values: Any, what: str) -> list[bytes]:
     out = []
     for v in values:
         try:
-            h = base64.b64decode(v, validate=True)
+            h = b64decode_strict(v)
         except (binascii.Error, ValueError, TypeError) as exc:
             raise AuditExportMalformedError(f"{what} holds a value that is not base64") from exc
         if len(h) != HASH_SIZE:

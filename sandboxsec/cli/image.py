@@ -46,7 +46,7 @@ from sandboxsec.errors import InputError, SandboxSecError
 
 __all__ = ["register"]
 
-_PCR_ARG = re.compile(r"(?:(?P<bank>[a-z0-9]+):)?(?P<index>\d{1,2})=(?P<hex>[0-9a-fA-F]+)")
+_PCR_ARG = re.compile(r"(?:(?P<bank>[a-z0-9]+):)?(?P<index>0|[1-9][0-9]?)=(?P<hex>[0-9a-fA-F]+)")
 _MAX_INPUT_FILE = 4 * 1024 * 1024
 
 

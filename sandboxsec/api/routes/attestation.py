@@ -14,6 +14,7 @@ from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.attestation.errors import EvidenceMalformedError
 from sandboxsec.attestation.service import decode_evidence_field
 from sandboxsec.attestation.verifier import Evidence
+from sandboxsec.encoding import ascii_int, hex_decode_strict
 from sandboxsec.principal import Principal
 
 router = APIRouter(tags=["attestation"])
@@ -101,12 +102,15 @@ def _pcrs(raw: dict[str, dict[str, str]]) -> dict[str, dict[int, bytes]]:
     for bank, values in raw.items():
         parsed: dict[int, bytes] = {}
         for index, value in values.items():
-            if not index.isdigit() or len(index) > 2 or not 0 <= int(index) < 24:
-                raise EvidenceMalformedError(f"PCR index {index[:8]!r} is not 0..23")
+            # ASCII digits only: str.isdigit() is true for "²" and "①", which int() refuses.
             try:
-                parsed[int(index)] = bytes.fromhex(value)
+                number = ascii_int(index, maximum=23)
             except ValueError:
-                raise EvidenceMalformedError(f"PCR {bank}:{index} is not hex") from None
+                raise EvidenceMalformedError("a PCR index is not a decimal 0..23") from None
+            try:
+                parsed[number] = hex_decode_strict(value)
+            except ValueError:
+                raise EvidenceMalformedError(f"PCR {bank}:{number} is not hex") from None
         out[bank] = parsed
     return out
 
