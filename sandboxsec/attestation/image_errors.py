@@ -22,7 +22,11 @@ __all__ = [
     "CertificateAlgorithmError",
     "CertificateChainError",
     "CertificateChainTooLongError",
+    "CertificateCrlAlgorithmError",
     "CertificateCrlInvalidError",
+    "CertificateCrlIssuerError",
+    "CertificateCrlNotCurrentError",
+    "CertificateCrlScopeError",
     "CertificateEkuError",
     "CertificateExpiredError",
     "CertificateKeyUsageError",
@@ -167,6 +171,31 @@ class CertificateCrlInvalidError(CertificateChainError):
     """A configured CRL is not signed by its issuer or is past its nextUpdate."""
 
     code = "cert_crl_invalid"
+
+
+class CertificateCrlNotCurrentError(CertificateCrlInvalidError):
+    """A configured CRL's thisUpdate is in the future, or it has no or a past nextUpdate."""
+
+    code = "cert_crl_not_current"
+
+
+class CertificateCrlScopeError(CertificateCrlInvalidError):
+    """A configured CRL is not a complete CRL (issuingDistributionPoint, delta CRL) or has
+    an unsupported critical extension."""
+
+    code = "cert_crl_scope_unsupported"
+
+
+class CertificateCrlIssuerError(CertificateCrlInvalidError):
+    """The issuer a configured CRL names may not sign CRLs (keyUsage without cRLSign)."""
+
+    code = "cert_crl_issuer_not_crl_signer"
+
+
+class CertificateCrlAlgorithmError(CertificateCrlInvalidError):
+    """A configured CRL is signed with an algorithm outside policy (weak or unknown hash)."""
+
+    code = "cert_crl_algorithm_unsupported"
 
 
 # -- trust store -------------------------------------------------------------------------------

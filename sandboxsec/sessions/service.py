@@ -50,6 +50,8 @@ class SessionService:
             claims = self._s.attestation.verify_token(attestation_token, tenant_id=who.tenant_id)
             if claims.status != "affirming":
                 raise TokenNotAffirmingError("the attestation was not affirming")
+            # A revocation since the token was issued (EK chain, image) stops the session.
+            self._s.attestation.check_standing(who.tenant_id, claims.ak_name, claims.image_digest)
             # 4. Claim the verdict and create the session in one transaction.
             session_id = new_id("ses")
             expires = now + timedelta(seconds=self._s.settings.session_ttl_seconds)
