@@ -298,8 +298,13 @@ def _der_prefix(data: bytes) -> bytes:
     return data[: 2 + n + length]
 
 
-def start_swtpm(directory: Path) -> SwTpm:
-    """Manufacture a vTPM with EK certificates from a CA of its own, and start it."""
+def start_swtpm(directory: Path, *, banks: tuple[str, ...] = ("sha256",)) -> SwTpm:
+    """Manufacture a vTPM with EK certificates from a CA of its own, and start it.
+
+    ``banks`` are the PCR banks it activates (:meth:`SwTpm.measure_boot` extends SHA-256).
+    """
+    if not banks or any(b not in ("sha1", "sha256", "sha384", "sha512") for b in banks):
+        raise ValueError("banks must be among sha1, sha256, sha384, sha512")
     ca = directory / "ca"
     state = directory / "state"
     ca.mkdir()
@@ -316,7 +321,7 @@ def start_swtpm(directory: Path) -> SwTpm:
         f"create_certs_tool = {_tool('swtpm_localca')}\n"
         f"create_certs_tool_config = {directory}/localca.conf\n"
         f"create_certs_tool_options = {directory}/localca.options\n"
-        "active_pcr_banks = sha256\n"
+        f"active_pcr_banks = {','.join(banks)}\n"
     )
     subprocess.run(  # noqa: S603 - fixed argv, no shell
         [_tool("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--create-ek-cert", "--ecc",

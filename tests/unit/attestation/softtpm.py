@@ -169,7 +169,9 @@ def make_manifest(
     event_digests: Mapping[int, tuple[bytes, ...]] | None = None,
     expires_at: datetime | None = None,
     image_digest: str = IMAGE_DIGEST,
+    banks: Mapping[str, Mapping[int, bytes]] | None = None,
 ) -> bytes:
+    """A signed manifest pinning ``pcrs`` (SHA-256), or the values of ``banks`` when given."""
     # Imported here so the quote and event-log tests do not depend on the image module.
     from sandboxsec.attestation.image import ReferenceValues, sign_manifest
 
@@ -179,7 +181,8 @@ def make_manifest(
         version="1.0",
         expires_at=expires_at or datetime(2027, 6, 1, tzinfo=UTC),
         reference=ReferenceValues(
-            pcrs={"sha256": dict(pcrs)}, event_digests=dict(event_digests or {})
+            pcrs={b: dict(v) for b, v in banks.items()} if banks else {"sha256": dict(pcrs)},
+            event_digests=dict(event_digests or {}),
         ),
         key=publisher.leaf.key,  # type: ignore[arg-type]
         cert_chain=publisher.chain,
