@@ -48,12 +48,14 @@ ISSUER: Final = "urn:sandboxsec"
 class JwsError(ValueError):
     """The compact JWS is malformed, names an unknown key, or its signature does not verify.
 
-    Callers turn it into their own reason code; ``reason`` says which step failed.
+    Callers turn it into their own reason code: ``kind`` is ``"malformed"``,
+    ``"unknown_key"`` or ``"signature"``; ``reason`` is a sentence.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "malformed") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 class _PinnedRegistry(JWSRegistry):
@@ -132,12 +134,12 @@ def verify_compact(
         raise JwsError(f"the JWS header must be alg {ALG} without crit")
     kid = header.get("kid")
     if not isinstance(kid, str) or kid not in keys:
-        raise JwsError("the JWS is signed by an unknown key")
+        raise JwsError("the JWS is signed by an unknown key", "unknown_key")
     # 3. The signature, through the pinned registry.
     try:
         verified = jws.deserialize_compact(token, _public(keys[kid]), registry=_REGISTRY)
     except JwsError:
         raise
     except (JoseError, ValueError, RecursionError):
-        raise JwsError("the JWS signature does not verify") from None
+        raise JwsError("the JWS signature does not verify", "signature") from None
     return header, verified.payload

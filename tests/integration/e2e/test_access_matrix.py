@@ -40,6 +40,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/approvals/{approval_id}/deny"): {"approver"},
     ("POST", "/v1/grants/verify"): ALL,
     ("GET", "/v1/grants/keys"): PUBLIC,
+    ("GET", "/v1/grants/jwks"): PUBLIC,
     ("GET", "/v1/policy"): {"admin"},
     ("PUT", "/v1/policy"): {"admin"},
     ("POST", "/v1/policy/validate"): {"admin"},

@@ -105,7 +105,7 @@ def test_approver_approves_in_the_browser_and_the_agent_wakes(live: Live) -> Non
     waiter.join(40)
     assert woke and woke[0].status_code == 200
     assert woke[0].json()["state"] == "approved"
-    assert woke[0].json()["grant"].startswith("sgr1.")
+    assert woke[0].json()["grant"].count(".") == 2
 
 
 def test_agent_key_in_the_page_cannot_approve(live: Live) -> None:
