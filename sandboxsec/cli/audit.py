@@ -17,6 +17,7 @@ from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.keys import load_public_key
 from sandboxsec.audit.record import SERVICE_LOG
 from sandboxsec.audit.verify import verify_entry_proof, verify_export
+from sandboxsec.cli._args import decimal
 
 __all__ = ["register"]
 
@@ -53,9 +54,9 @@ def register(subs: Any) -> None:
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--tenant", help="tenant id or name")
     who.add_argument("--service", action="store_true", help="the service's own log")
-    e.add_argument("--from", dest="start", type=int, default=0)
-    e.add_argument("--to", dest="end", type=int, default=None)
-    e.add_argument("--since", type=int, default=None)
+    e.add_argument("--from", dest="start", type=decimal, default=0)
+    e.add_argument("--to", dest="end", type=decimal, default=None)
+    e.add_argument("--since", type=decimal, default=None)
     e.add_argument("-o", "--output", type=Path, required=True)
     e.set_defaults(handler=_export)
 
