@@ -33,6 +33,7 @@ __all__ = [
     "CertificateMalformedError",
     "CertificateNotCaError",
     "CertificateNotYetValidError",
+    "CertificatePathInvalidError",
     "CertificatePathLengthError",
     "CertificateRef",
     "CertificateRevokedError",
@@ -167,6 +168,13 @@ class CertificateChainTooLongError(CertificateChainError):
     code = "cert_chain_too_long"
 
 
+class CertificatePathInvalidError(CertificateChainError):
+    """The RFC 5280 path validator (cryptography's) refused a chain this module's own checks
+    passed; the message carries the validator's reason."""
+
+    code = "cert_path_invalid"
+
+
 class CertificateCrlInvalidError(CertificateChainError):
     """A configured CRL is not signed by its issuer or is past its nextUpdate."""
 
@@ -174,9 +182,9 @@ class CertificateCrlInvalidError(CertificateChainError):
 
 
 class CertificateCrlNotCurrentError(CertificateCrlInvalidError):
-    """A configured CRL's thisUpdate is in the future, or it has no or a past nextUpdate."""
+    """A configured CRL's thisUpdate is in the future (a stale one is ``cert_crl_invalid``)."""
 
-    code = "cert_crl_not_current"
+    code = "cert_crl_not_yet_valid"
 
 
 class CertificateCrlScopeError(CertificateCrlInvalidError):

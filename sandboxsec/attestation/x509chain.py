@@ -30,6 +30,14 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAlgorithmOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from sandboxsec.attestation.image_errors import (
     CertificateAlgorithmError,
@@ -46,6 +54,7 @@ from sandboxsec.attestation.image_errors import (
     CertificateMalformedError,
     CertificateNotCaError,
     CertificateNotYetValidError,
+    CertificatePathInvalidError,
     CertificatePathLengthError,
     CertificateRef,
     CertificateRevokedError,
@@ -343,6 +352,12 @@ def verify_chain(
         leaf_may_be_ca=leaf_may_be_ca,
     )
 
+    # 8. The path validator of record: cryptography's RFC 5280 / Web PKI verifier must agree
+    #    (signatures, names, validity, basicConstraints, pathLen, unknown critical
+    #    extensions).  The checks above run first so a refusal names the certificate and
+    #    reason precisely; a chain either refuses is refused.
+    _library_check(path, pool, roots, now, max_intermediates, required_eku)
+
     return VerifiedChain(
         leaf=leaf,
         path=path,
@@ -419,6 +434,66 @@ def _build_path(
         f"no trust root within {max_intermediates} intermediates",
         certificate=describe(current, f"intermediate {max_intermediates}"),
     )
+
+
+def _ca_key_usage(_policy: Policy, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError("keyUsage of a CA lacks keyCertSign")
+
+
+def _ee_eku(required: x509.ObjectIdentifier | None) -> object:
+    def check(_policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        if required is not None and eku is not None and required not in eku:
+            raise ValueError(f"extendedKeyUsage lacks {required.dotted_string}")
+
+    return check
+
+
+def _library_expressible(path: Sequence[x509.Certificate]) -> bool:
+    """The library's Web PKI profile forbids EdDSA keys and signatures, which this project
+    accepts for publishers: such chains are checked by this module alone (and by the
+    differential corpus against OpenSSL)."""
+    for cert in path:
+        if cert.signature_algorithm_oid in _EDDSA_SIGNATURES and cert is not path[-1]:
+            return False
+        if isinstance(cert.public_key(), ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            return False
+    return True
+
+
+def _library_check(
+    path: tuple[x509.Certificate, ...],
+    pool: Sequence[x509.Certificate],
+    roots: tuple[x509.Certificate, ...],
+    now: datetime,
+    max_intermediates: int,
+    required_eku: x509.ObjectIdentifier | None,
+) -> None:
+    if len(path) == 1 or not _library_expressible(path):
+        return  # a pinned root as its own leaf has no path to validate
+    ca_policy = (
+        ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    )
+    ee_policy = ExtensionPolicy.permit_all().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_eku(required_eku)  # type: ignore[arg-type]
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(roots)))
+        .time(now)
+        .max_chain_depth(max_intermediates + 1)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(path[0], list(pool))
+    except VerificationError as exc:
+        raise CertificatePathInvalidError(
+            f"the RFC 5280 path validator refused the chain: {exc}",
+            certificate=describe(path[0], "leaf"),
+        ) from None
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
@@ -564,7 +639,7 @@ def check_crl(
         )
     next_update = crl.next_update_utc
     if next_update is None or now > next_update:
-        raise CertificateCrlNotCurrentError(
+        raise CertificateCrlInvalidError(
             "the CRL of this issuer has no nextUpdate or is past it", certificate=ref
         )
     # 5. Scope: only complete CRLs are accepted, so no partition can hide a revocation.

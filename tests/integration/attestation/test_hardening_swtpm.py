@@ -400,7 +400,7 @@ def _crl_case(case: str, manufacturer: Issued, serial: int) -> x509.CertificateR
 
 @pytest.mark.parametrize(
     ("case", "code"),
-    [("future", "cert_crl_not_current"), ("partial", "cert_crl_scope_unsupported"),
+    [("future", "cert_crl_not_yet_valid"), ("partial", "cert_crl_scope_unsupported"),
      ("sha224", "cert_crl_algorithm_unsupported")],
 )
 def test_bad_crl_for_the_ek_issuer_is_refused(
