@@ -255,9 +255,10 @@ def test_pcr_pinned_by_event_digests_must_be_quoted(
     assert verify(client, tenant, body)["status"] == "affirming"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tpm384(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
-    """A vTPM with SHA-256 and SHA-384 banks: the attack quotes only SHA-384."""
+    """A fresh vTPM with SHA-256 and SHA-384 banks (the test extends PCRs from their reset
+    values, so one per test): the attack quotes only SHA-384."""
     device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm384")),
                             banks=("sha256", "sha384"))
     try:
@@ -294,8 +295,6 @@ def test_allow_list_uses_only_banks_the_quote_signed(
         else:
             pcr9_384 = hashlib.sha384(pcr9_384 + digests["sha384"]).digest()
     bind(client, tenant, tpm)
-    from sandboxsec.attestation.image import ReferenceValues  # noqa: F401 - shape reminder
-
     manifest = make_manifest(publisher, {}, banks={"sha384": {0: pcr0_384}},
                              event_digests={9: (hashlib.sha256(good).digest(),)},
                              image_digest="sha256:" + hashlib.sha256(good).hexdigest())
