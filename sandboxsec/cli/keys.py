@@ -7,7 +7,7 @@ from typing import Any
 
 from sandboxsec.cli._args import decimal
 from sandboxsec.cli._common import open_services, print_json
-from sandboxsec.crypto.service import KeyStatus
+from sandboxsec.crypto.admin import KeyStatus
 
 __all__ = ["register"]
 
@@ -52,9 +52,9 @@ def _rotate(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        services.trajectory.rotate(tenant.id, None)
-        result = services.trajectory.rewrap(tenant.id, None) if args.rewrap else None
-        status = services.trajectory.status(tenant.id)
+        services.key_admin.rotate(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None) if args.rewrap else None
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     out = _status_json(status)
@@ -69,7 +69,7 @@ def _rewrap(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        result = services.trajectory.rewrap(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None)
     finally:
         services.close()
     print_json({"tenant_id": tenant.id, "version": result.version,
@@ -81,7 +81,7 @@ def _retire(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.retire(tenant.id, None, args.min_version)
+        status = services.key_admin.retire(tenant.id, None, args.min_version)
     finally:
         services.close()
     print_json(_status_json(status))
@@ -92,7 +92,7 @@ def _status(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.status(tenant.id)
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     print_json(_status_json(status))

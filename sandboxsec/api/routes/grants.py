@@ -61,7 +61,7 @@ class GrantJwks(BaseModel):
 def verify_grant(body: GrantVerifyIn, services: ServicesDep,
                  who: Annotated[Principal, Depends(require("grant:verify"))]) -> GrantVerifyOut:
     """Valid once: a used, expired, or differently-parametrised grant is refused with its reason."""
-    v = services.policy.verify_grant(who, token=body.grant, action=body.action,
+    v = services.grants.verify_grant(who, token=body.grant, action=body.action,
                                      params=body.params, resource=body.resource)
     return GrantVerifyOut(grant_id=v.grant_id, session_id=v.session_id,
                           approval_id=v.approval_id, action=v.action, resource=v.resource,
@@ -72,7 +72,7 @@ def verify_grant(body: GrantVerifyIn, services: ServicesDep,
 def grant_keys(services: ServicesDep) -> GrantKeys:
     """The public keys grants are signed with (public: no key needed)."""
     return GrantKeys(keys={k: base64.b64encode(v).decode("ascii")
-                           for k, v in services.policy.public_keys().items()})
+                           for k, v in services.grants.public_keys().items()})
 
 
 @router.get("/grants/jwks", response_model=GrantJwks)
@@ -80,5 +80,5 @@ def grant_jwks(services: ServicesDep) -> GrantJwks:
     """The grant keys as a JWK Set, so any JOSE library checks a grant offline (public)."""
     return GrantJwks(keys=[
         jose.okp_jwk(Ed25519PublicKey.from_public_bytes(raw), kid)
-        for kid, raw in sorted(services.policy.public_keys().items())
+        for kid, raw in sorted(services.grants.public_keys().items())
     ])

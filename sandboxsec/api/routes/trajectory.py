@@ -17,10 +17,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
-from sandboxsec.crypto.service import RecordView
 from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
+from sandboxsec.trajectory.views import RecordView
 
 __all__ = ["router"]
 

@@ -45,8 +45,8 @@ from tests.integration.attestation.test_swtpm import (
     nonce,
     verify,
 )
-from tests.unit.attestation.pki import Issued, Publisher, make_ca, make_crl, make_leaf
-from tests.unit.attestation.softtpm import make_manifest
+from tests.support.pki import Issued, Publisher, make_ca, make_crl, make_leaf
+from tests.support.softtpm import make_manifest
 
 pytestmark = [
     pytest.mark.swtpm,
@@ -70,7 +70,7 @@ def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
 
 @pytest.fixture(scope="module")
 def publisher() -> Publisher:
-    from tests.unit.attestation.pki import make_publisher
+    from tests.support.pki import make_publisher
 
     return make_publisher(not_before=TODAY - timedelta(days=1),
                           not_after=TODAY + timedelta(days=30))

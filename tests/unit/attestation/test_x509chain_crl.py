@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes
 
 from sandboxsec.attestation.image_errors import CertificateChainError
 from sandboxsec.attestation.x509chain import verify_chain
-from tests.unit.attestation.pki import DAY, NOW, Issued, make_ca, make_crl, make_leaf
+from tests.support.pki import DAY, NOW, Issued, make_ca, make_crl, make_leaf
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from sandboxsec.attestation.image_errors import CertificateChainError
 from sandboxsec.attestation.x509chain import verify_chain
-from tests.unit.attestation.pki import DAY, NOW, make_ca, make_leaf
+from tests.support.pki import DAY, NOW, make_ca, make_leaf
 
 OpenSSL = pytest.importorskip("OpenSSL.crypto")
 
