@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from sandboxsec.crypto.keys import KeyProvider
     from sandboxsec.crypto.service import TrajectoryService
     from sandboxsec.policy.service import PolicyService
+    from sandboxsec.sessions.binding import SessionBinding
     from sandboxsec.sessions.service import SessionService
     from sandboxsec.tenants.service import TenantService
 
@@ -84,6 +85,12 @@ class Services:
         from sandboxsec.sessions.service import SessionService
 
         return SessionService(self)
+
+    @cached_property
+    def session_binding(self) -> SessionBinding:
+        from sandboxsec.sessions.binding import SessionBinding
+
+        return SessionBinding(self.settings, self.db, self.clock, self.audit)
 
     def close(self) -> None:
         """Stop background work of every service that was built, then close the database."""

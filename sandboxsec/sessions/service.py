@@ -20,6 +20,8 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
+from sandboxsec.sessions.binding import RequestProof
+from sandboxsec.sessions.errors import SessionKeyRequiredError
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.storage.tenancy import get_scoped
 
@@ -35,12 +37,15 @@ class SessionService:
     def __init__(self, services: Services) -> None:
         self._s = services
 
-    def start(self, who: Principal, attestation_token: str) -> AgentSession:
+    def start(self, who: Principal, attestation_token: str,
+              proof: RequestProof | None = None) -> AgentSession:
         """Start a session on an affirming, unexpired, unused token of ``who``'s tenant.
 
         Checks, in order: a token is present; its signature, expiry and tenant verify; its
-        status is affirming; its verdict was not used by another session.  Each refusal
-        raises its own reason code and is audited.
+        status is affirming; it names a certified session key (``cnf.jkt``, unless
+        ``require_session_key`` is off) and ``proof`` is a session proof by that key whose
+        ``sid`` is the token's attestation id; its verdict was not used by another session.
+        Each refusal raises its own reason code and is audited.
         """
         now = self._s.clock.now()
         try:
@@ -50,6 +55,13 @@ class SessionService:
             claims = self._s.attestation.verify_token(attestation_token, tenant_id=who.tenant_id)
             if claims.status != "affirming":
                 raise TokenNotAffirmingError("the attestation was not affirming")
+            # 3b. The session key: the request proves it holds the certified key.
+            if claims.jkt is None:
+                if self._s.settings.require_session_key:
+                    raise SessionKeyRequiredError("the token names no certified session key")
+            else:
+                self._s.session_binding.check_proof(
+                    who, proof, session_id=claims.attestation_id, jkt=claims.jkt, now=now)
             # 4. Claim the verdict and create the session in one transaction.
             session_id = new_id("ses")
             expires = now + timedelta(seconds=self._s.settings.session_ttl_seconds)
@@ -66,6 +78,7 @@ class SessionService:
                     ak_name=claims.ak_name,
                     attested=True,
                     attestation_id=claims.attestation_id,
+                    key_thumbprint=claims.jkt,
                     created_by=who.key_id,
                     created_at=now,
                     expires_at=expires,

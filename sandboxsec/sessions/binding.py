@@ -1,0 +1,190 @@
+"""Sessions bound to the sandbox's TPM-held key: every request in a session proves it.
+
+:class:`SessionBinding` is the adapter between the pure proof verifier
+(:mod:`sandboxsec.sessions.dpop`), the session rows, the replay store and the audit log.
+A route that acts in a session calls :meth:`SessionBinding.require` with the session id it
+acts on *before* it acts; the checks, in order:
+
+1. exactly one ``DPoP`` header (none: ``dpop_proof_missing``);
+2. the session is this tenant's (else 404, as for any other tenant's object), not ended
+   (``session_ended``) and not expired (``session_expired``);
+3. the session has a key (``session_not_bound``; only ``require_session_key=false`` lets an
+   unbound session act, as a bearer handle);
+4. the proof verifies for this request: key, signature, session, method, URL (against the
+   configured external URL, never what a proxy or the Host header says), body, API key,
+   freshness (:func:`sandboxsec.sessions.dpop.verify_proof`);
+5. its ``jti`` was never used with this key, in any worker (``dpop_replayed``).
+
+Refusals after step 2 are audited (``session:proof:refuse`` with the reason code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import update
+
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord, AuditSink
+from sandboxsec.clock import Clock
+from sandboxsec.errors import SandboxSecError
+from sandboxsec.principal import Principal
+from sandboxsec.sessions import dpop
+from sandboxsec.sessions.errors import (
+    DpopMalformedError,
+    DpopMissingError,
+    DpopReplayedError,
+    DpopUrlUnconfiguredError,
+    SessionEndedError,
+    SessionExpiredError,
+    SessionNotBoundError,
+)
+from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.replay import ReplayStore
+from sandboxsec.settings import Settings
+from sandboxsec.storage.db import Database
+from sandboxsec.storage.tenancy import get_scoped
+
+__all__ = ["RequestProof", "SessionBinding", "SessionState"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestProof:
+    """What a request brings to prove it acts for a session: the ``DPoP`` header values and
+    the request as received (method, path, exact body bytes, the API key it carries)."""
+
+    proofs: tuple[str, ...]
+    method: str
+    path: str
+    body: bytes
+    api_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A session as the binding saw it when a request proved it acts in it."""
+
+    session_id: str
+    tenant_id: str
+    key_thumbprint: str | None
+    expires_at: datetime
+
+
+class SessionBinding:
+    """Checks session proofs; ends sessions."""
+
+    def __init__(self, settings: Settings, db: Database, clock: Clock, audit: AuditSink,
+                 *, replay: ReplayStore | None = None,
+                 keys: dpop.KeyCache | None = None) -> None:
+        self._settings = settings
+        self._db = db
+        self._clock = clock
+        self._audit = audit
+        self._replay = replay or ReplayStore(db)
+        self._keys = keys or dpop.KeyCache()
+
+    # -- proofs ---------------------------------------------------------------------------
+
+    def require(self, who: Principal, request: RequestProof, session_id: str) -> SessionState:
+        """Checks 1-5 (module docstring) for a request acting in ``session_id``."""
+        now = self._clock.now()
+        # 1. One proof (checked again with the rest; refused early when there are two).
+        _one(request.proofs)
+        # 2. The tenant's live session.
+        with self._db.session() as s:
+            row = get_scoped(s, AgentSession, who.tenant_id, session_id, what="session")
+            state = SessionState(session_id=row.id, tenant_id=row.tenant_id,
+                                 key_thumbprint=row.key_thumbprint, expires_at=row.expires_at)
+            ended = row.ended_at is not None
+        try:
+            if ended:
+                raise SessionEndedError("the session was ended")
+            if now >= state.expires_at:
+                raise SessionExpiredError("the session has expired")
+            # 3. Bound to a key.
+            if state.key_thumbprint is None:
+                if self._settings.require_session_key:
+                    raise SessionNotBoundError("the session has no TPM-held key to prove")
+                return state
+            # 4-5. The proof, then single use.
+            self.check_proof(who, request, session_id=session_id,
+                             jkt=state.key_thumbprint, now=now)
+        except SandboxSecError as exc:
+            if exc.status < 500:
+                self._refused(who, session_id, exc)
+            raise
+        return state
+
+    def check_proof(self, who: Principal, request: RequestProof | None, *,
+                    session_id: str, jkt: str, now: datetime) -> dpop.VerifiedProof:
+        """Verify the request's proof for ``session_id`` under key ``jkt`` and claim its
+        ``jti`` (checks 4-5; also what starting a session runs, with the attestation id)."""
+        proof = _one(request.proofs) if request is not None else None
+        if request is None or proof is None:
+            raise DpopMissingError("send a DPoP proof signed by the session key")
+        base = self._settings.public_url
+        if not base:
+            raise DpopUrlUnconfiguredError("SANDBOXSEC_PUBLIC_URL is not configured")
+        verified = dpop.verify_proof(
+            proof, method=request.method, url=base.rstrip("/") + request.path,
+            body=request.body, session_id=session_id, jkt=jkt, now=now,
+            max_age_seconds=self._settings.dpop_max_age_seconds,
+            skew_seconds=self._settings.dpop_clock_skew_seconds, api_key=request.api_key,
+            keys=self._keys,
+        )
+        keep_until = datetime.fromtimestamp(
+            verified.iat + self._settings.dpop_max_age_seconds
+            + self._settings.dpop_clock_skew_seconds + 1, UTC)
+        if not self._replay.claim(who.tenant_id, jkt, verified.jti, keep_until=keep_until,
+                                  now=now):
+            raise DpopReplayedError("this proof was already used")
+        return verified
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def end(self, who: Principal, session_id: str, request: RequestProof | None) -> datetime:
+        """End ``session_id`` now: nothing more happens in it, its grants are refused.
+
+        An admin ends any session of its tenant; an agent only the session it proves
+        (``request`` carries the proof).  Ending is audited in the same transaction.
+        """
+        if request is not None:
+            self.require(who, request, session_id)
+        now = self._clock.now()
+        table: Any = AgentSession
+        with self._db.session() as s:
+            row = get_scoped(s, AgentSession, who.tenant_id, session_id, what="session")
+            if row.ended_at is not None:
+                raise SessionEndedError("the session was already ended")
+            if now >= row.expires_at:
+                raise SessionExpiredError("the session has already expired")
+            done = s.execute(
+                update(AgentSession)
+                .where(table.id == session_id, table.tenant_id == who.tenant_id,
+                       table.ended_at.is_(None))
+                .values(ended_at=now, ended_by=who.key_id)
+            )
+            if getattr(done, "rowcount", 0) != 1:
+                raise SessionEndedError("the session was ended concurrently")
+            self._audit.append(
+                AuditRecord.by(who, AuditEvent.SESSION_END, "success",
+                               object_ids={"session_id": session_id},
+                               body={"ended_at": now.isoformat()}),
+                session=s,
+            )
+        return now
+
+    def _refused(self, who: Principal, session_id: str, exc: SandboxSecError) -> None:
+        self._audit.append(AuditRecord.by(who, AuditEvent.SESSION_PROOF_REFUSE, "failure",
+                                          reason=exc.reason,
+                                          object_ids={"session_id": session_id}))
+
+
+def _one(values: Sequence[str]) -> str | None:
+    # RFC 9449 section 4.3: exactly one DPoP header; two are refused, not chosen between.
+    if len(values) > 1:
+        raise DpopMalformedError("send exactly one DPoP header")
+    return values[0] if values else None
