@@ -88,8 +88,13 @@ class SessionBinding:
 
     # -- proofs ---------------------------------------------------------------------------
 
-    def require(self, who: Principal, request: RequestProof, session_id: str) -> SessionState:
-        """Checks 1-5 (module docstring) for a request acting in ``session_id``."""
+    def require(self, who: Principal, request: RequestProof, session_id: str, *,
+                check_open: bool = True) -> SessionState:
+        """Checks 1-5 (module docstring) for a request acting in ``session_id``.
+
+        ``check_open=False`` leaves the ended/expired refusal to the caller's own check, for
+        routes whose domain already refuses a closed session with an established code
+        (``action_session_expired``, ``trajectory_session_closed``)."""
         now = self._clock.now()
         # 1. One proof (checked again with the rest; refused early when there are two).
         _one(request.proofs)
@@ -100,9 +105,9 @@ class SessionBinding:
                                  key_thumbprint=row.key_thumbprint, expires_at=row.expires_at)
             ended = row.ended_at is not None
         try:
-            if ended:
+            if ended and check_open:
                 raise SessionEndedError("the session was ended")
-            if now >= state.expires_at:
+            if now >= state.expires_at and check_open:
                 raise SessionExpiredError("the session has expired")
             # 3. Bound to a key.
             if state.key_thumbprint is None:

@@ -58,7 +58,7 @@ def request_action(body: ActionIn, services: ServicesDep,
     """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``.
 
     The request carries a ``DPoP`` proof by the session's TPM-held key, checked first."""
-    services.session_binding.require(who, proof, body.session_id)
+    services.session_binding.require(who, proof, body.session_id, check_open=False)
     result = services.policy.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,
         params=body.params,
