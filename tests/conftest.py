@@ -118,7 +118,6 @@ def services(settings: Settings, database: Database, clock: FixedClock) -> Itera
 def client(services: Services) -> Iterator[TestClient]:
     """An HTTP client for the app on ``services`` (no network: ASGI in process)."""
     from sandboxsec.api.app import create_app
-
     from tests.sessionkeys import ProofAuth
 
     with TestClient(create_app(services), raise_server_exceptions=False) as c:

@@ -223,6 +223,11 @@ class ApiClient:
             headers["DPoP"] = self.proof(method, url, session, body)
         return self._http.request(method, url, headers=headers, **kwargs)
 
+    def use_session(self, other: ApiClient) -> None:
+        """Prove with ``other``'s session key and session (another worker of one agent)."""
+        self.session_signer, self.session_jwk = other.session_signer, other.session_jwk
+        self.session_id = other.session_id
+
     def proof(self, method: str, url: str, session: str, body: bytes) -> str:
         """A session proof for one request (needs a session key: see ``AgentClient.attest``)."""
         if self.session_signer is None or self.session_jwk is None:

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class SwTpm:
     aks: dict[str, tuple[ESYS_TR, bytes]] = field(default_factory=dict)
     session_key_handle: ESYS_TR | None = None
     session_key_public: bytes = b""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- identity ------------------------------------------------------------------------
 
@@ -217,6 +219,11 @@ class SwTpm:
         if self.session_key_handle is None:
             raise RuntimeError("no session key: call new_session_key() first")
         digest = hashlib.sha256(message).digest()
+        with self._lock:  # an ESAPI context is not thread-safe; agent workers share the TPM
+            return self._sign_digest(digest)
+
+    def _sign_digest(self, digest: bytes) -> bytes:
+        assert self.session_key_handle is not None
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
         scheme.details.any.hashAlg = TPM2_ALG.SHA256
         # A NULL ticket: the digest was computed outside the TPM, which is allowed for an

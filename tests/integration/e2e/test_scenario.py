@@ -68,6 +68,8 @@ def _assert_scenario(result: ScenarioResult, printed: list[str], workdir: Path) 
     # Attestation: the real vTPM's quote is affirming; its token starts exactly one session.
     assert (f["attestation_status"], f["attestation_failures"]) == ("affirming", [])
     assert f["token_replay"] == "attestation_token_reused"
+    # A second agent key with the session id proves nothing: no proof, or its own key's.
+    assert f["second_key_refusals"] == ["dpop_proof_missing", "dpop_key_mismatch"]
     # Both sensitive actions wait for a person, with the exact params shown.
     assert f["login_decision"] == f["payment_decision"] == "approval_required"
     assert f["login_state"] == "approved" and f["login_grant_issued"]
