@@ -27,7 +27,7 @@ from typing import Any, Protocol, Self
 
 import httpx
 
-from sandboxsec.clock import SystemClock
+from sandboxsec.clock import Clock, SystemClock
 from sandboxsec.sessions import dpop
 
 __all__ = [
@@ -178,13 +178,14 @@ class ApiClient:
     """JSON over HTTP with one API key; non-2xx answers raise :class:`ApiError`."""
 
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float = 30.0,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx.Client | None = None, clock: Clock | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
         self._http = client if client is not None else httpx.Client(timeout=timeout)
         # The key travels only in this header; it is never part of a URL or an error.
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._api_key = api_key
+        self._clock: Clock = clock or SystemClock()  # a proof's iat
         # The session key: a signer (the TPM) and its public JWK, once a session key exists.
         self.session_signer: dpop.Signer | None = None
         self.session_jwk: dict[str, str] | None = None
@@ -233,7 +234,7 @@ class ApiClient:
         if self.session_signer is None or self.session_jwk is None:
             raise RuntimeError("no session key: attest with a TPM first")
         return dpop.create_proof(self.session_signer, self.session_jwk, method=method, url=url,
-                                 session_id=session, body=body, now=SystemClock().now(),
+                                 session_id=session, body=body, now=self._clock.now(),
                                  api_key=self._api_key)
 
     def call(self, method: str, path: str, *, json: Any = None,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
+from sandboxsec.policy.canonical import canonical_json
 from sandboxsec.policy.engine import Outcome
 from sandboxsec.principal import Principal
 
@@ -57,7 +58,9 @@ def request_action(body: ActionIn, services: ServicesDep,
                    proof: ProofDep) -> ActionOut:
     """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``.
 
-    The request carries a ``DPoP`` proof by the session's TPM-held key, checked first."""
+    The request carries a ``DPoP`` proof by the session's TPM-held key, checked after the
+    body's own shape (params that cannot be canonicalised are a 4xx whatever the session)."""
+    canonical_json(body.params)
     services.session_binding.require(who, proof, body.session_id, check_open=False)
     result = services.policy.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,

@@ -47,7 +47,7 @@ from tests.pgcluster import PgCluster
 from tests.sessionkeys import ProofAuth
 
 #: Fail-closed answers while the database is down.
-DOWN_CODES = {"database_unavailable", "audit_unavailable"}
+DOWN_CODES = {"database_unavailable", "audit_unavailable", "dpop_replay_store_unavailable"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
