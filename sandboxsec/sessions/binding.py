@@ -23,14 +23,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, select, update
+from sqlmodel import Session
 
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord, AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.principal import Principal
 from sandboxsec.sessions import dpop
 from sandboxsec.sessions.errors import (
@@ -49,6 +50,8 @@ from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
 __all__ = ["RequestProof", "SessionBinding", "SessionState"]
+
+_SESSIONS = cast(Table, AgentSession.__table__)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,29 +99,39 @@ class SessionBinding:
         routes whose domain already refuses a closed session with an established code
         (``action_session_expired``, ``trajectory_session_closed``)."""
         now = self._clock.now()
-        # 1. One proof (checked again with the rest; refused early when there are two).
-        _one(request.proofs)
-        # 2. The tenant's live session.
-        with self._db.session() as s:
-            row = get_scoped(s, AgentSession, who.tenant_id, session_id, what="session")
-            state = SessionState(session_id=row.id, tenant_id=row.tenant_id,
-                                 key_thumbprint=row.key_thumbprint, expires_at=row.expires_at)
-            ended = row.ended_at is not None
+        # 1. One proof.
+        proof = _one(request.proofs)
+        state: SessionState | None = None
         try:
-            if ended and check_open:
-                raise SessionEndedError("the session was ended")
-            if now >= state.expires_at and check_open:
-                raise SessionExpiredError("the session has expired")
-            # 3. Bound to a key.
-            if state.key_thumbprint is None:
-                if self._settings.require_session_key:
-                    raise SessionNotBoundError("the session has no TPM-held key to prove")
-                return state
-            # 4-5. The proof, then single use.
-            self.check_proof(who, request, session_id=session_id,
-                             jkt=state.key_thumbprint, now=now)
+            # One transaction for the session's row and the proof's claim: this runs before
+            # every action, so it costs one round trip (Core statements, not the ORM).
+            with self._db.session() as s:
+                # 2. The tenant's live session (another tenant's: 404, raised below).
+                row = s.execute(
+                    select(_SESSIONS.c.key_thumbprint, _SESSIONS.c.expires_at,
+                           _SESSIONS.c.ended_at)
+                    .where(_SESSIONS.c.id == session_id,
+                           _SESSIONS.c.tenant_id == who.tenant_id)
+                ).first()
+                if row is None:
+                    raise NotFoundError("no such session")
+                state = SessionState(session_id=session_id, tenant_id=who.tenant_id,
+                                     key_thumbprint=row.key_thumbprint,
+                                     expires_at=row.expires_at)
+                if row.ended_at is not None and check_open:
+                    raise SessionEndedError("the session was ended")
+                if now >= row.expires_at and check_open:
+                    raise SessionExpiredError("the session has expired")
+                # 3. Bound to a key.
+                if row.key_thumbprint is None:
+                    if self._settings.require_session_key:
+                        raise SessionNotBoundError("the session has no TPM-held key to prove")
+                    return state
+                # 4-5. The proof, then single use.
+                self._verify_and_claim(who, request, proof, session_id=session_id,
+                                       jkt=row.key_thumbprint, now=now, session=s)
         except SandboxSecError as exc:
-            if exc.status < 500:
+            if state is not None and exc.status < 500:
                 self._refused(who, session_id, exc)
             raise
         return state
@@ -128,6 +141,13 @@ class SessionBinding:
         """Verify the request's proof for ``session_id`` under key ``jkt`` and claim its
         ``jti`` (checks 4-5; also what starting a session runs, with the attestation id)."""
         proof = _one(request.proofs) if request is not None else None
+        assert request is not None or proof is None
+        return self._verify_and_claim(who, request, proof, session_id=session_id, jkt=jkt,
+                                      now=now, session=None)
+
+    def _verify_and_claim(self, who: Principal, request: RequestProof | None,
+                          proof: str | None, *, session_id: str, jkt: str, now: datetime,
+                          session: Session | None) -> dpop.VerifiedProof:
         if request is None or proof is None:
             raise DpopMissingError("send a DPoP proof signed by the session key")
         base = self._settings.public_url
@@ -144,7 +164,7 @@ class SessionBinding:
             verified.iat + self._settings.dpop_max_age_seconds
             + self._settings.dpop_clock_skew_seconds + 1, UTC)
         if not self._replay.claim(who.tenant_id, jkt, verified.jti, keep_until=keep_until,
-                                  now=now):
+                                  now=now, session=session):
             raise DpopReplayedError("this proof was already used")
         return verified
 

@@ -17,6 +17,7 @@ from typing import Any, Final, cast
 from sqlalchemy import Table, delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session
 
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.sessions.errors import DpopReplayStoreUnavailableError
@@ -37,24 +38,26 @@ class ReplayStore:
         self._claims = 0
 
     def claim(self, tenant_id: str, jkt: str, jti: str, *, keep_until: datetime,
-              now: datetime) -> bool:
+              now: datetime, session: Session | None = None) -> bool:
         """True if this call is the first use of (``jkt``, ``jti``); False for a replay.
 
-        Raises :class:`DpopReplayStoreUnavailableError` when the claim cannot be recorded.
+        In the caller's transaction when ``session`` is given (the claim then stands or falls
+        with it); otherwise in its own, and :class:`DpopReplayStoreUnavailableError` is raised
+        when the claim cannot be recorded.
         """
         key = hashlib.sha256(f"{jkt}.{jti}".encode()).hexdigest()
         insert = pg_insert if self._db.is_postgres else sqlite_insert
-        try:
-            with self._db.session() as s:
-                won = s.execute(
-                    insert(_PROOFS)
-                    .values(id=key, tenant_id=tenant_id, expires_at=keep_until)
-                    .on_conflict_do_nothing()
-                    .returning(_PROOFS.c.id)
-                ).first()
-        except SandboxSecError as exc:
-            raise DpopReplayStoreUnavailableError(
-                f"the proof replay store is unavailable ({exc.reason})") from None
+        stmt = (insert(_PROOFS).values(id=key, tenant_id=tenant_id, expires_at=keep_until)
+                .on_conflict_do_nothing().returning(_PROOFS.c.id))
+        if session is not None:
+            won = session.execute(stmt).first()
+        else:
+            try:
+                with self._db.session() as s:
+                    won = s.execute(stmt).first()
+            except SandboxSecError as exc:
+                raise DpopReplayStoreUnavailableError(
+                    f"the proof replay store is unavailable ({exc.reason})") from None
         self._claims += 1
         if self._claims % _PURGE_EVERY == 0:
             self.purge(now)
