@@ -204,10 +204,24 @@ def test_bound_session_flow_and_end(agent: Agent, client: TestClient,
 
 
 def test_admin_ends_a_session_and_expiry_refuses(agent: Agent, client: TestClient,
-                                                 tenant: TenantKeys, clock: FixedClock) -> None:
+                                                 tenant: TenantKeys, clock: FixedClock,
+                                                 other_tenant: TenantKeys) -> None:
     sid = agent.start()
+    # Another tenant's admin cannot end it (404, as for an id that does not exist).
+    r = client.post(f"/v1/sessions/{sid}/end", headers=other_tenant.headers("admin"))
+    assert r.status_code == 404
+    # An agent cannot end it without its proof.
+    r = client.post(f"/v1/sessions/{sid}/end", headers=tenant.headers("agent"))
+    assert r.status_code == 401 and code(r) == "dpop_proof_missing"
     r = client.post(f"/v1/sessions/{sid}/end", headers=tenant.headers("admin"))
     assert r.status_code == 200, r.text
+    # Ending and the refused attempt are in the tenant's audit log.
+    export = client.get("/v1/audit/export", headers=tenant.headers("auditor"))
+    assert export.status_code == 200
+    events = [json.loads(line) for line in export.text.splitlines() if line.strip()]
+    text = json.dumps(events)
+    assert "session:session:end" in text and "session:proof:refuse" in text
+    assert "dpop_proof_missing" in text
     assert code(agent.send("GET", f"/v1/sessions/{sid}", sid)) == "session_ended"
     sid2 = agent.start()
     clock.advance(9 * 3600)  # past session_ttl_seconds (8 h)
