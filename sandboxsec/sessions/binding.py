@@ -141,7 +141,6 @@ class SessionBinding:
         """Verify the request's proof for ``session_id`` under key ``jkt`` and claim its
         ``jti`` (checks 4-5; also what starting a session runs, with the attestation id)."""
         proof = _one(request.proofs) if request is not None else None
-        assert request is not None or proof is None
         return self._verify_and_claim(who, request, proof, session_id=session_id, jkt=jkt,
                                       now=now, session=None)
 
