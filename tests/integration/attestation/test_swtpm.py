@@ -128,7 +128,8 @@ def flip_b64(value: str, index: int) -> str:
 
 
 def test_real_tpm_affirming_and_session(env: sw.SwTpm, client: TestClient,
-                                        tenant: TenantKeys, publisher: Publisher) -> None:
+                                        tenant: TenantKeys, publisher: Publisher,
+                                        request: pytest.FixtureRequest) -> None:
     assert bind(client, tenant, env)["bound"] is True
     verdict = verify(client, tenant, evidence(env, nonce(client, tenant),
                                               manifest_for(env, publisher)))
@@ -144,6 +145,8 @@ def test_real_tpm_affirming_and_session(env: sw.SwTpm, client: TestClient,
     n = nonce(client, tenant)
     body = evidence(env, n, manifest_for(env, publisher))
     public = env.new_session_key()
+    # The vTPM holds three transient objects: the other tests of this module need the room.
+    request.addfinalizer(env.drop_session_key)
     attest, signature = env.certify_session_key(n)
     body |= {"session_key": b64(public), "session_key_certify": b64(attest),
              "session_key_signature": b64(signature)}
