@@ -17,7 +17,7 @@ from sandboxsec.principal import Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
-from tests.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster
 
 _counter = itertools.count()
 
@@ -118,7 +118,7 @@ def services(settings: Settings, database: Database, clock: FixedClock) -> Itera
 def client(services: Services) -> Iterator[TestClient]:
     """An HTTP client for the app on ``services`` (no network: ASGI in process)."""
     from sandboxsec.api.app import create_app
-    from tests.sessionkeys import ProofAuth
+    from tests.support.sessionkeys import ProofAuth
 
     with TestClient(create_app(services), raise_server_exceptions=False) as c:
         # Requests acting in a test session carry its proof, as the agent client sends them.
@@ -179,7 +179,7 @@ def make_session(services: Services, tenant: TenantKeys, *, attested: bool = Tru
 
     from sandboxsec.ids import new_id
     from sandboxsec.sessions.models import AgentSession
-    from tests.sessionkeys import new_key
+    from tests.support.sessionkeys import new_key
 
     now = services.clock.now()
     sid = new_id("ses")

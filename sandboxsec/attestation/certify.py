@@ -48,8 +48,8 @@ from sandboxsec.attestation.certify_errors import (
     SessionKeyPublicMalformedError,
 )
 from sandboxsec.attestation.errors import QuoteSignatureInvalidError
+from sandboxsec.attestation.jwk import ec_jwk, jwk_thumbprint
 from sandboxsec.errors import SandboxSecError
-from sandboxsec.sessions.dpop import ec_jwk, jwk_thumbprint
 
 __all__ = [
     "SESSION_KEY_REQUIRED",

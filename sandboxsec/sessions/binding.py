@@ -29,7 +29,8 @@ from sqlalchemy import Table, select, update
 from sqlmodel import Session
 
 from sandboxsec.audit.events import AuditEvent
-from sandboxsec.audit.record import AuditRecord, AuditSink
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
 from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.principal import Principal
@@ -43,15 +44,26 @@ from sandboxsec.sessions.errors import (
     SessionExpiredError,
     SessionNotBoundError,
 )
+from sandboxsec.sessions.liveness import is_live
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.sessions.replay import ReplayStore
-from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
-__all__ = ["RequestProof", "SessionBinding", "SessionState"]
+__all__ = ["BindingConfig", "RequestProof", "SessionBinding", "SessionState"]
 
 _SESSIONS = cast(Table, AgentSession.__table__)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class BindingConfig:
+    """How proofs are checked (``docs/configuration.md``: ``SANDBOXSEC_PUBLIC_URL``,
+    ``SANDBOXSEC_REQUIRE_SESSION_KEY``, ``SANDBOXSEC_DPOP_*``)."""
+
+    public_url: str | None
+    require_session_key: bool = True
+    max_age_seconds: int = 60
+    skew_seconds: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +91,10 @@ class SessionState:
 class SessionBinding:
     """Checks session proofs; ends sessions."""
 
-    def __init__(self, settings: Settings, db: Database, clock: Clock, audit: AuditSink,
+    def __init__(self, config: BindingConfig, db: Database, clock: Clock, audit: AuditSink,
                  *, replay: ReplayStore | None = None,
                  keys: dpop.KeyCache | None = None) -> None:
-        self._settings = settings
+        self._config = config
         self._db = db
         self._clock = clock
         self._audit = audit
@@ -118,13 +130,11 @@ class SessionBinding:
                 state = SessionState(session_id=session_id, tenant_id=who.tenant_id,
                                      key_thumbprint=row.key_thumbprint,
                                      expires_at=row.expires_at)
-                if row.ended_at is not None and check_open:
-                    raise SessionEndedError("the session was ended")
-                if now >= row.expires_at and check_open:
-                    raise SessionExpiredError("the session has expired")
+                if check_open and not is_live(row, now):
+                    _closed(row.ended_at)
                 # 3. Bound to a key.
                 if row.key_thumbprint is None:
-                    if self._settings.require_session_key:
+                    if self._config.require_session_key:
                         raise SessionNotBoundError("the session has no TPM-held key to prove")
                     return state
                 # 4-5. The proof, then single use.
@@ -149,19 +159,19 @@ class SessionBinding:
                           session: Session | None) -> dpop.VerifiedProof:
         if request is None or proof is None:
             raise DpopMissingError("send a DPoP proof signed by the session key")
-        base = self._settings.public_url
+        base = self._config.public_url
         if not base:
             raise DpopUrlUnconfiguredError("SANDBOXSEC_PUBLIC_URL is not configured")
         verified = dpop.verify_proof(
             proof, method=request.method, url=base.rstrip("/") + request.path,
             body=request.body, session_id=session_id, jkt=jkt, now=now,
-            max_age_seconds=self._settings.dpop_max_age_seconds,
-            skew_seconds=self._settings.dpop_clock_skew_seconds, api_key=request.api_key,
+            max_age_seconds=self._config.max_age_seconds,
+            skew_seconds=self._config.skew_seconds, api_key=request.api_key,
             keys=self._keys,
         )
         keep_until = datetime.fromtimestamp(
-            verified.iat + self._settings.dpop_max_age_seconds
-            + self._settings.dpop_clock_skew_seconds + 1, UTC)
+            verified.iat + self._config.max_age_seconds
+            + self._config.skew_seconds + 1, UTC)
         if not self._replay.claim(who.tenant_id, jkt, verified.jti, keep_until=keep_until,
                                   now=now, session=session):
             raise DpopReplayedError("this proof was already used")
@@ -181,10 +191,8 @@ class SessionBinding:
         table: Any = AgentSession
         with self._db.session() as s:
             row = get_scoped(s, AgentSession, who.tenant_id, session_id, what="session")
-            if row.ended_at is not None:
-                raise SessionEndedError("the session was already ended")
-            if now >= row.expires_at:
-                raise SessionExpiredError("the session has already expired")
+            if not is_live(row, now):
+                _closed(row.ended_at)
             done = s.execute(
                 update(AgentSession)
                 .where(table.id == session_id, table.tenant_id == who.tenant_id,
@@ -205,6 +213,13 @@ class SessionBinding:
         self._audit.append(AuditRecord.by(who, AuditEvent.SESSION_PROOF_REFUSE, "failure",
                                           reason=exc.reason,
                                           object_ids={"session_id": session_id}))
+
+
+def _closed(ended_at: datetime | None) -> None:
+    # Which way a session that is not live closed: each has its own reason code.
+    if ended_at is not None:
+        raise SessionEndedError("the session was ended")
+    raise SessionExpiredError("the session has expired")
 
 
 def _one(values: Sequence[str]) -> str | None:

@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from sandboxsec.attestation.jwk import b64url, ec_jwk
+from sandboxsec.attestation.jwk import jwk_thumbprint as _thumbprint
 from sandboxsec.sessions.errors import (
     DpopAthMismatchError,
     DpopBodyMismatchError,
@@ -85,22 +87,12 @@ ALG: Final = "ES256"
 MAX_PROOF_CHARS: Final = 4096
 _MAX_CLAIM: Final = 512
 _PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-#: RFC 7638 section 3.2: the required members of each key type, in lexicographic order.
-_REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
-    "EC": ("crv", "kty", "x", "y"),
-    "RSA": ("e", "kty", "n"),
-    "OKP": ("crv", "kty", "x"),
-}
+_EC_MEMBERS: Final = ("crv", "kty", "x", "y")
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 #: Signs the JWS signing input; returns the raw ``r || s`` signature (64 bytes for ES256).
 Signer = Callable[[bytes], bytes]
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url (RFC 7515 section 2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _unb64url(text: str, what: str) -> bytes:
@@ -124,27 +116,13 @@ def ath_of(api_key: str) -> str:
     return b64url(hashlib.sha256(api_key.encode("utf-8")).digest())
 
 
-def ec_jwk(x: bytes, y: bytes) -> dict[str, str]:
-    """A P-256 public key as a JWK, coordinates left-padded to 32 bytes."""
-    if len(x) > 32 or len(y) > 32:
-        raise ValueError("P-256 coordinates are at most 32 bytes")
-    return {"kty": "EC", "crv": "P-256", "x": b64url(x.rjust(32, b"\0")),
-            "y": b64url(y.rjust(32, b"\0"))}
-
-
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
-    """RFC 7638 SHA-256 thumbprint: the required members only, sorted, no whitespace."""
-    kty = jwk.get("kty")
-    if not isinstance(kty, str) or kty not in _REQUIRED:
-        raise DpopMalformedError("jwk has no supported kty")
-    members = {}
-    for name in _REQUIRED[kty]:
-        value = jwk.get(name)
-        if not isinstance(value, str):
-            raise DpopMalformedError(f"jwk member {name} is missing or not a string")
-        members[name] = value
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-    return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+    """RFC 7638 SHA-256 thumbprint (:func:`sandboxsec.attestation.jwk.jwk_thumbprint`);
+    a key it cannot name is a malformed proof."""
+    try:
+        return _thumbprint(jwk)
+    except ValueError as exc:
+        raise DpopMalformedError(str(exc)) from None
 
 
 def der_to_raw(der: bytes, size: int = 32) -> bytes:
@@ -188,7 +166,7 @@ def create_proof(
     ``url`` is the full URL the request is sent to (query and fragment are dropped);
     ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it.
     """
-    header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _REQUIRED["EC"]}}
+    header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _EC_MEMBERS}}
     claims: dict[str, Any] = {
         "jti": jti or b64url(secrets.token_bytes(18)),
         "htm": method.upper(),

@@ -62,7 +62,7 @@ def request_action(body: ActionIn, services: ServicesDep,
     body's own shape (params that cannot be canonicalised are a 4xx whatever the session)."""
     canonical_json(body.params)
     services.session_binding.require(who, proof, body.session_id, check_open=False)
-    result = services.policy.request_action(
+    result = services.decisions.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,
         params=body.params,
     )

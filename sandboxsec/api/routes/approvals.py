@@ -15,7 +15,7 @@ from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.errors import NotFoundError
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.errors import DpopSessionMismatchError
 
@@ -106,7 +106,7 @@ def list_approvals(
             raise DpopSessionMismatchError("an agent lists the approvals of its own session: "
                                            "pass session_id with a proof for it")
         services.session_binding.require(who, proof, session_id)
-    return [_out(v) for v in services.policy.list_approvals(who, state=state,
+    return [_out(v) for v in services.approvals.list_approvals(who, state=state,
                                                             session_id=session_id, limit=limit)]
 
 
@@ -117,7 +117,7 @@ def get_approval(approval_id: ApprovalId, services: ServicesDep,
                  proof: ProofDep) -> ApprovalOut:
     """The request, its exact params and its state (the agent also sees its grant, and only
     for a session it proves it holds)."""
-    view = services.policy.get_approval(who, approval_id)
+    view = services.approvals.get_approval(who, approval_id)
     if who.role is Role.AGENT:
         services.session_binding.require(who, proof, view.session_id)
     return _out(view)
@@ -136,9 +136,9 @@ async def wait_approval(
     """Returns as soon as the request leaves ``pending``, or at the timeout (still pending).
 
     The request carries a ``DPoP`` proof for the approval's session, checked first."""
-    view = await run_in_threadpool(services.policy.get_approval, who, approval_id)
+    view = await run_in_threadpool(services.approvals.get_approval, who, approval_id)
     await run_in_threadpool(services.session_binding.require, who, proof, view.session_id)
-    return _out(await services.policy.wait(who, approval_id, timeout))
+    return _out(await services.approvals.wait(who, approval_id, timeout))
 
 
 @router.post("/approvals/{approval_id}/approve", response_model=ApprovalOut,
@@ -146,7 +146,8 @@ async def wait_approval(
 def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
             who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Approve exactly what was shown; the agent then gets a single-use grant."""
-    return _out(services.policy.decide(who, approval_id, ApprovalEvent.APPROVE, body.params_hash))
+    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.APPROVE,
+                                          body.params_hash))
 
 
 @router.post("/approvals/{approval_id}/deny", response_model=ApprovalOut,
@@ -154,7 +155,7 @@ def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
 def deny(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
          who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Deny the request."""
-    return _out(services.policy.decide(who, approval_id, ApprovalEvent.DENY, body.params_hash))
+    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.DENY, body.params_hash))
 
 
 def _static(name: str) -> bytes:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.principal import Principal, Role
-from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.views import SessionView
 
 router = APIRouter(tags=["sessions"])
 
@@ -39,7 +39,7 @@ class SessionEnded(BaseModel):
     ended_at: datetime
 
 
-def _out(row: AgentSession) -> SessionOut:
+def _out(row: SessionView) -> SessionOut:
     return SessionOut(
         session_id=row.id,
         expires_at=row.expires_at,

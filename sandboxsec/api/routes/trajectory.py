@@ -19,9 +19,9 @@ from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
-from sandboxsec.crypto.service import RecordView
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
+from sandboxsec.trajectory.views import RecordView
 
 __all__ = ["router"]
 

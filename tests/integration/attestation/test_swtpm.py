@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 
 from sandboxsec.attestation.certify import parse_session_key
 from sandboxsec.clock import FixedClock
+from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
 from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys
-from tests.integration.attestation import swtpm as sw
-from tests.unit.attestation.pki import Publisher, make_ca, make_publisher
-from tests.unit.attestation.softtpm import make_manifest
+from tests.support.pki import Publisher, make_ca, make_publisher
+from tests.support.softtpm import make_manifest
 
 pytestmark = [
     pytest.mark.swtpm,

@@ -18,7 +18,7 @@ from sandboxsec.sessions.models import AgentSession
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
-from tests.sessionkeys import new_key
+from tests.support.sessionkeys import new_key
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 #: Small sizes so the streaming format (several segments) is exercised by small records.

@@ -28,8 +28,8 @@ from sandboxsec.sandbox.scenario import (
 )
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys, make_session
-from tests.pgcluster import PgCluster
-from tests.sessionkeys import KEYS
+from tests.support.pgcluster import PgCluster
+from tests.support.sessionkeys import KEYS
 
 needs_swtpm = pytest.mark.skipif(not swtpm.available(), reason="swtpm is not installed")
 

@@ -13,7 +13,7 @@ from sandboxsec.ids import new_id
 from sandboxsec.services import Services
 from sandboxsec.sessions.models import AgentSession
 from tests.conftest import TenantKeys
-from tests.sessionkeys import new_key
+from tests.support.sessionkeys import new_key
 
 PAYMENT = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh",
            "iban": "DE89370400440532013000"}

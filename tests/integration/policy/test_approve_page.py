@@ -19,7 +19,7 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.policy.conftest import PAYMENT, make_session
-from tests.sessionkeys import ProofAuth
+from tests.support.sessionkeys import ProofAuth
 
 pytestmark = pytest.mark.browser
 

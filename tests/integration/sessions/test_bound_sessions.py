@@ -22,13 +22,13 @@ from tpm2_pytss.constants import TPMA_OBJECT
 
 from sandboxsec.clock import FixedClock
 from sandboxsec.principal import Role
+from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
 from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys, make_tenant
-from tests.integration.attestation import swtpm as sw
 from tests.integration.attestation.test_swtpm import IMAGE, bind, evidence, manifest_for, nonce
-from tests.sessionkeys import SoftSessionKey
-from tests.unit.attestation.pki import Publisher, make_publisher
+from tests.support.pki import Publisher, make_publisher
+from tests.support.sessionkeys import SoftSessionKey
 
 pytestmark = [
     pytest.mark.swtpm,

@@ -18,9 +18,9 @@ from sandboxsec.ids import new_id
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
-from tests.integration.e2e.faults_support import Deployment, running
-from tests.pgcluster import PgCluster
-from tests.sessionkeys import SoftSessionKey
+from tests.support.faults import Deployment, running
+from tests.support.pgcluster import PgCluster
+from tests.support.sessionkeys import SoftSessionKey
 
 ROUNDS = 6
 CONCURRENT = 12

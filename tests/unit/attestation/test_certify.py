@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandboxsec.attestation import certify, quote
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.softtpm import (
+from tests.support.softtpm import (
     SoftAk,
     marshal_certify,
     sign_quote,

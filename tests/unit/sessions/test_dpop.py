@@ -25,7 +25,7 @@ from sandboxsec.sessions.errors import (
     DpopStaleError,
     DpopUrlMismatchError,
 )
-from tests.sessionkeys import SoftSessionKey
+from tests.support.sessionkeys import SoftSessionKey
 
 # RFC 9449 figure 2 (section 4.1): the token request proof, and its key's thumbprint
 # (section 6.1, figure 9 / the cnf.jkt example).

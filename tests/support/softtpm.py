@@ -26,7 +26,7 @@ from sandboxsec.attestation.akbind import kdfa, kdfe
 from sandboxsec.attestation.eventlog import EventLogBuilder
 
 if TYPE_CHECKING:
-    from tests.unit.attestation.pki import Publisher
+    from tests.support.pki import Publisher
 
 HASH_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C}
 _CRYPTO = {"sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
@@ -227,10 +227,10 @@ def marshal_certify(nonce: bytes, certified_public: bytes, *, magic: int = 0xFF5
 
 def soft_session_evidence(ak: SoftAk, nonce: bytes) -> tuple[dict[str, str], Any]:
     """Evidence fields of a fresh software session key certified by ``ak`` over ``nonce``;
-    the key is registered for test proofs (:mod:`tests.sessionkeys`) and returned too."""
+    the key is registered for test proofs (:mod:`tests.support.sessionkeys`) and returned too."""
     import base64
 
-    from tests.sessionkeys import register
+    from tests.support.sessionkeys import register
 
     key = register()
     n = key.private.public_key().public_numbers()
