@@ -32,7 +32,7 @@ from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.errors import NotFoundError, SandboxSecError
+from sandboxsec.errors import NotFoundError, SandboxSecError, is_refusal
 from sandboxsec.principal import Principal
 from sandboxsec.sessions import dpop
 from sandboxsec.sessions.errors import (
@@ -141,7 +141,7 @@ class SessionBinding:
                 self._verify_and_claim(who, request, proof, session_id=session_id,
                                        jkt=row.key_thumbprint, now=now, session=s)
         except SandboxSecError as exc:
-            if state is not None and exc.status < 500:
+            if state is not None and is_refusal(exc):
                 self._refused(who, session_id, exc)
             raise
         return state
