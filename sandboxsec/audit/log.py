@@ -33,10 +33,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint
+from sandboxsec.audit.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
 from sandboxsec.audit.entry import encode_entry, hmac_value
 from sandboxsec.audit.errors import AuditRangeError, AuditUnavailableError
 from sandboxsec.audit.export import ConsistencyRecord, ExportHeader, render_export
+from sandboxsec.audit.integrity import SignedTree
 from sandboxsec.audit.keys import AuditKeys
 from sandboxsec.audit.merkle import Frontier, ProofError, ProofSource, perfect_root
 from sandboxsec.audit.models import (
@@ -45,8 +46,9 @@ from sandboxsec.audit.models import (
     AuditHeadRow,
     AuditNodeRow,
 )
+from sandboxsec.audit.publishing import build_guard, publish_now, stored_cosignatures
 from sandboxsec.audit.record import SERVICE_LOG, AuditReceipt, AuditRecord
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
 from sandboxsec.storage.db import DatabaseUnavailableError
 
 if TYPE_CHECKING:
@@ -137,6 +139,7 @@ class AuditLog:
         self._period = timedelta(seconds=settings.audit_checkpoint_seconds)
         self._timeout = settings.audit_write_timeout_seconds
         self.keys = AuditKeys(settings.home, settings.audit_origin)
+        self.guard = build_guard(self, settings, services.clock)
         self._writer = _GroupCommit(self)
 
     # ----------------------------------------------------------------------------- writing
@@ -160,7 +163,9 @@ class AuditLog:
         # The writer thread also signs time-based checkpoints, so start it on any append.
         self._writer.ensure_started()
         try:
-            return self.write(session.connection(), records)
+            # No checkpoint is signed inside the caller's transaction: the state file can only
+            # move after a commit this code sees.  The next group commit or sweep signs.
+            return self.write(session.connection(), records, signed=None)
         except SandboxSecError:
             raise
         except SQLAlchemyError as exc:
@@ -168,8 +173,19 @@ class AuditLog:
                 "the audit log could not record this; the action was not carried out"
             ) from exc
 
-    def write(self, conn: Connection, records: Sequence[AuditRecord]) -> list[AuditReceipt]:
-        """Sequence and insert ``records`` on ``conn`` (inside its open transaction)."""
+    def write(
+        self,
+        conn: Connection,
+        records: Sequence[AuditRecord],
+        *,
+        signed: list[SignedTree] | None = None,
+    ) -> list[AuditReceipt]:
+        """Sequence and insert ``records`` on ``conn`` (inside its open transaction).
+
+        Checkpoints that come due are signed (after :class:`HistoryGuard` checks) and added to
+        ``signed``, which the caller publishes once the transaction committed; with
+        ``signed=None`` none is signed.
+        """
         now = self._s.clock.now()
         by_log: dict[str, list[int]] = {}
         for i, r in enumerate(records):
@@ -177,11 +193,13 @@ class AuditLog:
         receipts: list[AuditReceipt | None] = [None] * len(records)
         # Logs are locked in sorted order so two multi-log batches cannot deadlock.
         for log_id in sorted(by_log):
+            self.guard.ensure_open(log_id)
             head = self._lock_head(conn, log_id, now)
             frontier = Frontier.from_bytes(head.size, head.frontier)
             prev = head.last_leaf
             key = self.keys.hmac_key(log_id)
             rows = []
+            leaves: list[bytes] = []
             nodes: list[tuple[int, int, bytes]] = []
             for i in by_log[log_id]:
                 e = encode_entry(
@@ -198,6 +216,7 @@ class AuditLog:
                     }
                 )
                 frontier.append_recording(e.leaf_hash, nodes, NODE_MIN_HEIGHT)
+                leaves.append(e.leaf_hash)
                 prev = e.leaf_hash
                 receipts[i] = AuditReceipt(log_id=log_id, seq=e.seq)
             conn.execute(_INSERT_ENTRIES, rows)
@@ -213,10 +232,16 @@ class AuditLog:
                 "new_frontier": frontier.to_bytes(),
                 "new_last_leaf": prev,
             }
-            if frontier.size - head.checkpoint_size >= self._every or (
-                now - head.checkpoint_at >= self._period
+            if signed is not None and (
+                frontier.size - head.checkpoint_size >= self._every
+                or now - head.checkpoint_at >= self._period
             ):
-                self._sign(conn, log_id, frontier, now)
+                self.guard.check(
+                    conn, log_id, head_size=head.size, head_last_leaf=head.last_leaf,
+                    new_leaves=leaves, frontier=frontier,
+                )
+                signed.append(SignedTree(log_id, self._sign(conn, log_id, frontier, now),
+                                         frontier.copy(), prev))
                 conn.execute(_ADVANCE_HEAD_SIGNED, {**values, "signed_at": now})
             else:
                 conn.execute(_ADVANCE_HEAD, values)
@@ -254,7 +279,9 @@ class AuditLog:
             checkpoint_at=_aware(row[4]),
         )
 
-    def _sign(self, conn: Connection, log_id: str, frontier: Frontier, now: datetime) -> None:
+    def _sign(
+        self, conn: Connection, log_id: str, frontier: Frontier, now: datetime
+    ) -> SignedCheckpoint:
         cp = Checkpoint(self.origin(log_id), frontier.size, frontier.root())
         signed = sign_checkpoint(cp, name=self.keys.key_name, private_key=self.keys.signing_key)
         conn.execute(
@@ -267,18 +294,27 @@ class AuditLog:
                 "created_at": now,
             },
         )
+        return signed
 
     # ------------------------------------------------------------------------- checkpoints
 
     def checkpoint_now(self, log_id: str) -> StoredCheckpoint:
         """The latest checkpoint, signing one first if entries were added since the last."""
         now = self._s.clock.now()
+        self.guard.ensure_open(log_id)
+        signed: list[SignedTree] = []
         try:
             with self._s.db.session() as s:
                 conn = s.connection()
                 head = self._lock_head(conn, log_id, now)
                 if head.size > head.checkpoint_size or not self._has_checkpoint(conn, log_id):
-                    self._sign(conn, log_id, Frontier.from_bytes(head.size, head.frontier), now)
+                    frontier = Frontier.from_bytes(head.size, head.frontier)
+                    self.guard.check(
+                        conn, log_id, head_size=head.size, head_last_leaf=head.last_leaf,
+                        new_leaves=[], frontier=frontier,
+                    )
+                    cp = self._sign(conn, log_id, frontier, now)
+                    signed.append(SignedTree(log_id, cp, frontier, head.last_leaf))
                     conn.execute(
                         update(_HEADS)
                         .where(_HEADS.c.id == log_id)
@@ -288,6 +324,7 @@ class AuditLog:
             raise AuditUnavailableError("the audit log cannot be read") from exc
         latest = self.latest_checkpoint(log_id)
         assert latest is not None
+        publish_now(self, log_id, latest, signed)
         return latest
 
     def sign_due_checkpoints(self) -> int:
@@ -436,8 +473,10 @@ class AuditLog:
             frontier=frontier,
             prev_leaf=tree.leaf(start - 1) if start > 0 else None,
         )
+        cosigs = self.cosignatures(log_id)
         return render_export(
-            header, [c.note for c in chosen], proofs, self.entry_lines(log_id, start, end)
+            header, [c.note for c in chosen], proofs, self.entry_lines(log_id, start, end),
+            cosignatures=[cosigs.get(c.size, []) for c in chosen],
         )
 
     def inclusion(self, log_id: str, seq: int, size: int | None = None) -> dict[str, Any]:
@@ -487,9 +526,14 @@ class AuditLog:
                 return c
         raise AuditRangeError(f"no checkpoint of size {size}")
 
+    def cosignatures(self, log_id: str, size: int | None = None) -> dict[int, list[str]]:
+        """Stored witness cosignature lines by checkpoint size (not verified here)."""
+        return stored_cosignatures(self, log_id, size)
+
     def close(self) -> None:
         """Stop the group-commit writer (pending callers get their answer first)."""
         self._writer.stop()
+        self.guard.close()
 
 
 class StoredTree(ProofSource):
@@ -701,7 +745,7 @@ class _GroupCommit:
             _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
             err = (
                 exc
-                if isinstance(exc, AuditUnavailableError)
+                if isinstance(exc, DependencyUnavailableError)
                 else AuditUnavailableError(
                     "the audit log could not record this; the action was not carried out"
                 )
@@ -713,8 +757,12 @@ class _GroupCommit:
     def _commit_once(self, batch: list[_Pending]) -> None:
         records = [r for p in batch for r in p.records]
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
+        signed: list[SignedTree] = []
         with self._log._s.db.engine.begin() as conn:
-            receipts = self._log.write(conn, records)
+            receipts = self._log.write(conn, records, signed=signed)
+        if signed:
+            # Committed: now the state files may move, and the witnesses hear of it.
+            self._log.guard.published(signed, wait=False)
         # Acknowledge only now, after the commit returned.
         i = 0
         for p in batch:

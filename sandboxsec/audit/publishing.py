@@ -1,0 +1,105 @@
+"""Wiring of the history guard and the witnesses into the audit log (its storage side).
+
+Kept apart from :mod:`sandboxsec.audit.log` so the writer stays about sequencing and
+committing: this module builds the :class:`~sandboxsec.audit.integrity.HistoryGuard` from the
+settings, stores the cosignatures witnesses return, and publishes a checkpoint synchronously
+when a caller (the checkpoint API, an export) needs it cosigned now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
+
+from sandboxsec.audit.checkpoint import Checkpoint
+from sandboxsec.audit.cosignature import Cosignature, parse_witness_key
+from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.audit.integrity import HistoryGuard, SignedTree
+from sandboxsec.audit.models import AuditCosignatureRow
+from sandboxsec.audit.signed_state import StateFiles
+from sandboxsec.audit.witness_client import WitnessEndpoint, WitnessPublisher
+from sandboxsec.clock import Clock
+from sandboxsec.settings import Settings
+
+if TYPE_CHECKING:
+    from sandboxsec.audit.log import AuditLog, StoredCheckpoint
+
+__all__ = ["build_guard", "publish_now", "stored_cosignatures"]
+
+_COSIGS = AuditCosignatureRow.__table__  # type: ignore[attr-defined]
+
+
+def build_guard(log: AuditLog, settings: Settings, clock: Clock) -> HistoryGuard:
+    """The guard of ``log``: state files under ``<home>/audit``, the configured witnesses."""
+    states = StateFiles(settings.home / "audit", log.keys.state_key)
+    publisher = None
+    if settings.audit_witnesses:
+        endpoints = [
+            WitnessEndpoint(w.url, parse_witness_key(w.key)) for w in settings.audit_witnesses
+        ]
+        holder: list[HistoryGuard] = []
+        publisher = WitnessPublisher(
+            endpoints,
+            timeout=settings.audit_witness_timeout_seconds,
+            proof=lambda log_id, old, new: log.tree(log_id, new).consistency_proof(old, new),
+            on_cosigned=lambda log_id, size, cos: store_cosignatures(log, log_id, size, cos),
+            on_refused=lambda log_id, w, msg: holder[0].witness_refused(log_id, w, msg),
+        )
+    guard = HistoryGuard(states, clock=clock, publisher=publisher)
+    if publisher is not None:
+        holder.append(guard)
+    return guard
+
+
+def store_cosignatures(log: AuditLog, log_id: str, size: int, cos: Sequence[Cosignature]) -> None:
+    """Keep verified cosignature lines beside their checkpoint (first per witness wins)."""
+    if not cos:
+        return
+    now = log._s.clock.now()
+    rows = [
+        {"tenant_id": log_id, "size": size, "witness": c.witness, "line": c.line,
+         "created_at": now}
+        for c in cos
+    ]
+    with log._s.db.engine.begin() as conn:
+        ins = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+        conn.execute(ins(_COSIGS).values(rows).on_conflict_do_nothing())
+
+
+def stored_cosignatures(log: AuditLog, log_id: str, size: int | None) -> dict[int, list[str]]:
+    """Cosignature lines of ``log_id`` by checkpoint size (one size when given)."""
+    q = select(_COSIGS.c.size, _COSIGS.c.line).where(_COSIGS.c.tenant_id == log_id)
+    if size is not None:
+        q = q.where(_COSIGS.c.size == size)
+    out: dict[int, list[str]] = {}
+    try:
+        with log._read() as conn:
+            for r in conn.execute(q.order_by(_COSIGS.c.size, _COSIGS.c.witness)):
+                out.setdefault(int(r[0]), []).append(str(r[1]))
+    except SQLAlchemyError as exc:
+        raise AuditUnavailableError("the audit log cannot be read") from exc
+    return out
+
+
+def publish_now(
+    log: AuditLog, log_id: str, latest: StoredCheckpoint, signed: Sequence[SignedTree]
+) -> None:
+    """After ``checkpoint_now`` committed: advance the state, and get the newest checkpoint
+    cosigned by every witness before answering (a witness that does not answer in time is
+    skipped; the checkpoint is published without its cosignature)."""
+    guard = log.guard
+    if signed:
+        guard.published(signed, wait=True)
+        return
+    if guard.publisher is None:
+        return
+    have = log.cosignatures(log_id, latest.size).get(latest.size, [])
+    if len(have) < len(guard.publisher.endpoints):
+        guard.publisher.submit(
+            log_id, latest.note, Checkpoint(log.origin(log_id), latest.size, latest.root_hash)
+        )
