@@ -42,6 +42,7 @@ __all__ = [
     "WitnessKey",
     "cosign",
     "cosigned_message",
+    "parse_cosignature_line",
     "parse_witness_key",
     "signature_lines",
     "verify_cosignatures",
@@ -170,6 +171,18 @@ def _split(line: str) -> tuple[str, bytes]:
     if not name or len(raw) < 4:
         raise AuditCheckpointInvalidError("a cosignature line is malformed")
     return name, raw
+
+
+def parse_cosignature_line(line: str) -> tuple[str, bytes, int, bytes]:
+    """``(name, key id, timestamp, signature)`` of an Ed25519 cosignature line, unverified.
+
+    For display and diagnosis only; :func:`verify_cosignatures` is what establishes trust.
+    """
+    name, raw = _split(line)
+    if len(raw) != 4 + 8 + 64:
+        raise AuditCheckpointInvalidError("not an Ed25519 cosignature (76 bytes)")
+    (timestamp,) = struct.unpack(">Q", raw[4:12])
+    return name, raw[:4], timestamp, raw[12:]
 
 
 def verify_cosignatures(
