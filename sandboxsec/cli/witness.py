@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -113,7 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
     path = args.prefix.rstrip("/") + "/add-checkpoint"
     server = ThreadingHTTPServer((args.host, args.port), _handler(witness, path))
     server.daemon_threads = True
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    # shutdown() waits for serve_forever() to return, so it must run on another thread.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
     # The first line on stdout says where it listens (a test or supervisor may read it).
     print(f"witness {witness.key.vkey()} listening on http://{host!s}:{port}{path}", flush=True)
