@@ -49,11 +49,18 @@ def build_guard(log: AuditLog, settings: Settings, clock: Clock) -> HistoryGuard
             proof=lambda log_id, old, new: log.tree(log_id, new).consistency_proof(old, new),
             on_cosigned=lambda log_id, size, cos: store_cosignatures(log, log_id, size, cos),
             on_refused=lambda log_id, w, msg: holder[0].witness_refused(log_id, w, msg),
+            newest=lambda log_id: newest_checkpoint_size(log, log_id),
         )
     guard = HistoryGuard(states, clock=clock, publisher=publisher)
     if publisher is not None:
         holder.append(guard)
     return guard
+
+
+def newest_checkpoint_size(log: AuditLog, log_id: str) -> int:
+    """The largest signed checkpoint size stored for ``log_id`` (0 when none)."""
+    latest = log.latest_checkpoint(log_id)
+    return latest.size if latest is not None else 0
 
 
 def store_cosignatures(log: AuditLog, log_id: str, size: int, cos: Sequence[Cosignature]) -> None:

@@ -63,8 +63,10 @@ class WitnessPublisher:
         proof: ProofFn,
         on_cosigned: CosignedFn,
         on_refused: RefusedFn,
+        newest: Callable[[str], int],
     ) -> None:
         self.endpoints = list(endpoints)
+        self._newest = newest
         self._timeout = timeout
         self._proof = proof
         self._on_cosigned = on_cosigned
@@ -144,7 +146,14 @@ class WitnessPublisher:
             old = self._sizes.get(key, 0)
         for _ in range(_MAX_RETRIES):
             if old > cp.size:
-                # The witness already cosigned a larger tree (another process published it).
+                # The witness already cosigned a larger tree: normal when another worker
+                # published it, a rollback when the log itself no longer reaches that size.
+                if self._newest(log_id) < old:
+                    self._on_refused(
+                        log_id, ep.key.name,
+                        f"witness {ep.key.name} holds size {old}, the log only {cp.size}: "
+                        "the log was rolled back",
+                    )
                 return None
             try:
                 proof = [] if old in (0, cp.size) else self._proof(log_id, old, cp.size)

@@ -247,6 +247,14 @@ def test_a_truncated_log_is_refused(witnessed: tuple[Services, list[WitnessProce
                      {"t": LOG})
     with pytest.raises(AuditHistoryMismatchError):
         svc.audit.append_many([decision(LOG, 50 + i) for i in range(CHECKPOINT_EVERY)])
+    # With the service's state reset too, the witnesses still hold size 12: the service signs
+    # size 10, they answer with their larger size, and the rollback raises the alarm.
+    svc.audit.guard.states.clear_alarm(LOG)
+    svc.audit.guard.states.forget(LOG)
+    assert svc.audit.checkpoint_now(LOG).size == 10
+    alarm = svc.audit.guard.states.alarm(LOG)
+    assert alarm is not None and alarm.code == "audit_witness_refused"
+    assert "rolled back" in alarm.message
 
 
 def test_a_tampered_state_file_stops_the_log(
