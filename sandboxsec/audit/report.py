@@ -300,7 +300,7 @@ def _rows(entries: list[dict[str, Any]], labels: Mapping[str, str]) -> str:
 
 def _refused(entries: list[dict[str, Any]], labels: Mapping[str, str]) -> str:
     refused = [e for e in entries if _category(e) == "refused"]
-    reasons = Counter(str(e.get("reason")) for e in refused)
+    reasons = Counter(str(e.get("reason") or "no reason given") for e in refused)
     summary = ", ".join(f"{_e(r)}: {n}" for r, n in reasons.most_common(10))
     return (
         f"<section id=refused><h2>Refused actions</h2><p>{len(refused)} refused or denied"
