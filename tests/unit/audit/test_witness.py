@@ -95,7 +95,7 @@ def test_rollback_is_refused(witness: Witness) -> None:
 
 def test_a_fork_is_refused(witness: Witness) -> None:
     witness.add_checkpoint(body(0, note(20)))
-    other = MerkleTree([b"\xee" * 32] + LEAVES[1:])
+    other = MerkleTree([b"\xee" * 32, *LEAVES[1:]])
     # Same size, other root.
     with pytest.raises(WitnessForkError) as err:
         witness.add_checkpoint(body(20, note(20, other.root(20)), []))
