@@ -5,7 +5,7 @@ Before it signs a checkpoint the service checks that the new tree extends the tr
 the head cannot also rewrite this file, so the service refuses to sign an altered past.  Files
 live under ``<home>/audit/state/`` (0600, directory 0700) and hold the checkpoint note, the tree
 frontier and the last leaf hash, under an HMAC-SHA256 with a key derived from the audit secret.
-An integrity alarm is a marker file under ``<home>/audit/alarms/``; it stops the log in every
+An integrity alarm is a (durable) marker file under ``<home>/audit/alarms/``; it stops the log in every
 process that shares the home until an operator clears it.
 
 A state file only moves forward: :meth:`StateFiles.advance` keeps the larger tree when two
@@ -152,7 +152,11 @@ class StateFiles:
                 return False
             payload = state.payload()
             payload["mac"] = hmac.digest(self._key, _canonical(payload), "sha256").hex()
-            _write_private(self._dir / _file_name(state.log_id), _canonical(payload))
+            # Atomic (rename) but not fsynced: losing the newest state to a power cut leaves an
+            # older genuine one, which every later tree still extends.  Safe, and it keeps an
+            # fsync off every checkpoint.
+            _write_private(self._dir / _file_name(state.log_id), _canonical(payload),
+                           durable=False)
             return True
         finally:
             os.close(lock)
@@ -205,17 +209,20 @@ class StateFiles:
             return Alarm(path.stem, "audit_state_invalid", "unreadable alarm marker", "")
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

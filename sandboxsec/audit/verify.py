@@ -15,7 +15,7 @@ import binascii
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,10 +328,8 @@ def _walk_entries(
     sequence numbers and the hash chain inside them need no separate check.  Only when a root
     does not match are the entries of that span walked one by one to name the first bad one.
     """
-    # a. Every line must at least belong to this log (one C-level pass).
-    if not all(map(bytes.startswith, entries, itertools.repeat(prefix))):
-        bad = next(i for i, ln in enumerate(entries) if not ln.startswith(prefix))
-        raise _diagnose(entries, bad, start + bad, prefix, _prev_hex(entries, bad, prev_hex))
+    # a. Every line is an entry of this log with the next sequence number (C-level passes).
+    _check_heads(entries, prefix, start, prev_hex)
     # b. Every leaf hash, in one pass over the exact line bytes.
     sha256 = hashlib.sha256
     leaves = [sha256(b"\x00" + line).digest() for line in entries]
@@ -369,39 +367,45 @@ def _walk_entries(
     return leaves
 
 
+def _runs(start: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """``(i, end, width)``: the runs of entries whose sequence numbers have ``width`` digits."""
+    i = 0
+    while i < n:
+        width = len(str(start + i))
+        end = min(n, 10**width - start)
+        yield i, end, width
+        i = end
+
+
+def _check_heads(entries: list[bytes], prefix: bytes, start: int, prev_hex: bytes) -> None:
+    """Every line starts ``{"v":1,"log":<log>,"seq":<next number>,"prev":"``.
+
+    The expected heads of a run are formatted in one ``%`` operation and compared with
+    ``bytes.startswith`` mapped over the run at C level: no per-entry Python statement.
+    """
+    template = prefix.replace(b"%", b"%%") + b'%d,"prev":"\n'
+    for i, end, _ in _runs(start, len(entries)):
+        run = entries[i:end]
+        heads = (template * len(run) % tuple(range(start + i, start + end))).split(b"\n")
+        if not all(map(bytes.startswith, run, heads)):
+            k = next(k for k in range(i, end) if not entries[k].startswith(heads[k - i]))
+            raise _diagnose(entries, k, start + k, prefix, _prev_hex(entries, k, prev_hex))
+
+
 def _check_links(
     entries: list[bytes], leaves: list[bytes], prefix: bytes, start: int, prev_hex: bytes
 ) -> None:
-    """Every entry's ``seq`` is the next number and its ``prev`` the hash of its predecessor.
-
-    Within a run of equal-width sequence numbers the fields sit at fixed offsets, so each is
-    checked with ``bytes.startswith(expected, offset)`` mapped over the run at C level: no
-    per-entry Python statement.  On the first mismatch the run is walked to name it.
-    """
-    n = len(entries)
-    if not n:
-        return
+    """Every entry's ``prev`` is the leaf hash of its predecessor (after :func:`_check_heads`,
+    so the field sits at a fixed offset within each run): one C-level pass per run."""
     hexes = [prev_hex]
     hexes.extend(map(binascii.hexlify, leaves[:-1]))
     base = len(prefix)
-    startswith, repeat = bytes.startswith, itertools.repeat
-    i = 0
-    while i < n:
-        seq = start + i
-        width = len(str(seq))
-        run_end = min(n, 10**width - start)  # entries whose seq has ``width`` digits
-        run = entries[i:run_end]
-        heads = map(str.encode, map('{},"prev":"'.format, range(seq, start + run_end)))
-        ok = (
-            all(map(startswith, run, heads, repeat(base)))
-            and all(map(startswith, run, hexes[i:run_end], repeat(base + width + 9)))
-            and all(map(startswith, run, repeat(b'"'), repeat(base + width + 73)))
-        )
-        if not ok:
-            for k in range(i, run_end):
-                if not entries[k].startswith(_head(prefix, start + k, hexes[k]) + b'"'):
+    for i, end, width in _runs(start, len(entries)):
+        if not all(map(bytes.startswith, entries[i:end], hexes[i:end],
+                       itertools.repeat(base + width + 9))):
+            for k in range(i, end):
+                if not entries[k].startswith(_head(prefix, start + k, hexes[k])):
                     raise _diagnose(entries, k, start + k, prefix, hexes[k])
-        i = run_end
 
 
 def _head(prefix: bytes, seq: int, prev_hex: bytes) -> bytes:
