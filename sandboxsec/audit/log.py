@@ -298,8 +298,11 @@ class AuditLog:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def checkpoint_now(self, log_id: str) -> StoredCheckpoint:
-        """The latest checkpoint, signing one first if entries were added since the last."""
+    def checkpoint_now(self, log_id: str, *, wait: bool = True) -> StoredCheckpoint:
+        """The latest checkpoint, signing one first if entries were added since the last.
+
+        With ``wait`` (a caller about to publish it) the witnesses are asked before returning;
+        otherwise in the background."""
         now = self._s.clock.now()
         self.guard.ensure_open(log_id)
         signed: list[SignedTree] = []
@@ -324,7 +327,7 @@ class AuditLog:
             raise AuditUnavailableError("the audit log cannot be read") from exc
         latest = self.latest_checkpoint(log_id)
         assert latest is not None
-        publish_now(self, log_id, latest, signed)
+        publish_now(self, log_id, latest, signed, wait=wait)
         return latest
 
     def sign_due_checkpoints(self) -> int:
@@ -339,7 +342,8 @@ class AuditLog:
             )
             ids = [r[0] for r in due]
         for log_id in ids:
-            self.checkpoint_now(log_id)
+            # The writer thread runs this sweep: it must not wait for witnesses.
+            self.checkpoint_now(log_id, wait=False)
         return len(ids)
 
     @staticmethod

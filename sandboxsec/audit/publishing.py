@@ -94,14 +94,19 @@ def stored_cosignatures(log: AuditLog, log_id: str, size: int | None) -> dict[in
 
 
 def publish_now(
-    log: AuditLog, log_id: str, latest: StoredCheckpoint, signed: Sequence[SignedTree]
+    log: AuditLog,
+    log_id: str,
+    latest: StoredCheckpoint,
+    signed: Sequence[SignedTree],
+    *,
+    wait: bool = True,
 ) -> None:
     """After ``checkpoint_now`` committed: advance the state, and get the newest checkpoint
     cosigned by every witness before answering (a witness that does not answer in time is
     skipped; the checkpoint is published without its cosignature)."""
     guard = log.guard
-    if signed:
-        guard.published(signed, wait=True)
+    if signed or not wait:
+        guard.published(signed, wait=wait)
         return
     if guard.publisher is None:
         return

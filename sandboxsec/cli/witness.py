@@ -133,6 +133,8 @@ def _handler(witness: Witness, path: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "sandboxsec-witness"
+        # A client that stalls mid-request is dropped instead of holding a thread forever.
+        timeout = 15
 
         def log_message(self, format: str, *args: Any) -> None:
             return  # requests are logged below, structured
