@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sandboxsec.audit.cosignature import WitnessKey
 from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.verify import ExportReport, verify_export
+from sandboxsec.audit.witness_policy import WitnessPolicy
 
 __all__ = ["AuditReport", "build_report"]
 
@@ -66,6 +67,7 @@ def build_report(
     min_witnesses: int = 0,
     labels: Mapping[str, str] | None = None,
     now: int | None = None,
+    policy: WitnessPolicy | None = None,
 ) -> AuditReport:
     """Verify ``data`` and render the report (see the module docstring)."""
     labels = dict(labels or {})
@@ -73,8 +75,10 @@ def build_report(
     try:
         result = verify_export(
             data, public_key, key_name=key_name, witnesses=witnesses,
-            min_witnesses=min_witnesses, now=now,
+            min_witnesses=min_witnesses, now=now, policy=policy,
         )
+        if policy is not None:
+            witnesses = [*witnesses, *policy.keys]
     except AuditVerificationError as exc:
         where = f" First bad entry: {exc.seq}." if exc.seq is not None else ""
         page = _page(

@@ -5,8 +5,8 @@ Before it signs a checkpoint the service checks that the new tree extends the tr
 the head cannot also rewrite this file, so the service refuses to sign an altered past.  Files
 live under ``<home>/audit/state/`` (0600, directory 0700) and hold the checkpoint note, the tree
 frontier and the last leaf hash, under an HMAC-SHA256 with a key derived from the audit secret.
-An integrity alarm is a (durable) marker file under ``<home>/audit/alarms/``; it stops the log in every
-process that shares the home until an operator clears it.
+An integrity alarm is a (durable) marker file under ``<home>/audit/alarms/``; it stops the log
+in every process that shares the home until an operator clears it.
 
 A state file only moves forward: :meth:`StateFiles.advance` keeps the larger tree when two
 processes publish out of order.  Its limits (rollback of the file by someone with the service's

@@ -56,6 +56,7 @@ from sandboxsec.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from sandboxsec.audit.witness_policy import WitnessPolicy
 
 __all__ = ["EntryProofReport", "ExportReport", "verify_entry_proof", "verify_export"]
 
@@ -126,6 +127,7 @@ def verify_export(
     witnesses: Sequence[WitnessKey] = (),
     min_witnesses: int = 0,
     now: int | None = None,
+    policy: WitnessPolicy | None = None,
 ) -> ExportReport:
     """Verify an export end to end; see docs/audit.md ("Verifying an export").
 
@@ -134,8 +136,11 @@ def verify_export(
     export (by recomputation when its size is covered, else by a consistency proof in the file).
     ``witnesses`` are the witness keys the auditor trusts: every cosignature claiming one of
     them must verify, and the newest checkpoint must carry at least ``min_witnesses`` of them
-    (``now``, POSIX seconds, refuses cosignatures dated later).
+    (``now``, POSIX seconds, refuses cosignatures dated later).  A C2SP tlog-``policy`` adds
+    its witnesses and must be satisfied by the newest checkpoint's cosignatures too.
     """
+    if policy is not None:
+        witnesses = [*witnesses, *policy.keys]
     if min_witnesses > len({w.name for w in witnesses}):
         # An empty (or too small) witness list can never meet the quorum: deny, loudly.
         raise AuditWitnessQuorumError(
@@ -278,6 +283,12 @@ def verify_export(
     # 8. The witness quorum on the newest checkpoint: it covers every entry before it, through
     #    the recomputed roots and the consistency proofs checked above.
     top_cosigs = tuple(cosigned.get(top.size, [])) if top is not None else ()
+    if policy is not None and not policy.satisfied({c.witness for c in top_cosigs}):
+        raise AuditWitnessQuorumError(
+            f"the cosignatures on the checkpoint of size {top.size if top else 0} "
+            f"({', '.join(sorted(c.witness for c in top_cosigs)) or 'none'}) do not meet the "
+            "policy's quorum"
+        )
     if min_witnesses and len(top_cosigs) < min_witnesses:
         size = top.size if top is not None else 0
         raise AuditWitnessQuorumError(

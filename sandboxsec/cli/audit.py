@@ -19,6 +19,7 @@ from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.keys import load_public_key
 from sandboxsec.audit.record import SERVICE_LOG
 from sandboxsec.audit.verify import verify_entry_proof, verify_export
+from sandboxsec.audit.witness_policy import WitnessPolicy, parse_witness_policy
 
 __all__ = ["register"]
 
@@ -101,6 +102,22 @@ def _witness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-witnesses", type=int, default=None, metavar="K",
                    help="valid cosignatures the newest checkpoint needs (default: every "
                    "--witness given)")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="a C2SP tlog-policy file (witness, group, quorum lines) the newest "
+                   "checkpoint's cosignatures must satisfy")
+
+
+def _policy(args: argparse.Namespace) -> tuple[bool, WitnessPolicy | None]:
+    if args.policy is None:
+        return True, None
+    raw = _read(args.policy, "policy")
+    if raw is None:
+        return False, None
+    try:
+        return True, parse_witness_policy(raw.decode("utf-8", errors="strict"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        print(f"error: {args.policy} is not a tlog-policy file: {exc}", file=sys.stderr)
+        return False, None
 
 
 def _witnesses(args: argparse.Namespace) -> tuple[list[WitnessKey], int] | None:
@@ -113,7 +130,8 @@ def _witnesses(args: argparse.Namespace) -> tuple[list[WitnessKey], int] | None:
         except (OSError, ValueError) as exc:
             print(f"error: --witness {text!r} is not a witness key: {exc}", file=sys.stderr)
             return None
-    k = len(keys) if args.min_witnesses is None else args.min_witnesses
+    default = 0 if args.policy is not None else len(keys)
+    k = default if args.min_witnesses is None else args.min_witnesses
     if k < 0 or (k and not keys):
         print("error: --min-witnesses needs as many --witness keys", file=sys.stderr)
         return None
@@ -151,14 +169,17 @@ def _verify(args: argparse.Namespace) -> int:
     data = _read(args.export, "export")
     previous = [_read(p, "checkpoint") for p in args.previous]
     policy = _witnesses(args)
+    policy_ok, tlog_policy = _policy(args)
     if key is None or data is None or any(p is None for p in previous) or policy is None:
+        return 2
+    if not policy_ok:
         return 2
     try:
         notes = [p.decode("utf-8") for p in previous if p is not None]
         report = verify_export(
             data, key, key_name=args.key_name, expected_log=args.log_id,
             previous_checkpoints=notes, witnesses=policy[0], min_witnesses=policy[1],
-            now=int(time.time()),
+            now=int(time.time()), policy=tlog_policy,
         )
     except UnicodeDecodeError:
         print("error: a checkpoint file is not UTF-8 text", file=sys.stderr)
@@ -260,6 +281,7 @@ def _report(args: argparse.Namespace) -> int:
     key = _key(args.public_key)
     data = _read(args.export, "export")
     policy = _witnesses(args)
+    policy_ok, tlog_policy = _policy(args)
     labels: dict[str, str] = {}
     if args.labels is not None:
         raw = _read(args.labels, "labels")
@@ -271,11 +293,11 @@ def _report(args: argparse.Namespace) -> int:
             print("error: --labels is not a JSON object of key id to label", file=sys.stderr)
             return 2
         labels = {str(k): str(v) for k, v in parsed.items()}
-    if key is None or data is None or policy is None:
+    if key is None or data is None or policy is None or not policy_ok:
         return 2
     report = build_report(
         data, key, key_name=args.key_name, witnesses=policy[0], min_witnesses=policy[1],
-        labels=labels, now=int(time.time()),
+        labels=labels, now=int(time.time()), policy=tlog_policy,
     )
     tmp = args.output.with_name(args.output.name + ".part")
     tmp.write_text(report.html, encoding="utf-8")
