@@ -344,6 +344,8 @@ class AuditLog:
         for log_id in ids:
             # The writer thread runs this sweep: it must not wait for witnesses.
             self.checkpoint_now(log_id, wait=False)
+        if self.guard.publisher is not None:
+            self.guard.publisher.refresh()
         return len(ids)
 
     @staticmethod

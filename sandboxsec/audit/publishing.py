@@ -64,7 +64,7 @@ def newest_checkpoint_size(log: AuditLog, log_id: str) -> int:
 
 
 def store_cosignatures(log: AuditLog, log_id: str, size: int, cos: Sequence[Cosignature]) -> None:
-    """Keep verified cosignature lines beside their checkpoint (first per witness wins)."""
+    """Keep verified cosignature lines beside their checkpoint (the newest per witness)."""
     if not cos:
         return
     now = log._s.clock.now()
@@ -74,8 +74,13 @@ def store_cosignatures(log: AuditLog, log_id: str, size: int, cos: Sequence[Cosi
         for c in cos
     ]
     with log._s.db.engine.begin() as conn:
-        ins = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
-        conn.execute(ins(_COSIGS).values(rows).on_conflict_do_nothing())
+        stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(_COSIGS)
+        stmt = stmt.values(rows)
+        # A resubmission brings a fresher cosignature of the same tree: keep the newest.
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "size", "witness"],
+            set_={"line": stmt.excluded.line, "created_at": stmt.excluded.created_at},
+        ))
 
 
 def stored_cosignatures(log: AuditLog, log_id: str, size: int | None) -> dict[int, list[str]]:

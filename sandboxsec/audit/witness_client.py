@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ _log = structlog.get_logger("sandboxsec.audit.witness")
 
 #: Times a submission follows a witness's 409 size before giving up for this round.
 _MAX_RETRIES = 3
+#: An unchanged checkpoint is resubmitted this often, so cosignature timestamps stay fresh
+#: (a verifier can then tell a quiet log from a frozen one).
+REFRESH_SECONDS = 300.0
 
 ProofFn = Callable[[str, int, int], list[bytes]]
 CosignedFn = Callable[[str, int, list[Cosignature]], None]
@@ -75,6 +79,7 @@ class WitnessPublisher:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._pending: dict[str, tuple[str, Checkpoint]] = {}
+        self._submitted: dict[str, tuple[float, str, Checkpoint]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._client = httpx.Client(timeout=timeout)
@@ -90,9 +95,24 @@ class WitnessPublisher:
             self._pool.submit(self._one, ep, log_id, note, checkpoint) for ep in self.endpoints
         ]
         got = [c for f in futures if (c := f.result()) is not None]
+        with self._lock:
+            last = self._submitted.get(log_id)
+            if last is None or last[2].size <= checkpoint.size:
+                self._submitted[log_id] = (time.monotonic(), note, checkpoint)
         if got:
             self._on_cosigned(log_id, checkpoint.size, got)
         return got
+
+    def refresh(self, every: float = REFRESH_SECONDS) -> int:
+        """Queue again every checkpoint this process last submitted more than ``every``
+        seconds ago (bounded: one per log per period).  Returns how many were queued."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [(log_id, note, cp) for log_id, (at, note, cp) in self._submitted.items()
+                     if now - at >= every]
+        for log_id, note, cp in stale:
+            self.submit_later(log_id, note, cp)
+        return len(stale)
 
     def submit_later(self, log_id: str, note: str, checkpoint: Checkpoint) -> None:
         """Queue ``checkpoint`` for the background submitter (newest per log wins)."""

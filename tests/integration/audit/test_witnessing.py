@@ -274,3 +274,30 @@ def test_a_tampered_state_file_stops_the_log(
         svc.audit.checkpoint_now(LOG)
     alarm = svc.audit.guard.states.alarm(LOG)
     assert alarm is not None and alarm.code == "audit_state_invalid"
+
+
+def test_unchanged_checkpoints_are_resubmitted_so_cosignatures_stay_fresh(
+    witnessed: tuple[Services, list[WitnessProcess]],
+) -> None:
+    import time
+
+    from sandboxsec.audit.cosignature import parse_cosignature_line
+
+    svc, _ = witnessed
+    svc.audit.append_many([decision(LOG, i) for i in range(3)])
+    cp = svc.audit.checkpoint_now(LOG)
+    first = {parse_cosignature_line(line)[0]: parse_cosignature_line(line)[2]
+             for line in svc.audit.cosignatures(LOG, cp.size)[cp.size]}
+    assert len(first) == 2
+    time.sleep(1.1)  # cosignature timestamps have one-second resolution
+    publisher = svc.audit.guard.publisher
+    assert publisher is not None and publisher.refresh(every=0) == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = {parse_cosignature_line(line)[0]: parse_cosignature_line(line)[2]
+               for line in svc.audit.cosignatures(LOG, cp.size)[cp.size]}
+        if all(now[w] > first[w] for w in first):
+            break
+        time.sleep(0.05)
+    assert all(now[w] > first[w] for w in first)
+    assert svc.audit.latest_checkpoint(LOG) == cp  # the same tree, freshly cosigned
