@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -32,7 +32,7 @@ from sandboxsec.audit.errors import (
 )
 from sandboxsec.audit.merkle import Frontier
 from sandboxsec.audit.models import AuditEntryRow
-from sandboxsec.audit.signed_state import SignedState, StateFiles, check_extends
+from sandboxsec.audit.signed_state import Alarm, SignedState, StateFiles, check_extends
 from sandboxsec.audit.witness_client import WitnessPublisher
 from sandboxsec.clock import Clock
 
@@ -61,10 +61,12 @@ class HistoryGuard:
         *,
         clock: Clock,
         publisher: WitnessPublisher | None = None,
+        on_alarm: Callable[[Alarm], None] | None = None,
     ) -> None:
         self.states = states
         self.publisher = publisher
         self._clock = clock
+        self._on_alarm = on_alarm
 
     # -------------------------------------------------------------------- before signing
 
@@ -158,8 +160,11 @@ class HistoryGuard:
 
     def alarm(self, log_id: str, code: str, message: str) -> None:
         """Stop ``log_id`` and say so loudly (service log, health, metrics)."""
-        self.states.raise_alarm(log_id, code, message, self._clock.now())
+        first = self.states.alarm(log_id) is None
+        alarm = self.states.raise_alarm(log_id, code, message, self._clock.now())
         _log.error("audit_integrity_alarm", log_id=log_id, code=code, message=message)
+        if first and self._on_alarm is not None:
+            self._on_alarm(alarm)
 
     def witness_refused(self, log_id: str, witness: str, message: str) -> None:
         """A witness has seen another past of ``log_id``: alarm."""

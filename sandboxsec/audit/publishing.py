@@ -8,9 +8,11 @@ when a caller (the checkpoint API, an export) needs it cosigned now.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -19,11 +21,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sandboxsec.audit.checkpoint import Checkpoint
 from sandboxsec.audit.cosignature import Cosignature, parse_witness_key
 from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.integrity import HistoryGuard, SignedTree
 from sandboxsec.audit.models import AuditCosignatureRow
-from sandboxsec.audit.signed_state import StateFiles
+from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
+from sandboxsec.audit.signed_state import Alarm, StateFiles
 from sandboxsec.audit.witness_client import WitnessEndpoint, WitnessPublisher
 from sandboxsec.clock import Clock
+from sandboxsec.errors import SandboxSecError
 from sandboxsec.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["build_guard", "publish_now", "stored_cosignatures"]
 
 _COSIGS = AuditCosignatureRow.__table__  # type: ignore[attr-defined]
+_log = structlog.get_logger("sandboxsec.audit")
 
 
 def build_guard(log: AuditLog, settings: Settings, clock: Clock) -> HistoryGuard:
@@ -51,10 +57,29 @@ def build_guard(log: AuditLog, settings: Settings, clock: Clock) -> HistoryGuard
             on_refused=lambda log_id, w, msg: holder[0].witness_refused(log_id, w, msg),
             newest=lambda log_id: newest_checkpoint_size(log, log_id),
         )
-    guard = HistoryGuard(states, clock=clock, publisher=publisher)
+    guard = HistoryGuard(states, clock=clock, publisher=publisher,
+                         on_alarm=lambda alarm: record_alarm(log, alarm))
     if publisher is not None:
         holder.append(guard)
     return guard
+
+
+def record_alarm(log: AuditLog, alarm: Alarm) -> None:
+    """Record the alarm in the service's own log, from another thread: it is raised inside
+    an appending transaction, which a synchronous append would wait on."""
+    if alarm.log_id == SERVICE_LOG:
+        return  # that log is the one stopped; the marker file and the error log remain
+
+    def append() -> None:
+        try:
+            log.append(AuditRecord.by(
+                None, AuditEvent.AUDIT_ALARM, "alarm", reason=alarm.code,
+                object_ids={"log_id": alarm.log_id}, body={"message": alarm.message},
+            ))
+        except SandboxSecError as exc:
+            _log.error("audit_alarm_not_recorded", log_id=alarm.log_id, code=exc.reason)
+
+    threading.Thread(target=append, name="sandboxsec-audit-alarm", daemon=True).start()
 
 
 def newest_checkpoint_size(log: AuditLog, log_id: str) -> int:

@@ -321,6 +321,14 @@ def _alarm(args: argparse.Namespace) -> int:
         cleared = states.clear_alarm(log_id)
         if args.reset_state:
             states.forget(log_id)
+        # The operator's decision is itself evidence (in the service's log).
+        from sandboxsec.audit.events import AuditEvent
+        from sandboxsec.audit.record import AuditRecord
+
+        services.audit.append(AuditRecord.by(
+            None, AuditEvent.AUDIT_ALARM_CLEAR, "success",
+            object_ids={"log_id": log_id}, body={"reset_state": args.reset_state},
+        ))
         print_json({"log_id": log_id, "cleared": cleared, "state_reset": args.reset_state})
     finally:
         services.close()

@@ -196,6 +196,16 @@ def test_a_dba_rewrite_is_refused_by_the_service_and_by_witnessing_auditors(
     assert cli(["audit", "alarm"]) == 0
     listed = _json_out(capsys)
     assert [(a["log_id"], a["code"]) for a in listed] == [(LOG, "audit_history_mismatch")]
+    # The alarm is evidence too: recorded in the service's own log.
+    import time
+
+    deadline = time.monotonic() + 20
+    alarm_event = "audit:log:alarm"
+    while time.monotonic() < deadline and not svc.audit.entries("_service", event=alarm_event):
+        time.sleep(0.05)
+    [recorded] = svc.audit.entries("_service", event="audit:log:alarm")
+    assert recorded["reason"] == "audit_history_mismatch"
+    assert recorded["object_ids"] == {"log_id": LOG}
 
     # 2. Independently: an insider who also resets the service's state file (or a service that
     #    never had one) gets the rewritten history signed, and a plain verification passes ...
