@@ -22,7 +22,6 @@ import hmac
 import json
 import os
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +31,7 @@ from sandboxsec.audit.entry import GENESIS_PREV, entry_prefix
 from sandboxsec.audit.errors import AuditHistoryMismatchError, AuditStateInvalidError
 from sandboxsec.audit.merkle import Frontier, ProofError, leaf_hash
 from sandboxsec.clock import rfc3339
+from sandboxsec.statefiles import replace_private
 
 __all__ = ["Alarm", "SignedState", "StateFiles", "check_extends"]
 
@@ -155,7 +155,7 @@ class StateFiles:
             # Atomic (rename) but not fsynced: losing the newest state to a power cut leaves an
             # older genuine one, which every later tree still extends.  Safe, and it keeps an
             # fsync off every checkpoint.
-            _write_private(self._dir / _file_name(state.log_id), _canonical(payload),
+            replace_private(self._dir / _file_name(state.log_id), _canonical(payload),
                            durable=False)
             return True
         finally:
@@ -169,7 +169,7 @@ class StateFiles:
         alarm = Alarm(log_id, code, message, rfc3339(at))
         path = self._alarms / _file_name(log_id)
         if not path.exists():
-            _write_private(path, _canonical(
+            replace_private(path, _canonical(
                 {"log_id": log_id, "code": code, "message": message, "at": alarm.at}
             ))
         return self.alarm(log_id) or alarm
@@ -207,27 +207,6 @@ class StateFiles:
         except (OSError, ValueError, KeyError, TypeError):
             # An unreadable marker is still an alarm: fail closed.
             return Alarm(path.stem, "audit_state_invalid", "unreadable alarm marker", "")
-
-
-def _write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def check_extends(

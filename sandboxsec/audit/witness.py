@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from sandboxsec.audit.errors import (
     WitnessSizeConflictError,
 )
 from sandboxsec.audit.merkle import HASH_SIZE, verify_consistency
+from sandboxsec.statefiles import replace_private
 
 __all__ = [
     "EMPTY_ROOT",
@@ -301,18 +301,5 @@ class FileWitnessStore:
              "logs": {o: r.to_json() for o, r in sorted(state.items())}},
             indent=1,
         ).encode()
-        tmp = self._path.with_name(f".{self._path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dfd = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # Durable before the cosignature leaves: the witness must never forget what it signed.
+        replace_private(self._path, data, durable=True)
