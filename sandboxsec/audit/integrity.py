@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from sandboxsec.audit.checkpoint import SignedCheckpoint
+from sandboxsec.audit.checkpoint import SignedCheckpoint, parse_signed_checkpoint
 from sandboxsec.audit.cosignature import Cosignature
 from sandboxsec.audit.errors import (
     AuditHistoryMismatchError,
@@ -31,15 +31,15 @@ from sandboxsec.audit.errors import (
     AuditStateInvalidError,
 )
 from sandboxsec.audit.merkle import Frontier
-from sandboxsec.audit.models import AuditEntryRow
 from sandboxsec.audit.signed_state import Alarm, SignedState, StateFiles, check_extends
+from sandboxsec.audit.store import ENTRIES, StoredCheckpoint
 from sandboxsec.audit.witness_client import WitnessPublisher
 from sandboxsec.clock import Clock
 
 __all__ = ["HistoryGuard", "SignedTree"]
 
 _log = structlog.get_logger("sandboxsec.audit")
-_ENTRIES = AuditEntryRow.__table__  # type: ignore[attr-defined]
+_ENTRIES = ENTRIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +62,13 @@ class HistoryGuard:
         clock: Clock,
         publisher: WitnessPublisher | None = None,
         on_alarm: Callable[[Alarm], None] | None = None,
+        count_cosignatures: Callable[[str, int], int] | None = None,
     ) -> None:
         self.states = states
         self.publisher = publisher
         self._clock = clock
         self._on_alarm = on_alarm
+        self._count_cosignatures = count_cosignatures
 
     # -------------------------------------------------------------------- before signing
 
@@ -155,6 +157,21 @@ class HistoryGuard:
                 else:
                     self.publisher.submit_later(t.log_id, t.signed.note, cp)
         return got
+
+    def publish_now(
+        self, latest: StoredCheckpoint, signed: Sequence[SignedTree], *, wait: bool
+    ) -> None:
+        """After ``checkpoint_now`` committed: advance the state; with ``wait``, also get the
+        newest checkpoint cosigned by every witness before answering (one that does not answer
+        in time is skipped: the checkpoint is published without its cosignature)."""
+        if signed or not wait:
+            self.published(signed, wait=wait)
+            return
+        if self.publisher is None or self._count_cosignatures is None:
+            return
+        if self._count_cosignatures(latest.log_id, latest.size) < len(self.publisher.endpoints):
+            cp, _ = parse_signed_checkpoint(latest.note)
+            self.publisher.submit(latest.log_id, latest.note, cp)
 
     # ---------------------------------------------------------------------------- alarms
 
