@@ -1,7 +1,7 @@
 """audit: witness cosignatures beside the checkpoints they cosign
 
-Revision ID: 0002_r14a
-Revises: 0001
+Revision ID: 0004_r14a
+Revises: 0003_r12
 Create Date: 2026-12-01 08:30:00
 """
 
@@ -14,8 +14,8 @@ import sandboxsec.storage.types
 from alembic import op
 
 
-revision = '0002_r14a'
-down_revision = '0001'
+revision = '0004_r14a'
+down_revision = '0003_r12'
 branch_labels = None
 depends_on = None
 
