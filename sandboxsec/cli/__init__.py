@@ -24,7 +24,8 @@ from sandboxsec.errors import ConfigurationError, SandboxSecError
 __all__ = ["GROUPS", "main"]
 
 #: Command-group modules under ``sandboxsec.cli``; each has ``register(subparsers)``.
-GROUPS = ("serve", "migrate", "tenant", "apikey", "policy", "image", "audit", "keys", "demo")
+GROUPS = ("serve", "migrate", "tenant", "apikey", "policy", "image", "audit", "keys", "demo",
+          "witness")
 
 EXIT_OK = 0
 EXIT_VERIFICATION = 1

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sandboxsec.cli._args import decimal
 from sandboxsec.cli._common import describe_database, load_settings, open_services
 
 __all__ = ["register"]
@@ -18,8 +19,8 @@ def register(subs: Any) -> None:
     """Add ``serve``."""
     p = subs.add_parser("serve", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--port", type=decimal, default=8000)
+    p.add_argument("--workers", type=decimal, default=1, help="worker processes (default 1)")
     p.add_argument("--log-level", default=None)
     p.add_argument("--migrate", action="store_true",
                    help="create the database or upgrade its schema before serving (without "
@@ -41,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
     services.close()
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
+    # Session proofs name the URL the client called; behind a proxy set the external one.
+    os.environ.setdefault("SANDBOXSEC_PUBLIC_URL", settings.public_url or url)
     prog = shutil.which("sandboxsec") or str(Path(sys.executable).with_name("sandboxsec"))
     env = f"SANDBOXSEC_HOME={settings.home}"
     if not embedded:
