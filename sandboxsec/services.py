@@ -38,6 +38,7 @@ from sandboxsec.policy.repository import SqlPolicyRepository
 from sandboxsec.policy.service import PolicyService
 from sandboxsec.policy.signing import GrantKeyring
 from sandboxsec.policy.wakeup import PgListener, Wakeups
+from sandboxsec.sessions.binding import BindingConfig, SessionBinding
 from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
@@ -141,8 +142,21 @@ class Services:
     @cached_property
     def sessions(self) -> SessionService:
         """Agent sessions, started from an affirming attestation token."""
+        s = self.settings
         return SessionService(self.db, self.clock, self.audit_writer, self.attestation,
-                              self.attestation, SessionConfig(self.settings.session_ttl_seconds))
+                              self.attestation,
+                              SessionConfig(s.session_ttl_seconds, s.require_session_key),
+                              proofs=self.session_binding)
+
+    @cached_property
+    def session_binding(self) -> SessionBinding:
+        """Session proofs (DPoP by the TPM-held session key), their replay store, ending."""
+        s = self.settings
+        config = BindingConfig(public_url=s.public_url,
+                               require_session_key=s.require_session_key,
+                               max_age_seconds=s.dpop_max_age_seconds,
+                               skew_seconds=s.dpop_clock_skew_seconds)
+        return SessionBinding(config, self.db, self.clock, self.audit_writer)
 
     # ------------------------------------------------------------------ policy
 

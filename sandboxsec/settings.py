@@ -52,6 +52,19 @@ class Settings(BaseSettings):
 
     # --- sessions ---
     session_ttl_seconds: int = Field(default=8 * 3600, ge=60)
+    # --- sessions: the TPM-held session key and its proofs (see docs/attestation.md) ---
+    public_url: str | None = Field(
+        default=None,
+        description="The URL clients reach the service at (scheme, host, port, path prefix); "
+        "session proofs name it in htu.  `sandboxsec serve` defaults it to its own address.",
+    )
+    require_session_key: bool = Field(
+        default=True,
+        description="Start sessions only from a token with a certified TPM-held session key. "
+        "False allows unbound sessions: their id is then a bearer handle (not for production).",
+    )
+    dpop_max_age_seconds: int = Field(default=60, ge=5, le=600)
+    dpop_clock_skew_seconds: int = Field(default=5, ge=0, le=120)
 
     # --- policy ---
     approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)

@@ -535,6 +535,7 @@ class AttestationService:
                         issued_at=now,
                         expires_at=token_expires,
                         kid="",
+                        jkt=result.session_key_jkt,
                     ),
                     signing_key,
                 )

@@ -70,6 +70,8 @@ class TokenClaims:
     issued_at: datetime
     expires_at: datetime
     kid: str
+    #: RFC 7800 ``cnf.jkt``: the RFC 7638 thumbprint of the certified TPM-held session key.
+    jkt: str | None = None
 
 
 def jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
@@ -101,6 +103,8 @@ def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
         "sandboxsec.ak-name": claims.ak_name,
         "eat_nonce": claims.nonce,
     }
+    if claims.jkt is not None:
+        payload["cnf"] = {"jkt": claims.jkt}
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     return jose.sign_compact(header, body, key)
 
@@ -154,6 +158,10 @@ def verify_token(
         raise TokenInvalidError("token trustworthiness vector is malformed")
     if not isinstance(image, dict):
         raise TokenInvalidError("token image claim is malformed")
+    cnf = payload.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    if cnf is not None and (not isinstance(jkt, str) or len(jkt) != 43):
+        raise TokenInvalidError("token cnf claim is malformed")
     try:
         issued_at = datetime.fromtimestamp(issued, UTC)
         expires_at = datetime.fromtimestamp(expires, UTC)
@@ -171,6 +179,7 @@ def verify_token(
         issued_at=issued_at,
         expires_at=expires_at,
         kid=kid,
+        jkt=jkt,
     )
     if now.timestamp() >= expires:
         raise TokenExpiredError("the attestation token has expired")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sandboxsec.attestation import eventlog, quote
+from sandboxsec.attestation import certify, eventlog, quote
 from sandboxsec.attestation.errors import (
     AkNameMismatchError,
     AkNotBoundError,
@@ -75,6 +75,11 @@ class Evidence:
     image_manifest: bytes
     ek_certificate: bytes | None = None
     event_log: bytes | None = None
+    #: The session key's TPM2B_PUBLIC and its TPM2_Certify by the AK (TPMS_ATTEST,
+    #: TPMT_SIGNATURE) over the nonce; see :mod:`sandboxsec.attestation.certify`.
+    session_key: bytes | None = None
+    session_key_certify: bytes | None = None
+    session_key_signature: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,7 @@ class AttestationResult:
     clock: quote.ClockInfo | None = None  # set when the quote's signature verified
     unknown_event_types: tuple[str, ...] = ()
     event_count: int = 0
+    session_key_jkt: str | None = None  # set when a session key was sent and verified
 
     @property
     def affirming(self) -> bool:
@@ -298,8 +304,22 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
             EXECUTABLES,
         )
 
+    # 10. The session key, when sent: a TPM-held key certified by this AK over this nonce.
+    jkt: str | None = None
+    if evidence.session_key is not None and ak is not None:
+        try:
+            jkt = certify.verify_session_key(
+                evidence.session_key, evidence.session_key_certify or b"",
+                evidence.session_key_signature or b"", ak=ak, nonce=evidence.nonce,
+                policy=ctx.policy,
+            ).jkt
+        except SandboxSecError as exc:
+            out.add(exc, HARDWARE)
+
+    # Only a fully valid quote advances the AK's clock state.
     clock = parsed.clock if parsed is not None and signature_ok and not out.failures else None
-    return _result(out, evidence, ak, manifest, clock, unknown, events)
+    result = _result(out, evidence, ak, manifest, clock, unknown, events)
+    return replace(result, session_key_jkt=jkt) if jkt is not None else result
 
 
 def _check_binding(

@@ -23,6 +23,8 @@ class AuditEvent(StrEnum):
     AK_CREDENTIAL_ACTIVATE = "attestation:ak:activate"
     SESSION_START = "session:session:start"
     SESSION_REFUSE = "session:session:refuse"
+    SESSION_END = "session:session:end"
+    SESSION_PROOF_REFUSE = "session:proof:refuse"
     # policy, approvals and grants
     POLICY_DECISION = "policy:action:decide"
     POLICY_UPDATE = "policy:rules:replace"

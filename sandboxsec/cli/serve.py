@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     services.close()
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
+    # Session proofs name the URL the client called; behind a proxy set the external one.
+    os.environ.setdefault("SANDBOXSEC_PUBLIC_URL", settings.public_url or url)
     print(
         f"sandboxsec listening on {url}  (API {url}/v1, OpenAPI {url}/openapi.json)\n"
         f"  state: {settings.home}  database: {db_kind}  key provider: {settings.key_provider}\n"

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
@@ -85,8 +86,12 @@ def write_record(
     body: TrajectoryRecordIn,
     services: ServicesDep,
     who: Annotated[Principal, Depends(require("trajectory:write"))],
+    proof: ProofDep,
 ) -> TrajectoryRecordCreated:
-    """Store one record encrypted under the tenant's keys (refused, not truncated, if too big)."""
+    """Store one record encrypted under the tenant's keys (refused, not truncated, if too big).
+
+    The request carries a ``DPoP`` proof by the session's TPM-held key, checked first."""
+    services.session_binding.require(who, proof, session_id, check_open=False)
     # Checked on the encoded length first, so an oversized body is never decoded.
     services.trajectory.check_size(who, session_id, body.kind, len(body.data) // 4 * 3 - 2)
     try:

@@ -32,6 +32,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/attestation/keys"): PUBLIC,
     ("POST", "/v1/sessions"): {"agent"},
     ("GET", "/v1/sessions/{session_id}"): {"agent", "admin"},
+    ("POST", "/v1/sessions/{session_id}/end"): {"agent", "admin"},
     ("POST", "/v1/actions"): {"agent"},
     ("GET", "/v1/approvals"): {"agent", "approver"},
     ("GET", "/v1/approvals/{approval_id}"): {"agent", "approver"},
