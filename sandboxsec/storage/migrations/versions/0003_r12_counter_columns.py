@@ -5,7 +5,7 @@ values from 2^31 on PostgreSQL (and SQLite stored them), so the two databases di
 the same quote.
 
 Revision ID: 0003_r12
-Revises: 0001
+Revises: 0002_r11
 Create Date: 2026-12-01 08:10:00
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 
 
 revision = '0003_r12'
-down_revision = '0001'
+down_revision = '0002_r11'
 branch_labels = None
 depends_on = None
 
