@@ -9,10 +9,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["AuditWitness", "Settings"]
+
+
+class AuditWitness(BaseModel):
+    """One witness the service submits checkpoints to."""
+
+    url: str = Field(description="The add-checkpoint URL, e.g. https://w.example/add-checkpoint.")
+    key: str = Field(description="The witness's verifier key name+keyid+base64 (type 0x04).")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("a witness URL is http:// or https://")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _witness_key(cls, v: str) -> str:
+        from sandboxsec.audit.cosignature import parse_witness_key
+
+        parse_witness_key(v)
+        return v.strip()
 
 
 class Settings(BaseSettings):
@@ -110,6 +132,13 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
     audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     audit_origin: str = "sandboxsec.local/audit"
+    # --- audit: witnesses (see docs/audit.md, "Witnesses") ---
+    audit_witnesses: list[AuditWitness] = Field(
+        default_factory=list,
+        description='JSON list of {"url": ".../add-checkpoint", "key": "<witness vkey>"}; '
+        "every new checkpoint is submitted to each.",
+    )
+    audit_witness_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
     # --- audit (validation) ---
     @field_validator("audit_origin")

@@ -49,3 +49,5 @@ class AuditEvent(StrEnum):
     # the audit log's own operations
     AUDIT_CHECKPOINT = "audit:checkpoint:sign"
     AUDIT_EXPORT = "audit:log:export"
+    AUDIT_ALARM = "audit:log:alarm"
+    AUDIT_ALARM_CLEAR = "audit:alarm:clear"

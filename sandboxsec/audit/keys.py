@@ -26,6 +26,7 @@ from sandboxsec.statefiles import create_once
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
 
 _HMAC_INFO = b"sandboxsec audit hmac v1\x00"
+_STATE_INFO = b"sandboxsec audit state v1"
 
 
 def derive_hmac_key(secret: bytes, log_id: str) -> bytes:
@@ -108,6 +109,17 @@ class AuditKeys:
     def verifier_key(self) -> str:
         """The signed-note verifier key string of the checkpoint key."""
         return verifier_key(self.key_name, self.public_key)
+
+    def state_key(self) -> bytes:
+        """The MAC key of the signed-state files (derived, separate from every log's key)."""
+        with self._lock:
+            if self._secret is None:
+                self._load()
+            assert self._secret is not None
+            secret = self._secret
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_STATE_INFO).derive(
+            secret
+        )
 
     def hmac_key(self, log_id: str) -> bytes:
         """The HMAC key of one log."""

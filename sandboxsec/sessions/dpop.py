@@ -26,8 +26,6 @@ Checks of :func:`verify_proof`, in order (RFC 9449 section 4.3):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -50,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from sandboxsec.attestation.jwk import b64url, ec_jwk
 from sandboxsec.attestation.jwk import jwk_thumbprint as _thumbprint
+from sandboxsec.encoding import b64url_decode_strict
 from sandboxsec.sessions.errors import (
     DpopAthMismatchError,
     DpopBodyMismatchError,
@@ -96,13 +95,10 @@ Signer = Callable[[bytes], bytes]
 
 
 def _unb64url(text: str, what: str) -> bytes:
-    # Strict: the alphabet only, no padding, no whitespace, and a length base64 can have.
-    if len(text) % 4 == 1 or text.strip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                                         "0123456789-_"):
-        raise DpopMalformedError(f"{what} is not unpadded base64url")
+    # Strict: the alphabet only, no padding, no whitespace, and the one canonical spelling.
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        return b64url_decode_strict(text)
+    except ValueError:
         raise DpopMalformedError(f"{what} is not unpadded base64url") from None
 
 
