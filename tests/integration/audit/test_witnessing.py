@@ -78,9 +78,11 @@ def _keys(ws: list[WitnessProcess]) -> list[Any]:
 
 def test_checkpoints_are_cosigned_by_both_witnesses_and_published(
     witnessed: tuple[Services, list[WitnessProcess]], tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     svc, ws = witnessed
+    # The operator's CLI reads the same database as the service (it never creates one).
+    monkeypatch.setenv("SANDBOXSEC_DATABASE_URL", svc.db.url)
     svc.audit.append_many([decision(LOG, i) for i in range(20)])
     data = _export(svc)
     report = verify_export(data, svc.audit.keys.public_key, witnesses=_keys(ws),
@@ -166,9 +168,11 @@ def _rewrite_entry(svc: Services, log_id: str, seq: int) -> None:
 
 def test_a_dba_rewrite_is_refused_by_the_service_and_by_witnessing_auditors(
     witnessed: tuple[Services, list[WitnessProcess]], tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     svc, ws = witnessed
+    # The operator's CLI reads the same database as the service (it never creates one).
+    monkeypatch.setenv("SANDBOXSEC_DATABASE_URL", svc.db.url)
     svc.audit.append_many([decision(LOG, i) for i in range(20)])
     genuine = _export(svc)  # checkpoint 20, cosigned by both witnesses
     verify_export(genuine, svc.audit.keys.public_key, witnesses=_keys(ws), min_witnesses=2)
