@@ -474,7 +474,9 @@ def _status(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
     sock.settimeout(timeout)
     data = b""
     try:
-        while b"\r\n\r\n" not in data or len(data) < 200:
+        # Read the head, then as much of the body as it declares (it may come in a later
+        # packet than the head).
+        while not _answer_complete(data):
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -487,6 +489,17 @@ def _status(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
     if not data.startswith(b"HTTP/1.1 "):
         return 0, data[:200]
     return int(data[9:12]), data.split(b"\r\n\r\n", 1)[-1][:300]
+
+
+def _answer_complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= min(int(value.strip()), 300)
+    return len(body) > 0
 
 
 def _connect(port: int) -> socket.socket:
