@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     pkcs11_token_label: str = "sandboxsec"  # noqa: S105 - a label, not a secret
     pkcs11_pin: str | None = Field(default=None, repr=False)
     pkcs11_key_label: str = "sandboxsec-root"
+    tenant_key_dir: Path | None = Field(
+        default=None,
+        description="Per-tenant key files of the local key provider (default: "
+        "<home>/tenant-keys); deleting a tenant destroys its file.",
+    )
     max_record_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # --- crypto: key caches and record layout (owned by crypto; see docs/encryption.md) ---
     key_cache_ttl_seconds: float = Field(

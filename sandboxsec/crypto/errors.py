@@ -21,6 +21,7 @@ __all__ = [
     "KeyProviderUnavailableError",
     "KeyVersionInvalidError",
     "KeyVersionRetiredError",
+    "TenantKeyMissingError",
     "TenantKeysShreddedError",
     "TrajectoryKindInvalidError",
     "TrajectoryRecordTooLargeError",
@@ -32,6 +33,13 @@ class KeyProviderUnavailableError(DependencyUnavailableError):
     """The key provider holding the root key cannot be reached; nothing was read or written."""
 
     code = "key_provider_unavailable"
+
+
+class TenantKeyMissingError(KeyProviderUnavailableError):
+    """The tenant's own key is missing from the key provider although the tenant was not
+    shredded (a lost or removed key file or HSM object); nothing was read or written."""
+
+    code = "tenant_key_missing"
 
 
 class KeyProviderMismatchError(DependencyUnavailableError):

@@ -60,6 +60,7 @@ from sandboxsec.crypto.models import (
     TrajectorySegment,
 )
 from sandboxsec.crypto.stream import open_stream, read_stream_header, seal_stream
+from sandboxsec.crypto.tenant_keys import TenantKeyStore, build_tenant_key_store, is_tenant_wrapped
 from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
@@ -152,6 +153,9 @@ class ShredResult:
     keks_destroyed: int
     deks_destroyed: int
     shredded_at: datetime
+    #: Whether the tenant's key in the key provider was destroyed by this call (False when an
+    #: earlier call already did, or the tenant never had one).
+    tenant_key_destroyed: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -217,12 +221,37 @@ class TrajectoryService:
         self._max_record = int(settings.max_record_bytes)
         self._stream_threshold = int(settings.stream_threshold_bytes)
         self._segment_bytes = int(settings.stream_segment_bytes)
+        self._tenant_key_store: TenantKeyStore | None = None
 
     # ------------------------------------------------------------------ key hierarchy
 
     @property
     def _provider(self) -> KeyProvider:
         return self._s.keys
+
+    @property
+    def tenant_keys(self) -> TenantKeyStore:
+        """The per-tenant keys held by the key provider (what shredding destroys)."""
+        if self._tenant_key_store is None:
+            self._tenant_key_store = build_tenant_key_store(self._s.settings, self._provider)
+        return self._tenant_key_store
+
+    def check_key_provider(self) -> None:
+        """Raise :class:`KeyProviderUnavailableError` unless the key provider can serve now.
+
+        A root key that does not exist yet is fine only while nothing depends on it: once any
+        tenant key or wrapped KEK exists, a missing root key is an outage, not a fresh start.
+        """
+        provider = self._provider
+        if provider.has_root_key():
+            provider.check()
+            return
+        if self.tenant_keys.count():
+            raise KeyProviderUnavailableError("the root key is missing while tenant keys exist")
+        with self._s.db.session() as s:
+            existing = s.exec(select(func.count()).select_from(KeyEncryptionKey)).one()
+        if existing:
+            raise KeyProviderUnavailableError("the root key is missing while wrapped keys exist")
 
     def _create_keyring(self, s: Session, tenant_id: str, actor: Principal | None) -> TenantKeyring:
         now = self._s.clock.now()
@@ -256,7 +285,8 @@ class TrajectoryService:
                     "by a root key exist; restore the root key instead of making a new one"
                 )
         material = os.urandom(KEY_BYTES)
-        wrapped = provider.wrap(material, _kek_aad(tenant_id, version))
+        wrapped = self.tenant_keys.wrap(tenant_id, material, _kek_aad(tenant_id, version),
+                                        create=self._may_create_tenant_key(s, tenant_id))
         s.add(
             KeyEncryptionKey(
                 id=new_id("kek"), tenant_id=tenant_id, version=version,
@@ -303,9 +333,46 @@ class TrajectoryService:
                 f"key version {version} was wrapped by {row.provider_id}, "
                 f"the configured provider is {provider.provider_id}"
             )
-        material = provider.unwrap(row.wrapped_key, _kek_aad(tenant_id, version))
+        aad = _kek_aad(tenant_id, version)
+        if is_tenant_wrapped(row.wrapped_key):
+            material = self.tenant_keys.unwrap(tenant_id, row.wrapped_key, aad)
+        else:
+            # Written before per-tenant keys existed: wrapped by the root key alone.  Move it
+            # under the tenant key now (committed with the caller's transaction).
+            material = provider.unwrap(row.wrapped_key, aad)
+            row.wrapped_key = self.tenant_keys.wrap(
+                tenant_id, material, aad, create=self._may_create_tenant_key(s, tenant_id)
+            )
+            s.add(row)
         self._keks.put((tenant_id, version), material, now)
         return material
+
+    @staticmethod
+    def _may_create_tenant_key(s: Session, tenant_id: str) -> bool:
+        """A tenant key may be made only while none of the tenant's KEKs depends on one: a
+        lost key must fail closed, never be silently replaced by a new one."""
+        rows = s.exec(
+            select(KeyEncryptionKey.wrapped_key).where(KeyEncryptionKey.tenant_id == tenant_id)
+        ).all()
+        return not any(is_tenant_wrapped(w) for w in rows)
+
+    def migrate_tenant_keys(self, tenant_id: str | None = None) -> int:
+        """Re-wrap KEKs still wrapped by the root key alone under their tenant's own key.
+
+        The migration step for data written before per-tenant keys (reads also do it on first
+        use).  Returns how many KEKs moved; shredded tenants have none left to move.
+        """
+        moved = 0
+        with self._s.db.session() as s:
+            stmt = select(KeyEncryptionKey)
+            if tenant_id is not None:
+                stmt = stmt.where(KeyEncryptionKey.tenant_id == tenant_id)
+            for row in s.exec(stmt).all():
+                if not is_tenant_wrapped(row.wrapped_key):
+                    self._keks.pop((row.tenant_id, row.version))
+                    self._kek(s, row.tenant_id, row.version)
+                    moved += 1
+        return moved
 
     def _new_lease(self, tenant_id: str, session_id: str, actor: Principal | None) -> WriteLease:
         """Make, wrap and store a fresh DEK (committed before any record uses it)."""
@@ -959,7 +1026,11 @@ class TrajectoryService:
             )
             shredded_at = ring.shredded_at
         self.forget_keys(tenant_id)
-        return ShredResult(tenant_id, int(keks), int(deks), shredded_at)
+        # After the commit: if this fails the keyring is already marked shredded (nothing
+        # reads or writes the tenant's data any more) and running the deletion again
+        # finishes it.  This is the step that makes copies of the database unreadable.
+        destroyed = self.tenant_keys.destroy(tenant_id)
+        return ShredResult(tenant_id, int(keks), int(deks), shredded_at, destroyed)
 
     def close(self) -> None:
         """Forget every cached key."""

@@ -54,6 +54,8 @@ class DeletedTenant:
     keys_revoked: int
     keks_destroyed: int
     deks_destroyed: int
+    #: The tenant's key in the key provider (file or HSM object) was destroyed.
+    tenant_key_destroyed: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,8 @@ class TenantService:
                     actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
                     object_ids={"tenant_id": tenant_id},
                     body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
-                          "deks_destroyed": shred.deks_destroyed},
+                          "deks_destroyed": shred.deks_destroyed,
+                          "tenant_key_destroyed": shred.tenant_key_destroyed},
                 ),
                 session=s,
             )
@@ -217,7 +220,8 @@ class TenantService:
             self._cache.clear()
         return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
                              keks_destroyed=shred.keks_destroyed,
-                             deks_destroyed=shred.deks_destroyed)
+                             deks_destroyed=shred.deks_destroyed,
+                             tenant_key_destroyed=shred.tenant_key_destroyed)
 
     def get(self, tenant_id: str) -> Tenant:
         """The tenant, unless missing or deleted."""

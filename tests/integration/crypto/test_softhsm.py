@@ -120,3 +120,45 @@ def test_hsm_wrap_binds_aad(softhsm: SoftHsm) -> None:
             provider.unwrap(wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"tenant a v1")
     finally:
         provider.close()
+
+
+def test_tenant_key_is_an_hsm_object_that_delete_destroys(
+    services: Services, tenant: TenantKeys, make_session: MakeSession, softhsm: SoftHsm,
+    request: pytest.FixtureRequest,
+) -> None:
+    """With the HSM provider each tenant's KEKs are wrapped by that tenant's own key object in
+    the HSM; ``tenant delete`` destroys it, and the HSM's root key then opens nothing carved
+    from a copy of the database."""
+    from sandboxsec.crypto.envelope import encode_context
+    from sandboxsec.crypto.errors import DecryptionFailedError
+    from sandboxsec.crypto.tenant_keys import Pkcs11TenantKeyStore
+    from tests.integration.crypto.test_shredding import _carve, _database_files
+
+    agent = principal(tenant, Role.AGENT)
+    services.trajectory.write(agent, make_session(tenant.id), "action", b"pin 4711")
+    store = services.trajectory.tenant_keys
+    assert isinstance(store, Pkcs11TenantKeyStore)
+    provider = services.keys
+    assert isinstance(provider, Pkcs11KeyProvider)
+    lib = pkcs11.lib(SOFTHSM_MODULE)
+    with lib.get_token(token_label=softhsm.label).open() as session:
+        key = session.get_key(label=store.label(tenant.id), key_type=KeyType.AES)
+        assert key[Attribute.SENSITIVE] is True
+        assert key[Attribute.EXTRACTABLE] is False
+        with pytest.raises(pkcs11.PKCS11Error):
+            _ = key[Attribute.VALUE]
+
+    services.tenants.delete(tenant.id, actor=None)
+    assert not store.exists(tenant.id)
+    with lib.get_token(token_label=softhsm.label).open() as session, \
+            pytest.raises(pkcs11.NoSuchKey):
+        session.get_key(label=store.label(tenant.id), key_type=KeyType.AES)
+
+    def with_hsm_root(cand: bytes, aad: bytes) -> bytes:
+        return provider.unwrap(b"\x02" + cand[1:], aad)
+
+    blobs = list(_database_files(services, request))
+    assert any(tenant.id.encode() in b for b in blobs)
+    assert _carve(blobs, tenant.id, with_hsm_root) == set()
+    with pytest.raises(DecryptionFailedError):
+        provider.unwrap(b"\x02" + bytes(60), encode_context("x"))
