@@ -18,6 +18,7 @@ __all__ = [
     "DataEncryptionKey",
     "KeyEncryptionKey",
     "TenantKeyring",
+    "TrajectoryHead",
     "TrajectoryRecord",
     "TrajectorySegment",
 ]
@@ -75,6 +76,9 @@ class TrajectoryRecord(SQLModel, table=True):
     """
 
     __tablename__ = "trajectory_records"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq", name="uq_trajectory_records_seq"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(index=True, max_length=40)
@@ -83,12 +87,30 @@ class TrajectoryRecord(SQLModel, table=True):
     created_by: str = Field(default="", max_length=40)
     kind: str = Field(max_length=64, index=True)
     size: int
+    #: Plain SHA-256 of the plaintext: only records written before keyed digests have it
+    #: (new records store "" here and use ``content_hmac``).
     content_sha256: str = Field(max_length=64)
     dek_id: str = Field(index=True, max_length=40)
     layout: str = Field(max_length=8)
     segment_count: int = Field(default=0)
     meta_sealed: bytes = Field(sa_type=LargeBinary)
     data: bytes = Field(sa_type=LargeBinary)
+    #: Position in the session from 0, gap-free; also sealed (with the author) inside
+    #: ``meta_sealed``.  None for records written before order was authenticated.
+    seq: int | None = Field(default=None)
+    #: HMAC-SHA256 of the plaintext under the tenant's digest key (hex); "" before keyed
+    #: digests.  Unreadable once the tenant is shredded.
+    content_hmac: str = Field(default="", max_length=64)
+
+
+class TrajectoryHead(SQLModel, table=True):
+    """The next ``seq`` of a session's trajectory (the counter writers take under a lock)."""
+
+    __tablename__ = "trajectory_heads"
+
+    session_id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    next_seq: int = Field(default=0)
 
 
 class TrajectorySegment(SQLModel, table=True):

@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
+from sandboxsec.crypto.digests import ContentHasher, content_hmac, derive_digest_key, params_hmac
 from sandboxsec.crypto.envelope import (
     KEY_BYTES,
     DataKey,
@@ -48,6 +52,9 @@ from sandboxsec.crypto.errors import (
     KeyVersionRetiredError,
     TenantKeysShreddedError,
     TrajectoryKindInvalidError,
+    TrajectoryRecordMissingError,
+    TrajectoryRecordReattributedError,
+    TrajectoryRecordReorderedError,
     TrajectoryRecordTooLargeError,
     TrajectorySessionClosedError,
 )
@@ -56,8 +63,18 @@ from sandboxsec.crypto.models import (
     DataEncryptionKey,
     KeyEncryptionKey,
     TenantKeyring,
+    TrajectoryHead,
     TrajectoryRecord,
     TrajectorySegment,
+)
+from sandboxsec.crypto.order import (
+    META_PART_V1,
+    META_PART_V2,
+    SeqRange,
+    check_head,
+    check_range,
+    open_meta,
+    seal_meta,
 )
 from sandboxsec.crypto.stream import open_stream, read_stream_header, seal_stream
 from sandboxsec.crypto.tenant_keys import TenantKeyStore, build_tenant_key_store, is_tenant_wrapped
@@ -85,6 +102,16 @@ __all__ = [
 _KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _CONTEXT_LABEL = "sandboxsec/trajectory/v1"
 _REWRAP_BATCH = 500
+_HEADS = TrajectoryHead.__table__  # type: ignore[attr-defined]
+#: What a read that fails on stored data raises (audited as a failed read, then re-raised).
+_READ_FAILURES = (
+    DecryptionFailedError,
+    KeyVersionRetiredError,
+    TenantKeysShreddedError,
+    TrajectoryRecordMissingError,
+    TrajectoryRecordReattributedError,
+    TrajectoryRecordReorderedError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +125,10 @@ class StoredRecord:
     content_sha256: str
     created_at: datetime
     layout: str
+    #: The keyed digest that is stored and audited (see :mod:`sandboxsec.crypto.digests`).
+    content_hmac: str = ""
+    #: Position in the session (authenticated; see :mod:`sandboxsec.crypto.order`).
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +144,8 @@ class RecordView:
     created_by: str
     meta: dict[str, Any]
     data: bytes
+    content_hmac: str = ""
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +249,7 @@ class TrajectoryService:
         self._keks: TtlCache[tuple[str, int], bytes] = TtlCache(size, ttl)
         self._deks: TtlCache[tuple[str, str, int], DataKey] = TtlCache(size, ttl)
         self._leases: TtlCache[tuple[str, str], WriteLease] = TtlCache(size, ttl)
+        self._digest_keys: TtlCache[str, bytes] = TtlCache(size, ttl)
         self._lease_lock = threading.Lock()
         self._max_messages = int(settings.dek_max_messages)
         self._max_record = int(settings.max_record_bytes)
@@ -454,13 +488,50 @@ class TrajectoryService:
         self._deks.put(slot, key, now)
         return key
 
+    def _digest_key(self, s: Session, tenant_id: str) -> bytes:
+        """The tenant's digest key (derived from KEK version 1; gone once shredded)."""
+        now = self._s.clock.now()
+        cached = self._digest_keys.get(tenant_id, now)
+        if cached is not None:
+            return cached
+        self._keyring(s, tenant_id)
+        key = derive_digest_key(self._kek(s, tenant_id, 1), tenant_id)
+        self._digest_keys.put(tenant_id, key, now)
+        return key
+
+    def digest_key(self, tenant_id: str) -> bytes:
+        """The tenant's digest key, making the tenant's keys first if it has none yet.
+
+        Raises ``tenant_keys_shredded`` for a shredded tenant and the key provider's 503 when
+        it cannot be used: callers that store a digest fail closed.
+        """
+        cached = self._digest_keys.get(tenant_id, self._s.clock.now())
+        if cached is not None:
+            return cached
+        for attempt in range(2):
+            try:
+                with self._s.db.session() as s:
+                    self._ensure_keyring(s, tenant_id, None)
+                    return self._digest_key(s, tenant_id)
+            except IntegrityError:
+                # Another process created the keyring at the same moment: use theirs.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def params_hmac(self, tenant_id: str, params_hash: str) -> str:
+        """The keyed digest of a params hash: what the audit log stores instead of it."""
+        return params_hmac(self.digest_key(tenant_id), params_hash)
+
     def forget_keys(self, tenant_id: str | None = None) -> None:
         """Drop cached keys (of one tenant, or all): the next use goes to the provider."""
         if tenant_id is None:
             self._keks.clear()
             self._deks.clear()
             self._leases.clear()
+            self._digest_keys.clear()
             return
+        self._digest_keys.pop(tenant_id)
         self._keks.discard_where(lambda k: k[0] == tenant_id)
         self._deks.discard_where(lambda k: k[0] == tenant_id)
         self._leases.discard_where(lambda k: k[0] == tenant_id)
@@ -486,6 +557,22 @@ class TrajectoryService:
         return open_sealed(key, blob, ctx)
 
     # ------------------------------------------------------------------ records
+
+    @staticmethod
+    def _next_seq(s: Session, tenant_id: str, session_id: str) -> int:
+        """Take the session's next position; the head row stays locked until the commit, so
+        positions are gap-free and a rolled-back write gives its position back."""
+        conn = s.connection()
+        fresh = {"session_id": session_id, "tenant_id": tenant_id, "next_seq": 0}
+        ins = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+        conn.execute(ins(_HEADS).values(**fresh).on_conflict_do_nothing())
+        taken = conn.execute(
+            update(_HEADS)
+            .where(_HEADS.c.session_id == session_id, _HEADS.c.tenant_id == tenant_id)
+            .values(next_seq=_HEADS.c.next_seq + 1)
+            .returning(_HEADS.c.next_seq)
+        ).scalar_one()
+        return int(taken) - 1
 
     def write(
         self,
@@ -514,9 +601,8 @@ class TrajectoryService:
         # derives its own key from a fresh salt and uses none.
         lease = self._lease(tenant_id, session_id, who, current, messages=1 if streamed else 2)
         record_id = new_id("tr")
-        digest = hashlib.sha256(data).hexdigest()
-        meta_ctx = record_context(tenant_id, session_id, record_id, "meta", kind)
-        meta_sealed = bytes(seal(lease.key, meta_raw, meta_ctx))
+        digest = content_hmac(self.digest_key(tenant_id), data)
+        meta_ctx = record_context(tenant_id, session_id, record_id, META_PART_V2, kind)
         data_ctx = record_context(tenant_id, session_id, record_id, "data", kind)
         segments: Iterator[bytes] = iter(())
         segment_count = 0
@@ -528,13 +614,16 @@ class TrajectoryService:
         else:
             layout = "sealed"
             body = bytes(seal(lease.key, data, data_ctx))
-        row = TrajectoryRecord(
-            id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
-            created_by=who.key_id, kind=kind, size=len(data), content_sha256=digest,
-            dek_id=lease.key.dek_id.hex(), layout=layout, segment_count=segment_count,
-            meta_sealed=meta_sealed, data=body,
-        )
         with self._s.db.session() as s:
+            seq = self._next_seq(s, tenant_id, session_id)
+            meta_sealed = bytes(seal(lease.key, seal_meta(meta or {}, seq=seq, author=who.key_id),
+                                     meta_ctx))
+            row = TrajectoryRecord(
+                id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
+                created_by=who.key_id, kind=kind, size=len(data), content_sha256="",
+                content_hmac=digest, seq=seq, dek_id=lease.key.dek_id.hex(), layout=layout,
+                segment_count=segment_count, meta_sealed=meta_sealed, data=body,
+            )
             s.add(row)
             s.flush()
             # Segments are sealed and sent one at a time: never all ciphertext in memory.
@@ -551,12 +640,13 @@ class TrajectoryService:
                     event=AuditEvent.TRAJECTORY_WRITE, tenant_id=tenant_id,
                     actor_key_id=who.key_id, actor_role=str(who.role), outcome="success",
                     object_ids={"session_id": session_id, "record_id": record_id},
-                    body={"kind": kind, "size": len(data), "content_sha256": digest,
+                    body={"kind": kind, "size": len(data), "content_hmac": digest, "seq": seq,
                           "layout": layout, "kek_version": lease.kek_version},
                 ),
                 session=s,
             )
-        return StoredRecord(record_id, session_id, kind, len(data), digest, now, layout)
+        return StoredRecord(record_id, session_id, kind, len(data),
+                            hashlib.sha256(data).hexdigest(), now, layout, digest, seq)
 
     def _writable(self, tenant_id: str, session_id: str, now: datetime) -> int | None:
         """Check the session is the tenant's and open, and the keys not shredded; returns
@@ -591,11 +681,9 @@ class TrajectoryService:
         current = self._writable(tenant_id, session_id, now)
         lease = self._lease(tenant_id, session_id, who, current, messages=1)
         record_id = new_id("tr")
-        meta_sealed = bytes(
-            seal(lease.key, meta_raw, record_context(tenant_id, session_id, record_id, "meta",
-                                                     kind))
-        )
-        hasher = hashlib.sha256()
+        meta_ctx = record_context(tenant_id, session_id, record_id, META_PART_V2, kind)
+        hasher = ContentHasher(self.digest_key(tenant_id))
+        plain = hashlib.sha256()
         size = 0
         limit = self._max_record - len(meta_raw)
 
@@ -608,6 +696,7 @@ class TrajectoryService:
                         f"the record passed the limit of {self._max_record} bytes"
                     )
                 hasher.update(chunk)
+                plain.update(chunk)
                 yield chunk
 
         data_ctx = record_context(tenant_id, session_id, record_id, "data", kind)
@@ -624,11 +713,16 @@ class TrajectoryService:
                         )
                     )
                 digest = hasher.hexdigest()
+                # The position is taken last: the head row stays locked only until the commit.
+                pos = self._next_seq(s, tenant_id, session_id)
+                meta_sealed = bytes(seal(
+                    lease.key, seal_meta(meta or {}, seq=pos, author=who.key_id), meta_ctx
+                ))
                 s.add(TrajectoryRecord(
                     id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
-                    created_by=who.key_id, kind=kind, size=size, content_sha256=digest,
-                    dek_id=lease.key.dek_id.hex(), layout="stream", segment_count=seq + 1,
-                    meta_sealed=meta_sealed, data=header,
+                    created_by=who.key_id, kind=kind, size=size, content_sha256="",
+                    content_hmac=digest, seq=pos, dek_id=lease.key.dek_id.hex(),
+                    layout="stream", segment_count=seq + 1, meta_sealed=meta_sealed, data=header,
                 ))
                 s.flush()
                 self._s.audit.append(
@@ -636,7 +730,7 @@ class TrajectoryService:
                         event=AuditEvent.TRAJECTORY_WRITE, tenant_id=tenant_id,
                         actor_key_id=who.key_id, actor_role=str(who.role), outcome="success",
                         object_ids={"session_id": session_id, "record_id": record_id},
-                        body={"kind": kind, "size": size, "content_sha256": digest,
+                        body={"kind": kind, "size": size, "content_hmac": digest, "seq": pos,
                               "layout": "stream", "kek_version": lease.kek_version},
                     ),
                     session=s,
@@ -645,7 +739,8 @@ class TrajectoryService:
             self._refuse(who, session_id, TrajectoryRecordTooLargeError.code,
                          {"kind": kind, "size": size})
             raise
-        return StoredRecord(record_id, session_id, kind, size, digest, now, "stream")
+        return StoredRecord(record_id, session_id, kind, size, plain.hexdigest(), now, "stream",
+                            digest, pos)
 
     def check_size(self, who: Principal, session_id: str, kind: str, size: int) -> None:
         """Refuse (audited, nothing stored) a record of ``size`` bytes above the limit."""
@@ -674,18 +769,35 @@ class TrajectoryService:
     def _decrypt(self, s: Session, row: TrajectoryRecord, ring: TenantKeyring,
                  segments: list[bytes]) -> tuple[dict[str, Any], bytes]:
         key = self._data_key(s, row.tenant_id, row.dek_id, ring)
-        t, sid, rid, kind = row.tenant_id, row.session_id, row.id, row.kind
-        meta_raw = open_sealed(key, row.meta_sealed, record_context(t, sid, rid, "meta", kind))
-        data_ctx = record_context(t, sid, rid, "data", kind)
+        meta = self._open_meta(row, key)
+        data_ctx = record_context(row.tenant_id, row.session_id, row.id, "data", row.kind)
         if row.layout == "stream":
             data = b"".join(open_stream(lambda _id: key, [row.data, *segments], data_ctx))
         else:
             data = open_sealed(key, row.data, data_ctx)
         # The clear metadata is checked against the authenticated plaintext.
-        if len(data) != row.size or hashlib.sha256(data).hexdigest() != row.content_sha256:
+        self._check_digest(row, content_hmac(self._digest_key(s, row.tenant_id), data)
+                           if row.content_hmac else hashlib.sha256(data).hexdigest(), len(data))
+        return meta, data
+
+    @staticmethod
+    def _check_digest(row: TrajectoryRecord, computed: str, size: int) -> None:
+        """The plaintext matches the row's clear size and digest (keyed, or plain for records
+        from before keyed digests)."""
+        stored = row.content_hmac or row.content_sha256
+        if size != row.size or not hmac.compare_digest(computed.encode(), stored.encode()):
             raise DecryptionFailedError()
-        meta = json.loads(meta_raw)
-        return (meta if isinstance(meta, dict) else {}), data
+
+    @staticmethod
+    def _open_meta(row: TrajectoryRecord, key: DataKey) -> dict[str, Any]:
+        """Decrypt the metadata; for ordered records check the sealed seq and author."""
+        part = META_PART_V1 if row.seq is None else META_PART_V2
+        ctx = record_context(row.tenant_id, row.session_id, row.id, part, row.kind)
+        raw = open_sealed(key, row.meta_sealed, ctx)
+        if row.seq is None:
+            meta = json.loads(raw)
+            return meta if isinstance(meta, dict) else {}
+        return open_meta(raw, seq=row.seq, author=row.created_by)
 
     def _segments(self, s: Session, row: TrajectoryRecord) -> list[bytes]:
         if row.layout != "stream":
@@ -711,8 +823,10 @@ class TrajectoryService:
         )
 
     def _view(self, row: TrajectoryRecord, meta: dict[str, Any], data: bytes) -> RecordView:
-        return RecordView(row.id, row.session_id, row.kind, row.size, row.content_sha256,
-                          row.created_at, row.created_by, meta, data)
+        # The plain digest is computed from the plaintext being returned: never stored.
+        return RecordView(row.id, row.session_id, row.kind, row.size,
+                          hashlib.sha256(data).hexdigest(), row.created_at, row.created_by,
+                          meta, data, row.content_hmac, row.seq)
 
     def read(self, who: Principal, session_id: str, record_id: str) -> RecordView:
         """Decrypt one record of this tenant; the read is audited before it is returned.
@@ -729,8 +843,7 @@ class TrajectoryService:
             try:
                 ring = self._keyring_for_read(s, who.tenant_id)
                 meta, data = self._decrypt(s, row, ring, segments)
-            except (DecryptionFailedError, KeyVersionRetiredError,
-                    TenantKeysShreddedError) as exc:
+            except _READ_FAILURES as exc:
                 failed = exc
         if failed is not None:
             self._audit_failed_read(who, row, failed)
@@ -758,38 +871,97 @@ class TrajectoryService:
             )
             if kind is not None:
                 stmt = stmt.where(TrajectoryRecord.kind == check_kind(kind))
+            seq = col(TrajectoryRecord.seq)
             if after is not None:
                 anchor = get_scoped(s, TrajectoryRecord, who.tenant_id, after, what="record")
-                stmt = stmt.where(
-                    (col(TrajectoryRecord.created_at) > anchor.created_at)
-                    | ((col(TrajectoryRecord.created_at) == anchor.created_at)
-                       & (col(TrajectoryRecord.id) > anchor.id))
-                )
+                if anchor.seq is not None:
+                    stmt = stmt.where(seq > anchor.seq)
+                else:
+                    # Records from before authenticated order come first, by time then id.
+                    stmt = stmt.where(
+                        seq.is_not(None)
+                        | (col(TrajectoryRecord.created_at) > anchor.created_at)
+                        | ((col(TrajectoryRecord.created_at) == anchor.created_at)
+                           & (col(TrajectoryRecord.id) > anchor.id))
+                    )
             rows = s.exec(
-                stmt.order_by(col(TrajectoryRecord.created_at), col(TrajectoryRecord.id))
+                stmt.order_by(seq.is_not(None), seq, col(TrajectoryRecord.created_at),
+                              col(TrajectoryRecord.id))
                 .limit(limit)
             ).all()
-            if not rows:
-                return []
-            ring = self._keyring_for_read(s, who.tenant_id)
+            failed: SandboxSecError | None = None
+            bad: TrajectoryRecord | None = None
             views: list[RecordView] = []
-            failed: SandboxSecError | None
-            for row in rows:
-                try:
-                    meta, data = self._decrypt(s, row, ring, self._segments(s, row))
-                except (DecryptionFailedError, KeyVersionRetiredError) as exc:
-                    failed = exc
-                    break
-                views.append(self._view(row, meta, data))
-            else:
-                failed = None
+            try:
+                self._check_order(s, who.tenant_id, session_id, rows,
+                                  reached_end=len(rows) < limit)
+            except _READ_FAILURES as exc:
+                failed = exc
+            if failed is None and rows:
+                ring = self._keyring_for_read(s, who.tenant_id)
+                for row in rows:
+                    try:
+                        meta, data = self._decrypt(s, row, ring, self._segments(s, row))
+                    except _READ_FAILURES as exc:
+                        failed, bad = exc, row
+                        break
+                    views.append(self._view(row, meta, data))
         if failed is not None:
-            self._audit_failed_read(who, row, failed)
+            if bad is not None:
+                self._audit_failed_read(who, bad, failed)
+            else:
+                self._audit_failed_session_read(who, session_id, failed)
             raise failed
+        if not rows:
+            return []
         with self._s.db.session() as s:
             for row in rows:
                 self._audit_read(s, who, row)
         return views
+
+    @staticmethod
+    def _check_order(s: Session, tenant_id: str, session_id: str,
+                     rows: Sequence[TrajectoryRecord], *, reached_end: bool) -> None:
+        """No position up to the newest one read is missing or doubled; at the end of the
+        session, as many ordered records remain as its head says were written."""
+        scope = (TrajectoryRecord.tenant_id == tenant_id,
+                 TrajectoryRecord.session_id == session_id)
+        seq = col(TrajectoryRecord.seq)
+        seqs = [r.seq for r in rows if r.seq is not None]
+        if seqs:
+            upto = max(seqs)
+            n, distinct, lowest = s.exec(
+                select(func.count(seq), func.count(func.distinct(seq)), func.min(seq))
+                .where(*scope, seq.is_not(None), seq <= upto)
+            ).one()
+            check_range(SeqRange(upto, int(n), int(distinct), lowest))
+        if reached_end:
+            # One statement: the head and the count come from the same snapshot.
+            stored = (select(func.count(seq)).where(*scope, seq.is_not(None))
+                      .scalar_subquery())
+            found = s.exec(
+                select(TrajectoryHead.next_seq, stored).where(
+                    TrajectoryHead.session_id == session_id,
+                    TrajectoryHead.tenant_id == tenant_id,
+                )
+            ).first()
+            if found is not None:
+                check_head(int(found[0]), int(found[1]))
+            elif seqs:
+                check_head(0, len(seqs))
+
+    def _audit_failed_session_read(self, who: Principal, session_id: str,
+                                   exc: SandboxSecError) -> None:
+        try:
+            self._s.audit.append(
+                AuditRecord(
+                    event=AuditEvent.TRAJECTORY_READ, tenant_id=who.tenant_id,
+                    actor_key_id=who.key_id, actor_role=str(who.role), outcome="failure",
+                    reason=exc.reason, object_ids={"session_id": session_id}, body={},
+                )
+            )
+        except SandboxSecError:
+            pass  # the read fails either way; the audit outage is reported by the audit log
 
     def iter_data(self, who: Principal, session_id: str, record_id: str) -> Iterator[bytes]:
         """A record's plaintext segment by segment, reading one segment row at a time.
@@ -801,13 +973,27 @@ class TrajectoryService:
             row = get_scoped(s, TrajectoryRecord, who.tenant_id, record_id, what="record")
             if row.session_id != session_id:
                 raise NotFoundError("no such record")
-            ring = self._keyring_for_read(s, who.tenant_id)
-            key = self._data_key(s, who.tenant_id, row.dek_id, ring)
+            failed: SandboxSecError | None = None
+            try:
+                ring = self._keyring_for_read(s, who.tenant_id)
+                key = self._data_key(s, who.tenant_id, row.dek_id, ring)
+                # Position and author are checked before any byte goes out.
+                self._open_meta(row, key)
+                dkey = self._digest_key(s, who.tenant_id) if row.content_hmac else b""
+            except _READ_FAILURES as exc:
+                failed = exc
+        if failed is not None:
+            self._audit_failed_read(who, row, failed)
+            raise failed
         with self._s.db.session() as s:
             self._audit_read(s, who, row)
         ctx = record_context(row.tenant_id, row.session_id, row.id, "data", row.kind)
+        hasher: ContentHasher | Any = ContentHasher(dkey) if dkey else hashlib.sha256()
         if row.layout != "stream":
-            yield open_sealed(key, row.data, ctx)
+            data = open_sealed(key, row.data, ctx)
+            hasher.update(data)
+            self._check_digest(row, hasher.hexdigest(), len(data))
+            yield data
             return
         read_stream_header(row.data)
 
@@ -826,12 +1012,12 @@ class TrajectoryService:
                     raise DecryptionFailedError()
                 yield seg.data
 
-        hasher = hashlib.sha256()
+        size = 0
         for part in open_stream(lambda _id: key, ciphertext(), ctx):
             hasher.update(part)
+            size += len(part)
             yield part
-        if hasher.hexdigest() != row.content_sha256:
-            raise DecryptionFailedError()
+        self._check_digest(row, hasher.hexdigest(), size)
 
     # ------------------------------------------------------------------ key management
 
