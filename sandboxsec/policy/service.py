@@ -303,6 +303,12 @@ class PolicyService:
         A batch is written with one ``append_many`` (one lock of the log head instead of one
         per record) by the caller, still inside the same transaction.
         """
+        if body is not None and "params_hash" in body:
+            # The audit log never holds the plain params hash (with clear amounts it gives
+            # back HMAC'd payees from a candidate list): only the tenant-keyed digest.
+            body = {k: v for k, v in body.items() if k != "params_hash"} | {
+                "params_hmac": self._s.trajectory.params_hmac(who.tenant_id, body["params_hash"])
+            }
         record = AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
                                 body=body, sensitive=sensitive)
         if batch is not None:
@@ -465,6 +471,7 @@ class PolicyService:
         # The signing key is loaded (or created) in its own transaction, never inside the one
         # below: SQLite has one writer, and a nested writer would wait on ourselves.
         self._keyring.signing_key()
+        self._s.trajectory.digest_key(who.tenant_id)  # likewise: may create the tenant's keys
         refused: SandboxSecError | None = None
         result: ActionResult | None = None
         with self._s.db.session() as s:
@@ -568,7 +575,7 @@ class PolicyService:
         elif decision.outcome is Outcome.ALLOW:
             record = self._new_grant(s, who.tenant_id, session.id, None, decision.decision_id,
                                      ctx.action, ctx.resource, p_hash, now)
-            grant, grant_expires = self._token(record), record.expires_at
+            grant, grant_expires = self._token(record, p_hash), record.expires_at
             object_ids["grant_id"] = record.id
             if ctx.action == "login" and ctx.domain is not None:
                 self._remember_domain(s, who.tenant_id, ctx.domain, session.id, now)
@@ -609,21 +616,23 @@ class PolicyService:
         record = GrantRecord(
             id=grant_id or new_id("gr"), tenant_id=tenant_id, session_id=session_id,
             approval_id=approval_id,
-            decision_id=decision_id, action=action, resource=resource, params_hash=p_hash,
+            decision_id=decision_id, action=action, resource=resource,
+            # Stored keyed: the plain hash lives only in the token the agent holds.
+            params_hash=self._s.trajectory.params_hmac(tenant_id, p_hash),
             key_id=kid, issued_at=now,
             expires_at=now + timedelta(seconds=self._s.settings.grant_ttl_seconds),
         )
         s.add(record)
         return record
 
-    def _token(self, record: GrantRecord) -> str:
+    def _token(self, record: GrantRecord, p_hash: str) -> str:
         kid, private = self._keyring.signing_key()
         if record.key_id != kid:
             # Issued under a key retired since: re-signing would name the wrong key.
             private = self._private_for(record.key_id)
         claims = GrantClaims(
             grant_id=record.id, tenant_id=record.tenant_id, session_id=record.session_id,
-            action=record.action, resource=record.resource, params_hash=record.params_hash,
+            action=record.action, resource=record.resource, params_hash=p_hash,
             approval_id=record.approval_id, issued_at=record.issued_at,
             expires_at=record.expires_at, key_id=record.key_id,
         )
@@ -654,6 +663,7 @@ class PolicyService:
            becomes ``consumed``.
         """
         now = self._s.clock.now()
+        self._s.trajectory.digest_key(who.tenant_id)  # outside the transaction
         claims: GrantClaims | None = None
         try:
             # 1. signature (re-read the key list once for a key id not seen yet)
@@ -670,8 +680,14 @@ class PolicyService:
             # 4. single use
             with self._s.db.session() as s:
                 record = get_scoped(s, GrantRecord, who.tenant_id, claims.grant_id, what="grant")
-                if (record.params_hash, record.action, record.session_id) != (
-                        claims.params_hash, claims.action, claims.session_id):
+                # Grants stored before keyed digests hold the plain hash (for their few
+                # minutes of life); newer ones the tenant-keyed digest.
+                stored_ok = record.params_hash in (
+                    self._s.trajectory.params_hmac(who.tenant_id, claims.params_hash),
+                    claims.params_hash,
+                )
+                if not stored_ok or (record.action, record.session_id) != (
+                        claims.action, claims.session_id):
                     raise GrantSignatureInvalidError("the grant does not match its record")
                 # A session ended early (for example after a compromise) takes its grants
                 # with it.
@@ -711,7 +727,7 @@ class PolicyService:
         if record.approval_id is not None:
             self.wakeups.notify(record.approval_id)
         return GrantVerdict(record.id, record.session_id, record.approval_id, record.action,
-                            record.resource, record.params_hash, record.expires_at, now)
+                            record.resource, claims.params_hash, record.expires_at, now)
 
     # ------------------------------------------------------------------ approvals
 
@@ -793,7 +809,7 @@ class PolicyService:
                     and row.state == ApprovalState.APPROVED.value and row.grant_id is not None):
                 record = s.get(GrantRecord, row.grant_id)
                 if record is not None and record.used_at is None and now < record.expires_at:
-                    grant, grant_expires = self._token(record), record.expires_at
+                    grant, grant_expires = self._token(record, row.params_hash), record.expires_at
         if expired:
             self.wakeups.notify(row.id)
         return self._view(row, grant, grant_expires)
@@ -811,6 +827,7 @@ class PolicyService:
         """
         now = self._s.clock.now()
         self._keyring.signing_key()  # outside the transaction (see request_action)
+        self._s.trajectory.digest_key(who.tenant_id)
         refused: SandboxSecError | None = None
         with self._s.db.session() as s:
             # 1.-2. pure checks on the current row
