@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
     audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     audit_origin: str = "sandboxsec.local/audit"
+    auth_failure_audit_per_window: int = Field(
+        default=60, ge=1,
+        description="Refused API keys audited individually per window and process; more are "
+        "counted and reported with the next entry.",
+    )
+    auth_failure_audit_window_seconds: float = Field(default=60.0, gt=0)
 
     # --- audit (validation) ---
     @field_validator("audit_origin")

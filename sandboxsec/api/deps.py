@@ -42,7 +42,8 @@ def require(permission: str) -> Callable[..., Principal]:
     """
 
     def dependency(request: Request, services: ServicesDep) -> Principal:
-        principal = services.tenants.authenticate(_bearer(request))
+        remote = request.client.host if request.client is not None else None
+        principal = services.tenants.authenticate(_bearer(request), remote=remote)
         structlog.contextvars.bind_contextvars(
             tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role)
         )

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from sandboxsec.audit.events import AuditEvent
-from sandboxsec.audit.record import AuditRecord
-from sandboxsec.errors import NotFoundError
+from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
+from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal, Role
 from sandboxsec.storage.tenancy import get_scoped
@@ -24,6 +24,7 @@ from sandboxsec.tenants.errors import (
     TenantNameTakenError,
 )
 from sandboxsec.tenants.models import ApiKey, Tenant
+from sandboxsec.tenants.refusals import RefusalLimiter
 
 if TYPE_CHECKING:
     from sandboxsec.services import Services
@@ -67,6 +68,12 @@ class CreatedTenant:
     keys: dict[Role, IssuedKey]
 
 
+def _in_service_log(record: AuditRecord) -> AuditRecord:
+    """A copy of a tenant-lifecycle record for the service log (it outlives the tenant)."""
+    return replace(record, tenant_id=SERVICE_LOG,
+                   object_ids={**record.object_ids, "tenant_id": str(record.tenant_id)})
+
+
 def _valid_name(name: str) -> str:
     name = name.strip()
     if not (1 <= len(name) <= 200) or not name.isprintable():
@@ -81,6 +88,9 @@ class TenantService:
         self._s = services
         self._cache: dict[str, tuple[str, Principal, float]] = {}
         self._lock = threading.Lock()
+        settings = services.settings
+        self._refusals = RefusalLimiter(settings.auth_failure_audit_per_window,
+                                        settings.auth_failure_audit_window_seconds)
 
     def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
         """Create a tenant with one key per role; audited in the same transaction."""
@@ -94,14 +104,13 @@ class TenantService:
                 s.flush()
                 for role in Role:
                     keys[role] = self._add_key(s, tenant_id, role, now, label=f"initial {role}")
-                self._s.audit.append(
-                    AuditRecord.by(
-                        actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
-                        object_ids={"tenant_id": tenant_id},
-                        body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
-                    ),
-                    session=s,
+                record = AuditRecord.by(
+                    actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
+                    object_ids={"tenant_id": tenant_id},
+                    body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
                 )
+                # The tenant's log and the service's: the lifecycle outlives the tenant.
+                self._s.audit.append_many([record, _in_service_log(record)], session=s)
         except IntegrityError as exc:
             raise TenantNameTakenError(f"a tenant named {name!r} exists already") from exc
         return CreatedTenant(tenant_id=tenant_id, name=name, keys=keys)
@@ -156,11 +165,17 @@ class TenantService:
         with self._lock:
             self._cache.pop(key_id, None)
 
-    def authenticate(self, presented: str) -> Principal:
-        """The principal of a presented key, or :class:`ApiKeyInvalidError`."""
+    def authenticate(self, presented: str, *, remote: str | None = None) -> Principal:
+        """The principal of a presented key, or :class:`ApiKeyInvalidError`.
+
+        Every refusal is audited in the service log (rate-limited, see
+        :mod:`sandboxsec.tenants.refusals`); the caller gets the same opaque error whatever
+        the cause.
+        """
         try:
             parsed = parse_key(presented)
         except Exception as exc:
+            self._refused(None, None, "malformed", remote)
             raise ApiKeyInvalidError("invalid API key") from exc
         mono = time.monotonic()
         with self._lock:
@@ -170,13 +185,16 @@ class TenantService:
         with self._s.db.session() as s:
             row = s.get(ApiKey, parsed.key_id)
             tenant = s.get(Tenant, row.tenant_id) if row is not None else None
-        if (
-            row is None
-            or tenant is None
-            or row.revoked_at is not None
-            or tenant.deleted_at is not None
-            or not secret_matches(parsed.secret, row.secret_sha256)
-        ):
+        why = (
+            "unknown" if row is None or tenant is None
+            else "revoked" if row.revoked_at is not None
+            else "tenant_deleted" if tenant.deleted_at is not None
+            else None if secret_matches(parsed.secret, row.secret_sha256)
+            else "wrong_secret"
+        )
+        if why is not None or row is None:
+            self._refused(parsed.key_id, row.tenant_id if row is not None else None, why,
+                          remote)
             raise ApiKeyInvalidError("invalid API key")
         principal = Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
         with self._lock:
@@ -184,6 +202,27 @@ class TenantService:
                 self._cache.clear()
             self._cache[row.id] = (row.secret_sha256, principal, mono + _AUTH_CACHE_SECONDS)
         return principal
+
+    def _refused(self, key_id: str | None, tenant_id: str | None, why: str | None,
+                 remote: str | None) -> None:
+        """Audit one refused key in the service log, unless the rate limit says to count it."""
+        admission = self._refusals.admit(self._s.clock.now().timestamp())
+        if not admission.write:
+            return
+        body: dict[str, object] = {"why": why or "unknown", "suppressed": admission.suppressed}
+        if key_id is not None:
+            body["key_id"] = key_id  # the public half of a key; the secret is never logged
+        if tenant_id is not None:
+            body["key_tenant_id"] = tenant_id
+        try:
+            self._s.audit.append(AuditRecord(
+                event=AuditEvent.AUTH_FAILURE, tenant_id=SERVICE_LOG, actor_key_id=None,
+                actor_role=None, outcome="refused", reason=ApiKeyInvalidError.code, body=body,
+                sensitive={"remote_addr": remote} if remote else {},
+            ))
+        except SandboxSecError:
+            # The request is refused either way; the count is reported with the next entry.
+            self._refusals.give_back(admission.suppressed + 1)
 
     def delete(self, tenant_id: str, *, actor: Principal | None) -> DeletedTenant:
         """Delete a tenant: crypto-shred its keys, then revoke every API key it has.
@@ -206,16 +245,14 @@ class TenantService:
                     key.revoked_at = now
                     s.add(key)
                     revoked += 1
-            self._s.audit.append(
-                AuditRecord.by(
-                    actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
-                    object_ids={"tenant_id": tenant_id},
-                    body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
-                          "deks_destroyed": shred.deks_destroyed,
-                          "tenant_key_destroyed": shred.tenant_key_destroyed},
-                ),
-                session=s,
+            record = AuditRecord.by(
+                actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
+                object_ids={"tenant_id": tenant_id},
+                body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
+                      "deks_destroyed": shred.deks_destroyed,
+                      "tenant_key_destroyed": shred.tenant_key_destroyed},
             )
+            self._s.audit.append_many([record, _in_service_log(record)], session=s)
         with self._lock:
             self._cache.clear()
         return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
@@ -231,13 +268,15 @@ class TenantService:
             raise NotFoundError("no such tenant")
         return t
 
-    def find(self, name_or_id: str) -> Tenant:
-        """A live tenant by id or by name."""
+    def find(self, name_or_id: str, *, include_deleted: bool = False) -> Tenant:
+        """A live tenant by id or by name (or a deleted one, by id or its former name, when
+        ``include_deleted``: its audit log outlives it)."""
         with self._s.db.session() as s:
             t = s.get(Tenant, name_or_id) or s.exec(
                 select(Tenant).where(Tenant.name == name_or_id)
+                .order_by(col(Tenant.created_at).desc())
             ).first()
-        if t is None or t.deleted_at is not None:
+        if t is None or (t.deleted_at is not None and not include_deleted):
             raise NotFoundError("no such tenant")
         return t
 
