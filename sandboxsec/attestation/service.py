@@ -64,6 +64,7 @@ from sandboxsec.attestation.x509chain import (
 )
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
+from sandboxsec.crypto.signing import Signer, hsm_signer
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
@@ -119,7 +120,7 @@ class AttestationService:
         self._s = services
         self.policy = quote.QuotePolicy()
         self._lock = threading.Lock()
-        self._signing_key: Ed25519PrivateKey | None = None
+        self._signing_key: Signer | None = None
         self._publishers: ManifestVerifier | None = None
         self._ek_roots: tuple[x509.Certificate, ...] | None = None
         self._ek_intermediates: tuple[bytes, ...] = ()
@@ -204,10 +205,14 @@ class AttestationService:
 
     # -- the token-signing key -------------------------------------------------------------
 
-    def _key(self) -> Ed25519PrivateKey:
+    def _key(self) -> Signer:
         with self._lock:
             if self._signing_key is None:
-                self._signing_key = _load_or_create_key(self._s.settings.home / SIGNING_KEY_FILE)
+                path = self._s.settings.home / SIGNING_KEY_FILE
+                # With an HSM the token key is made and used inside it (unless a key file
+                # from before exists: relying parties pin that key).
+                signer = None if path.exists() else hsm_signer(self._s.keys, "attestation-token")
+                self._signing_key = signer or _load_or_create_key(path)
             return self._signing_key
 
     def _nonce_key(self) -> bytes:

@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +31,9 @@ from sandboxsec.attestation.errors import (
     TokenInvalidError,
     TokenTenantMismatchError,
 )
+
+if TYPE_CHECKING:
+    from sandboxsec.crypto.signing import Signer
 
 __all__ = [
     "EAR_PROFILE",
@@ -100,7 +103,7 @@ def jwk_thumbprint(public_key: Ed25519PublicKey) -> str:
     return _b64url(hashlib.sha256(members.encode()).digest())
 
 
-def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
+def sign_token(claims: TokenClaims, key: Signer | Ed25519PrivateKey) -> str:
     """Serialise and sign ``claims`` as a compact JWS (``kid`` is taken from the key)."""
     kid = jwk_thumbprint(key.public_key())
     header = {"alg": "EdDSA", "typ": "JWT", "kid": kid}

@@ -46,6 +46,7 @@ from sandboxsec.audit.models import (
     AuditNodeRow,
 )
 from sandboxsec.audit.record import SERVICE_LOG, AuditReceipt, AuditRecord
+from sandboxsec.crypto.signing import hsm_signer
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.storage.db import DatabaseUnavailableError
 
@@ -136,7 +137,8 @@ class AuditLog:
         self._every = settings.audit_checkpoint_every
         self._period = timedelta(seconds=settings.audit_checkpoint_seconds)
         self._timeout = settings.audit_write_timeout_seconds
-        self.keys = AuditKeys(settings.home, settings.audit_origin)
+        self.keys = AuditKeys(settings.home, settings.audit_origin,
+                              hsm=lambda: hsm_signer(services.keys, "audit-checkpoint"))
         self._writer = _GroupCommit(self)
 
     # ----------------------------------------------------------------------------- writing

@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -44,6 +44,9 @@ from sandboxsec.policy.errors import (
     ParamsNotCanonicalError,
     ParamsTooLargeError,
 )
+
+if TYPE_CHECKING:
+    from sandboxsec.crypto.signing import Signer
 
 __all__ = [
     "GRANT_PREFIX",
@@ -111,7 +114,7 @@ def _b64d(text: str) -> bytes:
         raise GrantMalformedError("grant token segment is not base64url") from None
 
 
-def encode_grant(claims: GrantClaims, private_key: Ed25519PrivateKey) -> str:
+def encode_grant(claims: GrantClaims, private_key: Signer | Ed25519PrivateKey) -> str:
     """The signed token for ``claims`` (deterministic: Ed25519 signatures are)."""
     if claims.key_id != key_id(private_key.public_key()):
         raise ValueError("claims.key_id does not name this signing key")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -81,6 +82,9 @@ from sandboxsec.storage.tenancy import get_scoped, select_scoped
 
 if TYPE_CHECKING:
     from sandboxsec.services import Services
+
+from sandboxsec.crypto.keys import Pkcs11KeyProvider
+from sandboxsec.crypto.signing import HsmEd25519Signer, Signer, hsm_signer
 
 __all__ = [
     "MAX_PENDING_PER_SESSION",
@@ -186,16 +190,20 @@ def _text_field(name: str, value: Any) -> str:
     return value
 
 
+#: ``provider_id`` prefix of a grant key that lives in the HSM (``private_key`` is empty).
+_HSM_OBJECT = "pkcs11-object:"
+
+
 class _Keyring:
     """The grant signing key, shared by every worker through the database."""
 
     def __init__(self, services: Services) -> None:
         self._s = services
         self._lock = threading.Lock()
-        self._signing: tuple[str, Ed25519PrivateKey] | None = None
+        self._signing: tuple[str, Signer] | None = None
         self._public: dict[str, Ed25519PublicKey] = {}
 
-    def signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+    def signing_key(self) -> tuple[str, Signer]:
         with self._lock:
             if self._signing is None:
                 self._signing = self._load_or_create()
@@ -214,22 +222,18 @@ class _Keyring:
             self._public = keys
             return dict(keys)
 
-    def _load_or_create(self) -> tuple[str, Ed25519PrivateKey]:
+    def _load_or_create(self) -> tuple[str, Signer]:
         with self._s.db.session() as s:
             row = self._active(s)
         if row is None:
-            private = Ed25519PrivateKey.generate()
-            kid = key_id(private.public_key())
-            raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
             try:
-                wrapped = self._s.keys.wrap(raw, _key_aad(kid))
-                provider = self._s.keys.provider_id
+                kid, wrapped, provider, public = self._new_key()
             except SandboxSecError as exc:
                 raise GrantKeyUnavailableError("the root key cannot wrap a grant key") from exc
             with self._s.db.session() as s:
                 s.add(GrantSigningKey(
                     id=kid, private_key=wrapped, provider_id=provider,
-                    public_key=private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+                    public_key=public.public_bytes(Encoding.Raw, PublicFormat.Raw),
                     created_at=self._s.clock.now(),
                 ))
         # Two workers may have created a key at once: everyone uses the oldest one.
@@ -238,7 +242,27 @@ class _Keyring:
         assert row is not None
         return row.id, self.unwrap(row)
 
-    def unwrap(self, row: GrantSigningKey) -> Ed25519PrivateKey:
+    def _new_key(self) -> tuple[str, bytes, str, Ed25519PublicKey]:
+        """A new key: in the HSM when the key provider is one (nothing stored but its label),
+        else generated here and stored wrapped by the root key."""
+        signer = hsm_signer(self._s.keys, f"grant-{secrets.token_hex(6)}")
+        if signer is not None:
+            public = signer.public_key()
+            return key_id(public), b"", f"{_HSM_OBJECT}{signer.label}", public
+        private = Ed25519PrivateKey.generate()
+        kid = key_id(private.public_key())
+        raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return (kid, self._s.keys.wrap(raw, _key_aad(kid)), self._s.keys.provider_id,
+                private.public_key())
+
+    def unwrap(self, row: GrantSigningKey) -> Signer:
+        if row.provider_id.startswith(_HSM_OBJECT):
+            provider = self._s.keys
+            if not isinstance(provider, Pkcs11KeyProvider):
+                raise GrantKeyUnavailableError("the grant signing key is in an HSM; the "
+                                               "configured key provider is not one")
+            return HsmEd25519Signer(provider, row.provider_id.removeprefix(_HSM_OBJECT),
+                                    create=False)
         try:
             raw = self._s.keys.unwrap(row.private_key, _key_aad(row.id))
         except SandboxSecError as exc:
@@ -638,7 +662,7 @@ class PolicyService:
         )
         return encode_grant(claims, private)
 
-    def _private_for(self, kid: str) -> Ed25519PrivateKey:
+    def _private_for(self, kid: str) -> Signer:
         with self._s.db.session() as s:
             row = s.get(GrantSigningKey, kid)
         if row is None:
