@@ -256,6 +256,31 @@ class AuditLog:
             checkpoint_at=_aware(row[4]),
         )
 
+    def lock_free_heads(self, conn: Connection, log_ids: set[str], now: datetime) -> set[str]:
+        """On PostgreSQL, lock now the heads of ``log_ids`` that no other transaction holds
+        (``FOR UPDATE SKIP LOCKED``) and return the ids of those another transaction holds.
+
+        This is what keeps one tenant's stuck head (a long transaction, a held row lock) from
+        delaying every other tenant's appends in a shared group commit: the writer commits the
+        logs it could lock and hands the others to a separate, per-log path.  On SQLite the
+        database has one writer, so nothing is ever busy here.
+        """
+        if conn.dialect.name != "postgresql" or not log_ids:
+            return set()
+        ids = sorted(log_ids)
+        locked = _HEADS.c.id.in_(ids)
+        stmt = select(_HEADS.c.id).where(locked).order_by(_HEADS.c.id)
+        got = {r[0] for r in conn.execute(stmt.with_for_update(skip_locked=True))}
+        missing = [i for i in ids if i not in got]
+        if missing:
+            conn.execute(pg_insert(_HEADS).values([
+                {"id": i, "tenant_id": i, "size": 0, "frontier": b"", "last_leaf": None,
+                 "checkpoint_size": 0, "checkpoint_at": now} for i in missing
+            ]).on_conflict_do_nothing())
+            again = select(_HEADS.c.id).where(_HEADS.c.id.in_(missing)).order_by(_HEADS.c.id)
+            got |= {r[0] for r in conn.execute(again.with_for_update(skip_locked=True))}
+        return log_ids - got
+
     def _sign(self, conn: Connection, log_id: str, frontier: Frontier, now: datetime) -> None:
         cp = Checkpoint(self.origin(log_id), frontier.size, frontier.root())
         signed = sign_checkpoint(cp, name=self.keys.key_name, private_key=self.keys.signing_key)
@@ -274,10 +299,20 @@ class AuditLog:
 
     def checkpoint_now(self, log_id: str) -> StoredCheckpoint:
         """The latest checkpoint, signing one first if entries were added since the last."""
+        latest = self._checkpoint_now(log_id, wait=True)
+        assert latest is not None  # waited for the head: always signed or found
+        return latest
+
+    def _checkpoint_now(self, log_id: str, *, wait: bool) -> StoredCheckpoint | None:
+        """:meth:`checkpoint_now`; with ``wait=False`` a head that another transaction holds
+        is skipped (None) instead of waited for: the background sweep must not stall on one
+        tenant's stuck head."""
         now = self._s.clock.now()
         try:
             with self._s.db.session() as s:
                 conn = s.connection()
+                if not wait and self.lock_free_heads(conn, {log_id}, now):
+                    return None
                 head = self._lock_head(conn, log_id, now)
                 if head.size > head.checkpoint_size or not self._has_checkpoint(conn, log_id):
                     self._sign(conn, log_id, Frontier.from_bytes(head.size, head.frontier), now)
@@ -303,9 +338,11 @@ class AuditLog:
                 )
             )
             ids = [r[0] for r in due]
+        signed = 0
         for log_id in ids:
-            self.checkpoint_now(log_id)
-        return len(ids)
+            if self._checkpoint_now(log_id, wait=False) is not None:
+                signed += 1
+        return signed
 
     @staticmethod
     def _has_checkpoint(conn: Connection, log_id: str) -> bool:
@@ -596,7 +633,7 @@ def _aware(value: datetime) -> datetime:
 class _Pending:
     __slots__ = ("done", "error", "receipts", "records", "state")
 
-    QUEUED, TAKEN, CANCELLED = 0, 1, 2
+    QUEUED, TAKEN, CANCELLED, DEFERRED = 0, 1, 2, 3
 
     def __init__(self, records: list[AuditRecord]) -> None:
         self.records = records
@@ -623,6 +660,8 @@ class _GroupCommit:
         self._queue: deque[_Pending] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: Pendings waiting for a head another transaction holds, by the set of their logs.
+        self._slow: dict[frozenset[str], deque[_Pending]] = {}
         self._sweep_seconds = max(0.05, log._period.total_seconds())
 
     def ensure_started(self) -> None:
@@ -694,6 +733,10 @@ class _GroupCommit:
         try:
             self._commit_once(batch)
         except Exception as exc:  # every failure must reach the waiting callers
+            # Pendings handed to the busy-head path are answered there.
+            batch = [p for p in batch if p.state != _Pending.DEFERRED]
+            if not batch:
+                return
             unavailable = isinstance(exc, OperationalError | DatabaseUnavailableError)
             if len(batch) > 1 and not unavailable:
                 # One bad record must not deny the others: retry each on its own.
@@ -712,17 +755,60 @@ class _GroupCommit:
                 p.error = err
                 p.done.release()
 
-    def _commit_once(self, batch: list[_Pending]) -> None:
-        records = [r for p in batch for r in p.records]
+    def _commit_once(self, batch: list[_Pending], *, wait: bool = False) -> None:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
         with self._log._s.db.engine.begin() as conn:
-            receipts = self._log.write(conn, records)
+            if not wait:
+                logs = {log_id_of(r) for p in batch for r in p.records}
+                busy = self._log.lock_free_heads(conn, logs, self._log._s.clock.now())
+                if busy:
+                    # Another transaction holds these heads: their callers wait on their own
+                    # path; everyone else commits now (heads already locked above).
+                    stuck = [p for p in batch if any(log_id_of(r) in busy for r in p.records)]
+                    batch = [p for p in batch if p not in stuck]
+                    self._defer(stuck)
+            records = [r for p in batch for r in p.records]
+            receipts = self._log.write(conn, records) if records else []
         # Acknowledge only now, after the commit returned.
         i = 0
         for p in batch:
             p.receipts = receipts[i : i + len(p.records)]
             i += len(p.records)
             p.done.release()
+
+    def _defer(self, stuck: list[_Pending]) -> None:
+        """Commit pendings whose heads are busy on one thread per set of logs, waiting for
+        the lock there (bounded by the database lock timeout and each caller's timeout)."""
+        for p in stuck:
+            p.state = _Pending.DEFERRED
+            key = frozenset(log_id_of(r) for r in p.records)
+            with self._cv:
+                queue = self._slow.get(key)
+                if queue is not None:
+                    queue.append(p)  # that set's thread is running and will take it
+                    continue
+                self._slow[key] = deque([p])
+            threading.Thread(target=self._run_slow, args=(key,), daemon=True,
+                             name="sandboxsec-audit-writer-busy").start()
+
+    def _run_slow(self, key: frozenset[str]) -> None:
+        while True:
+            with self._cv:
+                queue = self._slow[key]
+                if not queue:
+                    del self._slow[key]  # the key's presence is what says a thread runs
+                    return
+                batch = list(queue)
+                queue.clear()
+            try:
+                self._commit_once(batch, wait=True)
+            except Exception as exc:  # every failure must reach the waiting callers
+                _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
+                err = exc if isinstance(exc, AuditUnavailableError) else AuditUnavailableError(
+                    "the audit log could not record this; the action was not carried out")
+                for p in batch:
+                    p.error = err
+                    p.done.release()
 
     def _sweep(self) -> None:
         try:
