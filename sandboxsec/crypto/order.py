@@ -97,8 +97,10 @@ def check_range(found: SeqRange) -> None:
     a duplicate position is ``trajectory_record_reordered``)."""
     if found.rows != found.distinct:
         raise TrajectoryRecordReorderedError("two records claim one position of the session")
+    if found.lowest is not None and found.lowest < 0:
+        raise TrajectoryRecordReorderedError("a record claims a position before the first")
     expected = found.upto + 1
-    if found.rows < expected or (found.lowest is not None and found.lowest != 0):
+    if found.rows < expected or (found.lowest is not None and found.lowest > 0):
         raise TrajectoryRecordMissingError(
             f"{expected - found.rows} record(s) of this session up to position {found.upto} "
             "are missing"
