@@ -5,16 +5,12 @@ database."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-
 import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 from sqlmodel import select
 
 from sandboxsec.audit.checkpoint import verify_signed_checkpoint
-from sandboxsec.clock import FixedClock
 from sandboxsec.crypto.errors import KeyProviderUnavailableError
 from sandboxsec.crypto.keys import Pkcs11KeyProvider
 from sandboxsec.crypto.signing import HsmEd25519Signer
@@ -22,25 +18,16 @@ from sandboxsec.policy.grants import decode_grant
 from sandboxsec.policy.models import GrantSigningKey
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
-from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_session
-from tests.integration.crypto.conftest import SMALL, SOFTHSM_MODULE, SoftHsm
+from tests.integration.crypto.conftest import SOFTHSM_MODULE, SoftHsm
 
 pytestmark = pytest.mark.softhsm
 
 
 @pytest.fixture
-def services(settings: Settings, database: Database, clock: FixedClock,
-             softhsm: SoftHsm) -> Iterator[Services]:
-    hsm = settings.model_copy(update={
-        **SMALL, "key_provider": "pkcs11", "pkcs11_module": SOFTHSM_MODULE,
-        "pkcs11_token_label": softhsm.label, "pkcs11_pin": softhsm.pin,
-        "pkcs11_key_label": f"root-{secrets.token_hex(6)}",
-    })
-    svc = Services(hsm, clock=clock, db=database)
-    yield svc
-    svc.close()
+def services(hsm_services: Services) -> Services:
+    """Services whose root key is a fresh key in the SoftHSM2 token."""
+    return hsm_services
 
 
 def _assert_private_key_stays_inside(softhsm: SoftHsm, label: str) -> None:

@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType
 
-from sandboxsec.clock import FixedClock
 from sandboxsec.crypto.errors import KeyProviderUnavailableError, TenantKeysShreddedError
 from sandboxsec.crypto.keys import Pkcs11KeyProvider
 from sandboxsec.principal import Role
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
-from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
-from tests.integration.crypto.conftest import SMALL, SOFTHSM_MODULE, SoftHsm, principal
+from tests.integration.crypto.conftest import SOFTHSM_MODULE, SoftHsm, principal
 from tests.integration.crypto.test_trajectory import MakeSession
 
 pytestmark = pytest.mark.softhsm
 
 
 @pytest.fixture
-def services(settings: Settings, database: Database, clock: FixedClock,
-             softhsm: SoftHsm) -> Iterator[Services]:
+def services(hsm_services: Services) -> Services:
     """Services whose root key is a fresh key in the SoftHSM2 token."""
-    hsm = settings.model_copy(update={
-        **SMALL, "key_provider": "pkcs11", "pkcs11_module": SOFTHSM_MODULE,
-        "pkcs11_token_label": softhsm.label, "pkcs11_pin": softhsm.pin,
-        "pkcs11_key_label": f"root-{secrets.token_hex(6)}",
-    })
-    svc = Services(hsm, clock=clock, db=database)
-    yield svc
-    svc.close()
+    return hsm_services
 
 
 def test_round_trip_rotation_and_shredding(services: Services, tenant: TenantKeys,
