@@ -33,7 +33,7 @@ from sandboxsec.attestation.errors import (
 )
 
 if TYPE_CHECKING:
-    from sandboxsec.crypto.signing import Signer
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "EAR_PROFILE",

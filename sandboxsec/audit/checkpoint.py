@@ -25,7 +25,7 @@ from sandboxsec.audit.errors import AuditCheckpointInvalidError, AuditCheckpoint
 from sandboxsec.audit.merkle import HASH_SIZE
 
 if TYPE_CHECKING:
-    from sandboxsec.crypto.signing import Signer
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "Checkpoint",

@@ -26,7 +26,7 @@ from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.statefiles import create_once
 
 if TYPE_CHECKING:
-    from sandboxsec.crypto.signing import Signer
+    from sandboxsec.signing import Signer
 
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
 

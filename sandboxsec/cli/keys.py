@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from sandboxsec.cli._common import open_services, print_json
-from sandboxsec.crypto.service import KeyStatus
+from sandboxsec.crypto.admin import KeyStatus
 
 __all__ = ["register"]
 
@@ -55,9 +55,9 @@ def _rotate(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        services.trajectory.rotate(tenant.id, None)
-        result = services.trajectory.rewrap(tenant.id, None) if args.rewrap else None
-        status = services.trajectory.status(tenant.id)
+        services.key_admin.rotate(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None) if args.rewrap else None
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     out = _status_json(status)
@@ -72,7 +72,7 @@ def _rewrap(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        result = services.trajectory.rewrap(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None)
     finally:
         services.close()
     print_json({"tenant_id": tenant.id, "version": result.version,
@@ -84,7 +84,7 @@ def _retire(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.retire(tenant.id, None, args.min_version)
+        status = services.key_admin.retire(tenant.id, None, args.min_version)
     finally:
         services.close()
     print_json(_status_json(status))
@@ -95,7 +95,7 @@ def _status(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.status(tenant.id)
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     print_json(_status_json(status))
@@ -106,7 +106,7 @@ def _migrate(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant_id = services.tenants.find(args.tenant).id if args.tenant else None
-        moved = services.trajectory.migrate_tenant_keys(tenant_id)
+        moved = services.key_hierarchy.migrate_tenant_keys(tenant_id)
     finally:
         services.close()
     print_json({"tenant_id": tenant_id, "keks_moved": moved})

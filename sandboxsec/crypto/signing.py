@@ -11,29 +11,18 @@ the service's files or database holds no signing key.
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sandboxsec.crypto.errors import KeyProviderUnavailableError
 from sandboxsec.crypto.keys import KeyProvider, Pkcs11KeyProvider
+from sandboxsec.signing import Signer
 
-__all__ = ["HsmEd25519Signer", "Signer", "hsm_signer"]
+__all__ = ["HsmEd25519Signer", "HsmKeyFactory", "Signer", "hsm_key_factory", "hsm_signer"]
 
 #: DER OID of Ed25519 (RFC 8410), as PKCS#11 ``CKA_EC_PARAMS`` wants it.
 _ED25519_OID = "1.3.101.112"
-
-
-class Signer(Protocol):
-    """What signs checkpoints, grants and tokens."""
-
-    def sign(self, data: bytes) -> bytes:
-        """A 64-byte Ed25519 signature of ``data``."""
-        ...
-
-    def public_key(self) -> Ed25519PublicKey:
-        """The public half, to publish and verify with."""
-        ...
 
 
 class HsmEd25519Signer:
@@ -103,3 +92,24 @@ def hsm_signer(provider: KeyProvider, purpose: str) -> HsmEd25519Signer | None:
     if isinstance(provider, Pkcs11KeyProvider):
         return HsmEd25519Signer(provider, f"{provider.key_label}/{purpose}")
     return None
+
+
+class HsmKeyFactory:
+    """Makes and finds HSM signing keys by purpose or label (for keys recorded elsewhere,
+    such as grant keys in the database)."""
+
+    def __init__(self, provider: Pkcs11KeyProvider) -> None:
+        self._hsm = provider
+
+    def create(self, purpose: str) -> HsmEd25519Signer:
+        """A new key pair for ``purpose`` (made on first use)."""
+        return HsmEd25519Signer(self._hsm, f"{self._hsm.key_label}/{purpose}")
+
+    def existing(self, label: str) -> HsmEd25519Signer:
+        """The key pair ``label``; a missing one is an outage, never re-made."""
+        return HsmEd25519Signer(self._hsm, label, create=False)
+
+
+def hsm_key_factory(provider: KeyProvider) -> HsmKeyFactory | None:
+    """The HSM key factory when the provider is an HSM, else None."""
+    return HsmKeyFactory(provider) if isinstance(provider, Pkcs11KeyProvider) else None

@@ -46,7 +46,7 @@ from sandboxsec.policy.errors import (
 )
 
 if TYPE_CHECKING:
-    from sandboxsec.crypto.signing import Signer
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "GRANT_PREFIX",

@@ -22,7 +22,7 @@ def healthz(services: ServicesDep) -> JSONResponse:
     try:
         # A fresh service has no root key until the first tenant key is made: that is ready.
         # Once keys depend on it, a missing root key is an outage (checked inside).
-        services.trajectory.check_key_provider()
+        services.key_hierarchy.check_key_provider()
         keys_ok = True
     except SandboxSecError:
         keys_ok = False

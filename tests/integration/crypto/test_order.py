@@ -25,11 +25,11 @@ from sandboxsec.crypto.errors import (
     TrajectoryRecordReattributedError,
     TrajectoryRecordReorderedError,
 )
-from sandboxsec.crypto.models import TrajectoryRecord
-from sandboxsec.crypto.service import record_context
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.principal import Role
 from sandboxsec.services import Services
+from sandboxsec.trajectory.format import record_context
+from sandboxsec.trajectory.models import TrajectoryHead, TrajectoryRecord
 from tests.conftest import TenantKeys
 from tests.integration.crypto.conftest import principal
 
@@ -136,8 +136,6 @@ def test_a_gap_filled_by_renumbering_is_reordered(services: Services, tenant: Te
         s.exec(delete(TrajectoryRecord).where(col(TrajectoryRecord.id) == ids[1]))
     _edit(services, ids[3], seq=1)
     with services.db.session() as s:
-        from sandboxsec.crypto.models import TrajectoryHead
-
         s.exec(update(TrajectoryHead).where(col(TrajectoryHead.session_id) == sid)
                .values(next_seq=3))
     with pytest.raises(TrajectoryRecordReorderedError):
@@ -175,8 +173,8 @@ def test_records_from_before_order_keep_working_and_come_first(
     with services.db.session() as s:
         row = s.get(TrajectoryRecord, first)
         assert row is not None
-        ring = services.trajectory._keyring_for_read(s, tenant.id)
-        key = services.trajectory._data_key(s, tenant.id, row.dek_id, ring)
+        ring = services.key_hierarchy.keyring_for_read(s, tenant.id)
+        key = services.key_hierarchy.data_key(s, tenant.id, row.dek_id, ring)
         data = open_sealed(key, row.data, record_context(tenant.id, sid, first, "data",
                                                          "action"))
         row.meta_sealed = bytes(seal(key, b'{"old":true}',
@@ -185,8 +183,6 @@ def test_records_from_before_order_keep_working_and_come_first(
         row.content_hmac = ""
         row.content_sha256 = hashlib.sha256(data).hexdigest()
         s.add(row)
-        from sandboxsec.crypto.models import TrajectoryHead
-
         s.exec(update(TrajectoryHead).where(col(TrajectoryHead.session_id) == sid)
                .values(next_seq=0))
     later = _write(services, tenant, sid, 2)
@@ -256,11 +252,11 @@ def test_shredding_kills_the_digest_key(services: Services, tenant: TenantKeys,
     from sandboxsec.crypto.errors import TenantKeysShreddedError
 
     services.trajectory.write(principal(tenant, Role.AGENT), make_session(tenant.id), "a", b"x")
-    key = services.trajectory.digest_key(tenant.id)
+    key = services.key_hierarchy.digest_key(tenant.id)
     assert len(key) == 32
-    services.trajectory.shred_tenant(tenant.id, None)
+    services.key_admin.shred_tenant(tenant.id, None)
     with pytest.raises(TenantKeysShreddedError):
-        services.trajectory.digest_key(tenant.id)
+        services.key_hierarchy.digest_key(tenant.id)
 
 
 def test_api_answers_the_reason_code(client: TestClient, services: Services,

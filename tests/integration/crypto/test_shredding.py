@@ -101,11 +101,11 @@ def test_copy_of_the_database_after_delete_with_the_root_key_recovers_nothing(
     agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
     sid = make_session(tenant.id)
     first = services.trajectory.write(agent, sid, "action", SECRET)
-    services.trajectory.rotate(tenant.id, admin)
+    services.key_admin.rotate(tenant.id, admin)
     services.trajectory.write(agent, sid, "action", SECRET + b" again")
     provider = services.keys
     assert isinstance(provider, LocalKeyProvider)
-    store = services.trajectory.tenant_keys
+    store = services.key_hierarchy.tenant_keys
     assert isinstance(store, LocalTenantKeyStore)
     key_file = store.path(tenant.id)
     # What the insider could have copied before: only used for the control below.
@@ -142,7 +142,7 @@ def test_key_store_files_are_private(services: Services, tenant: TenantKeys,
                                      make_session: MakeSession) -> None:
     services.trajectory.write(principal(tenant, Role.AGENT), make_session(tenant.id), "action",
                               b"x")
-    store = services.trajectory.tenant_keys
+    store = services.key_hierarchy.tenant_keys
     assert isinstance(store, LocalTenantKeyStore)
     assert store.directory != services.settings.home
     assert os.stat(store.directory).st_mode & 0o777 == 0o700
@@ -155,16 +155,16 @@ def test_lost_tenant_key_fails_closed_and_other_tenants_keep_working(
     sa, sb = make_session(tenant.id), make_session(other_tenant.id)
     a = services.trajectory.write(principal(tenant, Role.AGENT), sa, "action", b"a")
     b = services.trajectory.write(principal(other_tenant, Role.AGENT), sb, "action", b"b")
-    store = services.trajectory.tenant_keys
+    store = services.key_hierarchy.tenant_keys
     assert isinstance(store, LocalTenantKeyStore)
     shutil.move(store.path(tenant.id), store.directory / "moved-away")
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     with pytest.raises(TenantKeyMissingError) as err:
         services.trajectory.read(principal(tenant, Role.ADMIN), sa, a.record_id)
     assert err.value.status == 503
     # No new key is made over a lost one: a write fails closed too.
     with pytest.raises(TenantKeyMissingError):
-        services.trajectory.rotate(tenant.id, None)
+        services.key_admin.rotate(tenant.id, None)
     assert services.trajectory.read(principal(other_tenant, Role.ADMIN), sb,
                                     b.record_id).data == b"b"
     shutil.move(store.directory / "moved-away", store.path(tenant.id))
@@ -179,7 +179,7 @@ def test_keks_from_before_tenant_keys_move_under_the_tenant_key(
     sa, sb = make_session(tenant.id), make_session(other_tenant.id)
     a = services.trajectory.write(principal(tenant, Role.AGENT), sa, "action", b"old a")
     b = services.trajectory.write(principal(other_tenant, Role.AGENT), sb, "action", b"old b")
-    store = services.trajectory.tenant_keys
+    store = services.key_hierarchy.tenant_keys
     provider = services.keys
     # Turn both tenants' KEKs back into the old format, as an older version stored them.
     with services.db.session() as s:
@@ -189,15 +189,15 @@ def test_keks_from_before_tenant_keys_move_under_the_tenant_key(
             row.wrapped_key = provider.wrap(material, aad)
             assert not is_tenant_wrapped(row.wrapped_key)
             s.add(row)
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(principal(tenant, Role.ADMIN), sa, a.record_id).data == b"old a"
-    assert services.trajectory.migrate_tenant_keys() == 1  # only b's is left to move
+    assert services.key_hierarchy.migrate_tenant_keys() == 1  # only b's is left to move
     with services.db.session() as s:
         assert all(is_tenant_wrapped(r.wrapped_key) for r in s.exec(select(KeyEncryptionKey)))
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(principal(other_tenant, Role.ADMIN), sb,
                                     b.record_id).data == b"old b"
-    assert services.trajectory.migrate_tenant_keys() == 0
+    assert services.key_hierarchy.migrate_tenant_keys() == 0
 
 
 def test_a_kek_moved_to_another_tenant_does_not_open(
@@ -213,7 +213,7 @@ def test_a_kek_moved_to_another_tenant_does_not_open(
             KeyEncryptionKey.tenant_id == other_tenant.id)).one()
         theirs.wrapped_key = mine.wrapped_key
         s.add(theirs)
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     with pytest.raises(DecryptionFailedError):
         services.trajectory.read(principal(other_tenant, Role.ADMIN), sb, rec.record_id)
 

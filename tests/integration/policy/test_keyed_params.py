@@ -46,9 +46,9 @@ def test_audit_and_grants_hold_only_the_keyed_digest(
 ) -> None:
     _approve_and_use(client, tenant, act)
     plain = params_hash(PAYMENT)
-    keyed = services.trajectory.params_hmac(tenant.id, plain)
+    keyed = services.key_hierarchy.params_hmac(tenant.id, plain)
     assert keyed != plain
-    assert keyed != services.trajectory.params_hmac(other_tenant.id, plain)
+    assert keyed != services.key_hierarchy.params_hmac(other_tenant.id, plain)
     with services.db.session() as s:
         entries = s.exec(select(AuditEntryRow).where(AuditEntryRow.tenant_id == tenant.id)).all()
         grants = s.exec(select(GrantRecord).where(GrantRecord.tenant_id == tenant.id)).all()

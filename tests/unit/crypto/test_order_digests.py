@@ -13,8 +13,8 @@ from sandboxsec.crypto.errors import (
     TrajectoryRecordReattributedError,
     TrajectoryRecordReorderedError,
 )
-from sandboxsec.crypto.order import SeqRange, check_head, check_range, open_meta, seal_meta
 from sandboxsec.tenants.refusals import RefusalLimiter
+from sandboxsec.trajectory.order import SeqRange, check_head, check_range, open_meta, seal_meta
 
 
 def test_sealed_meta_round_trips_and_names_each_edit() -> None:
