@@ -21,7 +21,7 @@ import weakref
 from datetime import datetime
 
 from sqlalchemy import func
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from sandboxsec.audit.events import AuditEvent
@@ -51,7 +51,7 @@ from sandboxsec.crypto.tenant_keys import TenantKeyStore, is_tenant_wrapped
 from sandboxsec.errors import NotFoundError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
-from sandboxsec.storage.db import Database
+from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
 __all__ = ["KeyHierarchy", "actor_fields", "dek_aad", "kek_aad"]
 
@@ -261,8 +261,13 @@ class KeyHierarchy:
             return
         if self.tenant_keys.count():
             raise KeyProviderUnavailableError("the root key is missing while tenant keys exist")
-        with self._db.session() as s:
-            existing = s.exec(select(func.count()).select_from(KeyEncryptionKey)).one()
+        try:
+            with self._db.session() as s:
+                existing = s.exec(select(func.count()).select_from(KeyEncryptionKey)).one()
+        except (SQLAlchemyError, DatabaseUnavailableError):
+            # No database, or no schema yet: the database's own check reports that; nothing
+            # says keys depend on the root key.
+            return
         if existing:
             raise KeyProviderUnavailableError("the root key is missing while wrapped keys exist")
 
