@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
 from sandboxsec.audit.store import log_id_of
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
 from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
 __all__ = ["GroupCommit"]
@@ -71,6 +71,7 @@ class GroupCommit:
         sweep_seconds: float,
         stop_timeout: float,
         busy: Callable[[Connection, set[str]], set[str]] | None = None,
+        after_commit: Callable[[], None] | None = None,
     ) -> None:
         """``busy(conn, log_ids)`` locks the heads it can without waiting and returns the ids
         another transaction holds (None: every head is waited for, as on SQLite)."""
@@ -80,6 +81,7 @@ class GroupCommit:
         #: a key is present exactly while a thread serves it.
         self._slow: dict[frozenset[str], deque[_Pending]] = {}
         self._write = write
+        self._after_commit = after_commit
         self._sweep_due = sweep
         self._stop_timeout = stop_timeout
         self._cv = threading.Condition()
@@ -168,9 +170,10 @@ class GroupCommit:
                     self._commit([p])
                 return
             _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
+            # Integrity refusals (503s of their own) keep their reason code.
             err = (
                 exc
-                if isinstance(exc, AuditUnavailableError)
+                if isinstance(exc, DependencyUnavailableError)
                 else AuditUnavailableError(
                     "the audit log could not record this; the action was not carried out"
                 )
@@ -192,6 +195,8 @@ class GroupCommit:
                     self._defer(stuck)
             records = [r for p in batch for r in p.records]
             receipts = self._write(conn, records) if records else []
+        if self._after_commit is not None:
+            self._after_commit()
         # Acknowledge only now, after the commit returned.
         i = 0
         for p in batch:

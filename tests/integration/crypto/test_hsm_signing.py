@@ -1,24 +1,17 @@
-"""With the PKCS#11 provider the audit checkpoint, grant and attestation token keys are
-Ed25519 key pairs inside the HSM (SoftHSM2): signatures verify with the published public keys,
-and the private keys are sensitive and not extractable; no private key is on disk or in the
-database."""
+"""With the PKCS#11 provider the audit checkpoint key is an Ed25519 key pair inside the HSM
+(SoftHSM2): checkpoints verify with the published public key, and the private key is sensitive
+and not extractable; no checkpoint key is on disk."""
 
 from __future__ import annotations
 
 import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
-from sqlmodel import select
 
 from sandboxsec.audit.checkpoint import verify_signed_checkpoint
-from sandboxsec.crypto.errors import KeyProviderUnavailableError
-from sandboxsec.crypto.keys import Pkcs11KeyProvider
 from sandboxsec.crypto.signing import HsmEd25519Signer
-from sandboxsec.policy.grants import decode_grant
-from sandboxsec.policy.models import GrantSigningKey
-from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
-from tests.conftest import TenantKeys, make_session
+from tests.conftest import TenantKeys
 from tests.integration.crypto.conftest import SOFTHSM_MODULE, SoftHsm
 
 pytestmark = pytest.mark.softhsm
@@ -53,38 +46,3 @@ def test_audit_checkpoints_are_signed_inside_the_hsm(services: Services, tenant:
     assert "BEGIN PUBLIC KEY" in services.audit.keys.public_pem()
     assert not (services.settings.home / "audit" / "signing_key.pem").exists()
     _assert_private_key_stays_inside(softhsm, signer.label)
-
-
-def test_grants_are_signed_inside_the_hsm(services: Services, tenant: TenantKeys,
-                                          softhsm: SoftHsm) -> None:
-    sid = make_session(services, tenant)
-    agent = Principal(tenant.id, tenant.key_ids["agent"], Role.AGENT)
-    result = services.policy.request_action(agent, session_id=sid, action="message",
-                                            resource="chat", params={"text": "hi"})
-    assert result.grant is not None
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    published = {k: Ed25519PublicKey.from_public_bytes(v)
-                 for k, v in services.policy.public_keys().items()}
-    claims = decode_grant(result.grant, published)
-    assert claims.session_id == sid
-    with services.db.session() as s:
-        rows = s.exec(select(GrantSigningKey)).all()
-    assert len(rows) == 1 and rows[0].private_key == b""
-    label = rows[0].provider_id.removeprefix("pkcs11-object:")
-    _assert_private_key_stays_inside(softhsm, label)
-    # A lost HSM key is not silently replaced: signing fails closed.
-    gone = HsmEd25519Signer(services.keys, label + "-missing", create=False)  # type: ignore[arg-type]
-    with pytest.raises(KeyProviderUnavailableError):
-        gone.sign(b"x")
-
-
-def test_attestation_tokens_are_signed_inside_the_hsm(services: Services,
-                                                      softhsm: SoftHsm) -> None:
-    signer = services.attestation._key()
-    assert isinstance(signer, HsmEd25519Signer)
-    sig = signer.sign(b"token body")
-    signer.public_key().verify(sig, b"token body")
-    assert not any(p.name.endswith(".pem") for p in services.settings.home.rglob("*"))
-    _assert_private_key_stays_inside(softhsm, signer.label)
-    assert isinstance(services.keys, Pkcs11KeyProvider)

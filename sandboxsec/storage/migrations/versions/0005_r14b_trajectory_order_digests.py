@@ -1,7 +1,7 @@
 """trajectory order (per-session seq and head) and keyed content digests
 
-Revision ID: 0002_r14b
-Revises: 0001
+Revision ID: 0005_r14b
+Revises: 0004_r14a
 Create Date: 2026-12-01 08:10:00
 """
 
@@ -12,8 +12,8 @@ import sqlmodel
 
 from alembic import op
 
-revision = "0002_r14b"
-down_revision = "0001"
+revision = "0005_r14b"
+down_revision = "0004_r14a"
 branch_labels = None
 depends_on = None
 
