@@ -37,6 +37,7 @@ from sandboxsec.policy.config import ApprovalConfig, GrantConfig, PolicyConfig
 from sandboxsec.policy.decisions import DecisionService
 from sandboxsec.policy.engine import PolicyEngine, bundled_default_policy
 from sandboxsec.policy.grant_service import GrantService
+from sandboxsec.policy.in_force import PolicyInForce
 from sandboxsec.policy.keyed_audit import KeyedParamsAudit
 from sandboxsec.policy.notify import WebhookNotifier
 from sandboxsec.policy.repository import SqlPolicyRepository
@@ -190,8 +191,16 @@ class Services:
     @cached_property
     def policy_admin(self) -> PolicyAdmin:
         """The tenants' policies: read, validate, replace."""
+        # After a change, pending requests are decided again (resolved at call time: the
+        # approval service is built on the admin's policy texts).
         return PolicyAdmin(self._policy_repository, self.clock, self.audit_writer,
-                           self._policy_engine, bundled_default_policy())
+                           self._policy_engine, bundled_default_policy(),
+                           on_change=lambda who: self.approvals.sweep_pending(who))
+
+    @cached_property
+    def _policy_in_force(self) -> PolicyInForce:
+        return PolicyInForce(self._policy_repository, self._policy_engine,
+                             self.policy_admin.text)
 
     @cached_property
     def grants(self) -> GrantService:
@@ -200,7 +209,7 @@ class Services:
         keyring = GrantKeyring(self.db, self.clock, self.keys)
         return GrantService(self._policy_repository, self.clock, self._policy_audit, keyring,
                             self._wakeups, GrantConfig(self.settings.grant_ttl_seconds),
-                            self.key_hierarchy)
+                            self.key_hierarchy, in_force=self._policy_in_force)
 
     @cached_property
     def decisions(self) -> DecisionService:
@@ -228,7 +237,7 @@ class Services:
         config = ApprovalConfig(wait_max_seconds=self.settings.approval_wait_max_seconds,
                                 recheck_seconds=self.settings.approval_recheck_seconds)
         return ApprovalService(repo, self.clock, self._policy_audit, self.grants, wakeups,
-                               config, factory)
+                               config, factory, in_force=self._policy_in_force)
 
     @cached_property
     def policy(self) -> PolicyService:

@@ -36,6 +36,8 @@ class AuditWitness(BaseModel):
         parse_witness_key(v)
         return v.strip()
 
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
+
 
 class Settings(BaseSettings):
     """Configuration of one sandboxsec service.  See ``docs/configuration.md``."""
@@ -63,6 +65,13 @@ class Settings(BaseSettings):
     )
     max_json_depth: int = Field(default=32, ge=4, le=256)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    rate_limit_per_second: float = Field(
+        default=2000.0, ge=0,
+        description="Requests a second one API key may make on average, per worker process "
+        "(0: no limit); over it the answer is 429 rate_limited with Retry-After.",
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Requests one key may make at once (0: twice the rate).")
 
     # --- attestation ---
     nonce_ttl_seconds: int = Field(default=120, ge=5, le=3600)
@@ -158,6 +167,20 @@ class Settings(BaseSettings):
         # It is also the signed-note key name of checkpoints: one token, no '+'.
         if not v or any(c.isspace() for c in v) or "+" in v:
             raise ValueError("audit_origin must be non-empty, without spaces or '+'")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, v: str | None) -> str | None:
+        # An unsupported URL fails here, in one line, not deep in the driver.  The URL is
+        # never echoed: it may hold a password.
+        if v is None or v == "":
+            return None
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"unsupported database URL scheme {scheme or '(none)'!r}: use "
+                "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
         return v
 
     @field_validator("home")

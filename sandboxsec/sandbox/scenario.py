@@ -676,8 +676,10 @@ class _Run:
         log = (self.workdir / "server.log").open("ab")
         stack.callback(log.close)
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+            # A fresh deployment: the database is created (or, on PostgreSQL, its schema)
+            # by the server on purpose (--migrate), as an operator would on a first node.
             [sys.executable, "-m", "sandboxsec.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port)],
+             "--port", str(port), "--migrate"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         stack.callback(_stop, proc)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -40,10 +39,6 @@ __all__ = [
     "TenantView",
 ]
 
-# A short positive cache keeps a hot key off the database; revocation bumps it out at once in
-# this process, and other processes see it within this many seconds.
-_AUTH_CACHE_SECONDS = 2.0
-_AUTH_CACHE_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -157,8 +152,6 @@ class TenantService:
         self._audit = audit
         self._shredder = shredder
         self._refusals = refusals or RefusalLimiter(60, 60.0)
-        self._cache: dict[str, tuple[str, Principal, float]] = {}
-        self._lock = threading.Lock()
 
     def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
         """Create a tenant with one key per role; audited in the same transaction."""
@@ -230,13 +223,14 @@ class TenantService:
                 ),
                 session=s,
             )
-        with self._lock:
-            self._cache.pop(key_id, None)
 
     def authenticate(self, presented: str, *, remote: str | None = None) -> Principal:
         """The principal of a presented key, or :class:`ApiKeyInvalidError`.
 
-        Every refusal is audited in the service log (rate-limited, see
+        Read from the database on every request (one primary-key lookup joined to the
+        tenant), never from a per-process cache: a revoked key, or a deleted tenant's, is
+        refused by every worker process from the moment the revocation commits. Every
+        refusal is audited in the service log (rate-limited, see
         :mod:`sandboxsec.tenants.refusals`); the caller gets the same opaque error whatever
         the cause.
         """
@@ -245,31 +239,29 @@ class TenantService:
         except Exception as exc:
             self._refused(None, None, "malformed", remote)
             raise ApiKeyInvalidError("invalid API key") from exc
-        mono = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(parsed.key_id)
-        if hit is not None and hit[2] > mono and secret_matches(parsed.secret, hit[0]):
-            return hit[1]
         with self._db.session() as s:
-            row = s.get(ApiKey, parsed.key_id)
-            tenant = s.get(Tenant, row.tenant_id) if row is not None else None
+            row = s.execute(
+                sa_select(col(ApiKey.tenant_id), col(ApiKey.role), col(ApiKey.secret_sha256),
+                          col(ApiKey.revoked_at), col(Tenant.deleted_at))
+                .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                .where(col(ApiKey.id) == parsed.key_id)
+            ).first()
+        if row is None:
+            self._refused(parsed.key_id, None, "unknown", remote)
+            raise ApiKeyInvalidError("invalid API key")
+        tenant_id, role, digest, revoked_at, deleted_at = row
+        # The secret is compared even for a revoked key, so timing tells nothing about state.
+        matches = secret_matches(parsed.secret, digest)
         why = (
-            "unknown" if row is None or tenant is None
-            else "revoked" if row.revoked_at is not None
-            else "tenant_deleted" if tenant.deleted_at is not None
-            else None if secret_matches(parsed.secret, row.secret_sha256)
+            "revoked" if revoked_at is not None
+            else "tenant_deleted" if deleted_at is not None
+            else None if matches
             else "wrong_secret"
         )
-        if why is not None or row is None:
-            self._refused(parsed.key_id, row.tenant_id if row is not None else None, why,
-                          remote)
+        if why is not None:
+            self._refused(parsed.key_id, tenant_id, why, remote)
             raise ApiKeyInvalidError("invalid API key")
-        principal = Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
-        with self._lock:
-            if len(self._cache) >= _AUTH_CACHE_MAX:
-                self._cache.clear()
-            self._cache[row.id] = (row.secret_sha256, principal, mono + _AUTH_CACHE_SECONDS)
-        return principal
+        return Principal(tenant_id=tenant_id, key_id=parsed.key_id, role=Role(role))
 
     def _refused(self, key_id: str | None, tenant_id: str | None, why: str | None,
                  remote: str | None) -> None:
@@ -321,12 +313,16 @@ class TenantService:
                       "tenant_key_destroyed": shred.tenant_key_destroyed},
             )
             self._audit.append_many([record, _in_service_log(record)], session=s)
-        with self._lock:
-            self._cache.clear()
         return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
                              keks_destroyed=shred.keks_destroyed,
                              deks_destroyed=shred.deks_destroyed,
                              tenant_key_destroyed=shred.tenant_key_destroyed)
+
+    def list(self) -> list[TenantView]:
+        """Every live tenant, oldest first."""
+        with self._db.session() as s:
+            rows = s.exec(select(Tenant).where(col(Tenant.deleted_at).is_(None))).all()
+        return [TenantView.of(t) for t in sorted(rows, key=lambda t: (t.created_at, t.id))]
 
     def get(self, tenant_id: str) -> TenantView:
         """The tenant, unless missing or deleted."""
@@ -347,8 +343,3 @@ class TenantService:
         if t is None or (t.deleted_at is not None and not include_deleted):
             raise NotFoundError("no such tenant")
         return TenantView.of(t)
-
-    def forget_cached(self) -> None:
-        """Drop the authentication cache (after revocations made by other processes)."""
-        with self._lock:
-            self._cache.clear()

@@ -140,7 +140,7 @@ def make_trust(home: Path) -> Trust:
 _CREATE_TENANTS = """
 import json, sys
 from sandboxsec.cli._common import open_services
-services = open_services()
+services = open_services(migrate=True)
 out = []
 for name in sys.argv[1:]:
     c = services.tenants.create(name)
@@ -213,7 +213,7 @@ class Server:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*CLI, "serve", "--port", str(self.port), "--workers", str(self.workers),
-                 *self.extra_args],
+                 "--migrate", *self.extra_args],
                 env=self.deployment.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

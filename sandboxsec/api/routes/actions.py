@@ -45,6 +45,9 @@ class ActionOut(BaseModel):
     policy_version: int
     params_hash: str
     short_code: str = Field(description="Shown to the approver too, for comparison.")
+    resource: str | None = Field(
+        default=None, description="The canonical target the policy decided on (docs/policy.md: "
+        "one target per action, domains in lower-case A-label form).")
     approval_id: str | None = None
     approval_url: str | None = Field(default=None, description="Path of the approval page.")
     expires_at: datetime | None = Field(default=None, description="Expiry of the approval.")
@@ -71,7 +74,7 @@ def request_action(body: ActionIn, services: ServicesDep,
     return ActionOut(
         decision=d.outcome, reason=d.explanation, rule_id=d.rule_id, decision_id=d.decision_id,
         policy_version=d.policy_version, params_hash=result.params_hash,
-        short_code=result.short_code,
+        short_code=result.short_code, resource=result.resource or None,
         approval_id=approval.id if approval else None,
         approval_url=f"/approve/{approval.id}" if approval else None,
         expires_at=approval.expires_at if approval else None,

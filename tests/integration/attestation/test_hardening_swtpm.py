@@ -32,9 +32,9 @@ from sandboxsec.attestation.eventlog import EventLogBuilder
 from sandboxsec.attestation.trust import Revocations
 from sandboxsec.attestation.x509chain import certificate_fingerprint
 from sandboxsec.clock import FixedClock
+from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.attestation import swtpm as sw
 from tests.integration.attestation.test_swtpm import (
     IMAGE,
     b64,

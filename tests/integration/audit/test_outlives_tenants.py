@@ -32,6 +32,9 @@ def _entries(services: Services, log_id: str, event: AuditEvent) -> list[dict[st
 def test_deleted_tenants_log_is_exported_and_verified_by_the_operator(
     settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # Operator commands never create a database: it is made on purpose first.
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
     assert main(["tenant", "create", "bank-gone"]) == 0
     tenant_id = json.loads(capsys.readouterr().out)["tenant_id"]
     assert main(["keys", "rotate", "--tenant", "bank-gone"]) == 0
@@ -71,6 +74,9 @@ def test_deleted_tenants_log_is_exported_and_verified_by_the_operator(
 def test_a_failed_operator_command_is_recorded_with_its_reason(
     settings: Settings, capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # Operator commands never create a database: it is made on purpose first.
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
     assert main(["keys", "rotate", "--tenant", "nobody"]) == 2
     svc = Services(settings)
     try:

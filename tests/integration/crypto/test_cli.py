@@ -12,6 +12,9 @@ from sandboxsec.settings import Settings
 
 def test_rotate_rewrap_retire_status(settings: Settings,
                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Operator commands never create a database: it is made on purpose first.
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
     assert main(["tenant", "create", "bank-a"]) == 0
     tenant_id = json.loads(capsys.readouterr().out)["tenant_id"]
     assert main(["keys", "rotate", "--tenant", "bank-a"]) == 0
@@ -30,6 +33,9 @@ def test_rotate_rewrap_retire_status(settings: Settings,
 
 
 def test_errors_exit_2(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    # Operator commands never create a database: it is made on purpose first.
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
     assert main(["keys", "rotate", "--tenant", "nobody"]) == 2
     assert "not_found" in capsys.readouterr().err
     main(["tenant", "create", "bank-b"])

@@ -141,3 +141,46 @@ def test_agent_key_in_the_page_cannot_approve(live: Live) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     r = httpx.get(f"{live.base}/v1/approvals/{aid}", headers=live.tenant.headers("approver"))
     assert r.json()["state"] == "pending"
+
+
+def test_page_shows_hidden_characters_of_stored_requests_visibly(live: Live) -> None:
+    """A request stored before the input checks (or by another version) holding bidi controls
+    and invisible characters: the page writes each one out instead of letting it reorder or
+    hide text."""
+    from datetime import timedelta
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from sandboxsec.ids import new_id
+    from sandboxsec.policy.canonical import canonical_json, params_hash, short_code
+    from sandboxsec.policy.models import ApprovalRequest
+
+    params = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh",
+              "memo": "refund \u202e0001 ruo\u200by"}
+    now = live.services.clock.now()
+    aid = new_id("apr")
+    h = params_hash(params)
+    with live.services.db.session() as s:
+        s.add(ApprovalRequest(
+            id=aid, tenant_id=live.tenant.id, session_id=live.session_id, action="payment",
+            resource="payee:acme\u2066-gmbh", params_json=canonical_json(params).decode(),
+            params_hash=h, short_code=short_code(h), state="pending",
+            requested_by=live.tenant.key_ids["agent"], decision_id=new_id("dec"),
+            rule_id="pay-approval", reason="stored earlier", image_name="img\u202etxt.exe",
+            image_digest="sha256:" + "ab" * 32, attested=True, created_at=now,
+            expires_at=now + timedelta(seconds=300)))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{live.base}/approve/{aid}#key={live.tenant.keys['approver']}")
+            expect(page.locator("#amount")).to_have_text("125.50")
+            shown = page.text_content("#params") or ""
+            assert "<U+202E>" in shown and "<U+200B>" in shown
+            assert "\u202e" not in shown and "\u200b" not in shown
+            assert page.text_content("#payee") == "acme<U+2066>-gmbh"
+            assert "<U+202E>" in (page.text_content("#image") or "")
+            # The hash still matches: the page shows the stored params, made visible.
+            assert page.text_content("#params-hash") == h
+        finally:
+            browser.close()
