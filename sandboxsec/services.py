@@ -29,6 +29,8 @@ from sandboxsec.crypto.admin import KeyAdmin
 from sandboxsec.crypto.config import KeyHierarchyConfig
 from sandboxsec.crypto.hierarchy import KeyHierarchy
 from sandboxsec.crypto.keys import KeyProvider, build_key_provider
+from sandboxsec.crypto.signing import hsm_signer
+from sandboxsec.crypto.tenant_keys import build_tenant_key_store
 from sandboxsec.policy.admin import PolicyAdmin
 from sandboxsec.policy.approval_service import ApprovalService, Listener
 from sandboxsec.policy.config import ApprovalConfig, GrantConfig, PolicyConfig
@@ -36,6 +38,7 @@ from sandboxsec.policy.decisions import DecisionService
 from sandboxsec.policy.engine import PolicyEngine, bundled_default_policy
 from sandboxsec.policy.grant_service import GrantService
 from sandboxsec.policy.in_force import PolicyInForce
+from sandboxsec.policy.keyed_audit import KeyedParamsAudit
 from sandboxsec.policy.notify import WebhookNotifier
 from sandboxsec.policy.repository import SqlPolicyRepository
 from sandboxsec.policy.service import PolicyService
@@ -45,6 +48,7 @@ from sandboxsec.sessions.binding import BindingConfig, SessionBinding
 from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
+from sandboxsec.tenants.refusals import RefusalLimiter
 from sandboxsec.tenants.service import TenantService
 from sandboxsec.trajectory.config import TrajectoryConfig
 from sandboxsec.trajectory.service import TrajectoryService
@@ -102,7 +106,8 @@ class Services:
 
     @cached_property
     def _audit_keys(self) -> AuditKeys:
-        return AuditKeys(self.settings.home, self.settings.audit_origin)
+        return AuditKeys(self.settings.home, self.settings.audit_origin,
+                         hsm=lambda: hsm_signer(self.keys, "audit-checkpoint"))
 
     @cached_property
     def _audit_config(self) -> AuditConfig:
@@ -120,7 +125,8 @@ class Services:
         config = KeyHierarchyConfig(cache_ttl_seconds=s.key_cache_ttl_seconds,
                                     cache_max_entries=s.key_cache_max_entries,
                                     dek_max_messages=s.dek_max_messages)
-        return KeyHierarchy(self.db, self.clock, self.audit_writer, self.keys, config)
+        return KeyHierarchy(self.db, self.clock, self.audit_writer, self.keys, config,
+                            build_tenant_key_store(s, self.keys))
 
     @cached_property
     def key_admin(self) -> KeyAdmin:
@@ -130,7 +136,10 @@ class Services:
     @cached_property
     def tenants(self) -> TenantService:
         """Tenants and their API keys."""
-        return TenantService(self.db, self.clock, self.audit_writer, self.key_admin)
+        s = self.settings
+        refusals = RefusalLimiter(s.auth_failure_audit_per_window,
+                                  s.auth_failure_audit_window_seconds)
+        return TenantService(self.db, self.clock, self.audit_writer, self.key_admin, refusals)
 
     @cached_property
     def trajectory(self) -> TrajectoryService:
@@ -196,10 +205,11 @@ class Services:
     @cached_property
     def grants(self) -> GrantService:
         """Issuing, signing and spending grants."""
+        # Grant tokens are compact JWS signed by an in-memory key: not in the HSM yet.
         keyring = GrantKeyring(self.db, self.clock, self.keys)
-        return GrantService(self._policy_repository, self.clock, self.audit_writer, keyring,
+        return GrantService(self._policy_repository, self.clock, self._policy_audit, keyring,
                             self._wakeups, GrantConfig(self.settings.grant_ttl_seconds),
-                            in_force=self._policy_in_force)
+                            self.key_hierarchy, in_force=self._policy_in_force)
 
     @cached_property
     def decisions(self) -> DecisionService:
@@ -211,7 +221,7 @@ class Services:
                                        s.approval_webhook_secret.encode("utf-8"),
                                        max_attempts=s.approval_webhook_max_attempts)
         config = PolicyConfig(approval_ttl_seconds=s.approval_ttl_seconds)
-        return DecisionService(self._policy_repository, self.clock, self.audit_writer,
+        return DecisionService(self._policy_repository, self.clock, self._policy_audit,
                                self._policy_engine, self.policy_admin,
                                self.grants, config, notifier)
 
@@ -226,13 +236,18 @@ class Services:
                 return PgListener(repo.listen_url(), wakeups)
         config = ApprovalConfig(wait_max_seconds=self.settings.approval_wait_max_seconds,
                                 recheck_seconds=self.settings.approval_recheck_seconds)
-        return ApprovalService(repo, self.clock, self.audit_writer, self.grants, wakeups,
+        return ApprovalService(repo, self.clock, self._policy_audit, self.grants, wakeups,
                                config, factory, in_force=self._policy_in_force)
 
     @cached_property
     def policy(self) -> PolicyService:
         """Policy admin, decisions, approvals and grants behind one handle."""
         return PolicyService(self.policy_admin, self.decisions, self.approvals, self.grants)
+
+    @cached_property
+    def _policy_audit(self) -> KeyedParamsAudit:
+        # The policy services' records never carry a plain params hash (docs/encryption.md).
+        return KeyedParamsAudit(self.audit_writer, self.key_hierarchy)
 
     @cached_property
     def _policy_engine(self) -> PolicyEngine:

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     pkcs11_token_label: str = "sandboxsec"  # noqa: S105 - a label, not a secret
     pkcs11_pin: str | None = Field(default=None, repr=False)
     pkcs11_key_label: str = "sandboxsec-root"
+    tenant_key_dir: Path | None = Field(
+        default=None,
+        description="Per-tenant key files of the local key provider (default: "
+        "<home>/tenant-keys); deleting a tenant destroys its file.",
+    )
     max_record_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # --- crypto: key caches and record layout (owned by crypto; see docs/encryption.md) ---
     key_cache_ttl_seconds: float = Field(
@@ -141,6 +146,12 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
     audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     audit_origin: str = "sandboxsec.local/audit"
+    auth_failure_audit_per_window: int = Field(
+        default=60, ge=1,
+        description="Refused API keys audited individually per window and process; more are "
+        "counted and reported with the next entry.",
+    )
+    auth_failure_audit_window_seconds: float = Field(default=60.0, gt=0)
     # --- audit: witnesses (see docs/audit.md, "Witnesses") ---
     audit_witnesses: list[AuditWitness] = Field(
         default_factory=list,

@@ -32,7 +32,8 @@ def _principal(request: Request, services: Services) -> Principal:
     if admitted is not None and admitted[0] == token:
         principal: Principal = admitted[1]
         return principal
-    return services.tenants.authenticate(token)
+    remote = request.client.host if request.client is not None else None
+    return services.tenants.authenticate(token, remote=remote)
 
 
 def require(permission: str) -> Callable[..., Principal]:

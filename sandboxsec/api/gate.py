@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sandboxsec.errors import RateLimitedError
 from sandboxsec.principal import Principal
@@ -74,17 +75,24 @@ class RateLimiter:
         return wait
 
 
+class Authenticate(Protocol):
+    """Checks a presented key; ``remote`` (the caller's address) goes into a refusal's audit
+    entry."""
+
+    def __call__(self, presented: str, *, remote: str | None = None) -> Principal: ...
+
+
 @dataclass
 class KeyGate:
     """Authenticates a key (a database read) and applies its rate limit."""
 
-    authenticate: Callable[[str], Principal]
+    authenticate: Authenticate
     limiter: RateLimiter
 
-    def admit(self, header: str) -> tuple[str, Principal]:
+    def admit(self, header: str, remote: str | None = None) -> tuple[str, Principal]:
         """The key and its principal, or ``api_key_invalid`` / ``rate_limited``."""
         token = bearer_token(header)
-        principal = self.authenticate(token)
+        principal = self.authenticate(token, remote=remote)
         wait = self.limiter.take(principal.key_id)
         if wait > 0:
             raise RateLimitedError("too many requests with this API key",

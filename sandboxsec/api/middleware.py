@@ -165,9 +165,11 @@ class RequestGuard:
             return None
         if auth is None and not has_body:
             return None  # a public GET, or the route answers 401 itself
+        client = scope.get("client")
+        remote = str(client[0]) if client else None
         try:
             token, principal = await anyio.to_thread.run_sync(
-                self.gate.admit, (auth or b"").decode("latin-1"))
+                self.gate.admit, (auth or b"").decode("latin-1"), remote)
         except SandboxSecError as exc:
             retry = getattr(exc, "retry_after", None)
             if exc.status == 503:

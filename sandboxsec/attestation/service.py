@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -72,6 +72,7 @@ from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
+from sandboxsec.signing import Signer
 from sandboxsec.statefiles import create_once
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
@@ -135,14 +136,18 @@ class AttestationService:
     """Nonces, AK binding, verification and tokens for one service instance."""
 
     def __init__(self, db: Database, clock: Clock, audit: AuditSink,
-                 config: AttestationConfig) -> None:
+                 config: AttestationConfig,
+                 token_signer: Callable[[], Signer | None] | None = None) -> None:
+        """``token_signer`` gives the HSM's token key when the key provider is an HSM (None:
+        the key file under the home directory)."""
         self._db = db
+        self._token_signer = token_signer
         self._clock = clock
         self._audit_sink = audit
         self._config = config
         self.policy = quote.QuotePolicy()
         self._lock = threading.Lock()
-        self._signing_key: Ed25519PrivateKey | None = None
+        self._signing_key: Signer | None = None
         self._publishers: ManifestVerifier | None = None
         self._ek_roots: tuple[x509.Certificate, ...] | None = None
         self._ek_intermediates: tuple[bytes, ...] = ()
@@ -239,10 +244,14 @@ class AttestationService:
 
     # -- the token-signing key -------------------------------------------------------------
 
-    def _key(self) -> Ed25519PrivateKey:
+    def _key(self) -> Signer:
         with self._lock:
             if self._signing_key is None:
-                self._signing_key = _load_or_create_key(self._config.home / SIGNING_KEY_FILE)
+                path = self._config.home / SIGNING_KEY_FILE
+                # With an HSM the token key is made and used inside it (unless a key file
+                # from before exists: relying parties pin that key).
+                hsm = self._token_signer() if self._token_signer and not path.exists() else None
+                self._signing_key = hsm or _load_or_create_key(path)
             return self._signing_key
 
     def _nonce_key(self) -> bytes:

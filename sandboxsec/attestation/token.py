@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -29,6 +29,9 @@ from sandboxsec.attestation.errors import (
     TokenInvalidError,
     TokenTenantMismatchError,
 )
+
+if TYPE_CHECKING:
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "AUDIENCE",
@@ -84,7 +87,7 @@ def jwk_thumbprint(public_key: Ed25519PublicKey) -> str:
     return jose.rfc7638_thumbprint(public_key)
 
 
-def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
+def sign_token(claims: TokenClaims, key: Signer | Ed25519PrivateKey) -> str:
     """Serialise and sign ``claims`` as a compact JWS (``kid`` is taken from the key)."""
     kid = jwk_thumbprint(key.public_key())
     header = {"alg": "EdDSA", "typ": "JWT", "kid": kid}
@@ -106,6 +109,9 @@ def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
     if claims.jkt is not None:
         payload["cnf"] = {"jkt": claims.jkt}
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    if not isinstance(key, Ed25519PrivateKey):
+        # The compact JWS library signs with an in-memory key only (HSM keys: not yet).
+        raise TypeError("compact JWS signing needs an in-memory Ed25519 key")
     return jose.sign_compact(header, body, key)
 
 

@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -23,6 +24,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sandboxsec.audit.errors import AuditCheckpointInvalidError, AuditCheckpointSignatureError
 from sandboxsec.audit.merkle import HASH_SIZE
 from sandboxsec.encoding import ascii_int, b64decode_strict
+
+if TYPE_CHECKING:
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "Checkpoint",
@@ -83,7 +87,7 @@ class SignedCheckpoint:
 
 
 def sign_checkpoint(
-    checkpoint: Checkpoint, *, name: str, private_key: Ed25519PrivateKey
+    checkpoint: Checkpoint, *, name: str, private_key: Signer | Ed25519PrivateKey
 ) -> SignedCheckpoint:
     """Sign ``checkpoint`` as a signed note under key ``name``."""
     _check_name(name)

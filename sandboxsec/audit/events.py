@@ -16,6 +16,8 @@ class AuditEvent(StrEnum):
     APIKEY_CREATE = "admin:apikey:create"
     APIKEY_REVOKE = "admin:apikey:revoke"
     AUTH_FAILURE = "auth:apikey:reject"
+    #: A state-changing or log-reading command an operator ran at the command line.
+    OPERATOR_COMMAND = "operator:cli:run"
     # attestation and sessions
     ATTESTATION_CHALLENGE = "attestation:nonce:issue"
     ATTESTATION_VERDICT = "attestation:quote:verdict"

@@ -3,6 +3,11 @@
 Callers without a transaction of their own hand their records to :class:`GroupCommit`, which
 writes many callers' records in one transaction and acknowledges each caller only after that
 transaction committed.  Between batches the thread signs checkpoints that fell due.
+
+Tenants do not wait on each other: before writing, the batch's log heads are locked without
+waiting (``busy``, PostgreSQL's ``FOR UPDATE SKIP LOCKED``); callers whose log head another
+transaction holds are moved to a thread of their own for that set of logs, which waits for the
+lock there, and everyone else commits at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
+from sandboxsec.audit.store import log_id_of
 from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
 from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
@@ -35,7 +41,7 @@ _LINGER_SECONDS = 0.0005
 class _Pending:
     __slots__ = ("done", "error", "receipts", "records", "state")
 
-    QUEUED, TAKEN, CANCELLED = 0, 1, 2
+    QUEUED, TAKEN, CANCELLED, DEFERRED = 0, 1, 2, 3
 
     def __init__(self, records: list[AuditRecord]) -> None:
         self.records = records
@@ -64,9 +70,16 @@ class GroupCommit:
         *,
         sweep_seconds: float,
         stop_timeout: float,
+        busy: Callable[[Connection, set[str]], set[str]] | None = None,
         after_commit: Callable[[], None] | None = None,
     ) -> None:
+        """``busy(conn, log_ids)`` locks the heads it can without waiting and returns the ids
+        another transaction holds (None: every head is waited for, as on SQLite)."""
         self._db = db
+        self._busy = busy
+        #: Pendings waiting for a head another transaction holds, by the set of their logs;
+        #: a key is present exactly while a thread serves it.
+        self._slow: dict[frozenset[str], deque[_Pending]] = {}
         self._write = write
         self._after_commit = after_commit
         self._sweep_due = sweep
@@ -146,6 +159,10 @@ class GroupCommit:
         try:
             self._commit_once(batch)
         except Exception as exc:  # every failure must reach the waiting callers
+            # Pendings handed to the busy-head path are answered there.
+            batch = [p for p in batch if p.state != _Pending.DEFERRED]
+            if not batch:
+                return
             unavailable = isinstance(exc, OperationalError | DatabaseUnavailableError)
             if len(batch) > 1 and not unavailable:
                 # One bad record must not deny the others: retry each on its own.
@@ -165,11 +182,19 @@ class GroupCommit:
                 p.error = err
                 p.done.release()
 
-    def _commit_once(self, batch: list[_Pending]) -> None:
-        records = [r for p in batch for r in p.records]
+    def _commit_once(self, batch: list[_Pending], *, wait: bool = False) -> None:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
         with self._db.engine.begin() as conn:
-            receipts = self._write(conn, records)
+            if not wait and self._busy is not None:
+                busy = self._busy(conn, {log_id_of(r) for p in batch for r in p.records})
+                if busy:
+                    # Another transaction holds these heads: their callers wait on their own
+                    # path; everyone else commits now (their heads are locked already).
+                    stuck = [p for p in batch if any(log_id_of(r) in busy for r in p.records)]
+                    batch = [p for p in batch if p not in stuck]
+                    self._defer(stuck)
+            records = [r for p in batch for r in p.records]
+            receipts = self._write(conn, records) if records else []
         if self._after_commit is not None:
             self._after_commit()
         # Acknowledge only now, after the commit returned.
@@ -178,6 +203,40 @@ class GroupCommit:
             p.receipts = receipts[i : i + len(p.records)]
             i += len(p.records)
             p.done.release()
+
+    def _defer(self, stuck: list[_Pending]) -> None:
+        """Commit pendings whose heads are busy on one thread per set of logs, waiting for
+        the lock there (bounded by the database lock timeout and each caller's timeout)."""
+        for p in stuck:
+            p.state = _Pending.DEFERRED
+            key = frozenset(log_id_of(r) for r in p.records)
+            with self._cv:
+                queue = self._slow.get(key)
+                if queue is not None:
+                    queue.append(p)  # that set's thread is running and will take it
+                    continue
+                self._slow[key] = deque([p])
+            threading.Thread(target=self._run_slow, args=(key,), daemon=True,
+                             name="sandboxsec-audit-writer-busy").start()
+
+    def _run_slow(self, key: frozenset[str]) -> None:
+        while True:
+            with self._cv:
+                queue = self._slow[key]
+                if not queue:
+                    del self._slow[key]
+                    return
+                batch = list(queue)
+                queue.clear()
+            try:
+                self._commit_once(batch, wait=True)
+            except Exception as exc:  # every failure must reach the waiting callers
+                _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
+                err = exc if isinstance(exc, AuditUnavailableError) else AuditUnavailableError(
+                    "the audit log could not record this; the action was not carried out")
+                for p in batch:
+                    p.error = err
+                    p.done.release()
 
     def _sweep(self) -> None:
         try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -22,6 +24,9 @@ from sandboxsec.audit.checkpoint import key_id, verifier_key
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.encoding import b64decode_strict
 from sandboxsec.statefiles import create_once
+
+if TYPE_CHECKING:
+    from sandboxsec.signing import Signer
 
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
 
@@ -59,15 +64,32 @@ def load_public_key(data: bytes) -> Ed25519PublicKey:
 class AuditKeys:
     """Loads (or creates) the keys under ``<home>/audit`` once, then serves them from memory."""
 
-    def __init__(self, home: Path, key_name: str) -> None:
+    def __init__(self, home: Path, key_name: str,
+                 hsm: Callable[[], Signer | None] | None = None) -> None:
         self._dir = home / "audit"
         self.key_name = key_name
+        self._hsm = hsm
         self._lock = threading.Lock()
-        self._signing: Ed25519PrivateKey | None = None
+        self._signing: Signer | None = None
         self._secret: bytes | None = None
         self._hmac: dict[str, bytes] = {}
 
     def _load(self) -> None:
+        key_file = self._dir / "signing_key.pem"
+        # With an HSM the checkpoint key is made and used inside it, unless a key file exists
+        # from before (auditors pin that key: moving to the HSM is an explicit key change).
+        signer = self._hsm() if self._hsm is not None and not key_file.exists() else None
+        try:
+            secret = create_once(self._dir / "hmac_secret", secrets.token_bytes(32))
+            if signer is not None:
+                signer.public_key()  # fail closed now if the HSM cannot serve the key
+        except (OSError, ValueError) as exc:
+            raise AuditUnavailableError("the audit keys cannot be read") from exc
+        if signer is not None:
+            if len(secret) != 32:
+                raise AuditUnavailableError("the audit key files are not valid")
+            self._signing, self._secret = signer, secret
+            return
         try:
             pem = create_once(
                 self._dir / "signing_key.pem",
@@ -86,7 +108,7 @@ class AuditKeys:
         self._signing, self._secret = key, secret
 
     @property
-    def signing_key(self) -> Ed25519PrivateKey:
+    def signing_key(self) -> Signer:
         with self._lock:
             if self._signing is None:
                 self._load()

@@ -39,6 +39,7 @@ __all__ = [
     "aware",
     "has_checkpoint",
     "load_checkpoints",
+    "lock_free_heads",
     "lock_head",
     "log_id_of",
 ]
@@ -194,3 +195,27 @@ class ReadConn:
             self._cm.__exit__(*exc)
         except (SQLAlchemyError, DatabaseUnavailableError) as err:
             raise AuditUnavailableError("the audit log cannot be read") from err
+
+
+def lock_free_heads(conn: Connection, log_ids: set[str], now: datetime) -> set[str]:
+    """On PostgreSQL, lock now the heads of ``log_ids`` that no other transaction holds
+    (``FOR UPDATE SKIP LOCKED``, creating missing ones) and return the ids another transaction
+    holds.  On SQLite the database has one writer, so nothing is ever busy here.
+
+    This is what keeps one tenant's stuck head (a long transaction, a held row lock) from
+    delaying other tenants' appends, exports and checkpoints.
+    """
+    if conn.dialect.name != "postgresql" or not log_ids:
+        return set()
+    ids = sorted(log_ids)
+    stmt = select(HEADS.c.id).where(HEADS.c.id.in_(ids)).order_by(HEADS.c.id)
+    got = {r[0] for r in conn.execute(stmt.with_for_update(skip_locked=True))}
+    missing = [i for i in ids if i not in got]
+    if missing:
+        conn.execute(pg_insert(HEADS).values([
+            {"id": i, "tenant_id": i, "size": 0, "frontier": b"", "last_leaf": None,
+             "checkpoint_size": 0, "checkpoint_at": now} for i in missing
+        ]).on_conflict_do_nothing())
+        again = select(HEADS.c.id).where(HEADS.c.id.in_(missing)).order_by(HEADS.c.id)
+        got |= {r[0] for r in conn.execute(again.with_for_update(skip_locked=True))}
+    return log_ids - got

@@ -46,6 +46,7 @@ from sandboxsec.audit.store import (
     StoredCheckpoint,
     has_checkpoint,
     load_checkpoints,
+    lock_free_heads,
     lock_head,
     log_id_of,
 )
@@ -76,6 +77,7 @@ class AuditWriter:
             db, self._group_write, self.sign_due_checkpoints,
             sweep_seconds=config.checkpoint_seconds,
             stop_timeout=config.write_timeout_seconds,
+            busy=lambda conn, logs: lock_free_heads(conn, logs, self._clock.now()),
             after_commit=self._group_committed,
         )
 

@@ -77,9 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns (and, as a script, exits with) its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    audited = _audited(args)
     try:
+        if audited:
+            _operator_record(args, "started")
         code: int = args.handler(args)
     except SandboxSecError as exc:
+        if audited:
+            _operator_record(args, "failure", exc.reason, quiet=True)
         print(f"error: {exc.reason}: {exc.message}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
@@ -98,7 +103,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    if audited:
+        try:
+            _operator_record(args, "success" if code == 0 else "failure")
+        except SandboxSecError as exc:
+            print(f"error: {exc.reason}: the command ran but its outcome could not be "
+                  "recorded in the service log", file=sys.stderr)
+            return 2
     return code
+
+
+def _audited(args: argparse.Namespace) -> bool:
+    from sandboxsec.cli.operator_log import AUDITED_COMMANDS, command_name
+
+    return command_name(args) in AUDITED_COMMANDS
+
+
+def _operator_record(args: argparse.Namespace, outcome: str, reason: str | None = None, *,
+                     quiet: bool = False) -> None:
+    """Record an operator command in the service log (see :mod:`.operator_log`)."""
+    from sandboxsec.cli._common import open_services
+    from sandboxsec.cli.operator_log import record
+
+    try:
+        services = open_services()
+        try:
+            record(services, args, outcome, reason)
+        finally:
+            services.close()
+    except SandboxSecError:
+        if not quiet:
+            raise
 
 
 if __name__ == "__main__":  # pragma: no cover

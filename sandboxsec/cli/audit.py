@@ -236,7 +236,8 @@ def _open_services() -> Any:
 def _log_id(services: Any, args: argparse.Namespace) -> str:
     if args.service:
         return SERVICE_LOG
-    tenant_id: str = services.tenants.find(args.tenant).id
+    # A deleted tenant's log stays exportable: the audit trail outlives the tenant.
+    tenant_id: str = services.tenants.find(args.tenant, include_deleted=True).id
     return tenant_id
 
 

@@ -32,6 +32,10 @@ def register(subs: Any) -> None:
     s = ks.add_parser("status", help="show the tenant's key versions")
     s.add_argument("--tenant", required=True, help="tenant id or name")
     s.set_defaults(handler=_status)
+    m = ks.add_parser("migrate", help="re-wrap KEKs still wrapped by the root key alone under "
+                      "their tenant's own key (one-off step after upgrading)")
+    m.add_argument("--tenant", help="tenant id or name (default: every tenant)")
+    m.set_defaults(handler=_migrate)
 
 
 def _status_json(status: KeyStatus) -> dict[str, Any]:
@@ -96,4 +100,15 @@ def _status(args: argparse.Namespace) -> int:
     finally:
         services.close()
     print_json(_status_json(status))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    services = open_services()
+    try:
+        tenant_id = services.tenants.find(args.tenant).id if args.tenant else None
+        moved = services.key_hierarchy.migrate_tenant_keys(tenant_id)
+    finally:
+        services.close()
+    print_json({"tenant_id": tenant_id, "keks_moved": moved})
     return 0

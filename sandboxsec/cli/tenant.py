@@ -86,5 +86,6 @@ def _delete(args: argparse.Namespace) -> int:
         services.close()
     print_json({"tenant_id": d.tenant_id, "deleted_at": d.deleted_at,
                 "keys_revoked": d.keys_revoked, "keks_destroyed": d.keks_destroyed,
-                "deks_destroyed": d.deks_destroyed})
+                "deks_destroyed": d.deks_destroyed,
+                "tenant_key_destroyed": d.tenant_key_destroyed})
     return 0

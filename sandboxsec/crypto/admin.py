@@ -69,6 +69,9 @@ class ShredResult:
     keks_destroyed: int
     deks_destroyed: int
     shredded_at: datetime
+    #: Whether the tenant's key in the key provider was destroyed by this call (False when an
+    #: earlier call already did, or the tenant never had one).
+    tenant_key_destroyed: bool = False
 
 
 class KeyAdmin:
@@ -270,4 +273,8 @@ class KeyAdmin:
             )
             shredded_at = ring.shredded_at
         self._keys.forget_keys(tenant_id)
-        return ShredResult(tenant_id, int(keks), int(deks), shredded_at)
+        # After the commit: if this fails the keyring is already marked shredded (nothing
+        # reads or writes the tenant's data any more) and running the deletion again
+        # finishes it.  This is the step that makes copies of the database unreadable.
+        destroyed = self._keys.tenant_keys.destroy(tenant_id)
+        return ShredResult(tenant_id, int(keks), int(deks), shredded_at, destroyed)

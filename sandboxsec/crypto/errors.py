@@ -21,8 +21,12 @@ __all__ = [
     "KeyProviderUnavailableError",
     "KeyVersionInvalidError",
     "KeyVersionRetiredError",
+    "TenantKeyMissingError",
     "TenantKeysShreddedError",
     "TrajectoryKindInvalidError",
+    "TrajectoryRecordMissingError",
+    "TrajectoryRecordReattributedError",
+    "TrajectoryRecordReorderedError",
     "TrajectoryRecordTooLargeError",
     "TrajectorySessionClosedError",
 ]
@@ -32,6 +36,13 @@ class KeyProviderUnavailableError(DependencyUnavailableError):
     """The key provider holding the root key cannot be reached; nothing was read or written."""
 
     code = "key_provider_unavailable"
+
+
+class TenantKeyMissingError(KeyProviderUnavailableError):
+    """The tenant's own key is missing from the key provider although the tenant was not
+    shredded (a lost or removed key file or HSM object); nothing was read or written."""
+
+    code = "tenant_key_missing"
 
 
 class KeyProviderMismatchError(DependencyUnavailableError):
@@ -80,3 +91,23 @@ class TrajectoryKindInvalidError(InputError):
     """A record kind is 1-64 characters: lower-case letters, digits, '.', '_' or '-'."""
 
     code = "trajectory_kind_invalid"
+
+
+class TrajectoryRecordReorderedError(VerificationError):
+    """A record's stored position in its session is not the one sealed inside it (rows were
+    reordered, or two rows claim one position)."""
+
+    code = "trajectory_record_reordered"
+
+
+class TrajectoryRecordReattributedError(VerificationError):
+    """A record's stored author is not the API key sealed inside it as its writer."""
+
+    code = "trajectory_record_reattributed"
+
+
+class TrajectoryRecordMissingError(VerificationError):
+    """Records of the session are missing: its positions have a gap, or fewer records remain
+    than the session's head counts."""
+
+    code = "trajectory_record_missing"

@@ -1,4 +1,8 @@
-"""The key hierarchy: the root key wraps each tenant's versioned KEKs, a KEK wraps the DEKs.
+"""The key hierarchy: the root key guards each tenant's own key, which wraps the tenant's
+versioned KEKs; a KEK wraps the DEKs; KEK version 1 also yields the tenant's digest key.
+
+The tenant key is held by the key provider outside the database
+(:mod:`sandboxsec.crypto.tenant_keys`); crypto-shredding destroys it.
 
 A DEK seals the records of one session (a fresh DEK per process and session, at most
 ``dek_max_messages`` seals each, handed out as :class:`~sandboxsec.crypto.keyring.WriteLease`).
@@ -17,7 +21,7 @@ import weakref
 from datetime import datetime
 
 from sqlalchemy import func
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from sandboxsec.audit.events import AuditEvent
@@ -25,6 +29,7 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
 from sandboxsec.crypto.config import KeyHierarchyConfig
+from sandboxsec.crypto.digests import derive_digest_key, params_hmac
 from sandboxsec.crypto.envelope import (
     KEY_BYTES,
     DataKey,
@@ -42,10 +47,11 @@ from sandboxsec.crypto.errors import (
 from sandboxsec.crypto.keyring import TtlCache, WriteLease
 from sandboxsec.crypto.keys import KeyProvider
 from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey, TenantKeyring
+from sandboxsec.crypto.tenant_keys import TenantKeyStore, is_tenant_wrapped
 from sandboxsec.errors import NotFoundError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
-from sandboxsec.storage.db import Database
+from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
 __all__ = ["KeyHierarchy", "actor_fields", "dek_aad", "kek_aad"]
 
@@ -84,17 +90,20 @@ class KeyHierarchy:
     """Tenants' keyrings, KEKs and DEKs: creation, unwrapping, caching and write leases."""
 
     def __init__(self, db: Database, clock: Clock, audit: AuditSink, provider: KeyProvider,
-                 config: KeyHierarchyConfig) -> None:
+                 config: KeyHierarchyConfig, tenant_keys: TenantKeyStore) -> None:
         _LIVE.add(self)
         self._db = db
         self._clock = clock
         self._audit = audit
         self.provider = provider
+        #: The per-tenant keys held by the key provider (what shredding destroys).
+        self.tenant_keys = tenant_keys
         ttl = float(config.cache_ttl_seconds)
         size = int(config.cache_max_entries)
         self._keks: TtlCache[tuple[str, int], bytes] = TtlCache(size, ttl)
         self._deks: TtlCache[tuple[str, str, int], DataKey] = TtlCache(size, ttl)
         self.leases: TtlCache[tuple[str, str], WriteLease] = TtlCache(size, ttl)
+        self._digest_keys: TtlCache[str, bytes] = TtlCache(size, ttl)
         self._lease_lock = threading.Lock()
         #: Seals one DEK makes before a fresh one is used (a test may lower it).
         self.max_messages = int(config.dek_max_messages)
@@ -135,7 +144,8 @@ class KeyHierarchy:
                     "by a root key exist; restore the root key instead of making a new one"
                 )
         material = os.urandom(KEY_BYTES)
-        wrapped = provider.wrap(material, kek_aad(tenant_id, version))
+        wrapped = self.tenant_keys.wrap(tenant_id, material, kek_aad(tenant_id, version),
+                                        create=self._may_create_tenant_key(s, tenant_id))
         s.add(
             KeyEncryptionKey(
                 id=new_id("kek"), tenant_id=tenant_id, version=version,
@@ -198,9 +208,117 @@ class KeyHierarchy:
                 f"key version {version} was wrapped by {row.provider_id}, "
                 f"the configured provider is {provider.provider_id}"
             )
-        material = provider.unwrap(row.wrapped_key, kek_aad(tenant_id, version))
+        aad = kek_aad(tenant_id, version)
+        if is_tenant_wrapped(row.wrapped_key):
+            material = self.tenant_keys.unwrap(tenant_id, row.wrapped_key, aad)
+        else:
+            # Written before per-tenant keys existed: wrapped by the root key alone.  Move it
+            # under the tenant key now (committed with the caller's transaction).
+            material = provider.unwrap(row.wrapped_key, aad)
+            row.wrapped_key = self.tenant_keys.wrap(
+                tenant_id, material, aad, create=self._may_create_tenant_key(s, tenant_id)
+            )
+            s.add(row)
         self._keks.put((tenant_id, version), material, now)
         return material
+
+    @staticmethod
+    def _may_create_tenant_key(s: Session, tenant_id: str) -> bool:
+        """A tenant key may be made only while none of the tenant's KEKs depends on one: a
+        lost key must fail closed, never be silently replaced by a new one."""
+        rows = s.exec(
+            select(KeyEncryptionKey.wrapped_key).where(KeyEncryptionKey.tenant_id == tenant_id)
+        ).all()
+        return not any(is_tenant_wrapped(w) for w in rows)
+
+    def migrate_tenant_keys(self, tenant_id: str | None = None) -> int:
+        """Re-wrap KEKs still wrapped by the root key alone under their tenant's own key.
+
+        The migration step for data written before per-tenant keys (reads also do it on first
+        use).  Returns how many KEKs moved; shredded tenants have none left to move.
+        """
+        moved = 0
+        with self._db.session() as s:
+            stmt = select(KeyEncryptionKey)
+            if tenant_id is not None:
+                stmt = stmt.where(KeyEncryptionKey.tenant_id == tenant_id)
+            for row in s.exec(stmt).all():
+                if not is_tenant_wrapped(row.wrapped_key):
+                    self._keks.pop((row.tenant_id, row.version))
+                    self.kek(s, row.tenant_id, row.version)
+                    moved += 1
+        return moved
+
+    def check_key_provider(self) -> None:
+        """Raise :class:`KeyProviderUnavailableError` unless the key provider can serve now.
+
+        A root key that does not exist yet is fine only while nothing depends on it: once any
+        tenant key or wrapped KEK exists, a missing root key is an outage, not a fresh start.
+        """
+        provider = self.provider
+        if provider.has_root_key():
+            provider.check()
+            return
+        if self.tenant_keys.count():
+            raise KeyProviderUnavailableError("the root key is missing while tenant keys exist")
+        try:
+            with self._db.session() as s:
+                existing = s.exec(select(func.count()).select_from(KeyEncryptionKey)).one()
+        except (SQLAlchemyError, DatabaseUnavailableError):
+            # No database, or no schema yet: the database's own check reports that; nothing
+            # says keys depend on the root key.
+            return
+        if existing:
+            raise KeyProviderUnavailableError("the root key is missing while wrapped keys exist")
+
+    # ------------------------------------------------------------------ digest keys
+
+    def tenant_digest_key(self, s: Session, tenant_id: str) -> bytes:
+        """The tenant's digest key (derived from KEK version 1; gone once shredded)."""
+        now = self._clock.now()
+        cached = self._digest_keys.get(tenant_id, now)
+        if cached is not None:
+            return cached
+        self.keyring(s, tenant_id)
+        key = derive_digest_key(self.kek(s, tenant_id, 1), tenant_id)
+        self._digest_keys.put(tenant_id, key, now)
+        return key
+
+    def digest_key(self, tenant_id: str) -> bytes:
+        """The tenant's digest key, making the tenant's keys first if it has none yet.
+
+        Raises ``tenant_keys_shredded`` for a shredded tenant and the key provider's 503 when
+        it cannot be used: callers that store a digest fail closed.  Call it outside any
+        open transaction (it may create the keyring in its own).
+        """
+        cached = self._digest_keys.get(tenant_id, self._clock.now())
+        if cached is not None:
+            return cached
+        for attempt in range(2):
+            try:
+                with self._db.session() as s:
+                    self.ensure_keyring(s, tenant_id, None)
+                    return self.tenant_digest_key(s, tenant_id)
+            except IntegrityError:
+                # Another process created the keyring at the same moment: use theirs.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def params_hmac(self, tenant_id: str, params_hash: str) -> str:
+        """The keyed digest of a params hash: what storage and the audit log hold instead."""
+        return params_hmac(self.digest_key(tenant_id), params_hash)
+
+    def params_hmac_in(self, session: Session | None, tenant_id: str, params_hash: str) -> str:
+        """:meth:`params_hmac` inside the caller's transaction ``session`` (when given), so a
+        tenant's first keys are made in it instead of a second, nested transaction."""
+        if session is None:
+            return self.params_hmac(tenant_id, params_hash)
+        cached = self._digest_keys.get(tenant_id, self._clock.now())
+        if cached is None:
+            self.ensure_keyring(session, tenant_id, None)
+            cached = self.tenant_digest_key(session, tenant_id)
+        return params_hmac(cached, params_hash)
 
     def rotated(self, tenant_id: str, version: int, material: bytes) -> None:
         """After a rotation: new writes lease DEKs under ``version``, whose KEK is cached."""
@@ -299,7 +417,9 @@ class KeyHierarchy:
             self._keks.clear()
             self._deks.clear()
             self.leases.clear()
+            self._digest_keys.clear()
             return
+        self._digest_keys.pop(tenant_id)
         self._keks.discard_where(lambda k: k[0] == tenant_id)
         self._deks.discard_where(lambda k: k[0] == tenant_id)
         self.leases.discard_where(lambda k: k[0] == tenant_id)

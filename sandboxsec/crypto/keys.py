@@ -20,8 +20,9 @@ import hashlib
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sandboxsec.crypto.envelope import KEY_BYTES, unwrap_secret, wrap_secret
 from sandboxsec.crypto.errors import DecryptionFailedError, KeyProviderUnavailableError
@@ -32,11 +33,24 @@ __all__ = [
     "LocalKeyProvider",
     "Pkcs11KeyProvider",
     "build_key_provider",
+    "gcm",
 ]
 
 _NONCE_BYTES = 12
 _TAG_BITS = 128
 _WRAP_FORMAT_HSM = 0x02
+
+T = TypeVar("T")
+
+
+def gcm(key: Any, fn: str, data: bytes, nonce: bytes, aad: bytes) -> bytes:
+    """``CKM_AES_GCM`` encrypt or decrypt (``fn``) with a PKCS#11 AES key object."""
+    from pkcs11 import GCMParams, Mechanism
+
+    out: bytes = getattr(key, fn)(
+        data, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+    )
+    return out
 
 
 class KeyProvider(Protocol):
@@ -177,6 +191,11 @@ class Pkcs11KeyProvider:
     def provider_id(self) -> str:
         return f"pkcs11:{self._token_label}/{self._key_label}"
 
+    @property
+    def key_label(self) -> str:
+        """The root key's label (tenant keys are labelled under it)."""
+        return self._key_label
+
     def _unavailable(self, exc: BaseException) -> KeyProviderUnavailableError:
         self._drop()
         self._needs_reinit = True
@@ -184,6 +203,10 @@ class Pkcs11KeyProvider:
         return KeyProviderUnavailableError(
             f"HSM token {self._token_label!r} via {self._module} is unavailable ({detail})"
         )
+
+    def unavailable(self, exc: BaseException) -> KeyProviderUnavailableError:
+        """The error for a failed HSM operation; drops the session for a later reconnect."""
+        return self._unavailable(exc)
 
     def _drop(self) -> None:
         session, self._session, self._key = self._session, None, None
@@ -193,13 +216,12 @@ class Pkcs11KeyProvider:
             except Exception:  # noqa: S110 - the session is being discarded anyway
                 pass
 
-    def _root_key(self, *, create: bool = False) -> Any:
-        """The root key handle, opening the library, token and session as needed."""
+    def _ensure_session(self) -> Any:
+        """The logged-in session, opening the library and token as needed."""
         import pkcs11
-        from pkcs11 import Attribute, KeyType
 
-        if self._key is not None:
-            return self._key
+        if self._session is not None:
+            return self._session
         if self._lib is None:
             self._lib = pkcs11.lib(self._module)
         elif self._needs_reinit:
@@ -211,6 +233,16 @@ class Pkcs11KeyProvider:
         except pkcs11.exceptions.UserAlreadyLoggedIn:
             # PKCS#11 logs in per application: another session of this process already did.
             self._session = token.open(rw=True)
+        return self._session
+
+    def _root_key(self, *, create: bool = False) -> Any:
+        """The root key handle, opening the library, token and session as needed."""
+        import pkcs11
+        from pkcs11 import Attribute, KeyType
+
+        if self._key is not None:
+            return self._key
+        self._ensure_session()
         try:
             self._key = self._session.get_key(label=self._key_label, key_type=KeyType.AES)
         except pkcs11.NoSuchKey:
@@ -229,19 +261,36 @@ class Pkcs11KeyProvider:
             )
         return self._key
 
+    def root_key_handle(self, *, create: bool = False) -> Any:
+        """The root key object (made if ``create``); call inside :meth:`run` only."""
+        return self._root_key(create=create)
+
     def _call(self, fn: str, data: bytes, nonce: bytes, aad: bytes) -> bytes:
         import pkcs11
-        from pkcs11 import GCMParams, Mechanism
+
+        try:
+            return self.run(
+                lambda _s: gcm(self._root_key(create=fn == "encrypt"), fn, data, nonce, aad),
+                decrypting=fn == "decrypt",
+            )
+        except pkcs11.NoSuchKey as exc:
+            with self._lock:
+                raise self._unavailable(exc) from None
+
+    def run(self, op: Callable[[Any], T], *, decrypting: bool = False) -> T:
+        """Run ``op(session)`` on the logged-in session under the provider's lock.
+
+        PKCS#11 failures map as for the root key: a failed GCM tag (when ``decrypting``) is
+        :class:`DecryptionFailedError`, anything else :class:`KeyProviderUnavailableError`.
+        ``pkcs11.NoSuchKey`` is passed through for the caller to interpret.
+        """
+        import pkcs11
 
         with self._lock:
             try:
-                key = self._root_key(create=fn == "encrypt")
-                out: bytes = getattr(key, fn)(
-                    data,
-                    mechanism=Mechanism.AES_GCM,
-                    mechanism_param=GCMParams(nonce, aad, _TAG_BITS),
-                )
-                return out
+                return op(self._ensure_session())
+            except pkcs11.NoSuchKey:
+                raise
             except (
                 pkcs11.exceptions.EncryptedDataInvalid,
                 pkcs11.exceptions.EncryptedDataLenRange,
@@ -249,7 +298,7 @@ class Pkcs11KeyProvider:
                 raise DecryptionFailedError() from None
             except pkcs11.exceptions.GeneralError as exc:
                 # SoftHSM reports a failed GCM tag as a general error; so does a lost token.
-                if fn == "decrypt" and self._token_present():
+                if decrypting and self._token_present():
                     raise DecryptionFailedError() from None
                 raise self._unavailable(exc) from None
             except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:

@@ -210,7 +210,8 @@ class ApprovalService:
                     and row.state == ApprovalState.APPROVED.value and row.grant_id is not None):
                 record = self._repo.find_grant(tx, who.tenant_id, row.grant_id)
                 if record is not None and record.used_at is None and now < record.expires_at:
-                    grant, grant_expires = self._grants.token(record), record.expires_at
+                    grant = self._grants.token(record, row.params_hash)
+                    grant_expires = record.expires_at
         if expired:
             self.wakeups.notify(row.id)
         return approval_view(row, grant, grant_expires)

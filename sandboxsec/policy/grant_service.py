@@ -29,6 +29,7 @@ from sandboxsec.policy.errors import (
     GrantSignatureInvalidError,
 )
 from sandboxsec.policy.grants import GrantClaims, check_grant, decode_grant, encode_grant
+from sandboxsec.policy.keyed_audit import ParamsDigester
 from sandboxsec.policy.models import GrantRecord
 from sandboxsec.policy.repository import PolicyRepository, Tx
 from sandboxsec.policy.signing import GrantSigner
@@ -57,8 +58,8 @@ class GrantIssuer(Protocol):
         """Store a new grant for one exact action."""
         ...
 
-    def token(self, record: GrantRecord) -> str:
-        """The signed token of a stored grant."""
+    def token(self, record: GrantRecord, p_hash: str) -> str:
+        """The signed token of a stored grant, binding the plain params hash ``p_hash``."""
         ...
 
 
@@ -86,11 +87,13 @@ class GrantService:
 
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
                  signer: GrantSigner, wakeups: Wakeups, config: GrantConfig,
-                 in_force: PolicyInForce | None = None) -> None:
-        """``in_force`` decides a grant's action again under the policy in force when the
-        grant is used (see policy/redecide.py)."""
+                 digester: ParamsDigester, in_force: PolicyInForce | None = None) -> None:
+        """``digester`` keys the params digest per tenant; ``in_force`` decides a grant's
+        action again under the policy in force when the grant is used (see
+        policy/redecide.py)."""
         self._in_force = in_force
         self._repo = repo
+        self._digester = digester
         self._clock = clock
         self._audit = audit
         self._signer = signer
@@ -110,21 +113,24 @@ class GrantService:
         record = GrantRecord(
             id=grant_id or new_id("gr"), tenant_id=tenant_id, session_id=session_id,
             approval_id=approval_id, decision_id=decision_id, action=action,
-            resource=resource, params_hash=p_hash, key_id=kid, issued_at=now,
+            resource=resource, key_id=kid, issued_at=now,
+            # Stored keyed: the plain hash lives only in the token the agent holds.
+            params_hash=self._digester.params_hmac_in(tx, tenant_id, p_hash),
             expires_at=now + timedelta(seconds=self._config.ttl_seconds),
         )
         self._repo.add_grant(tx, record)
         return record
 
-    def token(self, record: GrantRecord) -> str:
-        """The signed token of a stored grant (re-signed on demand: Ed25519 is deterministic)."""
+    def token(self, record: GrantRecord, p_hash: str) -> str:
+        """The signed token of a stored grant (re-signed on demand: Ed25519 is deterministic),
+        binding the plain params hash ``p_hash`` (the row holds only its keyed digest)."""
         kid, private = self._signer.signing_key()
         if record.key_id != kid:
             # Issued under a key retired since: re-signing would name the wrong key.
             private = self._signer.private_for(record.key_id)
         claims = GrantClaims(
             grant_id=record.id, tenant_id=record.tenant_id, session_id=record.session_id,
-            action=record.action, resource=record.resource, params_hash=record.params_hash,
+            action=record.action, resource=record.resource, params_hash=p_hash,
             approval_id=record.approval_id, issued_at=record.issued_at,
             expires_at=record.expires_at, key_id=record.key_id,
         )
@@ -166,8 +172,14 @@ class GrantService:
             # 4. single use
             with self._repo.transaction() as tx:
                 record = self._repo.grant(tx, who.tenant_id, claims.grant_id)
-                if (record.params_hash, record.action, record.session_id) != (
-                        claims.params_hash, claims.action, claims.session_id):
+                # Grants stored before keyed digests hold the plain hash (for their few
+                # minutes of life); newer ones the tenant-keyed digest.
+                stored_ok = record.params_hash in (
+                    self._digester.params_hmac_in(tx, who.tenant_id, claims.params_hash),
+                    claims.params_hash,
+                )
+                if not stored_ok or (record.action, record.session_id) != (
+                        claims.action, claims.session_id):
                     raise GrantSignatureInvalidError("the grant does not match its record")
                 # A session ended early (for example after a compromise) takes its grants
                 # with it.
@@ -207,4 +219,4 @@ class GrantService:
         if record.approval_id is not None:
             self._wakeups.notify(record.approval_id)
         return GrantVerdict(record.id, record.session_id, record.approval_id, record.action,
-                            record.resource, record.params_hash, record.expires_at, now)
+                            record.resource, claims.params_hash, record.expires_at, now)

@@ -30,7 +30,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -50,6 +50,9 @@ from sandboxsec.policy.errors import (
     ParamsNotCanonicalError,
     ParamsTooLargeError,
 )
+
+if TYPE_CHECKING:
+    from sandboxsec.signing import Signer
 
 __all__ = [
     "AUDIENCE",
@@ -119,11 +122,14 @@ def _b64d(text: str) -> bytes:
         raise GrantMalformedError("grant token segments must be canonical base64url") from None
 
 
-def encode_grant(claims: GrantClaims, private_key: Ed25519PrivateKey) -> str:
+def encode_grant(claims: GrantClaims, private_key: Signer | Ed25519PrivateKey) -> str:
     """The signed compact JWS for ``claims`` (deterministic: Ed25519 signatures are)."""
     if claims.key_id != key_id(private_key.public_key()):
         raise ValueError("claims.key_id does not name this signing key")
     header = {"alg": jose.ALG, "kid": claims.key_id, "typ": GRANT_TYP}
+    if not isinstance(private_key, Ed25519PrivateKey):
+        # The compact JWS library signs with an in-memory key only (HSM keys: not yet).
+        raise TypeError("compact JWS signing needs an in-memory Ed25519 key")
     return jose.sign_compact(header, canonical_json(claims.payload()), private_key)
 
 

@@ -1,11 +1,13 @@
 """The grant signing key, shared by every worker through the database.
 
-The Ed25519 private key is stored wrapped by the root key provider; every worker uses the
-oldest unretired key, so two workers that create one at the same moment still agree.
+The Ed25519 private key is stored wrapped by the root key provider, or, when the provider is
+an HSM, generated and kept inside it (the row then holds only its label); every worker uses
+the oldest unretired key, so two workers that create one at the same moment still agree.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from typing import Protocol
 
@@ -23,9 +25,13 @@ from sandboxsec.errors import SandboxSecError
 from sandboxsec.policy.errors import GrantKeyUnavailableError, GrantSignatureInvalidError
 from sandboxsec.policy.grants import key_id
 from sandboxsec.policy.models import GrantSigningKey
+from sandboxsec.signing import Signer
 from sandboxsec.storage.db import Database
 
-__all__ = ["GrantKeyring", "GrantSigner", "KeyWrapper"]
+__all__ = ["GrantKeyring", "GrantSigner", "HsmKeys", "KeyWrapper"]
+
+#: ``provider_id`` prefix of a grant key that lives in the HSM (``private_key`` is empty).
+_HSM_OBJECT = "pkcs11-object:"
 
 
 class KeyWrapper(Protocol):
@@ -45,14 +51,32 @@ class KeyWrapper(Protocol):
         ...
 
 
+class HsmKeys(Protocol):
+    """Makes and finds Ed25519 key pairs inside the HSM."""
+
+    def create(self, purpose: str) -> HsmKey:
+        """A new key pair (its label names it)."""
+        ...
+
+    def existing(self, label: str) -> Signer:
+        """The key pair ``label``; a missing one fails closed, never re-made."""
+        ...
+
+
+class HsmKey(Signer, Protocol):
+    """A signer with its HSM label."""
+
+    label: str
+
+
 class GrantSigner(Protocol):
     """The grant keys the grant service signs and verifies with."""
 
-    def signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+    def signing_key(self) -> tuple[str, Signer]:
         """The key id and private key new grants are signed with."""
         ...
 
-    def private_for(self, kid: str) -> Ed25519PrivateKey:
+    def private_for(self, kid: str) -> Signer:
         """The private key ``kid`` (a grant issued before a key change is re-signed by it)."""
         ...
 
@@ -72,15 +96,17 @@ def _key_aad(kid: str) -> bytes:
 class GrantKeyring:
     """:class:`GrantSigner` on the database, the private keys wrapped by the root key."""
 
-    def __init__(self, db: Database, clock: Clock, wrapper: KeyWrapper) -> None:
+    def __init__(self, db: Database, clock: Clock, wrapper: KeyWrapper,
+                 hsm: HsmKeys | None = None) -> None:
         self._db = db
         self._clock = clock
         self._wrapper = wrapper
+        self._hsm = hsm
         self._lock = threading.Lock()
-        self._signing: tuple[str, Ed25519PrivateKey] | None = None
+        self._signing: tuple[str, Signer] | None = None
         self._public: dict[str, Ed25519PublicKey] = {}
 
-    def signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+    def signing_key(self) -> tuple[str, Signer]:
         """The key id and private key new grants are signed with (created on first use)."""
         with self._lock:
             if self._signing is None:
@@ -101,7 +127,7 @@ class GrantKeyring:
             self._public = keys
             return dict(keys)
 
-    def private_for(self, kid: str) -> Ed25519PrivateKey:
+    def private_for(self, kid: str) -> Signer:
         """The private key ``kid``; refused when it is gone."""
         with self._db.session() as s:
             row = s.get(GrantSigningKey, kid)
@@ -109,22 +135,31 @@ class GrantKeyring:
             raise GrantSignatureInvalidError("the grant's signing key is gone")
         return self._unwrap(row)
 
-    def _load_or_create(self) -> tuple[str, Ed25519PrivateKey]:
+    def _new_key(self) -> tuple[str, bytes, str, Ed25519PublicKey]:
+        """A new key: in the HSM when there is one (nothing stored but its label), else made
+        here and stored wrapped by the root key."""
+        if self._hsm is not None:
+            signer = self._hsm.create(f"grant-{secrets.token_hex(6)}")
+            public = signer.public_key()
+            return key_id(public), b"", f"{_HSM_OBJECT}{signer.label}", public
+        private = Ed25519PrivateKey.generate()
+        kid = key_id(private.public_key())
+        raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return (kid, self._wrapper.wrap(raw, _key_aad(kid)), self._wrapper.provider_id,
+                private.public_key())
+
+    def _load_or_create(self) -> tuple[str, Signer]:
         with self._db.session() as s:
             row = self._active(s)
         if row is None:
-            private = Ed25519PrivateKey.generate()
-            kid = key_id(private.public_key())
-            raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
             try:
-                wrapped = self._wrapper.wrap(raw, _key_aad(kid))
-                provider = self._wrapper.provider_id
+                kid, wrapped, provider, public = self._new_key()
             except SandboxSecError as exc:
                 raise GrantKeyUnavailableError("the root key cannot wrap a grant key") from exc
             with self._db.session() as s:
                 s.add(GrantSigningKey(
                     id=kid, private_key=wrapped, provider_id=provider,
-                    public_key=private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+                    public_key=public.public_bytes(Encoding.Raw, PublicFormat.Raw),
                     created_at=self._clock.now(),
                 ))
         # Two workers may have created a key at once: everyone uses the oldest one.
@@ -133,7 +168,12 @@ class GrantKeyring:
         assert row is not None
         return row.id, self._unwrap(row)
 
-    def _unwrap(self, row: GrantSigningKey) -> Ed25519PrivateKey:
+    def _unwrap(self, row: GrantSigningKey) -> Signer:
+        if row.provider_id.startswith(_HSM_OBJECT):
+            if self._hsm is None:
+                raise GrantKeyUnavailableError("the grant signing key is in an HSM; the "
+                                               "configured key provider is not one")
+            return self._hsm.existing(row.provider_id.removeprefix(_HSM_OBJECT))
         try:
             raw = self._wrapper.unwrap(row.private_key, _key_aad(row.id))
         except SandboxSecError as exc:

@@ -69,7 +69,7 @@ class Database:
         if self.is_sqlite:
             path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ""
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_files(Path(path))
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": timeout_seconds}
             kwargs["poolclass"] = NullPool if not path or path == ":memory:" else None
             if kwargs["poolclass"] is None:
@@ -224,6 +224,24 @@ class _WriterLock:
 
     def _release_invalidated(self, _dbapi_conn: Any, record: Any, _exc: Any) -> None:
         self._release(record.info)
+
+
+def _private_sqlite_files(path: Path) -> None:
+    """The database file and its companions are the owner's alone (0600, directory 0700).
+
+    SQLite creates ``-wal`` and ``-shm`` with the main file's permissions, so creating that
+    file 0600 before the first connection covers them; files left more open by an older
+    version are tightened.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        try:
+            if f.stat().st_mode & 0o077:
+                f.chmod(0o600)
+        except FileNotFoundError:
+            continue
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -11,10 +11,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from sandboxsec.audit.events import AuditEvent
-from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.errors import NotFoundError
+from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal, Role
 from sandboxsec.storage.db import Database
@@ -26,6 +26,7 @@ from sandboxsec.tenants.errors import (
     TenantNameTakenError,
 )
 from sandboxsec.tenants.models import ApiKey, Tenant
+from sandboxsec.tenants.refusals import RefusalLimiter
 
 __all__ = [
     "ApiKeyView",
@@ -58,6 +59,8 @@ class DeletedTenant:
     keys_revoked: int
     keks_destroyed: int
     deks_destroyed: int
+    #: The tenant's key in the key provider (file or HSM object) was destroyed.
+    tenant_key_destroyed: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class Shredded(Protocol):
     @property
     def deks_destroyed(self) -> int: ...
 
+    @property
+    def tenant_key_destroyed(self) -> bool: ...
+
 
 class KeyShredder(Protocol):
     """Crypto-shreds a tenant's keys (key administration does)."""
@@ -119,6 +125,12 @@ class KeyShredder(Protocol):
     def shred_tenant(self, tenant_id: str, actor: Principal | None) -> Shredded:
         """Destroy the tenant's keys, idempotently; its data becomes unreadable."""
         ...
+
+
+def _in_service_log(record: AuditRecord) -> AuditRecord:
+    """A copy of a tenant-lifecycle record for the service log (it outlives the tenant)."""
+    return replace(record, tenant_id=SERVICE_LOG,
+                   object_ids={**record.object_ids, "tenant_id": str(record.tenant_id)})
 
 
 def _valid_name(name: str) -> str:
@@ -132,11 +144,14 @@ class TenantService:
     """Creates tenants and keys, and turns a presented key into a :class:`Principal`."""
 
     def __init__(self, db: Database, clock: Clock, audit: AuditSink,
-                 shredder: KeyShredder) -> None:
+                 shredder: KeyShredder, refusals: RefusalLimiter | None = None) -> None:
+        """``refusals`` bounds how many refused API keys are audited one by one (default:
+        60 a minute per process)."""
         self._db = db
         self._clock = clock
         self._audit = audit
         self._shredder = shredder
+        self._refusals = refusals or RefusalLimiter(60, 60.0)
 
     def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
         """Create a tenant with one key per role; audited in the same transaction."""
@@ -150,14 +165,13 @@ class TenantService:
                 s.flush()
                 for role in Role:
                     keys[role] = self._add_key(s, tenant_id, role, now, label=f"initial {role}")
-                self._audit.append(
-                    AuditRecord.by(
-                        actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
-                        object_ids={"tenant_id": tenant_id},
-                        body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
-                    ),
-                    session=s,
+                record = AuditRecord.by(
+                    actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
+                    object_ids={"tenant_id": tenant_id},
+                    body={"name": name, "key_ids": {str(r): k.key_id for r, k in keys.items()}},
                 )
+                # The tenant's log and the service's: the lifecycle outlives the tenant.
+                self._audit.append_many([record, _in_service_log(record)], session=s)
         except IntegrityError as exc:
             raise TenantNameTakenError(f"a tenant named {name!r} exists already") from exc
         return CreatedTenant(tenant_id=tenant_id, name=name, keys=keys)
@@ -210,16 +224,20 @@ class TenantService:
                 session=s,
             )
 
-    def authenticate(self, presented: str) -> Principal:
+    def authenticate(self, presented: str, *, remote: str | None = None) -> Principal:
         """The principal of a presented key, or :class:`ApiKeyInvalidError`.
 
         Read from the database on every request (one primary-key lookup joined to the
         tenant), never from a per-process cache: a revoked key, or a deleted tenant's, is
-        refused by every worker process from the moment the revocation commits.
+        refused by every worker process from the moment the revocation commits. Every
+        refusal is audited in the service log (rate-limited, see
+        :mod:`sandboxsec.tenants.refusals`); the caller gets the same opaque error whatever
+        the cause.
         """
         try:
             parsed = parse_key(presented)
         except Exception as exc:
+            self._refused(None, None, "malformed", remote)
             raise ApiKeyInvalidError("invalid API key") from exc
         with self._db.session() as s:
             row = s.execute(
@@ -229,13 +247,42 @@ class TenantService:
                 .where(col(ApiKey.id) == parsed.key_id)
             ).first()
         if row is None:
+            self._refused(parsed.key_id, None, "unknown", remote)
             raise ApiKeyInvalidError("invalid API key")
         tenant_id, role, digest, revoked_at, deleted_at = row
         # The secret is compared even for a revoked key, so timing tells nothing about state.
         matches = secret_matches(parsed.secret, digest)
-        if revoked_at is not None or deleted_at is not None or not matches:
+        why = (
+            "revoked" if revoked_at is not None
+            else "tenant_deleted" if deleted_at is not None
+            else None if matches
+            else "wrong_secret"
+        )
+        if why is not None:
+            self._refused(parsed.key_id, tenant_id, why, remote)
             raise ApiKeyInvalidError("invalid API key")
         return Principal(tenant_id=tenant_id, key_id=parsed.key_id, role=Role(role))
+
+    def _refused(self, key_id: str | None, tenant_id: str | None, why: str | None,
+                 remote: str | None) -> None:
+        """Audit one refused key in the service log, unless the rate limit says to count it."""
+        admission = self._refusals.admit(self._clock.now().timestamp())
+        if not admission.write:
+            return
+        body: dict[str, object] = {"why": why or "unknown", "suppressed": admission.suppressed}
+        if key_id is not None:
+            body["key_id"] = key_id  # the public half of a key; the secret is never logged
+        if tenant_id is not None:
+            body["key_tenant_id"] = tenant_id
+        try:
+            self._audit.append(AuditRecord(
+                event=AuditEvent.AUTH_FAILURE, tenant_id=SERVICE_LOG, actor_key_id=None,
+                actor_role=None, outcome="refused", reason=ApiKeyInvalidError.code, body=body,
+                sensitive={"remote_addr": remote} if remote else {},
+            ))
+        except SandboxSecError:
+            # The request is refused either way; the count is reported with the next entry.
+            self._refusals.give_back(admission.suppressed + 1)
 
     def delete(self, tenant_id: str, *, actor: Principal | None) -> DeletedTenant:
         """Delete a tenant: crypto-shred its keys, then revoke every API key it has.
@@ -258,18 +305,18 @@ class TenantService:
                     key.revoked_at = now
                     s.add(key)
                     revoked += 1
-            self._audit.append(
-                AuditRecord.by(
-                    actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
-                    object_ids={"tenant_id": tenant_id},
-                    body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
-                          "deks_destroyed": shred.deks_destroyed},
-                ),
-                session=s,
+            record = AuditRecord.by(
+                actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
+                object_ids={"tenant_id": tenant_id},
+                body={"keys_revoked": revoked, "keks_destroyed": shred.keks_destroyed,
+                      "deks_destroyed": shred.deks_destroyed,
+                      "tenant_key_destroyed": shred.tenant_key_destroyed},
             )
+            self._audit.append_many([record, _in_service_log(record)], session=s)
         return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
                              keks_destroyed=shred.keks_destroyed,
-                             deks_destroyed=shred.deks_destroyed)
+                             deks_destroyed=shred.deks_destroyed,
+                             tenant_key_destroyed=shred.tenant_key_destroyed)
 
     def list(self) -> list[TenantView]:
         """Every live tenant, oldest first."""
@@ -285,12 +332,14 @@ class TenantService:
             raise NotFoundError("no such tenant")
         return TenantView.of(t)
 
-    def find(self, name_or_id: str) -> TenantView:
-        """A live tenant by id or by name."""
+    def find(self, name_or_id: str, *, include_deleted: bool = False) -> TenantView:
+        """A live tenant by id or by name (or a deleted one, by id or its former name, when
+        ``include_deleted``: its audit log outlives it)."""
         with self._db.session() as s:
             t = s.get(Tenant, name_or_id) or s.exec(
                 select(Tenant).where(Tenant.name == name_or_id)
+                .order_by(col(Tenant.created_at).desc())
             ).first()
-        if t is None or t.deleted_at is not None:
+        if t is None or (t.deleted_at is not None and not include_deleted):
             raise NotFoundError("no such tenant")
         return TenantView.of(t)

@@ -2,7 +2,7 @@
 
 Metadata and data are ciphertext sealed under a DEK of the key hierarchy
 (:mod:`sandboxsec.crypto`); what stays in clear is what must stay searchable: time, kind,
-size and content hash.
+size, keyed content digest, position and author.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sqlmodel import Field, SQLModel
 
 from sandboxsec.storage.types import UTCDateTime
 
-__all__ = ["TrajectoryRecord", "TrajectorySegment"]
+__all__ = ["TrajectoryHead", "TrajectoryRecord", "TrajectorySegment"]
 
 
 class TrajectoryRecord(SQLModel, table=True):
@@ -25,6 +25,9 @@ class TrajectoryRecord(SQLModel, table=True):
     """
 
     __tablename__ = "trajectory_records"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq", name="uq_trajectory_records_seq"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(index=True, max_length=40)
@@ -33,12 +36,30 @@ class TrajectoryRecord(SQLModel, table=True):
     created_by: str = Field(default="", max_length=40)
     kind: str = Field(max_length=64, index=True)
     size: int
+    #: Plain SHA-256 of the plaintext: only records written before keyed digests have it
+    #: (new records store "" here and use ``content_hmac``).
     content_sha256: str = Field(max_length=64)
     dek_id: str = Field(index=True, max_length=40)
     layout: str = Field(max_length=8)
     segment_count: int = Field(default=0)
     meta_sealed: bytes = Field(sa_type=LargeBinary)
     data: bytes = Field(sa_type=LargeBinary)
+    #: Position in the session from 0, gap-free; also sealed (with the author) inside
+    #: ``meta_sealed``.  None for records written before order was authenticated.
+    seq: int | None = Field(default=None)
+    #: HMAC-SHA256 of the plaintext under the tenant's digest key (hex); "" before keyed
+    #: digests.  Unreadable once the tenant is shredded.
+    content_hmac: str = Field(default="", max_length=64)
+
+
+class TrajectoryHead(SQLModel, table=True):
+    """The next ``seq`` of a session's trajectory (the counter writers take under a lock)."""
+
+    __tablename__ = "trajectory_heads"
+
+    session_id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(index=True, max_length=40)
+    next_seq: int = Field(default=0)
 
 
 class TrajectorySegment(SQLModel, table=True):

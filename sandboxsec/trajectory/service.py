@@ -13,8 +13,9 @@ write and every read is audited in the same transaction as the change it records
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,11 +25,15 @@ from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.crypto.envelope import open_sealed, parse_header, seal
+from sandboxsec.crypto.digests import ContentHasher, content_hmac
+from sandboxsec.crypto.envelope import DataKey, open_sealed, parse_header, seal
 from sandboxsec.crypto.errors import (
     DecryptionFailedError,
     KeyVersionRetiredError,
     TenantKeysShreddedError,
+    TrajectoryRecordMissingError,
+    TrajectoryRecordReattributedError,
+    TrajectoryRecordReorderedError,
     TrajectoryRecordTooLargeError,
 )
 from sandboxsec.crypto.hierarchy import KeyHierarchy
@@ -42,9 +47,27 @@ from sandboxsec.trajectory import store
 from sandboxsec.trajectory.config import TrajectoryConfig
 from sandboxsec.trajectory.format import check_kind, record_context
 from sandboxsec.trajectory.models import TrajectoryRecord
+from sandboxsec.trajectory.order import (
+    META_PART_V1,
+    META_PART_V2,
+    check_head,
+    check_range,
+    open_meta,
+    seal_meta,
+)
 from sandboxsec.trajectory.views import RecordView, StoredRecord
 
 __all__ = ["TrajectoryService"]
+
+#: What a read that fails on stored data raises (audited as a failed read, then re-raised).
+_READ_FAILURES = (
+    DecryptionFailedError,
+    KeyVersionRetiredError,
+    TenantKeysShreddedError,
+    TrajectoryRecordMissingError,
+    TrajectoryRecordReattributedError,
+    TrajectoryRecordReorderedError,
+)
 
 
 class TrajectoryService:
@@ -103,9 +126,8 @@ class TrajectoryService:
         # derives its own key from a fresh salt and uses none.
         lease = self._keys.lease(tenant_id, session_id, who, current, messages=1 if streamed else 2)
         record_id = new_id("tr")
-        digest = hashlib.sha256(data).hexdigest()
-        meta_ctx = record_context(tenant_id, session_id, record_id, "meta", kind)
-        meta_sealed = bytes(seal(lease.key, meta_raw, meta_ctx))
+        digest = content_hmac(self._keys.digest_key(tenant_id), data)
+        meta_ctx = record_context(tenant_id, session_id, record_id, META_PART_V2, kind)
         data_ctx = record_context(tenant_id, session_id, record_id, "data", kind)
         segments: Iterator[bytes] = iter(())
         segment_count = 0
@@ -118,30 +140,34 @@ class TrajectoryService:
         else:
             layout = "sealed"
             body = bytes(seal(lease.key, data, data_ctx))
-        row = TrajectoryRecord(
-            id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
-            created_by=who.key_id, kind=kind, size=len(data), content_sha256=digest,
-            dek_id=lease.key.dek_id.hex(), layout=layout, segment_count=segment_count,
-            meta_sealed=meta_sealed, data=body,
-        )
         with self._db.session() as s:
+            seq = store.next_seq(s, tenant_id, session_id)
+            meta_sealed = bytes(seal(lease.key, seal_meta(meta or {}, seq=seq, author=who.key_id),
+                                     meta_ctx))
+            row = TrajectoryRecord(
+                id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
+                created_by=who.key_id, kind=kind, size=len(data), content_sha256="",
+                content_hmac=digest, seq=seq, dek_id=lease.key.dek_id.hex(), layout=layout,
+                segment_count=segment_count, meta_sealed=meta_sealed, data=body,
+            )
             s.add(row)
             s.flush()
             # Segments are sealed and sent one at a time: never all ciphertext in memory.
-            for seq, segment in enumerate(segments):
-                store.add_segment(s, tenant_id, record_id, seq, segment)
+            for i, segment in enumerate(segments):
+                store.add_segment(s, tenant_id, record_id, i, segment)
             s.flush()
             self._audit.append(
                 AuditRecord(
                     event=AuditEvent.TRAJECTORY_WRITE, tenant_id=tenant_id,
                     actor_key_id=who.key_id, actor_role=str(who.role), outcome="success",
                     object_ids={"session_id": session_id, "record_id": record_id},
-                    body={"kind": kind, "size": len(data), "content_sha256": digest,
+                    body={"kind": kind, "size": len(data), "content_hmac": digest, "seq": seq,
                           "layout": layout, "kek_version": lease.kek_version},
                 ),
                 session=s,
             )
-        return StoredRecord(record_id, session_id, kind, len(data), digest, now, layout)
+        return StoredRecord(record_id, session_id, kind, len(data),
+                            hashlib.sha256(data).hexdigest(), now, layout, digest, seq)
 
     def _writable(self, tenant_id: str, session_id: str, now: datetime) -> int | None:
         """Check the session is the tenant's and open, and the keys not shredded; returns
@@ -171,11 +197,9 @@ class TrajectoryService:
         current = self._writable(tenant_id, session_id, now)
         lease = self._keys.lease(tenant_id, session_id, who, current, messages=1)
         record_id = new_id("tr")
-        meta_sealed = bytes(
-            seal(lease.key, meta_raw, record_context(tenant_id, session_id, record_id, "meta",
-                                                     kind))
-        )
-        hasher = hashlib.sha256()
+        meta_ctx = record_context(tenant_id, session_id, record_id, META_PART_V2, kind)
+        hasher = ContentHasher(self._keys.digest_key(tenant_id))
+        plain = hashlib.sha256()
         size = 0
         limit = self._config.max_record_bytes - len(meta_raw)
 
@@ -188,6 +212,7 @@ class TrajectoryService:
                         f"the record passed the limit of {self._config.max_record_bytes} bytes"
                     )
                 hasher.update(chunk)
+                plain.update(chunk)
                 yield chunk
 
         data_ctx = record_context(tenant_id, session_id, record_id, "data", kind)
@@ -200,11 +225,16 @@ class TrajectoryService:
                 for seq, segment in enumerate(segments):
                     store.add_segment(s, tenant_id, record_id, seq, segment)
                 digest = hasher.hexdigest()
+                # The position is taken last: the head row stays locked only until the commit.
+                pos = store.next_seq(s, tenant_id, session_id)
+                meta_sealed = bytes(seal(
+                    lease.key, seal_meta(meta or {}, seq=pos, author=who.key_id), meta_ctx
+                ))
                 s.add(TrajectoryRecord(
                     id=record_id, tenant_id=tenant_id, session_id=session_id, created_at=now,
-                    created_by=who.key_id, kind=kind, size=size, content_sha256=digest,
-                    dek_id=lease.key.dek_id.hex(), layout="stream", segment_count=seq + 1,
-                    meta_sealed=meta_sealed, data=header,
+                    created_by=who.key_id, kind=kind, size=size, content_sha256="",
+                    content_hmac=digest, seq=pos, dek_id=lease.key.dek_id.hex(),
+                    layout="stream", segment_count=seq + 1, meta_sealed=meta_sealed, data=header,
                 ))
                 s.flush()
                 self._audit.append(
@@ -212,7 +242,7 @@ class TrajectoryService:
                         event=AuditEvent.TRAJECTORY_WRITE, tenant_id=tenant_id,
                         actor_key_id=who.key_id, actor_role=str(who.role), outcome="success",
                         object_ids={"session_id": session_id, "record_id": record_id},
-                        body={"kind": kind, "size": size, "content_sha256": digest,
+                        body={"kind": kind, "size": size, "content_hmac": digest, "seq": pos,
                               "layout": "stream", "kek_version": lease.kek_version},
                     ),
                     session=s,
@@ -221,7 +251,8 @@ class TrajectoryService:
             self._refuse(who, session_id, TrajectoryRecordTooLargeError.code,
                          {"kind": kind, "size": size})
             raise
-        return StoredRecord(record_id, session_id, kind, size, digest, now, "stream")
+        return StoredRecord(record_id, session_id, kind, size, plain.hexdigest(), now, "stream",
+                            digest, pos)
 
     def check_size(self, who: Principal, session_id: str, kind: str, size: int) -> None:
         """Refuse (audited, nothing stored) a record of ``size`` bytes above the limit."""
@@ -244,18 +275,35 @@ class TrajectoryService:
     def _decrypt(self, s: Session, row: TrajectoryRecord, ring: TenantKeyring,
                  segments: list[bytes]) -> tuple[dict[str, Any], bytes]:
         key = self._keys.data_key(s, row.tenant_id, row.dek_id, ring)
-        t, sid, rid, kind = row.tenant_id, row.session_id, row.id, row.kind
-        meta_raw = open_sealed(key, row.meta_sealed, record_context(t, sid, rid, "meta", kind))
-        data_ctx = record_context(t, sid, rid, "data", kind)
+        meta = self._open_meta(row, key)
+        data_ctx = record_context(row.tenant_id, row.session_id, row.id, "data", row.kind)
         if row.layout == "stream":
             data = b"".join(open_stream(lambda _id: key, [row.data, *segments], data_ctx))
         else:
             data = open_sealed(key, row.data, data_ctx)
         # The clear metadata is checked against the authenticated plaintext.
-        if len(data) != row.size or hashlib.sha256(data).hexdigest() != row.content_sha256:
+        self._check_digest(row, content_hmac(self._keys.tenant_digest_key(s, row.tenant_id), data)
+                           if row.content_hmac else hashlib.sha256(data).hexdigest(), len(data))
+        return meta, data
+
+    @staticmethod
+    def _check_digest(row: TrajectoryRecord, computed: str, size: int) -> None:
+        """The plaintext matches the row's clear size and digest (keyed, or plain for records
+        from before keyed digests)."""
+        stored = row.content_hmac or row.content_sha256
+        if size != row.size or not hmac.compare_digest(computed.encode(), stored.encode()):
             raise DecryptionFailedError()
-        meta = json.loads(meta_raw)
-        return (meta if isinstance(meta, dict) else {}), data
+
+    @staticmethod
+    def _open_meta(row: TrajectoryRecord, key: DataKey) -> dict[str, Any]:
+        """Decrypt the metadata; for ordered records check the sealed seq and author."""
+        part = META_PART_V1 if row.seq is None else META_PART_V2
+        ctx = record_context(row.tenant_id, row.session_id, row.id, part, row.kind)
+        raw = open_sealed(key, row.meta_sealed, ctx)
+        if row.seq is None:
+            meta = json.loads(raw)
+            return meta if isinstance(meta, dict) else {}
+        return open_meta(raw, seq=row.seq, author=row.created_by)
 
     def _audit_read(self, s: Session | None, who: Principal, row: TrajectoryRecord,
                     outcome: str = "success", reason: str | None = None) -> None:
@@ -270,8 +318,10 @@ class TrajectoryService:
         )
 
     def _view(self, row: TrajectoryRecord, meta: dict[str, Any], data: bytes) -> RecordView:
-        return RecordView(row.id, row.session_id, row.kind, row.size, row.content_sha256,
-                          row.created_at, row.created_by, meta, data)
+        # The plain digest is computed from the plaintext being returned: never stored.
+        return RecordView(row.id, row.session_id, row.kind, row.size,
+                          hashlib.sha256(data).hexdigest(), row.created_at, row.created_by,
+                          meta, data, row.content_hmac, row.seq)
 
     def read(self, who: Principal, session_id: str, record_id: str) -> RecordView:
         """Decrypt one record of this tenant; the read is audited before it is returned.
@@ -286,8 +336,7 @@ class TrajectoryService:
             try:
                 ring = self._keys.keyring_for_read(s, who.tenant_id)
                 meta, data = self._decrypt(s, row, ring, segments)
-            except (DecryptionFailedError, KeyVersionRetiredError,
-                    TenantKeysShreddedError) as exc:
+            except _READ_FAILURES as exc:
                 failed = exc
         if failed is not None:
             self._audit_failed_read(who, row, failed)
@@ -312,27 +361,63 @@ class TrajectoryService:
                 s, who.tenant_id, session_id, limit=limit, after=after,
                 kind=check_kind(kind) if kind is not None else None,
             )
-            if not rows:
-                return []
-            ring = self._keys.keyring_for_read(s, who.tenant_id)
+            failed: SandboxSecError | None = None
+            bad: TrajectoryRecord | None = None
             views: list[RecordView] = []
-            failed: SandboxSecError | None
-            for row in rows:
-                try:
-                    meta, data = self._decrypt(s, row, ring, store.segments(s, row))
-                except (DecryptionFailedError, KeyVersionRetiredError) as exc:
-                    failed = exc
-                    break
-                views.append(self._view(row, meta, data))
-            else:
-                failed = None
+            try:
+                self._check_order(s, who.tenant_id, session_id, rows,
+                                  reached_end=len(rows) < limit)
+            except _READ_FAILURES as exc:
+                failed = exc
+            if failed is None and rows:
+                ring = self._keys.keyring_for_read(s, who.tenant_id)
+                for row in rows:
+                    try:
+                        meta, data = self._decrypt(s, row, ring, store.segments(s, row))
+                    except _READ_FAILURES as exc:
+                        failed, bad = exc, row
+                        break
+                    views.append(self._view(row, meta, data))
         if failed is not None:
-            self._audit_failed_read(who, row, failed)
+            if bad is not None:
+                self._audit_failed_read(who, bad, failed)
+            else:
+                self._audit_failed_session_read(who, session_id, failed)
             raise failed
+        if not rows:
+            return []
         with self._db.session() as s:
             for row in rows:
                 self._audit_read(s, who, row)
         return views
+
+    @staticmethod
+    def _check_order(s: Session, tenant_id: str, session_id: str,
+                     rows: Sequence[TrajectoryRecord], *, reached_end: bool) -> None:
+        """No position up to the newest one read is missing or doubled; at the end of the
+        session, as many ordered records remain as its head says were written."""
+        seqs = [r.seq for r in rows if r.seq is not None]
+        if seqs:
+            check_range(store.seq_range(s, tenant_id, session_id, max(seqs)))
+        if reached_end:
+            found = store.head_and_count(s, tenant_id, session_id)
+            if found is not None:
+                check_head(*found)
+            elif seqs:
+                check_head(0, len(seqs))
+
+    def _audit_failed_session_read(self, who: Principal, session_id: str,
+                                   exc: SandboxSecError) -> None:
+        try:
+            self._audit.append(
+                AuditRecord(
+                    event=AuditEvent.TRAJECTORY_READ, tenant_id=who.tenant_id,
+                    actor_key_id=who.key_id, actor_role=str(who.role), outcome="failure",
+                    reason=exc.reason, object_ids={"session_id": session_id}, body={},
+                )
+            )
+        except SandboxSecError:
+            pass  # the read fails either way; the audit outage is reported by the audit log
 
     def iter_data(self, who: Principal, session_id: str, record_id: str) -> Iterator[bytes]:
         """A record's plaintext segment by segment, reading one segment row at a time.
@@ -342,13 +427,27 @@ class TrajectoryService:
         """
         with self._db.session() as s:
             row = store.record_in_session(s, who.tenant_id, session_id, record_id)
-            ring = self._keys.keyring_for_read(s, who.tenant_id)
-            key = self._keys.data_key(s, who.tenant_id, row.dek_id, ring)
+            failed: SandboxSecError | None = None
+            try:
+                ring = self._keys.keyring_for_read(s, who.tenant_id)
+                key = self._keys.data_key(s, who.tenant_id, row.dek_id, ring)
+                # Position and author are checked before any byte goes out.
+                self._open_meta(row, key)
+                dkey = self._keys.tenant_digest_key(s, who.tenant_id) if row.content_hmac else b""
+            except _READ_FAILURES as exc:
+                failed = exc
+        if failed is not None:
+            self._audit_failed_read(who, row, failed)
+            raise failed
         with self._db.session() as s:
             self._audit_read(s, who, row)
         ctx = record_context(row.tenant_id, row.session_id, row.id, "data", row.kind)
+        hasher: ContentHasher | Any = ContentHasher(dkey) if dkey else hashlib.sha256()
         if row.layout != "stream":
-            yield open_sealed(key, row.data, ctx)
+            data = open_sealed(key, row.data, ctx)
+            hasher.update(data)
+            self._check_digest(row, hasher.hexdigest(), len(data))
+            yield data
             return
         read_stream_header(row.data)
 
@@ -361,9 +460,9 @@ class TrajectoryService:
                     raise DecryptionFailedError()
                 yield data
 
-        hasher = hashlib.sha256()
+        size = 0
         for part in open_stream(lambda _id: key, ciphertext(), ctx):
             hasher.update(part)
+            size += len(part)
             yield part
-        if hasher.hexdigest() != row.content_sha256:
-            raise DecryptionFailedError()
+        self._check_digest(row, hasher.hexdigest(), size)

@@ -20,6 +20,10 @@ class StoredRecord:
     content_sha256: str
     created_at: datetime
     layout: str
+    #: The keyed digest that is stored and audited (see :mod:`sandboxsec.crypto.digests`).
+    content_hmac: str = ""
+    #: Position in the session (authenticated; see :mod:`sandboxsec.trajectory.order`).
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +39,5 @@ class RecordView:
     created_by: str
     meta: dict[str, Any]
     data: bytes
+    content_hmac: str = ""
+    seq: int | None = None

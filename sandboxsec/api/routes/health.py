@@ -23,8 +23,8 @@ def healthz(services: ServicesDep) -> JSONResponse:
     db_ok = services.db.ping()
     try:
         # A fresh service has no root key until the first tenant key is made: that is ready.
-        if services.keys.has_root_key():
-            services.keys.check()
+        # Once keys depend on it, a missing root key is an outage (checked inside).
+        services.key_hierarchy.check_key_provider()
         keys_ok = True
     except SandboxSecError:
         keys_ok = False

@@ -59,6 +59,8 @@ class TenantDeleted(BaseModel):
     keys_revoked: int
     keks_destroyed: int
     deks_destroyed: int
+    #: The tenant's own key in the key provider was destroyed by this deletion.
+    tenant_key_destroyed: bool = False
 
 
 @router.delete("/tenant", response_model=TenantDeleted)
@@ -72,7 +74,8 @@ def delete_tenant(body: TenantDelete, services: ServicesDep,
     d = services.tenants.delete(who.tenant_id, actor=who)
     return TenantDeleted(tenant_id=d.tenant_id, deleted_at=d.deleted_at,
                          keys_revoked=d.keys_revoked, keks_destroyed=d.keks_destroyed,
-                         deks_destroyed=d.deks_destroyed)
+                         deks_destroyed=d.deks_destroyed,
+                         tenant_key_destroyed=d.tenant_key_destroyed)
 
 
 @router.post("/api-keys", response_model=KeyCreated, status_code=201)

@@ -45,8 +45,12 @@ class TrajectoryRecordCreated(BaseModel):
     session_id: str
     kind: str
     size: int
-    content_sha256: str
+    content_sha256: str = Field(description="SHA-256 of the data sent (computed in memory for "
+                                "this answer; never stored)")
     created_at: datetime
+    content_hmac: str = Field(default="", description="The keyed digest that is stored and "
+                              "audited (HMAC-SHA256 under the tenant's digest key)")
+    seq: int | None = Field(default=None, description="Position in the session, from 0")
 
 
 class TrajectoryRecordOut(BaseModel):
@@ -61,6 +65,10 @@ class TrajectoryRecordOut(BaseModel):
     created_by: str = Field(description="Key id of the agent that wrote it.")
     meta: dict[str, Any]
     data: str = Field(description="base64 (standard alphabet)")
+    content_hmac: str = Field(default="", description="The stored keyed digest (\"\" for "
+                              "records from before keyed digests)")
+    seq: int | None = Field(default=None, description="Position in the session, from 0 "
+                            "(null for records from before authenticated order)")
 
 
 class TrajectoryPage(BaseModel):
@@ -76,6 +84,7 @@ def _out(view: RecordView) -> TrajectoryRecordOut:
         content_sha256=view.content_sha256, created_at=view.created_at,
         created_by=view.created_by, meta=view.meta,
         data=base64.b64encode(view.data).decode("ascii"),
+        content_hmac=view.content_hmac, seq=view.seq,
     )
 
 
@@ -102,6 +111,7 @@ def write_record(
     return TrajectoryRecordCreated(
         record_id=stored.record_id, session_id=stored.session_id, kind=stored.kind,
         size=stored.size, content_sha256=stored.content_sha256, created_at=stored.created_at,
+        content_hmac=stored.content_hmac, seq=stored.seq,
     )
 
 

@@ -89,3 +89,19 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     if not Path(SOFTHSM_MODULE).exists() or shutil.which("softhsm2-util") is None:
         pytest.skip("SoftHSM2 is not installed")
     return SoftHsm(tmp_path_factory.mktemp("softhsm"))
+
+
+@pytest.fixture
+def hsm_services(settings: Settings, database: Database, clock: FixedClock,
+                 softhsm: SoftHsm) -> Iterator[Services]:
+    """Services whose root key is a fresh key in the SoftHSM2 token (both backends)."""
+    import secrets
+
+    hsm = settings.model_copy(update={
+        **SMALL, "key_provider": "pkcs11", "pkcs11_module": SOFTHSM_MODULE,
+        "pkcs11_token_label": softhsm.label, "pkcs11_pin": softhsm.pin,
+        "pkcs11_key_label": f"root-{secrets.token_hex(6)}",
+    })
+    svc = Services(hsm, clock=clock, db=database)
+    yield svc
+    svc.close()

@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType
 
-from sandboxsec.clock import FixedClock
 from sandboxsec.crypto.errors import KeyProviderUnavailableError, TenantKeysShreddedError
 from sandboxsec.crypto.keys import Pkcs11KeyProvider
 from sandboxsec.principal import Role
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
-from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
-from tests.integration.crypto.conftest import SMALL, SOFTHSM_MODULE, SoftHsm, principal
+from tests.integration.crypto.conftest import SOFTHSM_MODULE, SoftHsm, principal
 from tests.integration.crypto.test_trajectory import MakeSession
 
 pytestmark = pytest.mark.softhsm
 
 
 @pytest.fixture
-def services(settings: Settings, database: Database, clock: FixedClock,
-             softhsm: SoftHsm) -> Iterator[Services]:
+def services(hsm_services: Services) -> Services:
     """Services whose root key is a fresh key in the SoftHSM2 token."""
-    hsm = settings.model_copy(update={
-        **SMALL, "key_provider": "pkcs11", "pkcs11_module": SOFTHSM_MODULE,
-        "pkcs11_token_label": softhsm.label, "pkcs11_pin": softhsm.pin,
-        "pkcs11_key_label": f"root-{secrets.token_hex(6)}",
-    })
-    svc = Services(hsm, clock=clock, db=database)
-    yield svc
-    svc.close()
+    return hsm_services
 
 
 def test_round_trip_rotation_and_shredding(services: Services, tenant: TenantKeys,
@@ -120,3 +108,45 @@ def test_hsm_wrap_binds_aad(softhsm: SoftHsm) -> None:
             provider.unwrap(wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"tenant a v1")
     finally:
         provider.close()
+
+
+def test_tenant_key_is_an_hsm_object_that_delete_destroys(
+    services: Services, tenant: TenantKeys, make_session: MakeSession, softhsm: SoftHsm,
+    request: pytest.FixtureRequest,
+) -> None:
+    """With the HSM provider each tenant's KEKs are wrapped by that tenant's own key object in
+    the HSM; ``tenant delete`` destroys it, and the HSM's root key then opens nothing carved
+    from a copy of the database."""
+    from sandboxsec.crypto.envelope import encode_context
+    from sandboxsec.crypto.errors import DecryptionFailedError
+    from sandboxsec.crypto.tenant_keys import Pkcs11TenantKeyStore
+    from tests.integration.crypto.test_shredding import _carve, _database_files
+
+    agent = principal(tenant, Role.AGENT)
+    services.trajectory.write(agent, make_session(tenant.id), "action", b"pin 4711")
+    store = services.key_hierarchy.tenant_keys
+    assert isinstance(store, Pkcs11TenantKeyStore)
+    provider = services.keys
+    assert isinstance(provider, Pkcs11KeyProvider)
+    lib = pkcs11.lib(SOFTHSM_MODULE)
+    with lib.get_token(token_label=softhsm.label).open() as session:
+        key = session.get_key(label=store.label(tenant.id), key_type=KeyType.AES)
+        assert key[Attribute.SENSITIVE] is True
+        assert key[Attribute.EXTRACTABLE] is False
+        with pytest.raises(pkcs11.PKCS11Error):
+            _ = key[Attribute.VALUE]
+
+    services.tenants.delete(tenant.id, actor=None)
+    assert not store.exists(tenant.id)
+    with lib.get_token(token_label=softhsm.label).open() as session, \
+            pytest.raises(pkcs11.NoSuchKey):
+        session.get_key(label=store.label(tenant.id), key_type=KeyType.AES)
+
+    def with_hsm_root(cand: bytes, aad: bytes) -> bytes:
+        return provider.unwrap(b"\x02" + cand[1:], aad)
+
+    blobs = list(_database_files(services, request))
+    assert any(tenant.id.encode() in b for b in blobs)
+    assert _carve(blobs, tenant.id, with_hsm_root) == set()
+    with pytest.raises(DecryptionFailedError):
+        provider.unwrap(b"\x02" + bytes(60), encode_context("x"))

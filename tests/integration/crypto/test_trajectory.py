@@ -161,12 +161,18 @@ def test_flipped_bit_truncation_and_reordering_fail(services: Services, tenant: 
     with pytest.raises(DecryptionFailedError):
         services.trajectory.read(admin, sid, rid)
     # The clear size/hash edited: refused, the plaintext is checked against them.
-    rid = streamed()
-    with services.db.session() as s:
-        s.exec(update(TrajectoryRecord).where(TrajectoryRecord.id == rid)  # type: ignore[arg-type]
-               .values(content_sha256="0" * 64))
-    with pytest.raises(DecryptionFailedError):
-        services.trajectory.read(admin, sid, rid)
+    for edit in ({"content_hmac": "0" * 64},
+                 # Downgraded to a plain digest the attacker made up: still checked.
+                 {"content_hmac": "", "content_sha256": "0" * 64},
+                 {"size": 1}):
+        rid = streamed()
+        with services.db.session() as s:
+            s.exec(update(TrajectoryRecord).where(TrajectoryRecord.id == rid)  # type: ignore[arg-type]
+                   .values(**edit))
+        with pytest.raises(DecryptionFailedError):
+            services.trajectory.read(admin, sid, rid)
+        with pytest.raises(DecryptionFailedError):
+            b"".join(services.trajectory.iter_data(admin, sid, rid))
     # The clear kind edited: the kind is bound into the ciphertext.
     with services.db.session() as s:
         s.exec(update(TrajectoryRecord).where(TrajectoryRecord.id == small.record_id)  # type: ignore[arg-type]

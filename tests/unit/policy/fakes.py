@@ -245,6 +245,17 @@ class FakeGrantSigner:
         return self.cached_public_keys()
 
 
+class FakeDigester:
+    """Keys params hashes with a fixed per-tenant key, as the key hierarchy does."""
+
+    def params_hmac_in(self, session: Any | None, tenant_id: str, params_hash: str) -> str:
+        import hashlib
+        import hmac
+
+        key = hashlib.sha256(b"fake digest key " + tenant_id.encode()).digest()
+        return hmac.new(key, b"\x02" + params_hash.encode(), hashlib.sha256).hexdigest()
+
+
 class FakeNotifier:
     """Keeps the webhook events it was asked to send."""
 
@@ -303,7 +314,8 @@ def build(texts: Mapping[int, str] | None = None) -> Kit:
     repo, audit, signer = InMemoryPolicyRepository(), FakeAuditSink(), FakeGrantSigner()
     clock, notifier, policies = fixed_clock(), FakeNotifier(), StaticPolicies(texts)
     wakeups = Wakeups()
-    grants = GrantService(repo, clock, audit, signer, wakeups, GrantConfig(ttl_seconds=300))
+    grants = GrantService(repo, clock, audit, signer, wakeups, GrantConfig(ttl_seconds=300),
+                          FakeDigester())
     approvals = ApprovalService(repo, clock, audit, grants, wakeups,
                                 ApprovalConfig(wait_max_seconds=5, recheck_seconds=0.05))
     decisions = DecisionService(repo, clock, audit, PolicyEngine(cache_size=8), policies,

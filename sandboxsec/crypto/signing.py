@@ -1,0 +1,115 @@
+"""Ed25519 signers: a key in memory, or a key pair inside the HSM (PKCS#11 ``CKM_EDDSA``).
+
+The audit checkpoint key, the grant-signing key and the attestation token key all sign
+through :class:`Signer`, which :class:`~cryptography.hazmat.primitives.asymmetric.ed25519.
+Ed25519PrivateKey` already is.  With the ``pkcs11`` key provider they are
+:class:`HsmEd25519Signer` objects instead: the private key is generated inside the token
+(``CKA_SENSITIVE``, not ``CKA_EXTRACTABLE``) and every signature is made there, so a copy of
+the service's files or database holds no signing key.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sandboxsec.crypto.errors import KeyProviderUnavailableError
+from sandboxsec.crypto.keys import KeyProvider, Pkcs11KeyProvider
+from sandboxsec.signing import Signer
+
+__all__ = ["HsmEd25519Signer", "HsmKeyFactory", "Signer", "hsm_key_factory", "hsm_signer"]
+
+#: DER OID of Ed25519 (RFC 8410), as PKCS#11 ``CKA_EC_PARAMS`` wants it.
+_ED25519_OID = "1.3.101.112"
+
+
+class HsmEd25519Signer:
+    """An Ed25519 key pair labelled ``label`` in the provider's token, made on first use if
+    ``create`` (else a missing key is :class:`KeyProviderUnavailableError`: a lost key must
+    not be silently replaced by a new one)."""
+
+    def __init__(self, provider: Pkcs11KeyProvider, label: str, *, create: bool = True) -> None:
+        self._hsm = provider
+        self.label = label
+        self._create = create
+        self._public: Ed25519PublicKey | None = None
+        self._lock = threading.Lock()
+
+    def _pair(self, session: Any) -> tuple[Any, Any]:
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        try:
+            priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
+                                   key_type=KeyType.EC_EDWARDS, label=self.label)
+            pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY,
+                                  key_type=KeyType.EC_EDWARDS, label=self.label)
+            return priv, pub
+        except pkcs11.NoSuchKey as exc:
+            if not self._create:
+                raise KeyProviderUnavailableError(
+                    f"the signing key {self.label!r} is missing from the HSM"
+                ) from exc
+        params = session.create_domain_parameters(
+            KeyType.EC_EDWARDS,
+            {Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID)},
+            local=True,
+        )
+        pub, priv = params.generate_keypair(
+            store=True, label=self.label, mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+            private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.TOKEN: True},
+            public_template={Attribute.TOKEN: True},
+        )
+        return priv, pub
+
+    def sign(self, data: bytes) -> bytes:
+        from pkcs11 import Mechanism
+
+        def op(session: Any) -> bytes:
+            sig: bytes = self._pair(session)[0].sign(data, mechanism=Mechanism.EDDSA)
+            return sig
+
+        return self._hsm.run(op)
+
+    def public_key(self) -> Ed25519PublicKey:
+        from pkcs11 import Attribute
+
+        with self._lock:
+            if self._public is None:
+                point = self._hsm.run(lambda s: bytes(self._pair(s)[1][Attribute.EC_POINT]))
+                # CKA_EC_POINT is the DER OCTET STRING around the 32-byte point.
+                raw = point[2:] if len(point) == 34 and point[0] == 0x04 else point
+                self._public = Ed25519PublicKey.from_public_bytes(raw)
+            return self._public
+
+
+def hsm_signer(provider: KeyProvider, purpose: str) -> HsmEd25519Signer | None:
+    """The HSM signer for ``purpose`` when the provider is an HSM, else None (file keys)."""
+    if isinstance(provider, Pkcs11KeyProvider):
+        return HsmEd25519Signer(provider, f"{provider.key_label}/{purpose}")
+    return None
+
+
+class HsmKeyFactory:
+    """Makes and finds HSM signing keys by purpose or label (for keys recorded elsewhere,
+    such as grant keys in the database)."""
+
+    def __init__(self, provider: Pkcs11KeyProvider) -> None:
+        self._hsm = provider
+
+    def create(self, purpose: str) -> HsmEd25519Signer:
+        """A new key pair for ``purpose`` (made on first use)."""
+        return HsmEd25519Signer(self._hsm, f"{self._hsm.key_label}/{purpose}")
+
+    def existing(self, label: str) -> HsmEd25519Signer:
+        """The key pair ``label``; a missing one is an outage, never re-made."""
+        return HsmEd25519Signer(self._hsm, label, create=False)
+
+
+def hsm_key_factory(provider: KeyProvider) -> HsmKeyFactory | None:
+    """The HSM key factory when the provider is an HSM, else None."""
+    return HsmKeyFactory(provider) if isinstance(provider, Pkcs11KeyProvider) else None
