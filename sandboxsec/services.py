@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from sandboxsec.audit.log import AuditLog
     from sandboxsec.crypto.keys import KeyProvider
     from sandboxsec.crypto.service import TrajectoryService
+    from sandboxsec.people.decisions import SignedDecisions
+    from sandboxsec.people.service import PeopleService
     from sandboxsec.policy.service import PolicyService
     from sandboxsec.sessions.service import SessionService
     from sandboxsec.tenants.service import TenantService
+    from sandboxsec.webhooks.service import WebhookService
 
 __all__ = ["Services"]
 
@@ -85,9 +88,31 @@ class Services:
 
         return SessionService(self)
 
+    @cached_property
+    def people(self) -> PeopleService:
+        from sandboxsec.people.service import PeopleService
+
+        return PeopleService(db=self.db, clock=self.clock, settings=self.settings,
+                             audit=self.audit)
+
+    @cached_property
+    def decisions(self) -> SignedDecisions:
+        from sandboxsec.people.decisions import SignedDecisions
+
+        return SignedDecisions(db=self.db, clock=self.clock, audit=self.audit,
+                               people=self.people, policy=self.policy)
+
+    @cached_property
+    def webhooks(self) -> WebhookService:
+        from sandboxsec.webhooks.service import WebhookService
+
+        return WebhookService(db=self.db, clock=self.clock, settings=self.settings,
+                              audit=self.audit, keys=self.keys)
+
     def close(self) -> None:
         """Stop background work of every service that was built, then close the database."""
-        for name in ("policy", "trajectory", "attestation", "sessions", "audit", "keys"):
+        for name in ("webhooks", "policy", "trajectory", "attestation", "sessions", "audit",
+                     "keys"):
             svc: Any = self.__dict__.get(name)
             closer = getattr(svc, "close", None)
             if callable(closer):

@@ -37,6 +37,7 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.clock import rfc3339
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
+from sandboxsec.people.routes import key_approval_refusal, route_new_request
 from sandboxsec.policy.approvals import (
     ApprovalEvent,
     ApprovalState,
@@ -75,6 +76,7 @@ from sandboxsec.policy.models import (
 )
 from sandboxsec.policy.notify import WebhookNotifier
 from sandboxsec.policy.wakeup import CHANNEL, PgListener, Wakeups
+from sandboxsec.webhooks.outbox import enqueue
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
@@ -544,6 +546,7 @@ class PolicyService:
             body["currency"] = ctx.currency
         sensitive = {"resource": ctx.resource}
         approval: ApprovalView | None = None
+        routed: dict[str, Any] = {}
         grant: str | None = None
         grant_expires: datetime | None = None
         if decision.outcome is Outcome.APPROVAL_REQUIRED and existing is not None:
@@ -565,6 +568,15 @@ class PolicyService:
             s.add(row)
             object_ids["approval_id"] = row.id
             approval = self._view(row, None, None)
+            compiled = self.engine.policy_for(
+                who.tenant_id, decision.policy_version,
+                lambda: self._load_text(who.tenant_id, decision.policy_version))
+            routed = route_new_request(s, row, compiled.routes.get(decision.rule_id))
+            # Announced from the tenant's webhook outbox, in this same transaction.
+            enqueue(s, who.tenant_id, "approval.requested", {
+                "approval_id": row.id, "action": row.action, "short_code": row.short_code,
+                "params_hash": row.params_hash, "expires_at": rfc3339(row.expires_at),
+                "routed_to": routed["routed_to"], "approve_path": f"/approve/{row.id}"}, now)
         elif decision.outcome is Outcome.ALLOW:
             record = self._new_grant(s, who.tenant_id, session.id, None, decision.decision_id,
                                      ctx.action, ctx.resource, p_hash, now)
@@ -580,7 +592,7 @@ class PolicyService:
             self._audit(s, who, AuditEvent.APPROVAL_REQUEST, "pending",
                         object_ids={"approval_id": approval.id, "session_id": session.id},
                         body={"action": ctx.action, "params_hash": p_hash,
-                              "expires_at": rfc3339(approval.expires_at)},
+                              "expires_at": rfc3339(approval.expires_at), **routed},
                         sensitive=sensitive, batch=batch)
         if grant is not None:
             self._audit(s, who, AuditEvent.GRANT_ISSUE, "success",
@@ -824,6 +836,10 @@ class PolicyService:
                 refused = exc
                 if isinstance(exc, ApprovalExpiredError):
                     self._expire(s, who, row, now)
+            if refused is None and event is ApprovalEvent.APPROVE:
+                # 2b. the policy may demand a person's passkey (the machine path then only
+                #     denies); a quorum is only ever met by people
+                refused = key_approval_refusal(s, who.tenant_id, row.id)
             if refused is None:
                 # 3. one winner
                 grant_id = new_id("gr") if new_state is ApprovalState.APPROVED else None
@@ -844,35 +860,71 @@ class PolicyService:
                             body={"attempted": event.value})
             else:
                 # 4. grant and audit in the same transaction
-                ids = {"approval_id": row.id, "session_id": row.session_id}
-                if new_state is ApprovalState.APPROVED:
-                    assert grant_id is not None
-                    record = self._new_grant(s, who.tenant_id, row.session_id, row.id,
-                                             row.decision_id, row.action, row.resource,
-                                             row.params_hash, now, grant_id=grant_id)
-                    batch: list[AuditRecord] = []
-                    self._audit(s, who, AuditEvent.APPROVAL_APPROVE, "approved", object_ids=ids,
-                                body={"params_hash": row.params_hash}, batch=batch)
-                    self._audit(s, who, AuditEvent.GRANT_ISSUE, "success",
-                                object_ids={**ids, "grant_id": record.id},
-                                body={"action": row.action, "params_hash": row.params_hash},
-                                batch=batch)
-                    self._s.audit.append_many(batch, session=s)
-                    domain = _login_domain(row)
-                    if domain is not None:
-                        self._remember_domain(s, who.tenant_id, domain, row.session_id, now)
-                else:
-                    self._audit(s, who, AuditEvent.APPROVAL_DENY, "denied", object_ids=ids,
-                                body={"params_hash": row.params_hash})
-                self._notify_db(s, row.id)
-                row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
-                row.grant_id = grant_id
+                self.settle(s, who, row, new_state, now, grant_id,
+                            extra={"signer": "api_key"})
         self.wakeups.notify(approval_id)
         if refused is not None:
             log.info("approval_refused", approval_id=approval_id, reason=refused.reason)
             raise refused
         log.info("approval_decided", approval_id=approval_id, state=row.state)
         return self._view(row, None, None)
+
+    def settle(self, s: Session, who: Principal, row: ApprovalRequest,
+               new_state: ApprovalState, now: datetime, grant_id: str | None, *,
+               extra: Mapping[str, Any] | None = None, actor_role: str | None = None) -> None:
+        """Write what a decision that won its conditional update entails, in ``s``.
+
+        Approval issues the grant; the decision's audit entry carries ``extra`` (who signed
+        and how: ``signer`` is ``api_key`` or ``passkey``, with the assertion for the latter).
+        ``actor_role`` overrides the role recorded (``person`` for passkey decisions).  The
+        caller has already moved the row out of ``pending``.
+        """
+        ids = {"approval_id": row.id, "session_id": row.session_id}
+        body = {"params_hash": row.params_hash, **(extra or {})}
+        batch: list[AuditRecord] = []
+        if new_state is ApprovalState.APPROVED:
+            assert grant_id is not None
+            record = self._new_grant(s, who.tenant_id, row.session_id, row.id,
+                                     row.decision_id, row.action, row.resource,
+                                     row.params_hash, now, grant_id=grant_id)
+            self._audit(s, who, AuditEvent.APPROVAL_APPROVE, "approved", object_ids=ids,
+                        body=body, batch=batch)
+            self._audit(s, who, AuditEvent.GRANT_ISSUE, "success",
+                        object_ids={**ids, "grant_id": record.id},
+                        body={"action": row.action, "params_hash": row.params_hash},
+                        batch=batch)
+            domain = _login_domain(row)
+            if domain is not None:
+                self._remember_domain(s, who.tenant_id, domain, row.session_id, now)
+        else:
+            self._audit(s, who, AuditEvent.APPROVAL_DENY, "denied", object_ids=ids, body=body,
+                        batch=batch)
+        if actor_role is not None:
+            batch = [replace(r, actor_role=actor_role) for r in batch]
+        enqueue(s, row.tenant_id, "approval.decided", {
+            "approval_id": row.id, "state": new_state.value, "params_hash": row.params_hash,
+            "signer": body.get("signer", "api_key")}, now)
+        self._s.audit.append_many(batch, session=s)
+        self._notify_db(s, row.id)
+        row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
+        row.grant_id = grant_id
+
+    def prepare_decision(self) -> None:
+        """Load the grant signing key outside any transaction (see request_action)."""
+        self._keyring.signing_key()
+
+    def view(self, row: ApprovalRequest, state: ApprovalState | None = None) -> ApprovalView:
+        """The request as an approver sees it (never with its grant)."""
+        return self._view(row, None, None, state)
+
+    def expire_if_due(self, s: Session, who: Principal, row: ApprovalRequest,
+                      now: datetime) -> bool:
+        """Write the expiry of a pending request past its deadline (audited)."""
+        return self._expire(s, who, row, now)
+
+    def notify_db(self, s: Session, approval_id: str) -> None:
+        """Wake waiters in other processes when ``s`` commits."""
+        self._notify_db(s, approval_id)
 
     async def wait(self, who: Principal, approval_id: str, timeout: float) -> ApprovalView:
         """Return as soon as the request leaves ``pending``, or at ``timeout`` seconds.
