@@ -107,7 +107,7 @@ class Services:
         from sandboxsec.webhooks.service import WebhookService
 
         return WebhookService(db=self.db, clock=self.clock, settings=self.settings,
-                              audit=self.audit, keys=self.keys)
+                              audit=self.audit, keys=lambda: self.keys)
 
     def close(self) -> None:
         """Stop background work of every service that was built, then close the database."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,7 +81,8 @@ class WebhookService:
     """Registers tenants' webhooks and delivers their outbox in a background thread."""
 
     def __init__(self, *, db: Database, clock: Clock, settings: Settings, audit: AuditSink,
-                 keys: KeyProvider) -> None:
+                 keys: Callable[[], KeyProvider]) -> None:
+        # The key provider is built on first use: starting the worker opens no key store.
         self._db = db
         self._clock = clock
         self._settings = settings
@@ -110,7 +112,7 @@ class WebhookService:
         secret = new_secret()
         hook_id = new_id("wh")
         try:
-            wrapped = self._keys.wrap(secret.encode("ascii"), _aad(hook_id))
+            wrapped = self._keys().wrap(secret.encode("ascii"), _aad(hook_id))
         except SandboxSecError as exc:
             raise WebhookKeyUnavailableError("the root key cannot wrap the secret") from exc
         now = self._clock.now()
@@ -225,7 +227,7 @@ class WebhookService:
             error = "the webhook was disabled"
         else:
             try:
-                secret = self._keys.unwrap(hook.secret_wrapped, _aad(hook.id)).decode("ascii")
+                secret = self._keys().unwrap(hook.secret_wrapped, _aad(hook.id)).decode("ascii")
                 self._check_target(hook.url)
                 headers = signed_headers(secret, d.id, self._clock.now(), d.payload)
                 resp = client.post(hook.url, content=d.payload.encode("utf-8"),
