@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sandboxsec.audit.decisions import verify_decisions
 from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.keys import load_public_key
 from sandboxsec.audit.record import SERVICE_LOG
@@ -109,6 +110,8 @@ def _verify(args: argparse.Namespace) -> int:
             data, key, key_name=args.key_name, expected_log=args.log_id,
             previous_checkpoints=notes,
         )
+        # Then every passkey-signed decision against its logged registration.
+        decisions = verify_decisions(data, first_seq=report.first_seq)
     except UnicodeDecodeError:
         print("error: a checkpoint file is not UTF-8 text", file=sys.stderr)
         return 2
@@ -125,6 +128,9 @@ def _verify(args: argparse.Namespace) -> int:
         "consistency_proofs": report.consistency_proofs,
         "tree_size": report.tree_size,
         "root_hash": base64.b64encode(report.root_hash).decode(),
+        "passkeys_registered": decisions.registrations,
+        "decisions_verified": decisions.decisions_verified,
+        "decisions_unanchored": decisions.unanchored,
     })
     return 0
 

@@ -76,10 +76,10 @@ from sandboxsec.policy.models import (
 )
 from sandboxsec.policy.notify import WebhookNotifier
 from sandboxsec.policy.wakeup import CHANNEL, PgListener, Wakeups
-from sandboxsec.webhooks.outbox import enqueue
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
+from sandboxsec.webhooks.outbox import enqueue
 
 if TYPE_CHECKING:
     from sandboxsec.services import Services

@@ -55,14 +55,14 @@ def test_owner_approves_with_passkey_and_agent_gets_grant(
     entries = _entries(services, tenant)
     reg = [e for e in entries if e["event"] == "people:credential:register"]
     assert reg and reg[0]["body"]["rp_id"] == "localhost" and reg[0]["body"]["public_key_cose"]
-    approve = [e for e in entries if e["event"] == "approval:request:approve"][0]
+    approve = next(e for e in entries if e["event"] == "approval:request:approve")
     assert approve["actor"] == {"key_id": alice.person_id, "role": "person"}
     assert approve["body"]["signer"] == "passkey"
     assert set(approve["body"]["webauthn"]) >= {"client_data_json", "authenticator_data",
                                                 "signature", "credential_id"}
     assert json.loads(approve["body"]["challenge_preimage"])["params_hash"] == \
         action["params_hash"]
-    created = [e for e in entries if e["event"] == "approval:request:create"][0]
+    created = next(e for e in entries if e["event"] == "approval:request:create")
     assert created["body"]["routed_to"] == [alice.person_id]
 
 
@@ -241,5 +241,5 @@ def test_request_without_owner_reaches_nobody(client: TestClient, services: Serv
                     json={"params_hash": h["params_hash"]})
     assert r.status_code == 200 and r.json()["state"] == "denied"
     entries = _entries(services, tenant)
-    deny = [e for e in entries if e["event"] == "approval:request:deny"][0]
+    deny = next(e for e in entries if e["event"] == "approval:request:deny")
     assert deny["body"]["signer"] == "api_key" and deny["actor"]["role"] == "approver"
