@@ -34,7 +34,6 @@ __all__ = [
     "OriginForbiddenError",
     "PersonHandleTakenError",
     "PersonInvalidError",
-    "PersonNotFoundError",
     "RegistrationInvalidError",
     "SessionOwnerInvalidError",
     "SessionOwnerSetError",
@@ -52,12 +51,6 @@ class PersonHandleTakenError(ConflictError):
     """Another person of this tenant already has this handle."""
 
     code = "person_handle_taken"
-
-
-class PersonNotFoundError(NotFoundError):
-    """No such person in this tenant (or the person is disabled)."""
-
-    code = "person_not_found"
 
 
 class EnrolmentInvalidError(NotFoundError):

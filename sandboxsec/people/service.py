@@ -25,7 +25,7 @@ from sqlmodel import Session, col, select
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord, AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.people.errors import (
     AssertionChallengeUnknownError,
@@ -36,7 +36,6 @@ from sandboxsec.people.errors import (
     EnrolmentInvalidError,
     PersonHandleTakenError,
     PersonInvalidError,
-    PersonNotFoundError,
     SessionOwnerInvalidError,
     SessionOwnerSetError,
     SigninRequiredError,
@@ -564,7 +563,7 @@ class PeopleService:
         row = s.exec(select(Person).where(Person.id == person_id, Person.tenant_id == tenant_id,
                                           col(Person.disabled_at).is_(None))).first()
         if row is None:
-            raise PersonNotFoundError("no such person")
+            raise NotFoundError("no such person")
         return row
 
     @staticmethod

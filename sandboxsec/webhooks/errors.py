@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from sandboxsec.errors import DependencyUnavailableError, InputError, NotFoundError
+from sandboxsec.errors import DependencyUnavailableError, InputError
 
-__all__ = ["WebhookKeyUnavailableError", "WebhookNotFoundError", "WebhookUrlInvalidError"]
+__all__ = ["WebhookKeyUnavailableError", "WebhookUrlInvalidError"]
 
 
 class WebhookUrlInvalidError(InputError):
     """The webhook URL must be an https:// URL of a public host (no credentials, fragment)."""
 
     code = "webhook_url_invalid"
-
-
-class WebhookNotFoundError(NotFoundError):
-    """No such webhook for this tenant."""
-
-    code = "webhook_not_found"
 
 
 class WebhookKeyUnavailableError(DependencyUnavailableError):

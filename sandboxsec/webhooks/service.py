@@ -33,7 +33,6 @@ from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
 from sandboxsec.webhooks.errors import (
     WebhookKeyUnavailableError,
-    WebhookNotFoundError,
     WebhookUrlInvalidError,
 )
 from sandboxsec.webhooks.models import Webhook, WebhookDelivery
@@ -163,10 +162,8 @@ class WebhookService:
 
     @staticmethod
     def _hook(s: Any, tenant_id: str, webhook_id: str) -> Webhook:
-        try:
-            return get_scoped(s, Webhook, tenant_id, webhook_id, what="webhook")
-        except SandboxSecError as exc:
-            raise WebhookNotFoundError("no such webhook") from exc
+        # Another tenant's webhook is indistinguishable from none (not_found).
+        return get_scoped(s, Webhook, tenant_id, webhook_id, what="webhook")
 
     # ------------------------------------------------------------------ worker
 

@@ -194,6 +194,14 @@ def signed_in(request: Request, services: ServicesDep) -> PersonPrincipal:
 Person = Annotated[PersonPrincipal, Depends(signed_in)]
 
 
+def same_origin(request: Request, services: ServicesDep) -> None:
+    """Refuse (before the body is read) a call that does not come from the public origin."""
+    _check_origin(request, services)
+
+
+FromPage = Depends(same_origin)
+
+
 # ---------------------------------------------------------------------- admin
 
 @router.post("/people", response_model=CreatedPersonOut, status_code=201)
@@ -265,17 +273,15 @@ def enrolment_register(token: Token, body: CredentialIn, services: ServicesDep
 
 # ---------------------------------------------------------------------- sign-in
 
-@router.post("/signin/options")
-def signin_options(request: Request, services: ServicesDep) -> JSONResponse:
+@router.post("/signin/options", dependencies=[FromPage])
+def signin_options(services: ServicesDep) -> JSONResponse:
     """Options for a passkey sign-in (any of the tenant's people)."""
-    _check_origin(request, services)
     return JSONResponse(services.people.signin_options(), headers=_NO_STORE)
 
 
-@router.post("/signin", response_model=MeOut)
-def signin(request: Request, body: CredentialIn, services: ServicesDep) -> JSONResponse:
+@router.post("/signin", response_model=MeOut, dependencies=[FromPage])
+def signin(body: CredentialIn, services: ServicesDep) -> JSONResponse:
     """Verify a passkey sign-in and set the sign-in cookie."""
-    _check_origin(request, services)
     result = services.people.signin(body.challenge_id, body.credential)
     p = result.person
     resp = JSONResponse(MeOut(person_id=p.person_id, tenant_id=p.tenant_id, name=p.name,
@@ -287,10 +293,9 @@ def signin(request: Request, body: CredentialIn, services: ServicesDep) -> JSONR
     return resp
 
 
-@router.post("/signout", status_code=204)
+@router.post("/signout", status_code=204, dependencies=[FromPage])
 def signout(request: Request, services: ServicesDep) -> Response:
     """End the sign-in of this browser."""
-    _check_origin(request, services)
     services.people.signout(request.cookies.get(COOKIE))
     resp = Response(status_code=204)
     resp.delete_cookie(COOKIE, path="/")

@@ -18,7 +18,7 @@ from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
-from tests.integration.policy.conftest import PAYMENT, make_session
+from tests.integration.policy.conftest import PAYMENT, allow_key_approvals, make_session
 
 pytestmark = pytest.mark.browser
 
@@ -39,6 +39,7 @@ def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
     """uvicorn serving the app on a free port of 127.0.0.1, in a thread."""
     services = Services(settings, db=sqlite_database)
     tenant = make_tenant(services, "browser-tenant")
+    allow_key_approvals(services, tenant)  # the page's API-key mode (machines, legacy)
     sid = make_session(services, tenant)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
