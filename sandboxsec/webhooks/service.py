@@ -190,20 +190,20 @@ class WebhookService:
                           follow_redirects=False) as client:
             while not self._stop.is_set():
                 try:
-                    self.run_once(client)
+                    self.run_once(client, stop=self._stop)
                 except Exception:  # the worker must outlive a failing database or target
                     log.warning("webhook_worker_error", exc_info=False)
                 self._stop.wait(self._settings.webhook_poll_seconds)
 
-    def run_once(self, client: httpx.Client) -> int:
-        """Attempt every due delivery once; returns how many were attempted."""
+    def run_once(self, client: httpx.Client, *, stop: threading.Event | None = None) -> int:
+        """Attempt every due delivery once (until ``stop`` is set); returns how many."""
         now = self._clock.now()
         lease = timedelta(seconds=self._settings.webhook_timeout_seconds * 2 + 5)
         with self._db.session() as s:
             ids = due(s, now, _BATCH)
         done = 0
         for delivery_id in ids:
-            if self._stop.is_set():
+            if stop is not None and stop.is_set():
                 break
             with self._db.session() as s:
                 if not claim(s, delivery_id, now, lease):
