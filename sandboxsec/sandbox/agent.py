@@ -181,9 +181,11 @@ class ApiClient:
 
     def response(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> httpx.Response:
+                 timeout: float | None = None,
+                 headers: dict[str, str] | None = None) -> httpx.Response:
         """The raw answer (no status check), for callers that read refusals themselves."""
-        kwargs: dict[str, Any] = {"headers": self._headers, "params": params}
+        kwargs: dict[str, Any] = {"headers": {**self._headers, **(headers or {})},
+                                  "params": params}
         if json is not None:
             kwargs["json"] = json
         if timeout is not None:
@@ -191,9 +193,11 @@ class ApiClient:
         return self._http.request(method, f"{self.base_url}{path}", **kwargs)
 
     def call(self, method: str, path: str, *, json: Any = None,
-             params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+             params: dict[str, Any] | None = None, timeout: float | None = None,
+             headers: dict[str, str] | None = None) -> Any:
         """The decoded JSON answer of a 2xx response; otherwise :class:`ApiError`."""
-        r = self.response(method, path, json=json, params=params, timeout=timeout)
+        r = self.response(method, path, json=json, params=params, timeout=timeout,
+                          headers=headers)
         if r.is_success:
             return r.json() if r.content else None
         raise _error(r)

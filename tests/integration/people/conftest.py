@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sandboxsec.api.routes.people import COOKIE
+from sandboxsec.sandbox.passkey import SoftPasskey
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.people.authenticator import SoftPasskey
 from tests.integration.policy.conftest import make_session
 
 ORIGIN = "http://localhost:8000"

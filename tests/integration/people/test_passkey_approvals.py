@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from sandboxsec.sandbox.passkey import UP, SoftPasskey
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.people.authenticator import UP, SoftPasskey
 from tests.integration.people.conftest import (
     ORIGIN,
     EnrolFn,

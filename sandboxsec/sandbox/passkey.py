@@ -1,6 +1,12 @@
-"""A software passkey authenticator for API-level tests (Chromium's virtual one is used in the
-browser tests).  It makes real ES256 keys, ``none`` attestation objects and assertions, and
-can be told to misbehave (UV clear, another origin, a bad signature, crossOrigin...)."""
+"""A software passkey authenticator: the person's device when no browser is at hand.
+
+The demo uses it without a browser (``--no-browser``), and the API tests use it to make
+assertions that are wrong in one precise way.  It makes real ES256 keys, ``none`` attestation
+objects and assertions over exactly what it is given, and can be told to misbehave (UV clear,
+another origin or RP id, a bad signature, a frame, a stale counter).  Chromium's virtual
+authenticator (CDP ``WebAuthn`` domain) plays the same part in the browser tests and the demo.
+It is a simulator: its private key lives in memory, never use it as a real authenticator.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +22,16 @@ import cbor2
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+__all__ = ["AT", "BE", "BS", "UP", "UV", "SoftPasskey", "b64u", "b64u_dec"]
+
 
 def b64u(data: bytes) -> str:
+    """Unpadded base64url."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def b64u_dec(text: str) -> bytes:
+    """Decode (unpadded) base64url."""
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -41,6 +51,7 @@ class SoftPasskey:
     counter: int = 0
 
     def cose_key(self) -> bytes:
+        """The public key as a COSE_Key (EC2, P-256, ES256)."""
         nums = self.key.public_key().public_numbers()
         return cbor2.dumps({1: 2, 3: -7, -1: 1, -2: nums.x.to_bytes(32, "big"),
                             -3: nums.y.to_bytes(32, "big")})
