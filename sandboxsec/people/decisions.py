@@ -31,7 +31,9 @@ from sandboxsec.ids import new_id
 from sandboxsec.people.errors import (
     ApprovalAlreadyVotedError,
     ApprovalNotRoutedError,
+    AssertionChallengeMismatchError,
     AssertionCredentialMismatchError,
+    AssertionReplayedError,
     CredentialUnknownError,
 )
 from sandboxsec.people.models import ApprovalRoute, ApprovalVote, PersonCredential
@@ -190,7 +192,8 @@ class SignedDecisions:
 
         1. the request is routed to this person (404 otherwise);
         2. the assertion parses; the challenge is this person's for this request and this
-           decision, unused (used up now: single use) and unexpired;
+           decision, unused and unexpired (it is used up by the vote's transaction, or by the
+           refusal's: every attempt uses its challenge, once);
         3. the passkey is registered to an enabled person routed to this request, and is the
            signed-in person's own;
         4. the params_hash shown equals the request's;
@@ -206,23 +209,22 @@ class SignedDecisions:
         now = self._clock.now()
         with self._db.session() as s:
             row, route = self._routed(s, person, approval_id)  # 1.
+        chal_id: str | None = None
         try:
-            # 2.
+            # 2. (the challenge is used up by the vote's transaction, or by the refusal's)
             assertion = parse_assertion(credential)
             if not isinstance(params_hash, str):
                 raise InputError("params_hash must be the hash you were shown")
-            chal = self._people.use_challenge(challenge_id, "decide",
-                                              tenant_id=person.tenant_id,
-                                              person_id=person.person_id,
-                                              approval_id=row.id)
+            with self._db.session() as s:
+                chal = self._people.pending_challenge(
+                    s, challenge_id, "decide", now, tenant_id=person.tenant_id,
+                    person_id=person.person_id, approval_id=row.id)
+                chal_id = chal.id
+                # 3.
+                found = self._people.credential_of(s, assertion.credential_id)
             if chal.decision != event.value:
-                from sandboxsec.people.errors import AssertionChallengeMismatchError
-
                 raise AssertionChallengeMismatchError(
                     f"this challenge is for {chal.decision}, not {event.value}")
-            # 3.
-            with self._db.session() as s:
-                found = self._people.credential_of(s, assertion.credential_id)
             if found is None:
                 raise CredentialUnknownError("this passkey is not registered")
             cred, owner = found
@@ -236,8 +238,8 @@ class SignedDecisions:
             check_decision(state=ApprovalState.PENDING, event=event, expires_at=row.expires_at,
                            now=now, shown_params_hash=params_hash,
                            params_hash=row.params_hash)
-            # 5.
-            self._people.check_assertion(assertion, chal.challenge, cred, owner, now)
+            # 5. (the counter advances in the vote's transaction)
+            count = self._people.verify_for(assertion, chal.challenge, cred, owner)
             # 6.
             self._policy.prepare_decision()
             evidence = {
@@ -245,12 +247,15 @@ class SignedDecisions:
                 "credential_row_id": cred.id, "decision": event.value,
                 "challenge_preimage": chal.preimage, "webauthn": assertion.to_log(),
             }
-            settled = self._vote(s_factory=self._db, who_person=person, row_id=row.id,
-                                 cred_id=cred.id, event=event, quorum=route.quorum,
-                                 evidence=evidence, now=now)
+            self._vote(who_person=person, row_id=row.id, chal_id=chal.id, cred=cred,
+                       count=count, event=event, quorum=route.quorum, evidence=evidence,
+                       now=now)
         except SandboxSecError as exc:
             if exc.status < 500:
                 with self._db.session() as s:
+                    if chal_id is not None:
+                        # Every attempt uses its challenge up, refused ones too.
+                        self._people.consume_challenge(s, chal_id, now)
                     self._audit.append(AuditRecord(
                         event=AuditEvent.APPROVAL_REFUSE, tenant_id=person.tenant_id,
                         actor_key_id=person.person_id, actor_role=PERSON_ROLE,
@@ -260,14 +265,16 @@ class SignedDecisions:
                         body={"attempted": event.value, "signer": "passkey"}), session=s)
             raise
         self._policy.wakeups.notify(row.id)
-        del settled
         return self.get_for(person, approval_id)
 
-    def _vote(self, *, s_factory: Database, who_person: PersonPrincipal, row_id: str,
-              cred_id: str, event: ApprovalEvent, quorum: int, evidence: Mapping[str, Any],
-              now: datetime) -> ApprovalState | None:
+    def _vote(self, *, who_person: PersonPrincipal, row_id: str, chal_id: str,
+              cred: PersonCredential, count: int, event: ApprovalEvent, quorum: int,
+              evidence: Mapping[str, Any], now: datetime) -> ApprovalState | None:
         who = who_person.as_principal()
-        with s_factory.session() as s:
+        with self._db.session() as s:
+            # The challenge first: of two submissions of one assertion exactly one goes on.
+            if not self._people.consume_challenge(s, chal_id, now):
+                raise AssertionReplayedError("this challenge was used already")
             # Lock the request first (a no-op update on pending): concurrent voters queue here
             # and each then sees the votes committed before it.
             locked = _rowcount(s.execute(
@@ -287,11 +294,12 @@ class SignedDecisions:
             try:
                 s.add(ApprovalVote(id=new_id("vote"), tenant_id=who.tenant_id,
                                    approval_id=row_id, person_id=who_person.person_id,
-                                   credential_row_id=cred_id, decision=event.value,
+                                   credential_row_id=cred.id, decision=event.value,
                                    created_at=now))
                 s.flush()
             except IntegrityError as exc:
                 raise ApprovalAlreadyVotedError("you decided on this request already") from exc
+            self._people.advance_counter(s, cred, count, now)
             votes = [(v.person_id, v.decision) for v in self._votes(s, row_id)]
             outcome = tally(votes, quorum)
             approvals = sum(1 for _, d in votes if d == "approve")

@@ -29,6 +29,7 @@ from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.people.errors import (
     AssertionChallengeUnknownError,
+    AssertionCounterError,
     AssertionReplayedError,
     ChallengeExpiredError,
     CredentialDuplicateError,
@@ -496,33 +497,40 @@ class PeopleService:
                        tenant_id: str | None = None, person_id: str | None = None,
                        approval_id: str | None = None) -> WebauthnChallenge:
         """Use up a challenge, in its own transaction: every attempt burns it (single use)."""
-        if not isinstance(challenge_id, str) or not challenge_id or len(challenge_id) > 40:
-            raise AssertionChallengeUnknownError("challenge_id must be a challenge id")
         with self._db.session() as s:
-            row = s.get(WebauthnChallenge, challenge_id)
-            if (row is None or row.purpose != purpose
-                    or (tenant_id is not None and row.tenant_id != tenant_id)
-                    or (person_id is not None and row.person_id != person_id)
-                    or (approval_id is not None and row.approval_id != approval_id)):
-                raise AssertionChallengeUnknownError("no such challenge")
-            if row.used_at is not None:
-                raise AssertionReplayedError("this challenge was used already")
-            if now >= row.expires_at:
-                raise ChallengeExpiredError("the challenge expired: ask for a new one")
-            won = _rowcount(s.execute(
-                update(WebauthnChallenge).where(col(WebauthnChallenge.id) == row.id,
-                                                col(WebauthnChallenge.used_at).is_(None))
-                .values(used_at=now)))
-            if won != 1:
+            row = self.pending_challenge(s, challenge_id, purpose, now, tenant_id=tenant_id,
+                                         person_id=person_id, approval_id=approval_id)
+            if not self.consume_challenge(s, row.id, now):
                 raise AssertionReplayedError("this challenge was used already")
         return row
 
-    def use_challenge(self, challenge_id: Any, purpose: str, *, tenant_id: str,
-                      person_id: str, approval_id: str) -> WebauthnChallenge:
-        """Use up a decision challenge of this person and request (single use)."""
-        return self._use_challenge(challenge_id, purpose, self._clock.now(),
-                                   tenant_id=tenant_id, person_id=person_id,
-                                   approval_id=approval_id)
+    @staticmethod
+    def pending_challenge(s: Session, challenge_id: Any, purpose: str, now: datetime, *,
+                          tenant_id: str | None = None, person_id: str | None = None,
+                          approval_id: str | None = None) -> WebauthnChallenge:
+        """The unused, unexpired challenge ``challenge_id`` of this purpose and owner."""
+        if not isinstance(challenge_id, str) or not challenge_id or len(challenge_id) > 40:
+            raise AssertionChallengeUnknownError("challenge_id must be a challenge id")
+        row = s.get(WebauthnChallenge, challenge_id)
+        if (row is None or row.purpose != purpose
+                or (tenant_id is not None and row.tenant_id != tenant_id)
+                or (person_id is not None and row.person_id != person_id)
+                or (approval_id is not None and row.approval_id != approval_id)):
+            raise AssertionChallengeUnknownError("no such challenge")
+        if row.used_at is not None:
+            raise AssertionReplayedError("this challenge was used already")
+        if now >= row.expires_at:
+            raise ChallengeExpiredError("the challenge expired: ask for a new one")
+        return row
+
+    @staticmethod
+    def consume_challenge(s: Session, challenge_id: str, now: datetime) -> bool:
+        """Mark a challenge used in ``s``; False when it was used already (one winner)."""
+        won = _rowcount(s.execute(
+            update(WebauthnChallenge).where(col(WebauthnChallenge.id) == challenge_id,
+                                            col(WebauthnChallenge.used_at).is_(None))
+            .values(used_at=now)))
+        return won == 1
 
     @staticmethod
     def credential_of(s: Session, credential_id: bytes
@@ -538,24 +546,30 @@ class PeopleService:
 
     def check_assertion(self, assertion: Assertion, challenge: bytes, cred: PersonCredential,
                         person: Person, now: datetime) -> int:
-        """Verify ``assertion`` for ``cred`` and advance its sign counter (one winner)."""
-        verified = verify_assertion(
+        """Verify ``assertion`` for ``cred`` and advance its sign counter in its own
+        transaction (sign-in); decisions advance it in the vote's transaction instead."""
+        count = self.verify_for(assertion, challenge, cred, person)
+        with self._db.session() as s:
+            self.advance_counter(s, cred, count, now)
+        return count
+
+    def verify_for(self, assertion: Assertion, challenge: bytes, cred: PersonCredential,
+                   person: Person) -> int:
+        """Verify ``assertion`` against ``cred`` (pure); returns the new sign count."""
+        return verify_assertion(
             assertion, challenge=challenge, rp_id=self.rp_id, origins=self.origins,
             public_key=cred.public_key, stored_sign_count=cred.sign_count,
-            user_handle=person.user_handle, backup_eligible=cred.backup_eligible)
-        with self._db.session() as s:
-            stmt = update(PersonCredential).where(col(PersonCredential.id) == cred.id)
-            if verified.sign_count > 0:
-                # Conditional on the counter still being below: of two concurrent uses of
-                # one counter value only one passes.
-                stmt = stmt.where(col(PersonCredential.sign_count) < verified.sign_count)
-            won = _rowcount(s.execute(stmt.values(sign_count=verified.sign_count,
-                                                  last_used_at=now)))
-        if won != 1:
-            from sandboxsec.people.errors import AssertionCounterError
+            user_handle=person.user_handle, backup_eligible=cred.backup_eligible).sign_count
 
+    @staticmethod
+    def advance_counter(s: Session, cred: PersonCredential, count: int, now: datetime) -> None:
+        """Store the new sign count, conditional on it still being higher (one winner)."""
+        stmt = update(PersonCredential).where(col(PersonCredential.id) == cred.id)
+        if count > 0:
+            # Of two concurrent uses of one counter value only one passes.
+            stmt = stmt.where(col(PersonCredential.sign_count) < count)
+        if _rowcount(s.execute(stmt.values(sign_count=count, last_used_at=now))) != 1:
             raise AssertionCounterError("the sign counter did not increase")
-        return verified.sign_count
 
     # ------------------------------------------------------------------ helpers
 
