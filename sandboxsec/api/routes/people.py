@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
-from sandboxsec.api.routes.approvals import ApprovalOut, _out
+from sandboxsec.api.routes.approvals import _PAGE_HEADERS, ApprovalOut, _out
 from sandboxsec.people.decisions import PersonApproval
 from sandboxsec.people.errors import OriginForbiddenError
 from sandboxsec.people.service import CredentialView, PersonPrincipal, PersonView
@@ -34,15 +34,6 @@ COOKIE = "sandboxsec_person"
 Id = Annotated[str, Path(min_length=1, max_length=64)]
 Token = Annotated[str, Path(min_length=1, max_length=100)]
 
-_PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
 _NO_STORE = {"Cache-Control": "no-store"}
 
 

@@ -4,11 +4,9 @@ audited, and delivered after a restart of the service in the middle of retrying.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -22,43 +20,16 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.policy.conftest import PAYMENT, make_session
+from tests.integration.policy.test_wakeup_webhook import _Receiver
 
 
-class Receiver:
-    """A real HTTP endpoint that fails its first ``failures`` requests, then answers 204."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()},
-                                          body))
-                if receiver.failures > 0:
-                    receiver.failures -= 1
-                    self.send_response(503)
-                else:
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def Receiver(failures: int) -> _Receiver:
+    """A real HTTP endpoint that answers 503 to its first ``failures`` requests, then 204."""
+    return _Receiver(fail=failures)
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def receiver() -> Iterator[_Receiver]:
     r = Receiver(failures=2)
     yield r
     r.close()
@@ -81,7 +52,7 @@ def test_urls_must_be_https_on_public_hosts(client: TestClient, tenant: TenantKe
 
 
 def test_private_target_is_not_contacted(services: Services, tenant: TenantKeys,
-                                         receiver: Receiver, clock: FixedClock) -> None:
+                                         receiver: _Receiver, clock: FixedClock) -> None:
     """Without the development switch, a webhook resolving to a loopback address is refused
     at delivery time (no request leaves), recorded and retried."""
     from sandboxsec.principal import Principal, Role
@@ -91,7 +62,7 @@ def test_private_target_is_not_contacted(services: Services, tenant: TenantKeys,
     _request(services, tenant)
     with httpx.Client() as c:
         assert services.webhooks.run_once(c) == 1
-    assert receiver.received == []
+    assert receiver.calls == []
     d = services.webhooks.deliveries(admin, hook.id)[0]
     assert d.state == "pending" and d.attempts == 1 and "public" in (d.last_error or "")
 
@@ -109,7 +80,7 @@ def _request(services: Services, tenant: TenantKeys) -> str:
 
 def test_delivery_is_signed_retried_visible_and_audited(
         settings: Settings, database: Database, clock: FixedClock,
-        receiver: Receiver) -> None:
+        receiver: _Receiver) -> None:
     from sandboxsec.api.app import create_app
 
     services = Services(_insecure(settings), clock=clock, db=database)
@@ -142,10 +113,10 @@ def test_delivery_is_signed_retried_visible_and_audited(
                            headers=other.headers("admin"))
             assert r.status_code == 404
         # Every attempt carried the same id and a valid Standard Webhooks signature.
-        assert len(receiver.received) == 3
-        ids = {h["webhook-id"] for h, _ in receiver.received}
+        assert len(receiver.calls) == 3
+        ids = {h["webhook-id"] for h, _ in receiver.calls}
         assert ids == {d["delivery_id"]}
-        headers, body = receiver.received[-1]
+        headers, body = receiver.calls[-1]
         # (The test clock is days behind, so the receiver's freshness window is not used:
         # the signature is recomputed with the reference library.)
         sent_at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), tz=UTC)
@@ -202,7 +173,7 @@ def test_delivery_survives_a_restart_mid_retry(settings: Settings, database: Dat
         _request(first, tenant)
         first.webhooks.start()
         deadline = time.monotonic() + 20
-        while not receiver.received and time.monotonic() < deadline:
+        while not receiver.calls and time.monotonic() < deadline:
             time.sleep(0.02)
         first.webhooks.close()  # stop mid-retry: one failed attempt, the next one pending
     finally:
@@ -220,8 +191,8 @@ def test_delivery_survives_a_restart_mid_retry(settings: Settings, database: Dat
                 break
             time.sleep(0.05)
         assert done and done[0].attempts == 2
-        assert len(receiver.received) == 2
-        assert receiver.received[0][0]["webhook-id"] == receiver.received[1][0]["webhook-id"]
+        assert len(receiver.calls) == 2
+        assert receiver.calls[0][0]["webhook-id"] == receiver.calls[1][0]["webhook-id"]
     finally:
         second.close()
         receiver.close()
