@@ -120,17 +120,16 @@ class SignedDecisions:
                  ApprovalState.PENDING, limit: int = 50) -> list[PersonApproval]:
         """Requests routed to ``person``, newest first (pending ones by default)."""
         now = self._clock.now()
+        # Person ids are fixed-format random tokens, so the quoted id matches exactly one
+        # element of the stored JSON list.
+        mine = f'%"{person.person_id}"%'
         with self._db.session() as s:
-            routes = s.exec(select(ApprovalRoute).where(
-                ApprovalRoute.tenant_id == person.tenant_id)).all()
-            # The route table holds each request's people as JSON: filter here, then load.
-            ids = [r.approval_id for r in routes if person.person_id in routed_people(r)]
-            by_id = {r.approval_id: r for r in routes}
-            if not ids:
-                return []
-            query = select(ApprovalRequest).where(
-                ApprovalRequest.tenant_id == person.tenant_id,
-                col(ApprovalRequest.id).in_(ids))
+            query = (select(ApprovalRequest, ApprovalRoute)
+                     .join(ApprovalRoute,
+                           col(ApprovalRoute.approval_id) == col(ApprovalRequest.id))
+                     .where(ApprovalRequest.tenant_id == person.tenant_id,
+                            ApprovalRoute.tenant_id == person.tenant_id,
+                            col(ApprovalRoute.people_json).like(mine)))
             if state is ApprovalState.PENDING:
                 query = query.where(ApprovalRequest.state == state.value,
                                     col(ApprovalRequest.expires_at) > now)
@@ -139,7 +138,8 @@ class SignedDecisions:
             rows = s.exec(query.order_by(col(ApprovalRequest.created_at).desc(),
                                          col(ApprovalRequest.id))
                           .limit(max(1, min(limit, 200)))).all()
-            return [self._person_view(s, person, r, by_id[r.id], now) for r in rows]
+            return [self._person_view(s, person, r, route, now) for r, route in rows
+                    if person.person_id in routed_people(route)]
 
     def get_for(self, person: PersonPrincipal, approval_id: str) -> PersonApproval:
         """One request routed to ``person`` (404 otherwise)."""

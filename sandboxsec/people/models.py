@@ -88,7 +88,7 @@ class WebauthnChallenge(SQLModel, table=True):
     #: what the challenge commits to (the preimage of its hash), logged with the decision
     preimage: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(sa_type=UTCDateTime)
-    expires_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime, index=True)
     used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import CursorResult, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -76,6 +76,8 @@ __all__ = [
 
 _HANDLE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _MAX_GROUPS = 32
+#: How long an expired challenge row is kept (then it is deleted when a new one is made).
+_CHALLENGE_KEEP = timedelta(minutes=10)
 #: Audit role of a person (people hold no API key; their actor id is their person id).
 PERSON_ROLE = "person"
 
@@ -477,6 +479,10 @@ class PeopleService:
                    preimage: str = "", expires_at: datetime | None = None
                    ) -> WebauthnChallenge:
         ttl = now + timedelta(seconds=self._settings.webauthn_challenge_ttl_seconds)
+        # Expired challenges can only be refused; keep the table small (sign-in options are
+        # handed to anyone, so rows come in at whatever rate callers ask).
+        s.execute(delete(WebauthnChallenge).where(
+            col(WebauthnChallenge.expires_at) < now - _CHALLENGE_KEEP))
         row = WebauthnChallenge(
             id=new_id("chl"), tenant_id=tenant_id, purpose=purpose, person_id=person_id,
             approval_id=approval_id, decision=decision, challenge=challenge,

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-12-01 08:01:20.673626
+Create Date: 2026-12-01 08:01:20
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('webauthn_challenges', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_webauthn_challenges_expires_at'), ['expires_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_webauthn_challenges_tenant_id'), ['tenant_id'], unique=False)
 
     op.create_table('webhook_deliveries',
@@ -197,6 +198,7 @@ def downgrade() -> None:
     op.drop_table('webhook_deliveries')
     with op.batch_alter_table('webauthn_challenges', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_webauthn_challenges_tenant_id'))
+        batch_op.drop_index(batch_op.f('ix_webauthn_challenges_expires_at'))
 
     op.drop_table('webauthn_challenges')
     with op.batch_alter_table('session_owners', schema=None) as batch_op:
