@@ -51,7 +51,7 @@ from sandboxsec.policy.engine import (
     bundled_model,
     compile_policy,
 )
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sandbox.passkey import SoftPasskey
 from sandboxsec.services import Services
@@ -286,13 +286,13 @@ def approve_to_wake(label: str, decider: Services, waiter_svc: Services, agent: 
                 decider.policy.decide(approver, aid, ApprovalEvent.APPROVE, result.params_hash)
             else:
                 person, device = passkey
-                challenge = decider.decisions.challenge(person, aid, "approve")
+                challenge = decider.person_approvals.challenge(person, aid, "approve")
                 options = {"publicKey": challenge["publicKey"]}
                 credential = device.get(options)  # on the person's device: not measured
                 start = time.perf_counter()
-                decider.decisions.decide(person, aid, "approve", params_hash=result.params_hash,
-                                         challenge_id=challenge["challenge_id"],
-                                         credential=credential)
+                decider.person_approvals.decide(
+                    person, aid, "approve", params_hash=result.params_hash,
+                    challenge_id=challenge["challenge_id"], credential=credential)
             view = future.result(15)
             assert view.state.value == "approved"
             samples.append(woke[0] - start)
@@ -367,7 +367,7 @@ def bench_wake() -> None:
     if not pg_bin.exists():
         print("  PostgreSQL not installed: cross-worker case skipped")
         return
-    from tests.pgcluster import PgCluster
+    from tests.support.pgcluster import PgCluster
 
     cluster = PgCluster()
     cluster.start()

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 echo "== ruff"; $BIN/ruff check sandboxsec tests bench
 echo "== mypy --strict sandboxsec"; $BIN/mypy sandboxsec
+echo "== import contracts"; $BIN/lint-imports --no-logo
 echo "== pytest"
 set +e
 $BIN/pytest -n "${SANDBOXSEC_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandboxsec.audit.decisions import verify_decisions
 from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.keys import load_public_key
 from sandboxsec.audit.record import SERVICE_LOG
 from sandboxsec.audit.verify import verify_entry_proof, verify_export
+from sandboxsec.people.audit_verify import verify_decisions
 
 __all__ = ["register"]
 

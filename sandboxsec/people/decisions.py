@@ -45,10 +45,11 @@ from sandboxsec.people.passkeys import (
 )
 from sandboxsec.people.routes import load_route, routed_people
 from sandboxsec.people.service import PERSON_ROLE, PeopleService, PersonPrincipal
+from sandboxsec.policy.approval_service import ApprovalService
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState, check_decision
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.quorum import tally
-from sandboxsec.policy.service import ApprovalView, PolicyService
+from sandboxsec.policy.views import ApprovalView, approval_view
 from sandboxsec.storage.db import Database
 
 __all__ = ["PersonApproval", "SignedDecisions"]
@@ -82,12 +83,12 @@ class SignedDecisions:
     """The signed-in person's approvals: list, detail, challenge, approve and deny."""
 
     def __init__(self, *, db: Database, clock: Clock, audit: AuditSink, people: PeopleService,
-                 policy: PolicyService) -> None:
+                 approvals: ApprovalService) -> None:
         self._db = db
         self._clock = clock
         self._audit = audit
         self._people = people
-        self._policy = policy
+        self._approvals = approvals
 
     # ------------------------------------------------------------------ reading
 
@@ -113,7 +114,7 @@ class SignedDecisions:
         votes = self._votes(s, row.id)
         mine = next((v.decision for v in votes if v.person_id == person.person_id), None)
         state = effective_state(ApprovalState(row.state), row.expires_at, now)
-        return PersonApproval(self._policy.view(row, state), route.quorum, route.signer,
+        return PersonApproval(approval_view(row, state=state), route.quorum, route.signer,
                               sum(1 for v in votes if v.decision == "approve"), mine)
 
     def list_for(self, person: PersonPrincipal, *, state: ApprovalState | None =
@@ -241,7 +242,7 @@ class SignedDecisions:
             # 5. (the counter advances in the vote's transaction)
             count = self._people.verify_for(assertion, chal.challenge, cred, owner)
             # 6.
-            self._policy.prepare_decision()
+            self._approvals.prepare_decision()
             evidence = {
                 "signer": "passkey", "person_id": person.person_id,
                 "credential_row_id": cred.id, "decision": event.value,
@@ -264,7 +265,7 @@ class SignedDecisions:
                                     "person_id": person.person_id},
                         body={"attempted": event.value, "signer": "passkey"}), session=s)
             raise
-        self._policy.wakeups.notify(row.id)
+        self._approvals.wakeups.notify(row.id)
         return self.get_for(person, approval_id)
 
     def _vote(self, *, who_person: PersonPrincipal, row_id: str, chal_id: str,
@@ -287,7 +288,7 @@ class SignedDecisions:
             row = s.exec(select(ApprovalRequest).where(ApprovalRequest.id == row_id)).one()
             if locked != 1:
                 if ApprovalState(row.state) is ApprovalState.PENDING:
-                    self._policy.expire_if_due(s, who, row, now)
+                    self._approvals.expire_if_due(s, who, row, now)
                 check_decision(state=ApprovalState(row.state), event=event,
                                expires_at=row.expires_at, now=now,
                                shown_params_hash=row.params_hash, params_hash=row.params_hash)
@@ -311,7 +312,7 @@ class SignedDecisions:
                     outcome="pending", object_ids={"approval_id": row.id,
                                                    "session_id": row.session_id},
                     body={"params_hash": row.params_hash, **extra}), session=s)
-                self._policy.notify_db(s, row.id)
+                self._approvals.announce(s, row.id)
                 return None
             grant_id = new_id("gr") if outcome is ApprovalState.APPROVED else None
             won = _rowcount(s.execute(
@@ -324,7 +325,7 @@ class SignedDecisions:
                 from sandboxsec.policy.errors import ApprovalNotPendingError
 
                 raise ApprovalNotPendingError("another decision on this request landed first")
-            self._policy.settle(s, who, row, outcome, now, grant_id, extra=extra,
+            self._approvals.settle(s, who, row, outcome, now, grant_id, extra=extra,
                                 actor_role=PERSON_ROLE)
         return outcome
 

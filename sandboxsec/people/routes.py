@@ -19,6 +19,7 @@ from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.routing import DEFAULT_ROUTE, Route, Signer, resolve
 
 __all__ = [
+    "PeopleRouting",
     "enabled_people",
     "key_approval_refusal",
     "load_route",
@@ -72,3 +73,15 @@ def key_approval_refusal(s: Session, tenant_id: str, approval_id: str) -> Sandbo
         return ApprovalPersonRequiredError(
             "the policy requires a person to approve this request with their passkey")
     return None
+
+
+class PeopleRouting:
+    """The people domain's answer to the policy services' ``ApprovalRouting``."""
+
+    def route(self, tx: Any, row: ApprovalRequest, route: Route | None) -> dict[str, Any]:
+        """See :func:`route_new_request`."""
+        return route_new_request(tx, row, route)
+
+    def key_refusal(self, tx: Any, tenant_id: str, approval_id: str) -> SandboxSecError | None:
+        """See :func:`key_approval_refusal`."""
+        return key_approval_refusal(tx, tenant_id, approval_id)

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from sandboxsec.ids import new_id
 from sandboxsec.webhooks.models import Webhook, WebhookDelivery
 
-__all__ = ["backoff", "claim", "due", "enqueue"]
+__all__ = ["SqlOutbox", "backoff", "claim", "due", "enqueue"]
 
 
 def enqueue(s: Session, tenant_id: str, event_type: str, data: Mapping[str, Any],
@@ -64,3 +64,12 @@ def claim(s: Session, delivery_id: str, now: datetime, lease: timedelta) -> bool
 def backoff(attempts: int, base: float, cap: float) -> timedelta:
     """Delay after ``attempts`` failed attempts: ``base * 2^(attempts-1)``, at most ``cap``."""
     return timedelta(seconds=min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+class SqlOutbox:
+    """The webhooks domain's answer to the policy services' ``Outbox``."""
+
+    def enqueue(self, tx: Any, tenant_id: str, event_type: str, data: Mapping[str, Any],
+                now: datetime) -> int:
+        """See :func:`enqueue`."""
+        return enqueue(tx, tenant_id, event_type, data, now)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,7 +24,6 @@ from sqlmodel import col
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord, AuditSink
 from sandboxsec.clock import Clock
-from sandboxsec.crypto.keys import KeyProvider
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
@@ -72,6 +71,18 @@ class DeliveryView:
     delivered_at: datetime | None
 
 
+class SecretWrapper(Protocol):
+    """Wraps webhook secrets at rest (the root key provider)."""
+
+    def wrap(self, secret: bytes, aad: bytes) -> bytes:
+        """Encrypt ``secret`` bound to ``aad``."""
+        ...
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        """Decrypt what :meth:`wrap` made with the same ``aad``."""
+        ...
+
+
 def _aad(webhook_id: str) -> bytes:
     return b"sandboxsec/v1/webhook-secret\x00" + webhook_id.encode("ascii")
 
@@ -80,7 +91,7 @@ class WebhookService:
     """Registers tenants' webhooks and delivers their outbox in a background thread."""
 
     def __init__(self, *, db: Database, clock: Clock, settings: Settings, audit: AuditSink,
-                 keys: Callable[[], KeyProvider]) -> None:
+                 keys: Callable[[], SecretWrapper]) -> None:
         # The key provider is built on first use: starting the worker opens no key store.
         self._db = db
         self._clock = clock

@@ -306,7 +306,7 @@ def my_approvals(person: Person, services: ServicesDep,
                  state: Annotated[ApprovalState | None, Query()] = ApprovalState.PENDING,
                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[PersonApprovalOut]:
     """Requests routed to the signed-in person, newest first (pending by default)."""
-    return [_papproval(a) for a in services.decisions.list_for(person, state=state,
+    return [_papproval(a) for a in services.person_approvals.list_for(person, state=state,
                                                                 limit=limit)]
 
 
@@ -314,14 +314,14 @@ def my_approvals(person: Person, services: ServicesDep,
             response_model_exclude_none=True)
 def my_approval(approval_id: Id, person: Person, services: ServicesDep) -> PersonApprovalOut:
     """One request routed to the signed-in person (404 for any other)."""
-    return _papproval(services.decisions.get_for(person, approval_id))
+    return _papproval(services.person_approvals.get_for(person, approval_id))
 
 
 @router.post("/me/approvals/{approval_id}/challenge")
 def my_challenge(approval_id: Id, body: ChallengeIn, person: Person,
                  services: ServicesDep) -> JSONResponse:
     """A single-use challenge committing to this request, its params and the decision."""
-    out = services.decisions.challenge(person, approval_id, body.decision)
+    out = services.person_approvals.challenge(person, approval_id, body.decision)
     out["expires_at"] = out["expires_at"].isoformat().replace("+00:00", "Z")
     return JSONResponse(out, headers=_NO_STORE)
 
@@ -331,7 +331,7 @@ def my_challenge(approval_id: Id, body: ChallengeIn, person: Person,
 def my_approve(approval_id: Id, body: DecisionIn, person: Person,
                services: ServicesDep) -> PersonApprovalOut:
     """Approve with a passkey assertion over the approve challenge."""
-    return _papproval(services.decisions.decide(
+    return _papproval(services.person_approvals.decide(
         person, approval_id, "approve", params_hash=body.params_hash,
         challenge_id=body.challenge_id, credential=body.credential))
 
@@ -341,7 +341,7 @@ def my_approve(approval_id: Id, body: DecisionIn, person: Person,
 def my_deny(approval_id: Id, body: DecisionIn, person: Person,
             services: ServicesDep) -> PersonApprovalOut:
     """Deny with a passkey assertion over the deny challenge."""
-    return _papproval(services.decisions.decide(
+    return _papproval(services.person_approvals.decide(
         person, approval_id, "deny", params_hash=body.params_hash,
         challenge_id=body.challenge_id, credential=body.credential))
 

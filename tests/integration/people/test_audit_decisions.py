@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from sandboxsec.audit.decisions import AuditDecisionInvalidError, verify_decisions
 from sandboxsec.cli import main
+from sandboxsec.people.audit_verify import AuditDecisionInvalidError, verify_decisions
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
 from tests.integration.people.conftest import EnrolFn, owned_session, request_payment

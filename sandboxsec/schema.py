@@ -17,6 +17,7 @@ def metadata() -> MetaData:
     import sandboxsec.policy.models
     import sandboxsec.sessions.models
     import sandboxsec.tenants.models
+    import sandboxsec.trajectory.models
     import sandboxsec.webhooks.models  # noqa: F401
 
     return SQLModel.metadata
