@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -153,6 +153,12 @@ class Settings(BaseSettings):
         if m.group(1) == "http" and m.group(2) != "localhost":
             raise ValueError("public_origin must be https (http only for localhost)")
         return v
+
+    @model_validator(mode="after")
+    def _origin_within_rp_id(self) -> Settings:
+        # A mismatch would refuse every passkey at run time: refuse the configuration instead.
+        self.webauthn_origins()
+        return self
 
     def webauthn_origins(self) -> tuple[str, ...]:
         """The origins assertions may come from (exactly the configured public origin)."""
