@@ -23,13 +23,12 @@ verify every decision).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from sandboxsec.audit.errors import AuditVerificationError
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.people.passkeys import Assertion, decision_challenge, verify_assertion
 
@@ -71,8 +70,8 @@ class _Registered:
 
 def _b64(value: Any, what: str, seq: int) -> bytes:
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError, TypeError) as exc:
+        return b64decode_strict(value)
+    except (ValueError, TypeError) as exc:
         raise AuditDecisionInvalidError(f"entry {seq}: {what} is not base64", seq=seq) from exc
 
 

@@ -20,7 +20,6 @@ the database or the network.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -48,6 +47,7 @@ from webauthn.helpers.structs import (
 )
 
 from sandboxsec.clock import rfc3339
+from sandboxsec.encoding import b64url_decode_strict, b64url_encode
 from sandboxsec.people.errors import (
     AssertionChallengeMismatchError,
     AssertionCounterError,
@@ -87,17 +87,19 @@ _MAX_FIELD = 16 * 1024
 
 def b64url(data: bytes) -> str:
     """Unpadded base64url, as WebAuthn JSON uses."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return b64url_encode(data)
 
 
 def b64url_decode(text: Any, what: str = "value") -> bytes:
-    """Strict unpadded (or padded) base64url; anything else is ``assertion_malformed``."""
-    if not isinstance(text, str) or len(text) > _MAX_FIELD or not text.isascii():
+    """Canonical unpadded base64url, as WebAuthn's JSON forms use it (one spelling per
+    value, so ``id`` and ``rawId`` compare as text would); anything else is
+    ``assertion_malformed``."""
+    if not isinstance(text, str) or len(text) > _MAX_FIELD:
         raise AssertionMalformedError(f"{what} is not a base64url string")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise AssertionMalformedError(f"{what} is not base64url") from exc
+        return b64url_decode_strict(text)
+    except ValueError as exc:
+        raise AssertionMalformedError(f"{what} is not canonical unpadded base64url") from exc
 
 
 def decision_preimage(*, tenant_id: str, approval_id: str, params_hash: str, decision: str,

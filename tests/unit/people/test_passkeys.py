@@ -115,6 +115,11 @@ def test_good_assertion_counter_handle_and_flags() -> None:
     None, [], {"type": "public-key"}, {"type": "public-key", "rawId": "!!", "response": {}},
     {"type": "other", "rawId": "AA", "response": {}},
     {"type": "public-key", "id": "AA", "rawId": "AQ", "response": {}},
+    # One spelling per value: padding, non-zero unused bits, standard-alphabet characters.
+    {"type": "public-key", "rawId": "AA==", "response": {}},
+    {"type": "public-key", "rawId": "AB", "response": {}},
+    {"type": "public-key", "id": "AB", "rawId": "AA", "response": {}},
+    {"type": "public-key", "rawId": "A+/A", "response": {}},
 ])
 def test_malformed_assertions(broken: Any) -> None:
     with pytest.raises(SandboxSecError) as err:

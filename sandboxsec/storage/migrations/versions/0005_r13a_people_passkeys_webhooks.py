@@ -1,7 +1,7 @@
 """r13a people passkeys webhooks
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0005_r13a
+Revises: 0004_r14a
 Create Date: 2026-12-01 08:01:20
 """
 
@@ -14,8 +14,8 @@ import sandboxsec.storage.types
 from alembic import op
 
 
-revision = '0002'
-down_revision = '0001'
+revision = '0005_r13a'
+down_revision = '0004_r14a'
 branch_labels = None
 depends_on = None
 
