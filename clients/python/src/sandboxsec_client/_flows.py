@@ -47,8 +47,9 @@ class Attester(Protocol):
         """The EK certificate, DER."""
         ...
 
-    def ek_public(self) -> bytes:
-        """The EK's marshalled ``TPM2B_PUBLIC``."""
+    def ek_public(self) -> bytes | None:
+        """The EK's marshalled ``TPM2B_PUBLIC`` (``None``: the service reads the EK's key
+        from its certificate)."""
         ...
 
     def activate(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
@@ -85,10 +86,11 @@ def _json(call: Call) -> Flow[Any]:
 # -- agent ------------------------------------------------------------------------------------
 
 def bind_ak(tpm: Attester) -> Flow[str]:
-    challenge = yield from _json(Call("POST", "/v1/attestation/ak/challenge", {
-        "ak_public": _b64(tpm.ak()), "ek_certificate": _b64(tpm.ek_certificate()),
-        "ek_public": _b64(tpm.ek_public()),
-    }))
+    body = {"ak_public": _b64(tpm.ak()), "ek_certificate": _b64(tpm.ek_certificate())}
+    ek_public = tpm.ek_public()
+    if ek_public is not None:
+        body["ek_public"] = _b64(ek_public)
+    challenge = yield from _json(Call("POST", "/v1/attestation/ak/challenge", body))
     # Only the TPM holding the certified EK, with exactly this AK loaded, can do this.
     secret = tpm.activate(base64.b64decode(challenge["credential_blob"]),
                           base64.b64decode(challenge["encrypted_secret"]))
@@ -295,9 +297,17 @@ def put_policy(text: str, base_version: int | None) -> Flow[Policy]:
 
 
 def validate_policy(text: str) -> Flow[PolicyCheck]:
-    out = yield from _json(Call("POST", "/v1/policy/validate", {"text": text},
-                                idempotent=True))
-    return PolicyCheck(valid=bool(out["valid"]), rule_count=int(out["rule_count"]), raw=out)
+    answer: Answer = yield Call("POST", "/v1/policy/validate", {"text": text},
+                                idempotent=True, refusal_ok=True)
+    if answer.ok:
+        out = answer.json()
+        return PolicyCheck(valid=bool(out["valid"]), rule_count=int(out["rule_count"]),
+                           raw=out)
+    # A policy the service would refuse is the answer asked for, with its reason.
+    err = parse_error(answer)
+    if err.status != 400:
+        raise err
+    return PolicyCheck(valid=False, rule_count=0, code=err.code, message=err.message)
 
 
 def _record(r: dict[str, Any]) -> TrajectoryRecord:

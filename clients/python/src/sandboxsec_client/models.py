@@ -291,8 +291,10 @@ class Policy:
 
 @dataclass(frozen=True)
 class PolicyCheck:
-    """Whether a policy text would be accepted."""
+    """Whether a policy text would be accepted; if not, the reason code and message."""
 
     valid: bool
     rule_count: int
+    code: str | None = None
+    message: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
