@@ -13,7 +13,6 @@ import os
 import socket
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,27 +163,29 @@ class DroppingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._open += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True),
+            swallow = threading.Event()
+            threading.Thread(target=self._pump, args=(client, upstream, True, swallow),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False),
+            threading.Thread(target=self._pump, args=(upstream, client, False, swallow),
                              daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, inspect: bool,
+              swallow: threading.Event) -> None:
         try:
             while data := src.recv(65536):
                 if inspect and b"/wait?" in data:
                     with self._lock:
                         self.wait_requests += 1
                     self.wait_seen.set()
-                dst.sendall(data)
                 if inspect and data.startswith(b"POST "):
                     with self._lock:
                         self.posts += 1
                     if self.drop_after_post:
-                        # Give the service the whole request, then lose its answer.
-                        time.sleep(0.2)
-                        src.shutdown(socket.SHUT_RDWR)
-                        return
+                        swallow.set()
+                if not inspect and swallow.is_set():
+                    # The service answered; the client never hears it.
+                    return
+                dst.sendall(data)
         except OSError:
             pass
         finally:
