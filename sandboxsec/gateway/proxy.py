@@ -49,6 +49,11 @@ from sandboxsec_client import (
 
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.gateway.binding import CanonicalCall, canonical_call, tool_sha256
+from sandboxsec.gateway.errors import (
+    GatewayArgumentsInvalidError,
+    GatewayOutcomeUnknownError,
+    GatewayToolUnmappedError,
+)
 from sandboxsec.gateway.mapping import ActionRequest, ServerMapping, ToolMapping
 
 __all__ = ["Gateway", "GatewayConfig"]
@@ -165,14 +170,17 @@ class Gateway:
     async def _on_call_tool(self, _ctx: ServerRequestContext[Any],
                             params: types.CallToolRequestParams) -> types.CallToolResult:
         # 0. mapping and definition
+        # (one answer for unmapped and missing tools: the runtime learns nothing more)
+        unknown = MCPError(INVALID_PARAMS, f"{GatewayToolUnmappedError.code}: no tool named "
+                                           f"{params.name[:64]!r}")
         mapping = self.mapping.tools.get(params.name)
         if mapping is None:
-            raise MCPError(INVALID_PARAMS, f"unknown tool: {params.name}")
+            raise unknown
         if params.name not in self._tools:
             await self.refresh_tools()
         known = self._tools.get(params.name)
         if known is None:
-            raise MCPError(INVALID_PARAMS, f"unknown tool: {params.name}")
+            raise unknown
         _tool, definition_hash, validator = known
         arguments = params.arguments if params.arguments is not None else {}
         # 1. schema (messages name the failing place, never echo a value)
@@ -180,7 +188,8 @@ class Gateway:
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "arguments"
             raise MCPError(INVALID_PARAMS,
-                           f"gateway_arguments_invalid: {where} does not fit the tool's "
+                           f"{GatewayArgumentsInvalidError.code}: {where} does not fit the "
+                           "tool's "
                            f"input schema ({error.validator})")
         # 2. canonical form and binding
         try:
@@ -259,8 +268,9 @@ class Gateway:
             result = _error(f"the tool server refused the call: {exc.message}")
         except Exception as exc:  # the answer is lost, whatever happened upstream
             bound.error("gateway_outcome_unknown", error_type=type(exc).__name__)
-            return _error("gateway_outcome_unknown: the call was forwarded but its answer was "
-                          "lost; it may have run. Do not retry blindly: check its effect.")
+            return _error(f"{GatewayOutcomeUnknownError.code}: the call was forwarded but its "
+                          "answer was lost; it may have run. Do not retry blindly: check its "
+                          "effect.")
         finally:
             bound.info("gateway_forwarded", outcome=outcome)
         # 7. trajectory
