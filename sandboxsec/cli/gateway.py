@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from mcp.server.stdio import stdio_server
 from sandboxsec.errors import InputError
 from sandboxsec.gateway.mapping import load_mapping
 from sandboxsec.gateway.proxy import Gateway, GatewayConfig
+from sandboxsec.logging import configure_logging
 
 __all__ = ["register"]
 
@@ -51,10 +53,15 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.approval_wait <= 55:
         raise InputError("--approval-wait must be between 0 and 55 seconds (runtimes time "
                          "calls out at 60)")
+    # stdout carries the MCP protocol: logs go to stderr only.
+    configure_logging(os.environ.get("SANDBOXSEC_LOG_LEVEL", "info"),
+                      os.environ.get("SANDBOXSEC_LOG_FORMAT", "json"), stream=sys.stderr)
     mapping = load_mapping(args.mapping)
     config = GatewayConfig(service_url=args.service, agent_key=key, session_id=args.session,
                            approval_wait=args.approval_wait, record=args.record)
-    upstream = StdioServerParameters(command=command[0], args=command[1:])
+    # The tool server inherits the environment, less ours: the agent key never reaches it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
+    upstream = StdioServerParameters(command=command[0], args=command[1:], env=env)
 
     async def serve() -> None:
         async with Gateway(upstream, mapping, config) as gateway, \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,9 @@ class ToolLog:
 @pytest.fixture
 def upstream(tmp_path: Path) -> tuple[StdioServerParameters, ToolLog]:
     log = tmp_path / "executed.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
     params = StdioServerParameters(command=sys.executable, args=[str(TOOL_SERVER)],
-                                   env={**os.environ, "TOOL_LOG": str(log)})
+                                   env={**env, "TOOL_LOG": str(log)})
     return params, ToolLog(log)
 
 
@@ -187,3 +189,56 @@ def test_gateway_forwards_nothing_without_the_service(
 
     anyio.run(run)
     assert executed.calls() == []
+
+
+def test_gateway_command_on_stdio(reads_allowed: Live, tmp_path: Path) -> None:
+    """``sandboxsec gateway`` as a runtime starts it: a subprocess speaking MCP on stdio,
+    starting the tool server itself; the agent key never reaches the tool server."""
+    live = reads_allowed
+    sid = live.new_session()
+    mapping = tmp_path / "payments.toml"
+    mapping.write_text(MAPPING)
+    executed = ToolLog(tmp_path / "executed.jsonl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
+    env.update({"TOOL_LOG": str(executed.path), "SANDBOXSEC_AGENT_KEY": live.key("agent"),
+                "SANDBOXSEC_LOG_LEVEL": "warning"})
+    command = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "sandboxsec.cli", "gateway", "--service", live.base, "--session", sid,
+              "--mapping", str(mapping), "--", sys.executable, str(TOOL_SERVER)],
+        env=env)
+
+    async def run() -> None:
+        async with Client(command) as runtime:
+            assert {t.name for t in (await runtime.list_tools()).tools} == {"pay",
+                                                                          "get_balance"}
+            r = await runtime.call_tool("get_balance", {"account": "main"})
+            assert not r.is_error, _text(r)
+            r = await runtime.call_tool("pay", PAY)
+            assert r.is_error and "approval required" in _text(r)
+
+    anyio.run(run)
+    assert executed.calls() == [{"tool": "get_balance", "arguments": {"account": "main"}}]
+
+
+def test_gateway_command_usage_errors(tmp_path: Path) -> None:
+    mapping = tmp_path / "m.toml"
+    mapping.write_text(MAPPING)
+    base = [sys.executable, "-m", "sandboxsec.cli", "gateway", "--service", "http://x",
+            "--session", "ses_1", "--mapping", str(mapping)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
+    for argv, extra, needle in (
+        (base, {"SANDBOXSEC_AGENT_KEY": "k"}, "tool server"),           # no upstream
+        ([*base, "--", "true"], {}, "SANDBOXSEC_AGENT_KEY"),            # no key
+        ([*base, "--approval-wait", "120", "--", "true"], {"SANDBOXSEC_AGENT_KEY": "k"},
+         "approval-wait"),
+    ):
+        out = subprocess.run(argv, env={**env, **extra}, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("server = 'x'")
+    out = subprocess.run([*base[:-1], str(bad), "--", "true"],
+                         env={**env, "SANDBOXSEC_AGENT_KEY": "k"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "gateway_mapping_invalid" in out.stderr

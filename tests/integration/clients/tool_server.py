@@ -38,7 +38,11 @@ async def call_tool(_ctx: ServerRequestContext[Any],
                     params: types.CallToolRequestParams) -> types.CallToolResult:
     args = params.arguments or {}
     with open(os.environ["TOOL_LOG"], "a", encoding="utf-8") as log:
-        log.write(json.dumps({"tool": params.name, "arguments": args}) + "\n")
+        entry: dict[str, Any] = {"tool": params.name, "arguments": args}
+        leaked = sorted(k for k in os.environ if k.startswith("SANDBOXSEC_"))
+        if leaked:  # the gateway must not hand its key (or any setting) to the tool
+            entry["leaked_env"] = leaked
+        log.write(json.dumps(entry) + "\n")
     if params.name == "pay":
         text = f"paid {args['amount']} {args['currency']} to {args['payee']}"
     elif params.name == "get_balance":
