@@ -10,7 +10,8 @@ upstream's mapped tools (their input schemas unchanged) and, for each ``tools/ca
    binding already waits for a person, then reads that approval instead;
 4. ``deny``: an error result naming the rule; ``approval_required``: an error result with the
    short code, the approval id and "retry the identical call" (it does not hold the call
-   open while a person decides, unless ``approval_wait`` says to wait a little);
+   open while a person decides, unless ``approval_wait`` says to wait a little); for an
+   approved request, the upstream's tool list is read again and a changed definition refused;
 5. for an approved request, uses the grant up with ``POST /v1/grants/verify`` against the
    exact params *before* forwarding (a second identical call finds it used);
 6. forwards the canonical arguments once, never retrying: a lost answer is reported as an
@@ -45,6 +46,7 @@ from sandboxsec_client import (
     AsyncAgentClient,
     AsyncDownstreamClient,
     ClientError,
+    ProofSigner,
 )
 
 from sandboxsec.errors import SandboxSecError
@@ -78,6 +80,8 @@ class GatewayConfig:
     #: Store every forwarded call's result in the session's trajectory.
     record: bool = False
     timeout: float = 30.0
+    #: Signs the ``DPoP`` proof of each request when sessions are bound to the TPM.
+    proof: ProofSigner | None = None
 
 
 def _error(text: str) -> types.CallToolResult:
@@ -105,10 +109,10 @@ class Gateway:
         self.config = config
         self._stack = AsyncExitStack()
         self._agent = agent or AsyncAgentClient(config.service_url, config.agent_key,
-                                                timeout=config.timeout)
+                                                timeout=config.timeout, proof=config.proof)
         # Any key may use a grant up; the gateway uses the sandbox's own.
         self._downstream = downstream or AsyncDownstreamClient(
-            config.service_url, config.agent_key, timeout=config.timeout)
+            config.service_url, config.agent_key, timeout=config.timeout, proof=config.proof)
         self._upstream: Client | None = None
         self._tools: dict[str, tuple[types.Tool, str, jsonschema.protocols.Validator]] = {}
         self._pending: OrderedDict[str, str] = OrderedDict()
@@ -232,12 +236,24 @@ class Gateway:
         approval = await self._look(approval_id)
         if approval.state == "pending":
             return _pending(approval.short_code, approval.id)
-        self._pending.pop(call.binding, None)
         if approval.state != "approved" or approval.grant is None:
+            self._pending.pop(call.binding, None)
             return _error(f"not forwarded: the approval {approval.id} is {approval.state}")
-        # 5. use the grant up against exactly these params, before anything runs
+        # 4b. the tool as it is now: a definition changed since the request was made (a new
+        # description, a wider schema) is not what the person approved
+        await self.refresh_tools()
+        now = self._tools.get(call.tool)
+        if now is None or now[1] != call.tool_sha256:
+            self._pending.pop(call.binding, None)
+            bound.warning("gateway_tool_changed")
+            return _error("not forwarded: the tool's definition changed since it was "
+                          "approved; call it again to ask for a new approval")
+        # 5. use the grant up against exactly these params, before anything runs (a service
+        # failure here raises and keeps the request remembered: the retry tries again, and a
+        # grant that did get used on the lost attempt is then refused, never used twice)
         check = await self._downstream.verify_grant(approval.grant, request.action,
                                                     request.params, request.resource)
+        self._pending.pop(call.binding, None)
         if not check.valid:
             bound.warning("gateway_grant_refused", code=check.code)
             return _error(f"not forwarded: the grant was refused ({check.code})")

@@ -242,3 +242,56 @@ def test_gateway_command_usage_errors(tmp_path: Path) -> None:
                          env={**env, "SANDBOXSEC_AGENT_KEY": "k"}, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "gateway_mapping_invalid" in out.stderr
+
+
+def test_approved_call_runs_once_even_when_sent_twice_at_once(
+        reads_allowed: Live, upstream: tuple[StdioServerParameters, ToolLog]) -> None:
+    live = reads_allowed
+    params, executed = upstream
+    sid = live.new_session()
+    config = GatewayConfig(live.base, live.key("agent"), sid)
+
+    async def run() -> None:
+        async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
+                Client(gw.server) as runtime, \
+                AsyncApproverClient(live.base, live.key("approver")) as approver:
+            aid = _approval_id(await runtime.call_tool("pay", PAY))
+            await approver.approve(await approver.get(aid))
+            results: list[CallToolResult] = []
+
+            async def call() -> None:
+                results.append(await runtime.call_tool("pay", PAY))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(call)
+            assert sorted(bool(r.is_error) for r in results) == [False, True, True]
+
+    anyio.run(run)
+    assert executed.calls("pay") == [{"tool": "pay", "arguments": PAY}]
+
+
+def test_a_tool_changed_after_approval_is_not_run(
+        reads_allowed: Live, upstream: tuple[StdioServerParameters, ToolLog]) -> None:
+    live = reads_allowed
+    params, executed = upstream
+    sid = live.new_session()
+    config = GatewayConfig(live.base, live.key("agent"), sid)
+
+    async def run() -> None:
+        async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
+                Client(gw.server) as runtime, \
+                AsyncApproverClient(live.base, live.key("approver")) as approver:
+            aid = _approval_id(await runtime.call_tool("pay", PAY))
+            await approver.approve(await approver.get(aid))
+            # the tool server is replaced by one whose `pay` promises something else
+            Path(str(executed.path) + ".v2").write_text("")
+            r = await runtime.call_tool("pay", PAY)
+            assert r.is_error and "definition changed" in _text(r)
+            # asking again binds the new definition: a new approval is needed
+            r = await runtime.call_tool("pay", PAY)
+            assert r.is_error and _approval_id(r) != aid
+            assert (await approver.get(aid)).state == "approved"  # its grant was never used
+
+    anyio.run(run)
+    assert executed.calls("pay") == []
