@@ -9,6 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sandboxsec_client import (
     AdminClient,
     AgentClient,
@@ -19,6 +21,7 @@ from sandboxsec_client import (
     AsyncApproverClient,
     AsyncAuditorClient,
     AsyncDownstreamClient,
+    AuditInvalid,
     AuditorClient,
     AuthenticationError,
     DownstreamClient,
@@ -30,6 +33,7 @@ from sandboxsec_client import (
     ParamsHashMismatchError,
     RetryPolicy,
     UnavailableError,
+    verify_inclusion,
 )
 
 from tests.integration.clients.conftest import DroppingProxy, Live, SqliteWriteLock
@@ -117,6 +121,27 @@ def test_auditor_and_admin(live: Live) -> None:
         assert export.count(b"\n") >= cp.size
         proof = auditor.inclusion_proof(0)
         assert proof["seq"] == 0 and proof["tree_size"] >= 1
+        # checked here, against the key the operator handed over out of band
+        pem = live.deployment.public_key().read_text()
+        name = auditor.key().key_name
+        assert auditor.verified_inclusion(0, pem, name).size == proof["tree_size"]
+        for forged, code in (
+            ({**proof, "entry": proof["entry"].replace('"seq":0', '"seq":1')},
+             "audit_proof_invalid"),
+            ({**proof, "seq": 1}, "audit_proof_invalid"),
+            ({**proof, "tree_size": proof["tree_size"] + 1}, "audit_proof_invalid"),
+            ({**proof, "checkpoint": proof["checkpoint"].replace(
+                f"\n{proof['tree_size']}\n", f"\n{proof['tree_size'] + 1}\n", 1)},
+             "audit_checkpoint_signature_invalid"),
+        ):
+            with pytest.raises(AuditInvalid) as bad:
+                verify_inclusion(forged, pem, name)
+            assert bad.value.code == code
+        other_key = Ed25519PrivateKey.generate().public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        with pytest.raises(AuditInvalid) as unsigned:
+            verify_inclusion(proof, other_key, name)
+        assert unsigned.value.code == "audit_checkpoint_signature_invalid"
     with AgentClient(live.base, live.key("agent")) as agent:
         agent.record(sid, "observation", b"later")
     with AuditorClient(live.base, live.key("auditor")) as auditor:

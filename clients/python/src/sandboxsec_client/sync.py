@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sandboxsec_client import _flows as f
 from sandboxsec_client._flows import Attester
 from sandboxsec_client._transport import SyncTransport
+from sandboxsec_client.audit import VerifiedCheckpoint, verify_inclusion
 from sandboxsec_client.grants import GrantDecoder, parse_published_keys, verify_offline
 from sandboxsec_client.models import (
     ApiKey,
@@ -152,6 +153,12 @@ class AuditorClient(SyncTransport):
     def inclusion_proof(self, seq: int, size: int | None = None) -> dict[str, Any]:
         """Entry ``seq``'s RFC 9162 inclusion proof and the checkpoint it proves into."""
         return self.run(f.inclusion_proof(seq, size))
+
+    def verified_inclusion(self, seq: int, public_key_pem: str | bytes, key_name: str, *,
+                           size: int | None = None) -> VerifiedCheckpoint:
+        """Entry ``seq``'s proof, checked here against the key received out of band."""
+        return verify_inclusion(self.run(f.inclusion_proof(seq, size)), public_key_pem,
+                                key_name)
 
     def consistency_proof(self, first: int, second: int) -> dict[str, Any]:
         """The proof that the tree of size ``second`` extends the one of size ``first``."""
