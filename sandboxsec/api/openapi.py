@@ -27,7 +27,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
-from swagger_ui_bundle import swagger_ui_path
 
 from sandboxsec.errors import NotFoundError
 
@@ -185,6 +184,8 @@ def install_openapi(app: FastAPI) -> None:
         """One of :data:`DOCS_ASSETS` (nothing else is served from here)."""
         if name not in DOCS_ASSETS:
             raise NotFoundError("no such asset")
+        from swagger_ui_bundle import swagger_ui_path  # only when the page is opened
+
         media = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Response((swagger_ui_path / name).read_bytes(), media_type=media,
                         headers={"Cache-Control": "public, max-age=86400"})

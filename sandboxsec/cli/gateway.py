@@ -14,14 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import anyio
-from mcp import StdioServerParameters
-from mcp.server.stdio import stdio_server
-
 from sandboxsec.errors import InputError
-from sandboxsec.gateway.mapping import load_mapping
-from sandboxsec.gateway.proxy import Gateway, GatewayConfig
-from sandboxsec.logging import configure_logging
 
 __all__ = ["register"]
 
@@ -44,6 +37,15 @@ def register(subs: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here: the MCP SDK takes seconds to import, and every other command would pay.
+    import anyio
+    from mcp import StdioServerParameters
+    from mcp.server.stdio import stdio_server
+
+    from sandboxsec.gateway.mapping import load_mapping
+    from sandboxsec.gateway.proxy import Gateway, GatewayConfig
+    from sandboxsec.logging import configure_logging
+
     command = args.upstream[1:] if args.upstream[:1] == ["--"] else args.upstream
     if not command:
         raise InputError("name the tool server to start after --, e.g. -- python server.py")
