@@ -48,8 +48,8 @@ from sandboxsec.attestation.verifier import (
     verify_evidence,
 )
 from sandboxsec.attestation.x509chain import TCG_EK_CERTIFICATE, verify_chain
-from tests.unit.attestation.pki import make_ca, make_leaf, make_publisher
-from tests.unit.attestation.softtpm import (
+from tests.support.pki import make_ca, make_leaf, make_publisher
+from tests.support.softtpm import (
     SoftAk,
     make_manifest,
     marshal_quote,
@@ -165,13 +165,13 @@ def bench_http(seconds: float, clients: int, workers: int, postgres: bool) -> No
     cluster = None
     database_url = None
     if postgres:
-        from tests.pgcluster import PgCluster
+        from tests.support.pgcluster import PgCluster
 
         cluster = PgCluster()
         database_url = cluster.start()
     try:
         # 1. Trust: a publisher and a TPM manufacturer, written where the service reads them.
-        from tests.integration.e2e.faults_support import make_trust
+        from tests.support.faults import make_trust
 
         trust = make_trust(home)
         publisher, ek_key, ek = trust.publisher, trust.ek_key, trust.ek

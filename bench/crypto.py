@@ -21,10 +21,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sandboxsec.crypto.envelope import DataKey, encode_context, open_sealed
-from sandboxsec.crypto.service import record_context
 from sandboxsec.crypto.stream import open_stream, seal_stream
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings
+from sandboxsec.trajectory.format import record_context
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -74,7 +74,8 @@ def main() -> int:
             ctx = record_context(tenant, session, "tr_1", "data", "action")
             blob = svc.seal(tenant, session, "tr_1", "action", data)
             ct = raw_key.encrypt(nonce, data, None)
-            key = svc._lease(tenant, session).key  # the warm data key, for the pure open path
+            # the warm data key, for the pure open path
+            key = services.key_hierarchy.lease(tenant, session).key
             raw, ours = compare(
                 lambda: raw_key.encrypt(nonce, data, None),  # noqa: B023
                 lambda: svc.seal(tenant, session, "tr_1", "action", data),  # noqa: B023

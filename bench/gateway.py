@@ -37,7 +37,7 @@ from sandboxsec.gateway.mapping import load_mapping
 from sandboxsec.gateway.proxy import Gateway, GatewayConfig
 from sandboxsec.logging import configure_logging
 from tests.integration.clients.conftest import Live, SoftSandbox
-from tests.integration.e2e.faults_support import CLI, Deployment, running
+from tests.support.faults import CLI, Deployment, running
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_SERVER = ROOT / "tests" / "integration" / "clients" / "tool_server.py"

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandboxsec.attestation.digest import sha256_file
 from sandboxsec.attestation.image import ManifestVerifier, sign_manifest, verify_manifest
-from tests.unit.attestation.pki import NOW, make_publisher, sample_reference
+from tests.support.pki import NOW, make_publisher, sample_reference
 
 MIB = 1024 * 1024
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from tests.integration.e2e.faults_support import (
+from tests.support.faults import (
     Deployment,
     Ledger,
     LoadConfig,
@@ -77,7 +77,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> bool:
     cluster = None
     url = None
     if backend == "postgres":
-        from tests.pgcluster import PgCluster
+        from tests.support.pgcluster import PgCluster
 
         cluster = PgCluster()
         url = cluster.start()

@@ -44,7 +44,7 @@ from sandboxsec.policy.engine import (
     bundled_model,
     compile_policy,
 )
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings
@@ -264,7 +264,7 @@ def bench_wake() -> None:
     if not pg_bin.exists():
         print("  PostgreSQL not installed: cross-worker case skipped")
         return
-    from tests.pgcluster import PgCluster
+    from tests.support.pgcluster import PgCluster
 
     cluster = PgCluster()
     cluster.start()

@@ -156,3 +156,25 @@ class HeadersTooLargeError(InputError):
 
     code = "headers_too_large"
     status = 431
+
+
+#: The families of refusals: the request, the caller or the object's state is at fault (4xx).
+#: Everything else (``DependencyUnavailableError``, ``InternalError``, an undeclared failure)
+#: is a failure of the service or of something it depends on.
+REFUSAL_FAMILIES: tuple[type[SandboxSecError], ...] = (
+    InputError,
+    AuthenticationError,
+    ForbiddenError,
+    NotFoundError,
+    ConflictError,
+    VerificationError,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True when ``exc`` refuses the request (audited as a refusal, answered with a 4xx).
+
+    Domain logic asks this instead of comparing HTTP statuses: the status belongs to the API
+    edge, the family to the domain.
+    """
+    return isinstance(exc, REFUSAL_FAMILIES)

@@ -1,26 +1,49 @@
-"""The service container: settings, clock, database, and each domain's service, built lazily.
+"""The composition root: the one module that knows every domain and wires them together.
 
-Routes, the CLI and tests get everything through one :class:`Services`; nothing reads global
-state.  Domain services take the container in their constructor and pick what they need.
+Routes, the CLI and benches get everything through one :class:`Services`; nothing reads
+global state.  Each domain service is built here, lazily, from exactly the collaborators its
+constructor names: the :class:`~sandboxsec.storage.db.Database`, the
+:class:`~sandboxsec.clock.Clock`, an :class:`~sandboxsec.audit.sink.AuditSink`, the
+:class:`~sandboxsec.crypto.keys.KeyProvider`, a small frozen config built from
+:class:`~sandboxsec.settings.Settings`, and the one-method Protocols the domain declares
+(a token verifier for sessions, a key shredder for tenants, ...).  No service holds
+:class:`Services`; only ``api/``, ``cli/`` and ``bench/`` import this module.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sandboxsec.attestation.config import AttestationConfig
+from sandboxsec.attestation.service import AttestationService
+from sandboxsec.audit.config import AuditConfig
+from sandboxsec.audit.keys import AuditKeys
+from sandboxsec.audit.log import AuditLog
+from sandboxsec.audit.reader import AuditReader
+from sandboxsec.audit.writer import AuditWriter
 from sandboxsec.clock import Clock, SystemClock
+from sandboxsec.crypto.admin import KeyAdmin
+from sandboxsec.crypto.config import KeyHierarchyConfig
+from sandboxsec.crypto.hierarchy import KeyHierarchy
+from sandboxsec.crypto.keys import KeyProvider, build_key_provider
+from sandboxsec.policy.admin import PolicyAdmin
+from sandboxsec.policy.approval_service import ApprovalService, Listener
+from sandboxsec.policy.config import ApprovalConfig, GrantConfig, PolicyConfig
+from sandboxsec.policy.decisions import DecisionService
+from sandboxsec.policy.engine import PolicyEngine, bundled_default_policy
+from sandboxsec.policy.grant_service import GrantService
+from sandboxsec.policy.notify import WebhookNotifier
+from sandboxsec.policy.repository import SqlPolicyRepository
+from sandboxsec.policy.service import PolicyService
+from sandboxsec.policy.signing import GrantKeyring
+from sandboxsec.policy.wakeup import PgListener, Wakeups
+from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
-
-if TYPE_CHECKING:
-    from sandboxsec.attestation.service import AttestationService
-    from sandboxsec.audit.log import AuditLog
-    from sandboxsec.crypto.keys import KeyProvider
-    from sandboxsec.crypto.service import TrajectoryService
-    from sandboxsec.policy.service import PolicyService
-    from sandboxsec.sessions.service import SessionService
-    from sandboxsec.tenants.service import TenantService
+from sandboxsec.tenants.service import TenantService
+from sandboxsec.trajectory.config import TrajectoryConfig
+from sandboxsec.trajectory.service import TrajectoryService
 
 __all__ = ["Services"]
 
@@ -43,51 +66,150 @@ class Services:
             timeout_seconds=self.settings.db_timeout_seconds,
         )
 
-    @cached_property
-    def tenants(self) -> TenantService:
-        from sandboxsec.tenants.service import TenantService
-
-        return TenantService(self)
-
-    @cached_property
-    def audit(self) -> AuditLog:
-        from sandboxsec.audit.log import AuditLog
-
-        return AuditLog(self)
+    # ------------------------------------------------------------------ keys and audit
 
     @cached_property
     def keys(self) -> KeyProvider:
-        from sandboxsec.crypto.keys import build_key_provider
-
+        """The root key provider (local file or PKCS#11)."""
         return build_key_provider(self.settings)
 
     @cached_property
-    def trajectory(self) -> TrajectoryService:
-        from sandboxsec.crypto.service import TrajectoryService
+    def audit_writer(self) -> AuditWriter:
+        """Appends and checkpoint signing: the :class:`AuditSink` every service gets."""
+        return AuditWriter(self.db, self.clock, self._audit_keys, self._audit_config)
 
-        return TrajectoryService(self)
+    @cached_property
+    def audit(self) -> AuditLog:
+        """The audit log: writer and reader behind one handle."""
+        reader = AuditReader(self.db, self._audit_keys, self._audit_config, self.audit_writer)
+        return AuditLog(self.audit_writer, reader, self._audit_keys)
+
+    @cached_property
+    def _audit_keys(self) -> AuditKeys:
+        return AuditKeys(self.settings.home, self.settings.audit_origin)
+
+    @cached_property
+    def _audit_config(self) -> AuditConfig:
+        s = self.settings
+        return AuditConfig(origin=s.audit_origin, checkpoint_every=s.audit_checkpoint_every,
+                           checkpoint_seconds=s.audit_checkpoint_seconds,
+                           write_timeout_seconds=s.audit_write_timeout_seconds)
+
+    # ------------------------------------------------------------------ tenants and keys
+
+    @cached_property
+    def key_hierarchy(self) -> KeyHierarchy:
+        """Tenants' keyrings, KEKs and DEKs under the root key."""
+        s = self.settings
+        config = KeyHierarchyConfig(cache_ttl_seconds=s.key_cache_ttl_seconds,
+                                    cache_max_entries=s.key_cache_max_entries,
+                                    dek_max_messages=s.dek_max_messages)
+        return KeyHierarchy(self.db, self.clock, self.audit_writer, self.keys, config)
+
+    @cached_property
+    def key_admin(self) -> KeyAdmin:
+        """Key status, rotation, rewrap, retirement and crypto-shredding."""
+        return KeyAdmin(self.db, self.clock, self.audit_writer, self.key_hierarchy)
+
+    @cached_property
+    def tenants(self) -> TenantService:
+        """Tenants and their API keys."""
+        return TenantService(self.db, self.clock, self.audit_writer, self.key_admin)
+
+    @cached_property
+    def trajectory(self) -> TrajectoryService:
+        """Encrypted trajectory records and streams."""
+        s = self.settings
+        config = TrajectoryConfig(max_record_bytes=s.max_record_bytes,
+                                  stream_threshold_bytes=s.stream_threshold_bytes,
+                                  stream_segment_bytes=s.stream_segment_bytes)
+        return TrajectoryService(self.db, self.clock, self.audit_writer, self.key_hierarchy,
+                                 config)
+
+    # ------------------------------------------------------------------ attestation, sessions
 
     @cached_property
     def attestation(self) -> AttestationService:
-        from sandboxsec.attestation.service import AttestationService
-
-        return AttestationService(self)
-
-    @cached_property
-    def policy(self) -> PolicyService:
-        from sandboxsec.policy.service import PolicyService
-
-        return PolicyService(self)
+        """Nonces, AK binding, verification and attestation tokens."""
+        s = self.settings
+        config = AttestationConfig(home=s.home, trust_dir=s.resolved_trust_dir(),
+                                   nonce_ttl_seconds=s.nonce_ttl_seconds,
+                                   token_ttl_seconds=s.attestation_token_ttl_seconds,
+                                   max_event_log_bytes=s.max_body_bytes)
+        return AttestationService(self.db, self.clock, self.audit_writer, config)
 
     @cached_property
     def sessions(self) -> SessionService:
-        from sandboxsec.sessions.service import SessionService
+        """Agent sessions, started from an affirming attestation token."""
+        return SessionService(self.db, self.clock, self.audit_writer, self.attestation,
+                              self.attestation, SessionConfig(self.settings.session_ttl_seconds))
 
-        return SessionService(self)
+    # ------------------------------------------------------------------ policy
+
+    @cached_property
+    def _policy_repository(self) -> SqlPolicyRepository:
+        return SqlPolicyRepository(self.db)
+
+    @cached_property
+    def policy_admin(self) -> PolicyAdmin:
+        """The tenants' policies: read, validate, replace."""
+        return PolicyAdmin(self._policy_repository, self.clock, self.audit_writer,
+                           self._policy_engine, bundled_default_policy())
+
+    @cached_property
+    def grants(self) -> GrantService:
+        """Issuing, signing and spending grants."""
+        keyring = GrantKeyring(self.db, self.clock, self.keys)
+        return GrantService(self._policy_repository, self.clock, self.audit_writer, keyring,
+                            self._wakeups, GrantConfig(self.settings.grant_ttl_seconds))
+
+    @cached_property
+    def decisions(self) -> DecisionService:
+        """Decisions on agent actions."""
+        s = self.settings
+        notifier = None
+        if s.approval_webhook_url and s.approval_webhook_secret:
+            notifier = WebhookNotifier(s.approval_webhook_url,
+                                       s.approval_webhook_secret.encode("utf-8"),
+                                       max_attempts=s.approval_webhook_max_attempts)
+        config = PolicyConfig(approval_ttl_seconds=s.approval_ttl_seconds)
+        return DecisionService(self._policy_repository, self.clock, self.audit_writer,
+                               self._policy_engine, self.policy_admin,
+                               self.grants, config, notifier)
+
+    @cached_property
+    def approvals(self) -> ApprovalService:
+        """Approval requests: list, read, decide, wait."""
+        repo = self._policy_repository
+        wakeups = self._wakeups
+        factory = None
+        if repo.is_postgres:
+            def factory() -> Listener:
+                return PgListener(repo.listen_url(), wakeups)
+        config = ApprovalConfig(wait_max_seconds=self.settings.approval_wait_max_seconds,
+                                recheck_seconds=self.settings.approval_recheck_seconds)
+        return ApprovalService(repo, self.clock, self.audit_writer, self.grants, wakeups,
+                               config, factory)
+
+    @cached_property
+    def policy(self) -> PolicyService:
+        """Policy admin, decisions, approvals and grants behind one handle."""
+        return PolicyService(self.policy_admin, self.decisions, self.approvals, self.grants)
+
+    @cached_property
+    def _policy_engine(self) -> PolicyEngine:
+        # One engine for admin and decisions: a policy compiled when it is installed is the
+        # one decisions use.
+        return PolicyEngine(cache_size=self.settings.policy_cache_size)
+
+    @cached_property
+    def _wakeups(self) -> Wakeups:
+        return Wakeups()
 
     def close(self) -> None:
         """Stop background work of every service that was built, then close the database."""
-        for name in ("policy", "trajectory", "attestation", "sessions", "audit", "keys"):
+        for name in ("approvals", "decisions", "key_hierarchy", "attestation", "sessions",
+                     "audit_writer", "keys"):
             svc: Any = self.__dict__.get(name)
             closer = getattr(svc, "close", None)
             if callable(closer):

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 echo "== ruff"; $BIN/ruff check sandboxsec tests bench clients
 echo "== mypy --strict sandboxsec"; $BIN/mypy sandboxsec clients/python/src
+echo "== import contracts"; $BIN/lint-imports --no-logo
 echo "== pytest"
 set +e
 $BIN/pytest -n "${SANDBOXSEC_TEST_WORKERS:-2}" --dist loadgroup "$@"

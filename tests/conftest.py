@@ -17,7 +17,7 @@ from sandboxsec.principal import Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
-from tests.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster
 
 _counter = itertools.count()
 

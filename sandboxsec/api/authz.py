@@ -1,28 +1,42 @@
-"""Role-based authorization of API permissions, in one place (casbin over policies/roles.csv)."""
+"""Role-based authorization of API permissions, in one place (casbin over the role table).
+
+The role table belongs to the API: ``sandboxsec/api/data/roles.csv`` (with its casbin model
+``roles_model.conf``), read from the installed package with :mod:`importlib.resources`.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 
 import casbin
 
 from sandboxsec.errors import ForbiddenError
 from sandboxsec.principal import Principal
 
-__all__ = ["authorize", "permissions_of", "roles_files"]
+__all__ = ["authorize", "permissions_of", "role_table"]
 
 
-def roles_files() -> tuple[Path, Path]:
-    """The model and the role table: the packaged copy, which mirrors ``policies/``."""
-    data = Path(__file__).resolve().parent.parent / "policy" / "data"
-    return data / "roles_model.conf", data / "roles.csv"
+def _data(name: str) -> str:
+    return resources.files("sandboxsec.api").joinpath("data", name).read_text("utf-8")
+
+
+def role_table() -> list[tuple[str, str]]:
+    """Every ``(role, permission)`` pair of the packaged role table, in file order."""
+    pairs = []
+    for line in _data("roles.csv").splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if fields[0] == "p" and len(fields) == 3:
+            pairs.append((fields[1], fields[2]))
+    return pairs
 
 
 @lru_cache(maxsize=1)
 def _enforcer() -> casbin.Enforcer:
-    model, table = roles_files()
-    return casbin.Enforcer(str(model), str(table))
+    enforcer = casbin.Enforcer(casbin.Enforcer.new_model(text=_data("roles_model.conf")))
+    for role, perm in role_table():
+        enforcer.add_policy(role, perm)
+    return enforcer
 
 
 @lru_cache(maxsize=1024)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +31,7 @@ from sqlmodel import Session, select
 
 from sandboxsec.attestation import akbind, quote, token
 from sandboxsec.attestation import nonce as nonces
+from sandboxsec.attestation.config import AttestationConfig
 from sandboxsec.attestation.errors import (
     AkCredentialExpiredError,
     AkCredentialUsedError,
@@ -64,16 +65,23 @@ from sandboxsec.attestation.x509chain import (
 )
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
 from sandboxsec.statefiles import create_once
+from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
-if TYPE_CHECKING:
-    from sandboxsec.services import Services
-
-__all__ = ["AkChallenge", "AttestationService", "IssuedNonce", "Verdict", "decode_evidence_field"]
+__all__ = [
+    "AkChallenge",
+    "AttestationService",
+    "BoundAkView",
+    "IssuedNonce",
+    "Verdict",
+    "decode_evidence_field",
+]
 
 CREDENTIAL_BYTES: Final = 32
 SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
@@ -101,6 +109,15 @@ class AkChallenge:
 
 
 @dataclass(frozen=True, slots=True)
+class BoundAkView:
+    """An AK bound to its tenant (what an activation returns)."""
+
+    tenant_id: str
+    ak_name: str
+    ek_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     attestation_id: str
     result: AttestationResult
@@ -115,8 +132,12 @@ def _b64(data: bytes) -> str:
 class AttestationService:
     """Nonces, AK binding, verification and tokens for one service instance."""
 
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, db: Database, clock: Clock, audit: AuditSink,
+                 config: AttestationConfig) -> None:
+        self._db = db
+        self._clock = clock
+        self._audit_sink = audit
+        self._config = config
         self.policy = quote.QuotePolicy()
         self._lock = threading.Lock()
         self._signing_key: Ed25519PrivateKey | None = None
@@ -158,14 +179,14 @@ class AttestationService:
     def _manifest_verifier(self) -> ManifestVerifier:
         with self._lock:
             if self._publishers is None:
-                base = self._s.settings.resolved_trust_dir()
+                base = self._config.trust_dir
                 self._publishers = ManifestVerifier(TrustStore.from_directory(base))
             return self._publishers
 
     def _ek_trust(self) -> tuple[tuple[x509.Certificate, ...], tuple[bytes, ...]]:
         with self._lock:
             if self._ek_roots is None:
-                base = self._s.settings.resolved_trust_dir() / "trust-roots"
+                base = self._config.trust_dir / "trust-roots"
                 self._ek_roots = _pem_dir(base / "tpm-manufacturers")
                 self._ek_intermediates = tuple(
                     c.public_bytes(serialization.Encoding.DER)
@@ -207,14 +228,14 @@ class AttestationService:
     def _key(self) -> Ed25519PrivateKey:
         with self._lock:
             if self._signing_key is None:
-                self._signing_key = _load_or_create_key(self._s.settings.home / SIGNING_KEY_FILE)
+                self._signing_key = _load_or_create_key(self._config.home / SIGNING_KEY_FILE)
             return self._signing_key
 
     def _nonce_key(self) -> bytes:
         with self._lock:
             if self._nonce_secret is None:
                 self._nonce_secret = _load_or_create_secret(
-                    self._s.settings.home / NONCE_KEY_FILE
+                    self._config.home / NONCE_KEY_FILE
                 )
             return self._nonce_secret
 
@@ -229,7 +250,7 @@ class AttestationService:
     def verify_token(self, presented: str, *, tenant_id: str) -> token.TokenClaims:
         """Verify an attestation token of ``tenant_id`` at the service's current time."""
         return token.verify_token(
-            presented, self.token_keys(), self._s.clock.now(), tenant_id=tenant_id
+            presented, self.token_keys(), self._clock.now(), tenant_id=tenant_id
         )
 
     # -- nonces ----------------------------------------------------------------------------
@@ -241,8 +262,8 @@ class AttestationService:
         :mod:`sandboxsec.attestation.nonce`), and the audit entry goes through the log's
         group commit, so concurrent challenges share one transaction.
         """
-        now = self._s.clock.now()
-        expires = now + timedelta(seconds=self._s.settings.nonce_ttl_seconds)
+        now = self._clock.now()
+        expires = now + timedelta(seconds=self._config.nonce_ttl_seconds)
         value = nonces.mint_nonce(self._nonce_key(), who.tenant_id, expires)
         self._audit(None, who, AuditEvent.ATTESTATION_CHALLENGE, "success",
                     object_ids={"nonce": value.hex()})
@@ -262,7 +283,7 @@ class AttestationService:
             "consumed_at": now,
             "expires_at": nonces.nonce_expiry(nonce),
         }
-        insert = pg_insert if self._s.db.is_postgres else sqlite_insert
+        insert = pg_insert if self._db.is_postgres else sqlite_insert
         # RETURNING says whether this statement inserted the row (rowcount is not reliable
         # for ON CONFLICT DO NOTHING across drivers).  Core tables, not ORM classes: the ORM
         # bulk path costs more than the statement on this hot path.
@@ -275,7 +296,7 @@ class AttestationService:
         # Housekeeping: consumed nonces are only needed until they expire.
         table: Any = AttestationNonce
         try:
-            with self._s.db.session() as s:
+            with self._db.session() as s:
                 s.execute(delete(AttestationNonce).where(table.expires_at < now))
         except SandboxSecError:
             return  # the next purge retries; nothing is decided here
@@ -295,7 +316,7 @@ class AttestationService:
 
         Refusals raise typed errors and are audited with their reason code.
         """
-        now = self._s.clock.now()
+        now = self._clock.now()
         try:
             # 1. The AK is a restricted fixedTPM signing key; its name is what gets bound.
             ak = quote.parse_ak_public(ak_public)
@@ -311,8 +332,8 @@ class AttestationService:
             self._refuse(who, AuditEvent.AK_CREDENTIAL_ISSUE, exc)
             raise
         credential_id = new_id("akc")
-        expires = now + timedelta(seconds=self._s.settings.nonce_ttl_seconds)
-        with self._s.db.session() as s:
+        expires = now + timedelta(seconds=self._config.nonce_ttl_seconds)
+        with self._db.session() as s:
             s.add(
                 AkCredential(
                     id=credential_id,
@@ -343,15 +364,16 @@ class AttestationService:
             expires_at=expires,
         )
 
-    def ak_activate(self, who: Principal, *, credential_id: str, secret: bytes) -> BoundAk:
+    def ak_activate(self, who: Principal, *, credential_id: str, secret: bytes
+                    ) -> BoundAkView:
         """Finish binding: the returned secret proves the AK and EK share one TPM.
 
         A challenge is answered once: a wrong secret burns it too, so it cannot be guessed.
         """
-        now = self._s.clock.now()
+        now = self._clock.now()
         failure: SandboxSecError | None = None
         bound: BoundAk | None = None
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             cred = get_scoped(s, AkCredential, who.tenant_id, credential_id,
                               for_update=True, what="AK credential")
             if cred.used_at is not None:
@@ -376,7 +398,7 @@ class AttestationService:
         if failure is not None:
             raise failure
         assert bound is not None
-        return bound
+        return BoundAkView(bound.tenant_id, bound.ak_name, bound.ek_fingerprint)
 
     @staticmethod
     def _bind(s: Session, who: Principal, cred: AkCredential, now: datetime) -> BoundAk:
@@ -414,8 +436,7 @@ class AttestationService:
         The nonce is consumed by this submission whatever the verdict.  The clock state of a
         bound AK advances only on a quote whose signature verified.
         """
-        now = self._s.clock.now()
-        settings = self._s.settings
+        now = self._clock.now()
         signing_key = self._key()  # fail closed before anything is consumed
         # Pure, cacheable work happens before the transaction to keep row locks short.
         manifest: VerifiedManifest | SandboxSecError
@@ -428,18 +449,18 @@ class AttestationService:
         except SandboxSecError:
             ak_name = None
         attestation_id = new_id("att")
-        token_expires = now + timedelta(seconds=settings.attestation_token_ttl_seconds)
+        token_expires = now + timedelta(seconds=self._config.token_ttl_seconds)
         # The checks run before the write transaction, on what the nonce and the AK's binding
         # look like now, so the writer lock (SQLite) or row lock (PostgreSQL) is held only for
         # the writes.  Inside the transaction both are read again under the lock; if either
         # changed meanwhile (a replayed nonce, a concurrent quote of the same AK) the verdict
         # is computed again on the locked state, so the outcome is exactly as if everything
         # had run under the lock.
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             early_bound = self._load_binding(s, who.tenant_id, ak_name, lock=False)
         early_state = nonces.check_nonce(self._nonce_key(), who.tenant_id, evidence.nonce, now)
         result = self._judge(who, evidence, now, manifest, early_state, early_bound)
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             # 1. Consume the nonce (atomic; a replay loses here even across processes).
             state = self._consume_nonce(s, who, evidence.nonce, now)
             # 2. The AK's binding and last clock, locked so concurrent quotes serialise.
@@ -546,7 +567,7 @@ class AttestationService:
                 manifest=manifest,
                 ek_chain_error=ek_error,
                 policy=self.policy,
-                max_event_log_bytes=self._s.settings.max_body_bytes,
+                max_event_log_bytes=self._config.max_event_log_bytes,
             ),
         )
 
@@ -557,7 +578,7 @@ class AttestationService:
             return None
         table: Any = BoundAk
         stmt = select(BoundAk).where(table.tenant_id == tenant_id, table.ak_name == ak_name)
-        if lock and self._s.db.is_postgres:
+        if lock and self._db.is_postgres:
             stmt = stmt.with_for_update()
         return s.exec(stmt).first()
 
@@ -591,7 +612,7 @@ class AttestationService:
         object_ids: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
     ) -> None:
-        self._s.audit.append(
+        self._audit_sink.append(
             AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
                            body=body),
             session=s,

@@ -1,9 +1,9 @@
 """The tamper-evident audit log: RFC 9162 Merkle tree, C2SP checkpoints, offline verification.
 
-Callers record with ``services.audit.append(AuditRecord(...), session=...)``; auditors verify
-exports with :func:`sandboxsec.audit.verify.verify_export` (``sandboxsec audit verify``).
-:class:`AuditLog` is imported on first use, so the offline verifier does not load the
-database stack.
+Services record through an ``AuditSink`` (``append(AuditRecord(...), session=...)``);
+auditors verify exports with :func:`sandboxsec.audit.verify.verify_export` (``sandboxsec
+audit verify``).  :class:`AuditLog` is imported on first use, so the offline verifier does not
+load the database stack.
 """
 
 from __future__ import annotations

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandboxsec.services import Services
+if TYPE_CHECKING:
+    from sandboxsec.services import Services
 
 __all__ = ["open_services", "print_json"]
 
 
 def open_services() -> Services:
     """Services from the environment, schema migrated (the embedded default when unset)."""
+    # Imported here: the composition root loads every domain, and commands that need none
+    # (the offline ``audit verify``, ``image``) must start without them.
+    from sandboxsec.services import Services
+
     services = Services()
     services.settings.ensure_home()
     services.db.migrate()

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from sandboxsec.cli._common import open_services, print_json
-from sandboxsec.crypto.service import KeyStatus
+from sandboxsec.crypto.admin import KeyStatus
 
 __all__ = ["register"]
 
@@ -51,9 +51,9 @@ def _rotate(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        services.trajectory.rotate(tenant.id, None)
-        result = services.trajectory.rewrap(tenant.id, None) if args.rewrap else None
-        status = services.trajectory.status(tenant.id)
+        services.key_admin.rotate(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None) if args.rewrap else None
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     out = _status_json(status)
@@ -68,7 +68,7 @@ def _rewrap(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        result = services.trajectory.rewrap(tenant.id, None)
+        result = services.key_admin.rewrap(tenant.id, None)
     finally:
         services.close()
     print_json({"tenant_id": tenant.id, "version": result.version,
@@ -80,7 +80,7 @@ def _retire(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.retire(tenant.id, None, args.min_version)
+        status = services.key_admin.retire(tenant.id, None, args.min_version)
     finally:
         services.close()
     print_json(_status_json(status))
@@ -91,7 +91,7 @@ def _status(args: argparse.Namespace) -> int:
     services = open_services()
     try:
         tenant = services.tenants.find(args.tenant)
-        status = services.trajectory.status(tenant.id)
+        status = services.key_admin.status(tenant.id)
     finally:
         services.close()
     print_json(_status_json(status))

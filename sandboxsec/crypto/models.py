@@ -1,4 +1,4 @@
-"""Tables of the encryption domain: keyrings, wrapped keys, encrypted trajectory records.
+"""Tables of the key hierarchy: keyrings, wrapped KEKs and DEKs.
 
 Nothing here holds key material or trajectory content in clear: KEKs are wrapped by the
 root key, DEKs by a KEK, record metadata and data are sealed under a DEK.  What stays in
@@ -18,8 +18,6 @@ __all__ = [
     "DataEncryptionKey",
     "KeyEncryptionKey",
     "TenantKeyring",
-    "TrajectoryRecord",
-    "TrajectorySegment",
 ]
 
 
@@ -65,40 +63,3 @@ class DataEncryptionKey(SQLModel, table=True):
     wrapped_key: bytes = Field(sa_type=LargeBinary)
     created_at: datetime = Field(sa_type=UTCDateTime)
     rewrapped_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-
-
-class TrajectoryRecord(SQLModel, table=True):
-    """One encrypted trajectory record; ``meta_sealed`` and the data are ciphertext.
-
-    ``layout`` is ``sealed`` (``data`` holds one sealed record) or ``stream`` (``data`` holds
-    the stream header, the segments are :class:`TrajectorySegment` rows).
-    """
-
-    __tablename__ = "trajectory_records"
-
-    id: str = Field(primary_key=True, max_length=40)
-    tenant_id: str = Field(index=True, max_length=40)
-    session_id: str = Field(index=True, max_length=40)
-    created_at: datetime = Field(sa_type=UTCDateTime, index=True)
-    created_by: str = Field(default="", max_length=40)
-    kind: str = Field(max_length=64, index=True)
-    size: int
-    content_sha256: str = Field(max_length=64)
-    dek_id: str = Field(index=True, max_length=40)
-    layout: str = Field(max_length=8)
-    segment_count: int = Field(default=0)
-    meta_sealed: bytes = Field(sa_type=LargeBinary)
-    data: bytes = Field(sa_type=LargeBinary)
-
-
-class TrajectorySegment(SQLModel, table=True):
-    """One ciphertext segment of a streamed record, in order ``seq`` from 0."""
-
-    __tablename__ = "trajectory_segments"
-    __table_args__ = (UniqueConstraint("record_id", "seq", name="uq_trajectory_segments_seq"),)
-
-    id: str = Field(primary_key=True, max_length=60)
-    tenant_id: str = Field(index=True, max_length=40)
-    record_id: str = Field(index=True, max_length=40)
-    seq: int
-    data: bytes = Field(sa_type=LargeBinary)

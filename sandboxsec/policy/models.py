@@ -94,7 +94,7 @@ class GrantRecord(SQLModel, table=True):
 class GrantSigningKey(SQLModel, table=True):
     """The service's Ed25519 grant signing keys, shared by every worker through the database.
 
-    ``private_key`` is wrapped by the root key provider (``services.keys``: a local root key
+    ``private_key`` is wrapped by the root key provider (the ``KeyProvider``: a local root key
     or an HSM), bound to the key id; the database alone cannot sign grants.
     """
 

@@ -7,54 +7,90 @@ log cannot write, no session starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from sqlmodel import Session
 
 from sandboxsec.attestation.errors import (
     SessionTokenRequiredError,
     TokenNotAffirmingError,
     TokenReusedError,
 )
+from sandboxsec.attestation.token import TokenClaims
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock
+from sandboxsec.errors import SandboxSecError, is_refusal
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
 from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.views import SessionView
+from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
-if TYPE_CHECKING:
-    from sandboxsec.services import Services
+__all__ = ["SessionConfig", "SessionService", "TokenVerifier", "VerdictClaimer"]
 
-__all__ = ["SessionService"]
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How long a session lives."""
+
+    ttl_seconds: int
+
+
+class TokenVerifier(Protocol):
+    """Verifies an attestation token of a tenant (the attestation service does)."""
+
+    def verify_token(self, presented: str, *, tenant_id: str) -> TokenClaims:
+        """The token's claims, or a refusal with its own reason code."""
+        ...
+
+
+class VerdictClaimer(Protocol):
+    """Marks an attestation verdict used by one session, in the caller's transaction."""
+
+    def claim_for_session(
+        self, s: Session, tenant_id: str, attestation_id: str, session_id: str
+    ) -> bool:
+        """False when the verdict is unknown, not affirming or used already."""
+        ...
 
 
 class SessionService:
     """Start and read agent sessions."""
 
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, db: Database, clock: Clock, audit: AuditSink, tokens: TokenVerifier,
+                 verdicts: VerdictClaimer, config: SessionConfig) -> None:
+        self._db = db
+        self._clock = clock
+        self._audit_sink = audit
+        self._tokens = tokens
+        self._verdicts = verdicts
+        self._config = config
 
-    def start(self, who: Principal, attestation_token: str) -> AgentSession:
+    def start(self, who: Principal, attestation_token: str) -> SessionView:
         """Start a session on an affirming, unexpired, unused token of ``who``'s tenant.
 
         Checks, in order: a token is present; its signature, expiry and tenant verify; its
         status is affirming; its verdict was not used by another session.  Each refusal
         raises its own reason code and is audited.
         """
-        now = self._s.clock.now()
+        now = self._clock.now()
         try:
             # 1-3. The token itself.
             if not attestation_token:
                 raise SessionTokenRequiredError("an attestation token is required")
-            claims = self._s.attestation.verify_token(attestation_token, tenant_id=who.tenant_id)
+            claims = self._tokens.verify_token(attestation_token, tenant_id=who.tenant_id)
             if claims.status != "affirming":
                 raise TokenNotAffirmingError("the attestation was not affirming")
             # 4. Claim the verdict and create the session in one transaction.
             session_id = new_id("ses")
-            expires = now + timedelta(seconds=self._s.settings.session_ttl_seconds)
-            with self._s.db.session() as s:
-                if not self._s.attestation.claim_for_session(
+            expires = now + timedelta(seconds=self._config.ttl_seconds)
+            with self._db.session() as s:
+                if not self._verdicts.claim_for_session(
                     s, who.tenant_id, claims.attestation_id, session_id
                 ):
                     raise TokenReusedError("this attestation token already started a session")
@@ -78,16 +114,18 @@ class SessionService:
                     {"image_digest": claims.image_digest, "image_name": claims.image_name},
                     session=s,
                 )
+                view = SessionView.of(row)
         except SandboxSecError as exc:
-            if exc.status < 500:
+            if is_refusal(exc):
                 self._audit(who, AuditEvent.SESSION_REFUSE, "failure", exc.reason, {}, {})
             raise
-        return row
+        return view
 
-    def get(self, who: Principal, session_id: str) -> AgentSession:
+    def get(self, who: Principal, session_id: str) -> SessionView:
         """The session ``session_id`` of ``who``'s tenant (404 for any other)."""
-        with self._s.db.session() as s:
-            return get_scoped(s, AgentSession, who.tenant_id, session_id, what="session")
+        with self._db.session() as s:
+            return SessionView.of(
+                get_scoped(s, AgentSession, who.tenant_id, session_id, what="session"))
 
     def _audit(
         self,
@@ -100,7 +138,7 @@ class SessionService:
         *,
         session: object | None = None,
     ) -> None:
-        self._s.audit.append(
+        self._audit_sink.append(
             AuditRecord.by(who, event, outcome, reason=reason, object_ids=object_ids,
                            body=body),
             session=session,

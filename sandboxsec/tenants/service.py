@@ -6,16 +6,19 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock
 from sandboxsec.errors import NotFoundError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal, Role
+from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 from sandboxsec.tenants.apikeys import generate_key, parse_key, secret_matches
 from sandboxsec.tenants.errors import (
@@ -25,10 +28,16 @@ from sandboxsec.tenants.errors import (
 )
 from sandboxsec.tenants.models import ApiKey, Tenant
 
-if TYPE_CHECKING:
-    from sandboxsec.services import Services
-
-__all__ = ["CreatedTenant", "DeletedTenant", "IssuedKey", "TenantService"]
+__all__ = [
+    "ApiKeyView",
+    "CreatedTenant",
+    "DeletedTenant",
+    "IssuedKey",
+    "KeyShredder",
+    "Shredded",
+    "TenantService",
+    "TenantView",
+]
 
 # A short positive cache keeps a hot key off the database; revocation bumps it out at once in
 # this process, and other processes see it within this many seconds.
@@ -65,6 +74,58 @@ class CreatedTenant:
     keys: dict[Role, IssuedKey]
 
 
+@dataclass(frozen=True)
+class TenantView:
+    """A tenant."""
+
+    id: str
+    name: str
+    created_at: datetime
+    deleted_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Tenant) -> TenantView:
+        """The view of a stored tenant row."""
+        return cls(row.id, row.name, row.created_at, row.deleted_at)
+
+
+@dataclass(frozen=True)
+class ApiKeyView:
+    """An API key as listed: never its secret, only its hash."""
+
+    id: str
+    tenant_id: str
+    role: str
+    secret_sha256: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ApiKey) -> ApiKeyView:
+        """The view of a stored key row."""
+        return cls(row.id, row.tenant_id, row.role, row.secret_sha256, row.label,
+                   row.created_at, row.revoked_at)
+
+
+class Shredded(Protocol):
+    """What crypto-shredding a tenant destroyed."""
+
+    @property
+    def keks_destroyed(self) -> int: ...
+
+    @property
+    def deks_destroyed(self) -> int: ...
+
+
+class KeyShredder(Protocol):
+    """Crypto-shreds a tenant's keys (key administration does)."""
+
+    def shred_tenant(self, tenant_id: str, actor: Principal | None) -> Shredded:
+        """Destroy the tenant's keys, idempotently; its data becomes unreadable."""
+        ...
+
+
 def _valid_name(name: str) -> str:
     name = name.strip()
     if not (1 <= len(name) <= 200) or not name.isprintable():
@@ -75,24 +136,28 @@ def _valid_name(name: str) -> str:
 class TenantService:
     """Creates tenants and keys, and turns a presented key into a :class:`Principal`."""
 
-    def __init__(self, services: Services) -> None:
-        self._s = services
+    def __init__(self, db: Database, clock: Clock, audit: AuditSink,
+                 shredder: KeyShredder) -> None:
+        self._db = db
+        self._clock = clock
+        self._audit = audit
+        self._shredder = shredder
         self._cache: dict[str, tuple[str, Principal, float]] = {}
         self._lock = threading.Lock()
 
     def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
         """Create a tenant with one key per role; audited in the same transaction."""
         name = _valid_name(name)
-        now = self._s.clock.now()
+        now = self._clock.now()
         tenant_id = new_id("tn")
         keys: dict[Role, IssuedKey] = {}
         try:
-            with self._s.db.session() as s:
+            with self._db.session() as s:
                 s.add(Tenant(id=tenant_id, name=name, created_at=now))
                 s.flush()
                 for role in Role:
                     keys[role] = self._add_key(s, tenant_id, role, now, label=f"initial {role}")
-                self._s.audit.append(
+                self._audit.append(
                     AuditRecord.by(
                         actor, AuditEvent.TENANT_CREATE, "success", tenant_id=tenant_id,
                         object_ids={"tenant_id": tenant_id},
@@ -114,13 +179,13 @@ class TenantService:
     def create_key(self, tenant_id: str, role: Role, *, actor: Principal | None,
                    label: str = "") -> IssuedKey:
         """Issue one more key of ``role`` for ``tenant_id``."""
-        now = self._s.clock.now()
-        with self._s.db.session() as s:
+        now = self._clock.now()
+        with self._db.session() as s:
             tenant = s.get(Tenant, tenant_id)
             if tenant is None or tenant.deleted_at is not None:
                 raise NotFoundError("no such tenant")
             issued = self._add_key(s, tenant_id, role, now, label=label[:200])
-            self._s.audit.append(
+            self._audit.append(
                 AuditRecord.by(
                     actor, AuditEvent.APIKEY_CREATE, "success", tenant_id=tenant_id,
                     object_ids={"key_id": issued.key_id},
@@ -130,21 +195,21 @@ class TenantService:
             )
         return issued
 
-    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+    def list_keys(self, tenant_id: str) -> list[ApiKeyView]:
         """Every key of the tenant (hashes only), newest first."""
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             rows = s.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id)).all()
-        return sorted(rows, key=lambda k: k.created_at, reverse=True)
+        return [ApiKeyView.of(r) for r in sorted(rows, key=lambda k: k.created_at, reverse=True)]
 
     def revoke_key(self, tenant_id: str, key_id: str, *, actor: Principal | None) -> None:
         """Revoke a key of this tenant; later requests with it are refused."""
-        now = self._s.clock.now()
-        with self._s.db.session() as s:
+        now = self._clock.now()
+        with self._db.session() as s:
             row = get_scoped(s, ApiKey, tenant_id, key_id, what="API key")
             if row.revoked_at is None:
                 row.revoked_at = now
                 s.add(row)
-            self._s.audit.append(
+            self._audit.append(
                 AuditRecord.by(
                     actor, AuditEvent.APIKEY_REVOKE, "success", tenant_id=tenant_id,
                     object_ids={"key_id": key_id},
@@ -165,7 +230,7 @@ class TenantService:
             hit = self._cache.get(parsed.key_id)
         if hit is not None and hit[2] > mono and secret_matches(parsed.secret, hit[0]):
             return hit[1]
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             row = s.get(ApiKey, parsed.key_id)
             tenant = s.get(Tenant, row.tenant_id) if row is not None else None
         if (
@@ -190,9 +255,9 @@ class TenantService:
         by running it again; the tenant stops authenticating only once its data is unreadable.
         """
         self.get(tenant_id)
-        shred = self._s.trajectory.shred_tenant(tenant_id, actor)
-        now = self._s.clock.now()
-        with self._s.db.session() as s:
+        shred = self._shredder.shred_tenant(tenant_id, actor)
+        now = self._clock.now()
+        with self._db.session() as s:
             tenant = s.get(Tenant, tenant_id, with_for_update=True)
             if tenant is None or tenant.deleted_at is not None:
                 raise NotFoundError("no such tenant")
@@ -204,7 +269,7 @@ class TenantService:
                     key.revoked_at = now
                     s.add(key)
                     revoked += 1
-            self._s.audit.append(
+            self._audit.append(
                 AuditRecord.by(
                     actor, AuditEvent.TENANT_DELETE, "success", tenant_id=tenant_id,
                     object_ids={"tenant_id": tenant_id},
@@ -219,23 +284,23 @@ class TenantService:
                              keks_destroyed=shred.keks_destroyed,
                              deks_destroyed=shred.deks_destroyed)
 
-    def get(self, tenant_id: str) -> Tenant:
+    def get(self, tenant_id: str) -> TenantView:
         """The tenant, unless missing or deleted."""
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             t = s.get(Tenant, tenant_id)
         if t is None or t.deleted_at is not None:
             raise NotFoundError("no such tenant")
-        return t
+        return TenantView.of(t)
 
-    def find(self, name_or_id: str) -> Tenant:
+    def find(self, name_or_id: str) -> TenantView:
         """A live tenant by id or by name."""
-        with self._s.db.session() as s:
+        with self._db.session() as s:
             t = s.get(Tenant, name_or_id) or s.exec(
                 select(Tenant).where(Tenant.name == name_or_id)
             ).first()
         if t is None or t.deleted_at is not None:
             raise NotFoundError("no such tenant")
-        return t
+        return TenantView.of(t)
 
     def forget_cached(self) -> None:
         """Drop the authentication cache (after revocations made by other processes)."""

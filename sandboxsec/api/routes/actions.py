@@ -54,7 +54,7 @@ class ActionOut(BaseModel):
 def request_action(body: ActionIn, services: ServicesDep,
                    who: Annotated[Principal, Depends(require("action:request"))]) -> ActionOut:
     """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``."""
-    result = services.policy.request_action(
+    result = services.decisions.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,
         params=body.params,
     )

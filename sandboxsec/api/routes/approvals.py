@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.errors import NotFoundError
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal
 
 __all__ = ["ApprovalOut", "DecideIn", "page_router", "router"]
@@ -94,7 +94,7 @@ def list_approvals(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[ApprovalOut]:
     """The tenant's approval requests, newest first: what an approver has to look at."""
-    return [_out(v) for v in services.policy.list_approvals(who, state=state,
+    return [_out(v) for v in services.approvals.list_approvals(who, state=state,
                                                             session_id=session_id, limit=limit)]
 
 
@@ -103,7 +103,7 @@ def list_approvals(
 def get_approval(approval_id: ApprovalId, services: ServicesDep,
                  who: Annotated[Principal, Depends(require("approval:read"))]) -> ApprovalOut:
     """The request, its exact params and its state (the agent also sees its grant)."""
-    return _out(services.policy.get_approval(who, approval_id))
+    return _out(services.approvals.get_approval(who, approval_id))
 
 
 @router.get("/approvals/{approval_id}/wait", response_model=ApprovalOut,
@@ -116,7 +116,7 @@ async def wait_approval(
                                     "service (approval_wait_max_seconds).")] = 30.0,
 ) -> ApprovalOut:
     """Returns as soon as the request leaves ``pending``, or at the timeout (still pending)."""
-    return _out(await services.policy.wait(who, approval_id, timeout))
+    return _out(await services.approvals.wait(who, approval_id, timeout))
 
 
 @router.post("/approvals/{approval_id}/approve", response_model=ApprovalOut,
@@ -124,7 +124,8 @@ async def wait_approval(
 def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
             who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Approve exactly what was shown; the agent then gets a single-use grant."""
-    return _out(services.policy.decide(who, approval_id, ApprovalEvent.APPROVE, body.params_hash))
+    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.APPROVE,
+                                          body.params_hash))
 
 
 @router.post("/approvals/{approval_id}/deny", response_model=ApprovalOut,
@@ -132,7 +133,7 @@ def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
 def deny(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
          who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Deny the request."""
-    return _out(services.policy.decide(who, approval_id, ApprovalEvent.DENY, body.params_hash))
+    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.DENY, body.params_hash))
 
 
 def _static(name: str) -> bytes:

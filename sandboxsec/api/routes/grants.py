@@ -53,7 +53,7 @@ class GrantKeys(BaseModel):
 def verify_grant(body: GrantVerifyIn, services: ServicesDep,
                  who: Annotated[Principal, Depends(require("grant:verify"))]) -> GrantVerifyOut:
     """Valid once: a used, expired, or differently-parametrised grant is refused with its reason."""
-    v = services.policy.verify_grant(who, token=body.grant, action=body.action,
+    v = services.grants.verify_grant(who, token=body.grant, action=body.action,
                                      params=body.params, resource=body.resource)
     return GrantVerifyOut(grant_id=v.grant_id, session_id=v.session_id,
                           approval_id=v.approval_id, action=v.action, resource=v.resource,
@@ -64,4 +64,4 @@ def verify_grant(body: GrantVerifyIn, services: ServicesDep,
 def grant_keys(services: ServicesDep) -> GrantKeys:
     """The public keys grants are signed with (public: no key needed)."""
     return GrantKeys(keys={k: base64.b64encode(v).decode("ascii")
-                           for k, v in services.policy.public_keys().items()})
+                           for k, v in services.grants.public_keys().items()})

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
-from sandboxsec.crypto.service import KeyStatus
+from sandboxsec.crypto.admin import KeyStatus
 from sandboxsec.principal import Principal
 
 __all__ = ["router"]
@@ -64,21 +64,21 @@ def _out(status: KeyStatus) -> KeyStatusOut:
 def key_status(services: ServicesDep,
                who: Annotated[Principal, Depends(require("keys:read"))]) -> KeyStatusOut:
     """The tenant's key versions and minimum decryption version."""
-    return _out(services.trajectory.status(who.tenant_id))
+    return _out(services.key_admin.status(who.tenant_id))
 
 
 @router.post("/keys/rotate", response_model=KeyStatusOut)
 def rotate(body: RotateIn, services: ServicesDep,
            who: Annotated[Principal, Depends(require("keys:manage"))]) -> KeyStatusOut:
     """Make a new key version for new data; old data stays readable."""
-    return _out(services.trajectory.rotate(who.tenant_id, who, rewrap=body.rewrap))
+    return _out(services.key_admin.rotate(who.tenant_id, who, rewrap=body.rewrap))
 
 
 @router.post("/keys/rewrap", response_model=RewrapOut)
 def rewrap(services: ServicesDep,
            who: Annotated[Principal, Depends(require("keys:manage"))]) -> RewrapOut:
     """Re-wrap the data keys of older versions under the current one (no data re-encrypted)."""
-    result = services.trajectory.rewrap(who.tenant_id, who)
+    result = services.key_admin.rewrap(who.tenant_id, who)
     return RewrapOut(version=result.version, rewrapped=result.rewrapped,
                      skipped_retired=result.skipped_retired)
 
@@ -87,4 +87,4 @@ def rewrap(services: ServicesDep,
 def retire(body: RetireIn, services: ServicesDep,
            who: Annotated[Principal, Depends(require("keys:manage"))]) -> KeyStatusOut:
     """Set the minimum decryption version: data under older versions stops opening."""
-    return _out(services.trajectory.retire(who.tenant_id, who, body.min_decryption_version))
+    return _out(services.key_admin.retire(who.tenant_id, who, body.min_decryption_version))

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.policy.engine import MAX_POLICY_BYTES
-from sandboxsec.policy.service import PolicyView
+from sandboxsec.policy.views import PolicyView
 from sandboxsec.principal import Principal
 
 __all__ = ["PolicyIn", "PolicyOut", "router"]
@@ -56,7 +56,7 @@ def _out(view: PolicyView) -> PolicyOut:
 def get_policy(services: ServicesDep,
                who: Annotated[Principal, Depends(require("policy:read"))]) -> PolicyOut:
     """The tenant's policy in force; version 0 is the shipped default."""
-    return _out(services.policy.get_policy(who))
+    return _out(services.policy_admin.get_policy(who))
 
 
 @router.put("/policy", response_model=PolicyOut)
@@ -64,12 +64,13 @@ def replace_policy(body: PolicyIn, services: ServicesDep,
                    who: Annotated[Principal, Depends(require("policy:write"))]) -> PolicyOut:
     """Validate and install a new policy.  A bad one is refused (``policy_invalid`` naming the
     line) and the old one stays in force."""
-    return _out(services.policy.replace_policy(who, body.text, base_version=body.base_version))
+    return _out(services.policy_admin.replace_policy(who, body.text,
+                                                     base_version=body.base_version))
 
 
 @router.post("/policy/validate", response_model=PolicyCheck)
 def validate_policy(body: PolicyIn, services: ServicesDep,
                     _who: Annotated[Principal, Depends(require("policy:read"))]) -> PolicyCheck:
     """Check a policy text without installing it."""
-    compiled = services.policy.validate_policy(body.text)
+    compiled = services.policy_admin.validate_policy(body.text)
     return PolicyCheck(valid=True, sha256=compiled.sha256, rule_count=len(compiled.rules))

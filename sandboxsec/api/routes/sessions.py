@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.principal import Principal
-from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.views import SessionView
 
 router = APIRouter(tags=["sessions"])
 
@@ -30,7 +30,7 @@ class SessionOut(BaseModel):
     attestation_id: str | None
 
 
-def _out(row: AgentSession) -> SessionOut:
+def _out(row: SessionView) -> SessionOut:
     return SessionOut(
         session_id=row.id,
         expires_at=row.expires_at,

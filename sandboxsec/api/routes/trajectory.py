@@ -18,9 +18,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
-from sandboxsec.crypto.service import RecordView
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
+from sandboxsec.trajectory.views import RecordView
 
 __all__ = ["router"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from sandboxsec.storage.registry import metadata
+from sandboxsec.schema import metadata
 
 config = context.config
 engine = config.attributes["engine"]

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.unit.attestation.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
-from tests.unit.attestation.softtpm import (
+from tests.support.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
+from tests.support.softtpm import (
     SoftAk,
     boot_log,
     make_manifest,

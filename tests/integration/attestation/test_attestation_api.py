@@ -23,8 +23,8 @@ from tests.integration.attestation.conftest import (
     make_machine,
     nonce_for,
 )
-from tests.unit.attestation.pki import make_ca, make_leaf
-from tests.unit.attestation.softtpm import SoftAk, make_manifest
+from tests.support.pki import make_ca, make_leaf
+from tests.support.softtpm import SoftAk, make_manifest
 
 pytestmark = pytest.mark.usefixtures("machine")
 
@@ -157,7 +157,7 @@ def test_reset_count_rollback(bound: SoftMachine, submit: Submit) -> None:
 
 
 def test_event_log_that_does_not_replay(bound: SoftMachine, submit: Submit) -> None:
-    from tests.unit.attestation.softtpm import boot_log
+    from tests.support.softtpm import boot_log
 
     assert codes(submit(event_log=b64(boot_log(25)[0]))) == ["eventlog_replay_mismatch"]
 
@@ -203,7 +203,7 @@ def test_audit_failure_means_no_token(
     def broken(*_a: object, **_k: object) -> None:
         raise AuditUnavailableError("audit store is down")
 
-    monkeypatch.setattr(services.audit, "append", broken)
+    monkeypatch.setattr(services.audit_writer, "append", broken)
     r = client.post("/v1/attestation/verify", headers=tenant.headers("agent"),
                     json=bound.evidence(nonce))
     assert r.status_code == 503 and "token" not in r.json()
@@ -243,7 +243,7 @@ def test_audit_failure_means_no_session(
     def broken(*_a: object, **_k: object) -> None:
         raise AuditUnavailableError("audit store is down")
 
-    monkeypatch.setattr(services.audit, "append", broken)
+    monkeypatch.setattr(services.audit_writer, "append", broken)
     h = tenant.headers("agent")
     r = client.post("/v1/sessions", headers=h, json={"attestation_token": token})
     assert r.status_code == 503

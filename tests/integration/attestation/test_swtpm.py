@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sandboxsec.clock import FixedClock
+from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.attestation import swtpm as sw
-from tests.unit.attestation.pki import Publisher, make_ca, make_publisher
-from tests.unit.attestation.softtpm import make_manifest
+from tests.support.pki import Publisher, make_ca, make_publisher
+from tests.support.softtpm import make_manifest
 
 pytestmark = [
     pytest.mark.swtpm,

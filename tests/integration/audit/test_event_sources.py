@@ -57,7 +57,7 @@ def test_refused_sessions(services: Services, tenant: TenantKeys) -> None:
 
 
 def test_key_rotation(services: Services, tenant: TenantKeys) -> None:
-    services.trajectory.rotate(tenant.id, _who(tenant, Role.ADMIN))
+    services.key_admin.rotate(tenant.id, _who(tenant, Role.ADMIN))
     assert AuditEvent.KEY_ROTATE in _events(services, tenant.id)
     _verifies(services, tenant.id)
 

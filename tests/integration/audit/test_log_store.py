@@ -43,7 +43,7 @@ def test_appends_are_sequenced_hashed_and_verify(audit_services: Services) -> No
     report = verify_export(_export(audit_services), log.keys.public_key, expected_log=LOG)
     assert report.entries == 20 and report.tree_size == 20
     # Checkpoints were signed every CHECKPOINT_EVERY entries on the way, and kept.
-    sizes = [c.size for c in log._checkpoints(LOG)]
+    sizes = [c.size for c in log.reader.checkpoints(LOG)]
     assert sizes[: 20 // CHECKPOINT_EVERY] == [8, 16] and sizes[-1] == 20
     # A secret given as sensitive never reaches the store in clear, but can be matched.
     entry = log.entries(LOG)[3]
@@ -311,7 +311,7 @@ def test_proofs_over_stored_nodes_of_a_larger_log(audit_services: Services) -> N
     kept = log.checkpoint_now(LOG)
     for start in (0, 255, 256, 301, 699):
         verify_export(_export(audit_services, start=start), pub, previous_checkpoints=[kept.note])
-    sizes = [c.size for c in log._checkpoints(LOG)]
+    sizes = [c.size for c in log.reader.checkpoints(LOG)]
     for a, b in itertools.pairwise(sizes):
         assert log.consistency(LOG, a, b)["first"] == a
     for seq in (0, 255, 256, 511, 512, 699):

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from sandboxsec_client import AgentClient
 
-from tests.integration.e2e.faults_support import (
+from tests.support.faults import (
     Deployment,
     Server,
     Tenant,
     Trust,
     running,
 )
-from tests.pgcluster import PgCluster
-from tests.unit.attestation.softtpm import SoftAk, marshal_quote, sign_quote, soft_activate
+from tests.support.pgcluster import PgCluster
+from tests.support.softtpm import SoftAk, marshal_quote, sign_quote, soft_activate
 
 _counter = itertools.count()
 

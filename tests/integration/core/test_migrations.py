@@ -3,8 +3,8 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from sandboxsec.schema import metadata
 from sandboxsec.storage.db import Database
-from sandboxsec.storage.registry import metadata
 
 
 def test_migrations_produce_exactly_the_models(database: Database) -> None:

@@ -101,7 +101,7 @@ def test_tampered_record_is_422(client: TestClient, services: Services, tenant: 
                                 make_session: MakeSession) -> None:
     from sqlalchemy import update
 
-    from sandboxsec.crypto.models import TrajectoryRecord
+    from sandboxsec.trajectory.models import TrajectoryRecord
 
     sid = make_session(tenant.id)
     r = client.post(f"/v1/sessions/{sid}/trajectory", headers=tenant.headers("agent"),

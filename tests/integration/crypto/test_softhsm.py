@@ -44,15 +44,15 @@ def test_round_trip_rotation_and_shredding(services: Services, tenant: TenantKey
     sid = make_session(tenant.id)
     small = services.trajectory.write(agent, sid, "action", b"hsm protected")
     big = services.trajectory.write(agent, sid, "screenshot", b"\x89PNG" * 3000)
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(admin, sid, small.record_id).data == b"hsm protected"
-    services.trajectory.rotate(tenant.id, admin, rewrap=True)
-    services.trajectory.forget_keys()
+    services.key_admin.rotate(tenant.id, admin, rewrap=True)
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(admin, sid, big.record_id).data == b"\x89PNG" * 3000
-    status = services.trajectory.status(tenant.id)
+    status = services.key_admin.status(tenant.id)
     assert status.versions[0].provider_id.startswith("pkcs11:")
     assert [(v.version, v.data_keys) for v in status.versions] == [(1, 0), (2, 1)]
-    services.trajectory.shred_tenant(tenant.id, admin)
+    services.key_admin.shred_tenant(tenant.id, admin)
     with pytest.raises(TenantKeysShreddedError):
         services.trajectory.read(admin, sid, small.record_id)
 
@@ -79,18 +79,18 @@ def test_token_removed_fails_closed_then_recovers(services: Services, tenant: Te
     rec = services.trajectory.write(agent, sid, "action", b"before the outage")
     softhsm.remove_token()
     try:
-        services.trajectory.forget_keys()
+        services.key_hierarchy.forget_keys()
         with pytest.raises(KeyProviderUnavailableError) as err:
             services.trajectory.read(admin, sid, rec.record_id)
         assert (err.value.reason, err.value.status) == ("key_provider_unavailable", 503)
         with pytest.raises(KeyProviderUnavailableError):
             services.trajectory.write(agent, make_session(tenant.id), "action", b"new")
         with pytest.raises(KeyProviderUnavailableError):
-            services.trajectory.rotate(tenant.id, admin)
+            services.key_admin.rotate(tenant.id, admin)
     finally:
         softhsm.restore_token()
     assert services.trajectory.read(admin, sid, rec.record_id).data == b"before the outage"
-    assert services.trajectory.status(tenant.id).current_version == 1
+    assert services.key_admin.status(tenant.id).current_version == 1
 
 
 def test_wrong_pin_or_token_is_unavailable(softhsm: SoftHsm) -> None:

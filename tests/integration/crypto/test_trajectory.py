@@ -20,16 +20,12 @@ from sandboxsec.crypto.errors import (
     TrajectoryRecordTooLargeError,
     TrajectorySessionClosedError,
 )
-from sandboxsec.crypto.models import (
-    DataEncryptionKey,
-    KeyEncryptionKey,
-    TrajectoryRecord,
-    TrajectorySegment,
-)
+from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey
 from sandboxsec.errors import NotFoundError, SandboxSecError
 from sandboxsec.principal import Role
+from sandboxsec.schema import metadata
 from sandboxsec.services import Services
-from sandboxsec.storage.registry import metadata
+from sandboxsec.trajectory.models import TrajectoryRecord, TrajectorySegment
 from tests.conftest import TenantKeys
 from tests.integration.crypto.conftest import principal
 
@@ -184,24 +180,24 @@ def test_rotation_keeps_old_data_and_rewrap_moves_keys(services: Services, tenan
     agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
     s1 = make_session(tenant.id)
     old = services.trajectory.write(agent, s1, "action", b"before rotation")
-    status = services.trajectory.rotate(tenant.id, admin)
+    status = services.key_admin.rotate(tenant.id, admin)
     assert status.current_version == 2
     # New data in the same session uses the new version at once.
     new = services.trajectory.write(agent, s1, "action", b"after rotation")
     assert _row(services, new.record_id).dek_id != _row(services, old.record_id).dek_id
-    status = services.trajectory.status(tenant.id)
+    status = services.key_admin.status(tenant.id)
     assert [(v.version, v.data_keys) for v in status.versions] == [(1, 1), (2, 1)]
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(admin, s1, old.record_id).data == b"before rotation"
 
     before = _row(services, old.record_id)
-    result = services.trajectory.rewrap(tenant.id, admin)
+    result = services.key_admin.rewrap(tenant.id, admin)
     assert (result.version, result.rewrapped, result.skipped_retired) == (2, 1, 0)
     after = _row(services, old.record_id)
     assert (after.data, after.meta_sealed) == (before.data, before.meta_sealed)  # untouched
-    status = services.trajectory.status(tenant.id)
+    status = services.key_admin.status(tenant.id)
     assert [(v.version, v.data_keys) for v in status.versions] == [(1, 0), (2, 2)]
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(admin, s1, old.record_id).data == b"before rotation"
     assert _events(services, tenant.id, "keys:kek:rotate") == 1
     assert _events(services, tenant.id, "keys:dek:rewrap") == 1
@@ -212,16 +208,16 @@ def test_retire_refuses_old_versions(services: Services, tenant: TenantKeys,
     agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
     sid = make_session(tenant.id)
     old = services.trajectory.write(agent, sid, "action", b"v1 data")
-    services.trajectory.rotate(tenant.id, admin)
+    services.key_admin.rotate(tenant.id, admin)
     with pytest.raises(KeyVersionInvalidError):
-        services.trajectory.retire(tenant.id, admin, 3)
-    services.trajectory.retire(tenant.id, admin, 2)
+        services.key_admin.retire(tenant.id, admin, 3)
+    services.key_admin.retire(tenant.id, admin, 2)
     with pytest.raises(KeyVersionRetiredError) as err:
         services.trajectory.read(admin, sid, old.record_id)
     assert err.value.reason == "key_version_retired"
-    assert services.trajectory.rewrap(tenant.id, admin).skipped_retired == 1
+    assert services.key_admin.rewrap(tenant.id, admin).skipped_retired == 1
     # Lowering the minimum again makes it readable (the version was retired, not destroyed).
-    services.trajectory.retire(tenant.id, admin, 1)
+    services.key_admin.retire(tenant.id, admin, 1)
     assert services.trajectory.read(admin, sid, old.record_id).data == b"v1 data"
     assert _events(services, tenant.id, "keys:kek:retire") == 2
 
@@ -234,7 +230,7 @@ def test_crypto_shredding(services: Services, tenant: TenantKeys, other_tenant: 
     big = services.trajectory.write(agent, sid, "screenshot", os.urandom(9000))
     kept = services.trajectory.write(principal(other_tenant, Role.AGENT), other_sid, "action",
                                      b"other tenant's data")
-    result = services.trajectory.shred_tenant(tenant.id, admin)
+    result = services.key_admin.shred_tenant(tenant.id, admin)
     assert (result.keks_destroyed, result.deks_destroyed) == (1, 1)
     for rid in (rec.record_id, big.record_id):
         with pytest.raises(TenantKeysShreddedError):
@@ -242,7 +238,7 @@ def test_crypto_shredding(services: Services, tenant: TenantKeys, other_tenant: 
     with pytest.raises(TenantKeysShreddedError):
         services.trajectory.write(agent, sid, "action", b"more")
     with pytest.raises(TenantKeysShreddedError):
-        services.trajectory.rotate(tenant.id, admin)
+        services.key_admin.rotate(tenant.id, admin)
     with services.db.session() as s:
         assert s.exec(select(KeyEncryptionKey).where(
             KeyEncryptionKey.tenant_id == tenant.id)).all() == []
@@ -271,12 +267,12 @@ def test_key_provider_down_fails_closed_and_loses_nothing(
     with pytest.raises(KeyProviderUnavailableError):
         services.trajectory.write(agent, make_session(tenant.id), "action", b"new")
     with pytest.raises(KeyProviderUnavailableError):
-        services.trajectory.rotate(tenant.id, admin)
+        services.key_admin.rotate(tenant.id, admin)
     # A lost root key is never silently replaced by a new one.
     assert not key_file.exists()
-    assert services.trajectory.status(tenant.id).current_version == 1
+    assert services.key_admin.status(tenant.id).current_version == 1
     moved.replace(key_file)
-    services.trajectory.forget_keys()
+    services.key_hierarchy.forget_keys()
     assert services.trajectory.read(admin, sid, rec.record_id).data == b"stored before the outage"
     with services.db.session() as s:
         assert len(s.exec(select(TrajectoryRecord)).all()) == 1
@@ -295,7 +291,7 @@ def test_audit_down_means_nothing_written_or_returned(
     def down(*_a: object, **_k: object) -> None:
         raise AuditUnavailableError("audit store down")
 
-    monkeypatch.setattr(services.audit, "append", down)
+    monkeypatch.setattr(services.audit_writer, "append", down)
     with pytest.raises(AuditUnavailableError):
         services.trajectory.write(agent, sid, "action", b"not audited")
     with pytest.raises(AuditUnavailableError):
@@ -346,7 +342,7 @@ def test_refusals(services: Services, tenant: TenantKeys, make_session: MakeSess
 
 def test_data_keys_are_bounded_per_key(services: Services, tenant: TenantKeys,
                                        make_session: MakeSession) -> None:
-    services.trajectory._max_messages = 3
+    services.key_hierarchy.max_messages = 3
     agent = principal(tenant, Role.AGENT)
     sid = make_session(tenant.id)
     for i in range(4):  # each write seals twice (metadata and data)
@@ -377,7 +373,7 @@ def test_concurrent_writers_lose_nothing(services: Services, tenant: TenantKeys,
 
     agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
     sid = make_session(tenant.id)
-    services.trajectory._max_messages = 7  # several data keys get used up on the way
+    services.key_hierarchy.max_messages = 7  # several data keys get used up on the way
 
     def write(i: int) -> str:
         return services.trajectory.write(agent, sid, "action", b"record %03d" % i).record_id

@@ -1,6 +1,6 @@
 """Faults under load against the real service (``sandboxsec serve --workers 2``).
 
-Each test runs a small load of simulated agents and approvers (see ``faults_support.py``),
+Each test runs a small load of simulated agents and approvers (see ``tests/support/faults.py``),
 breaks something a real deployment loses (the server process, the database, the HSM, the
 network manners of a client), and then proves through the public API and the offline audit
 verifier that nothing acknowledged was lost, nothing was allowed that should not have been,
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.e2e.faults_support import (
+from tests.support.faults import (
     SOFTHSM_MODULE,
     Api,
     Deployment,
@@ -42,7 +42,7 @@ from tests.integration.e2e.faults_support import (
     running,
     summary,
 )
-from tests.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster
 
 #: Fail-closed answers while the database is down.
 DOWN_CODES = {"database_unavailable", "audit_unavailable"}

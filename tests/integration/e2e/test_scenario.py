@@ -28,7 +28,7 @@ from sandboxsec.sandbox.scenario import (
 )
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys, make_session
-from tests.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster
 
 needs_swtpm = pytest.mark.skipif(not swtpm.available(), reason="swtpm is not installed")
 

@@ -333,8 +333,8 @@ def test_audit_failure_fails_closed(client: TestClient, tenant: TenantKeys, act:
     def broken(*_a: Any, **_k: Any) -> Any:
         raise AuditUnavailableError("audit store down")
 
-    monkeypatch.setattr(services.audit, "append", broken)
-    monkeypatch.setattr(services.audit, "append_many", broken)
+    monkeypatch.setattr(services.audit_writer, "append", broken)
+    monkeypatch.setattr(services.audit_writer, "append_many", broken)
     r = act()
     assert r.status_code == 503 and _code(r) == "audit_unavailable"
     r = _decide(client, tenant, aid, "approve", h)
@@ -423,7 +423,7 @@ def test_grant_checks_offline_with_published_keys(client: TestClient, tenant: Te
 
 def test_retried_request_reuses_the_pending_approval_and_floods_are_refused(
         client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
-    from sandboxsec.policy.service import MAX_PENDING_PER_SESSION
+    from sandboxsec.policy.decisions import MAX_PENDING_PER_SESSION
 
     first = act().json()
     again = act().json()

@@ -14,7 +14,7 @@ import pytest
 
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState
 from sandboxsec.policy.notify import WebhookNotifier, sign, verify_signature
-from sandboxsec.policy.service import ApprovalView
+from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from sandboxsec.attestation import akbind
 from sandboxsec.attestation.errors import AkActivationFailedError, EkCertificateKeyMismatchError
-from tests.unit.attestation.pki import make_ca, make_leaf
-from tests.unit.attestation.softtpm import SoftAk, soft_activate
+from tests.support.pki import make_ca, make_leaf
+from tests.support.softtpm import SoftAk, soft_activate
 
 EK_EKU = "2.23.133.8.1"
 

@@ -16,7 +16,7 @@ from sandboxsec.attestation.errors import (
     EventLogReplayMismatchError,
     EventLogTooLargeError,
 )
-from tests.unit.attestation.softtpm import boot_log
+from tests.support.softtpm import boot_log
 
 
 def _extend(value: bytes, digest: bytes, alg: str = "sha256") -> bytes:

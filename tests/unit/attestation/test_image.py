@@ -26,7 +26,7 @@ from sandboxsec.attestation.image import (
 )
 from sandboxsec.attestation.trust import Revocations, TrustStore
 from sandboxsec.errors import InputError, SandboxSecError
-from tests.unit.attestation.pki import (
+from tests.support.pki import (
     DAY,
     NOW,
     Publisher,

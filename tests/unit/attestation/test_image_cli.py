@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from sandboxsec.cli import main
-from tests.unit.attestation.pki import Publisher, make_publisher
+from tests.support.pki import Publisher, make_publisher
 
 PCR0 = hashlib.sha256(b"firmware").hexdigest()
 PCR7 = hashlib.sha256(b"secure boot").hexdigest()
@@ -173,7 +173,7 @@ def test_revocation_lists(files: Files, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_crl_option(files: Files, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.unit.attestation.pki import make_crl
+    from tests.support.pki import make_crl
 
     _, manifest = files.sign()
     real_now = datetime.now(UTC)
@@ -284,7 +284,7 @@ def test_sign_usage_errors(
 
 
 def test_sign_refuses_bad_inputs(files: Files, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.unit.attestation.pki import make_publisher as mk
+    from tests.support.pki import make_publisher as mk
 
     # A key that does not match the certificate.
     files.key.write_bytes(mk().leaf.key_pem)

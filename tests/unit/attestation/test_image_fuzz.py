@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sandboxsec.attestation.image import parse_statement, verify_manifest
 from sandboxsec.attestation.image_errors import CertificateChainError, ImageError
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.pki import (
+from tests.support.pki import (
     NOW,
     make_publisher,
     sample_reference,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sandboxsec.attestation.image import sign_manifest, verify_manifest
 from sandboxsec.attestation.trust import Revocations, TrustStore, load_crl, parse_revocations
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.pki import NOW, make_crl, make_publisher, sample_reference
+from tests.support.pki import NOW, make_crl, make_publisher, sample_reference
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -136,8 +136,8 @@ def test_store_builders_and_fingerprint() -> None:
     assert TrustStore.from_pem(pub.root.pem).fingerprint == base.fingerprint
 
 
-def test_repository_attestation_dir_has_no_private_keys_and_loads() -> None:
-    base = REPO / "attestation"
+def test_example_trust_dir_has_no_private_keys_and_loads() -> None:
+    base = REPO / "examples" / "trust"
     for path in base.rglob("*"):
         if path.is_file():
             assert b"PRIVATE KEY" not in path.read_bytes(), path

@@ -11,7 +11,7 @@ import pytest
 from sandboxsec.attestation.image import verify_manifest
 from sandboxsec.attestation.trust import TrustStore, parse_revocations
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.pki import NOW
+from tests.support.pki import NOW
 
 VECTORS = Path(__file__).resolve().parents[2] / "vectors" / "image"
 INDEX: dict[str, dict[str, str]] = json.loads((VECTORS / "index.json").read_text())

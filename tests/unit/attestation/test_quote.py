@@ -26,7 +26,7 @@ from sandboxsec.attestation.errors import (
     QuoteTypeInvalidError,
 )
 from sandboxsec.errors import SandboxSecError
-from tests.unit.attestation.softtpm import AK_ATTRS, SoftAk, marshal_quote, sign_quote, tpm2b
+from tests.support.softtpm import AK_ATTRS, SoftAk, marshal_quote, sign_quote, tpm2b
 
 NONCE = bytes(range(32))
 PCRS = {"sha256": {i: bytes([i]) * 32 for i in range(8)}}

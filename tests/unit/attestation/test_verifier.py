@@ -19,8 +19,8 @@ from sandboxsec.attestation.verifier import (
     VerifierContext,
     verify_evidence,
 )
-from tests.unit.attestation.pki import make_publisher
-from tests.unit.attestation.softtpm import (
+from tests.support.pki import make_publisher
+from tests.support.softtpm import (
     SoftAk,
     boot_log,
     make_manifest,

@@ -21,7 +21,7 @@ from sandboxsec.attestation.x509chain import (
     load_pem_certificates,
     verify_chain,
 )
-from tests.unit.attestation.pki import DAY, NOW, Issued, make_ca, make_crl, make_leaf
+from tests.support.pki import DAY, NOW, Issued, make_ca, make_crl, make_leaf
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sandboxsec.attestation.image_errors import CertificateChainError
 from sandboxsec.attestation.x509chain import TCG_EK_CERTIFICATE, load_pem_certificates, verify_chain
-from tests.unit.attestation.pki import NOW, make_ca, make_leaf
+from tests.support.pki import NOW, make_ca, make_leaf
 
 
 class SwtpmPki:

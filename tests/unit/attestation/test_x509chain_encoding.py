@@ -13,7 +13,7 @@ import pytest
 
 from sandboxsec.attestation.image_errors import CertificateChainError
 from sandboxsec.attestation.x509chain import verify_chain
-from tests.unit.attestation.pki import NOW, make_ca, make_leaf
+from tests.support.pki import NOW, make_ca, make_leaf
 
 
 def _signature_padding_variant(der: bytes, signature: bytes) -> bytes:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 
 from sandboxsec.attestation.image import PAYLOAD_TYPE  # noqa: E402
-from tests.unit.attestation.pki import (  # noqa: E402
+from tests.support.pki import (  # noqa: E402
     DAY,
     NOW,
     Issued,

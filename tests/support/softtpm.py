@@ -26,7 +26,7 @@ from sandboxsec.attestation.akbind import kdfa, kdfe
 from sandboxsec.attestation.eventlog import EventLogBuilder
 
 if TYPE_CHECKING:
-    from tests.unit.attestation.pki import Publisher
+    from tests.support.pki import Publisher
 
 HASH_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C}
 _CRYPTO = {"sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384()}

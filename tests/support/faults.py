@@ -7,7 +7,7 @@ takes every worker down at once, as a crashed host would), simulates agents and 
 *acknowledged*.  :func:`check_ledger` then proves, through the public API and the offline
 audit verifier, that nothing acknowledged was lost and nothing impossible happened.
 
-The agents use the software TPM of the unit tests (``tests/unit/attestation/softtpm.py``):
+The agents use the shared software TPM (``tests/support/softtpm.py``):
 each binds its AK once (MakeCredential / ActivateCredential) and then quotes per session.
 """
 
@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sandboxsec.attestation.eventlog import EventLogBuilder
 from sandboxsec.attestation.x509chain import TCG_EK_CERTIFICATE
-from tests.unit.attestation.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
-from tests.unit.attestation.softtpm import (
+from tests.support.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
+from tests.support.softtpm import (
     SoftAk,
     make_manifest,
     marshal_quote,

@@ -15,6 +15,7 @@ def metadata() -> MetaData:
     import sandboxsec.crypto.models
     import sandboxsec.policy.models
     import sandboxsec.sessions.models
-    import sandboxsec.tenants.models  # noqa: F401
+    import sandboxsec.tenants.models
+    import sandboxsec.trajectory.models  # noqa: F401
 
     return SQLModel.metadata

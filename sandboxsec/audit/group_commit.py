@@ -1,0 +1,181 @@
+"""Group commit: one writer thread per process batches concurrent audit appends.
+
+Callers without a transaction of their own hand their records to :class:`GroupCommit`, which
+writes many callers' records in one transaction and acknowledges each caller only after that
+transaction committed.  Between batches the thread signs checkpoints that fell due.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import structlog
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+
+from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.audit.record import AuditReceipt, AuditRecord
+from sandboxsec.errors import SandboxSecError
+from sandboxsec.storage.db import Database, DatabaseUnavailableError
+
+__all__ = ["GroupCommit"]
+
+_log = structlog.get_logger("sandboxsec.audit")
+
+#: Most records one group-commit transaction carries.
+_MAX_BATCH = 4096
+#: Below this many queued callers, linger briefly for more to arrive.
+_LINGER_BELOW = 32
+_LINGER_SECONDS = 0.0005
+
+
+class _Pending:
+    __slots__ = ("done", "error", "receipts", "records", "state")
+
+    QUEUED, TAKEN, CANCELLED = 0, 1, 2
+
+    def __init__(self, records: list[AuditRecord]) -> None:
+        self.records = records
+        self.receipts: list[AuditReceipt] = []
+        self.error: SandboxSecError | None = None
+        # A held lock that the writer releases: cheaper than an Event (no condition inside).
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.state = _Pending.QUEUED
+
+
+class GroupCommit:
+    """One writer thread per process: batches concurrent appends into one transaction.
+
+    Each caller waits for the commit of the transaction that holds its records.  A caller that
+    times out is told the audit failed; if its records were not yet taken they are dropped,
+    otherwise they may still commit (the log then over-reports an attempt, never under-reports).
+    The thread also signs checkpoints for logs that have been idle past the checkpoint period.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        write: Callable[[Connection, Sequence[AuditRecord]], list[AuditReceipt]],
+        sweep: Callable[[], int],
+        *,
+        sweep_seconds: float,
+        stop_timeout: float,
+    ) -> None:
+        self._db = db
+        self._write = write
+        self._sweep_due = sweep
+        self._stop_timeout = stop_timeout
+        self._cv = threading.Condition()
+        self._queue: deque[_Pending] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._sweep_seconds = max(0.05, sweep_seconds)
+
+    def ensure_started(self) -> None:
+        with self._cv:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None and not self._stopping:
+            self._thread = threading.Thread(
+                target=self._run, name="sandboxsec-audit-writer", daemon=True
+            )
+            self._thread.start()
+
+    def submit(self, records: list[AuditRecord], timeout: float) -> list[AuditReceipt]:
+        p = _Pending(records)
+        with self._cv:
+            if self._stopping:
+                raise AuditUnavailableError("the audit log is shutting down")
+            self._start_locked()
+            self._queue.append(p)
+            self._cv.notify()
+        if not p.done.acquire(timeout=timeout):
+            with self._cv:
+                if p.state == _Pending.QUEUED:
+                    p.state = _Pending.CANCELLED
+                    self._queue.remove(p)
+            raise AuditUnavailableError(
+                "the audit log did not confirm the write in time; the action was not carried out"
+            )
+        if p.error is not None:
+            raise p.error
+        return p.receipts
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=self._stop_timeout + 1)
+
+    def _run(self) -> None:
+        concurrent = False
+        while True:
+            batch: list[_Pending] = []
+            with self._cv:
+                if not self._queue and not self._stopping:
+                    self._cv.wait(timeout=self._sweep_seconds)
+                if self._stopping and not self._queue:
+                    return
+            if concurrent and 0 < len(self._queue) < _LINGER_BELOW:
+                # Under concurrent load, a short pause lets the other callers join this
+                # commit; a lone caller (last batch of one) never pays it.
+                time.sleep(_LINGER_SECONDS)
+            with self._cv:
+                n = 0
+                while self._queue and n < _MAX_BATCH:
+                    p = self._queue.popleft()
+                    p.state = _Pending.TAKEN
+                    batch.append(p)
+                    n += len(p.records)
+            if batch:
+                concurrent = len(batch) > 1
+                self._commit(batch)
+            else:
+                self._sweep()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            self._commit_once(batch)
+        except Exception as exc:  # every failure must reach the waiting callers
+            unavailable = isinstance(exc, OperationalError | DatabaseUnavailableError)
+            if len(batch) > 1 and not unavailable:
+                # One bad record must not deny the others: retry each on its own.
+                for p in batch:
+                    self._commit([p])
+                return
+            _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
+            err = (
+                exc
+                if isinstance(exc, AuditUnavailableError)
+                else AuditUnavailableError(
+                    "the audit log could not record this; the action was not carried out"
+                )
+            )
+            for p in batch:
+                p.error = err
+                p.done.release()
+
+    def _commit_once(self, batch: list[_Pending]) -> None:
+        records = [r for p in batch for r in p.records]
+        # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
+        with self._db.engine.begin() as conn:
+            receipts = self._write(conn, records)
+        # Acknowledge only now, after the commit returned.
+        i = 0
+        for p in batch:
+            p.receipts = receipts[i : i + len(p.records)]
+            i += len(p.records)
+            p.done.release()
+
+    def _sweep(self) -> None:
+        try:
+            self._sweep_due()
+        except Exception as exc:  # a failed sweep retries on the next tick
+            _log.warning("audit_checkpoint_sweep_failed", error=type(exc).__name__)

@@ -1,0 +1,309 @@
+"""The key hierarchy: the root key wraps each tenant's versioned KEKs, a KEK wraps the DEKs.
+
+A DEK seals the records of one session (a fresh DEK per process and session, at most
+``dek_max_messages`` seals each, handed out as :class:`~sandboxsec.crypto.keyring.WriteLease`).
+Unwrapped keys are cached briefly.  This module owns every query on the keyring, KEK and DEK
+tables; key administration (:mod:`.admin`) and trajectories (:mod:`sandboxsec.trajectory`)
+go through it.
+
+Fail closed: a root key that cannot be used raises before anything is returned or stored.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from datetime import datetime
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock
+from sandboxsec.crypto.config import KeyHierarchyConfig
+from sandboxsec.crypto.envelope import (
+    KEY_BYTES,
+    DataKey,
+    encode_context,
+    unwrap_secret,
+    wrap_secret,
+)
+from sandboxsec.crypto.errors import (
+    DecryptionFailedError,
+    KeyProviderMismatchError,
+    KeyProviderUnavailableError,
+    KeyVersionRetiredError,
+    TenantKeysShreddedError,
+)
+from sandboxsec.crypto.keyring import TtlCache, WriteLease
+from sandboxsec.crypto.keys import KeyProvider
+from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey, TenantKeyring
+from sandboxsec.errors import NotFoundError
+from sandboxsec.ids import new_id
+from sandboxsec.principal import Principal
+from sandboxsec.storage.db import Database
+
+__all__ = ["KeyHierarchy", "actor_fields", "dek_aad", "kek_aad"]
+
+
+def kek_aad(tenant_id: str, version: int) -> bytes:
+    """The associated data binding a wrapped KEK to its tenant and version."""
+    return encode_context("sandboxsec/kek/v1", tenant_id, str(version))
+
+
+def dek_aad(tenant_id: str, dek_id: str, kek_version: int) -> bytes:
+    """The associated data binding a wrapped DEK to its tenant, id and KEK version."""
+    return encode_context("sandboxsec/dek/v1", tenant_id, dek_id, str(kek_version))
+
+
+def actor_fields(actor: Principal | None) -> tuple[str | None, str]:
+    """The audit actor fields of a key change (``operator`` when run from the CLI)."""
+    if actor is None:
+        return None, "operator"
+    return actor.key_id, str(actor.role)
+
+
+#: Every live hierarchy, so a forked child drops the parent's write leases (``_after_fork``).
+_LIVE: weakref.WeakSet[KeyHierarchy] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # Parent and child must not both seal under one DEK: its message bound would not hold.
+    for hierarchy in list(_LIVE):
+        hierarchy.leases.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class KeyHierarchy:
+    """Tenants' keyrings, KEKs and DEKs: creation, unwrapping, caching and write leases."""
+
+    def __init__(self, db: Database, clock: Clock, audit: AuditSink, provider: KeyProvider,
+                 config: KeyHierarchyConfig) -> None:
+        _LIVE.add(self)
+        self._db = db
+        self._clock = clock
+        self._audit = audit
+        self.provider = provider
+        ttl = float(config.cache_ttl_seconds)
+        size = int(config.cache_max_entries)
+        self._keks: TtlCache[tuple[str, int], bytes] = TtlCache(size, ttl)
+        self._deks: TtlCache[tuple[str, str, int], DataKey] = TtlCache(size, ttl)
+        self.leases: TtlCache[tuple[str, str], WriteLease] = TtlCache(size, ttl)
+        self._lease_lock = threading.Lock()
+        #: Seals one DEK makes before a fresh one is used (a test may lower it).
+        self.max_messages = int(config.dek_max_messages)
+
+    # ------------------------------------------------------------------ keyrings and KEKs
+
+    def _create_keyring(self, s: Session, tenant_id: str, actor: Principal | None
+                        ) -> TenantKeyring:
+        now = self._clock.now()
+        ring = TenantKeyring(
+            id=tenant_id, tenant_id=tenant_id, current_version=1, min_decryption_version=1,
+            created_at=now, updated_at=now,
+        )
+        self.add_kek(s, tenant_id, 1, now)
+        s.add(ring)
+        key_id, role = actor_fields(actor)
+        self._audit.append(
+            AuditRecord(
+                event=AuditEvent.KEY_CREATE, tenant_id=tenant_id, actor_key_id=key_id,
+                actor_role=role, outcome="success", object_ids={"tenant_id": tenant_id},
+                body={"version": 1, "provider": self.provider.provider_id},
+            ),
+            session=s,
+        )
+        s.flush()
+        return ring
+
+    def add_kek(self, s: Session, tenant_id: str, version: int, now: datetime) -> bytes:
+        """Make, wrap and add KEK ``version`` of the tenant; returns its material."""
+        provider = self.provider
+        if not provider.has_root_key():
+            # A provider makes its root key on first use.  If keys wrapped by a root key exist
+            # already, the root key is lost or misconfigured: making a new one would hide that.
+            existing = s.exec(select(func.count()).select_from(KeyEncryptionKey)).one()
+            if existing:
+                raise KeyProviderUnavailableError(
+                    f"the configured root key is missing while {existing} tenant keys wrapped "
+                    "by a root key exist; restore the root key instead of making a new one"
+                )
+        material = os.urandom(KEY_BYTES)
+        wrapped = provider.wrap(material, kek_aad(tenant_id, version))
+        s.add(
+            KeyEncryptionKey(
+                id=new_id("kek"), tenant_id=tenant_id, version=version,
+                provider_id=provider.provider_id, wrapped_key=wrapped, created_at=now,
+            )
+        )
+        return material
+
+    def keyring(self, s: Session, tenant_id: str, *, for_update: bool = False) -> TenantKeyring:
+        """The tenant's keyring; ``NotFoundError`` before its first key, refused if shredded."""
+        stmt = select(TenantKeyring).where(TenantKeyring.id == tenant_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        ring = s.exec(stmt).first()
+        if ring is None:
+            raise NotFoundError("no keys for this tenant yet")
+        if ring.shredded_at is not None:
+            raise TenantKeysShreddedError()
+        return ring
+
+    def ensure_keyring(
+        self, s: Session, tenant_id: str, actor: Principal | None, *, for_update: bool = False
+    ) -> TenantKeyring:
+        """The tenant's keyring, created (with KEK version 1, audited) on first use."""
+        try:
+            return self.keyring(s, tenant_id, for_update=for_update)
+        except NotFoundError:
+            return self._create_keyring(s, tenant_id, actor)
+
+    def keyring_for_read(self, s: Session, tenant_id: str) -> TenantKeyring:
+        """The keyring for opening data: a tenant without keys has nothing to decrypt."""
+        try:
+            return self.keyring(s, tenant_id)
+        except NotFoundError:
+            raise DecryptionFailedError() from None
+
+    def writable_version(self, s: Session, tenant_id: str) -> int | None:
+        """The current KEK version (None before the first key); refused once shredded."""
+        ring = s.get(TenantKeyring, tenant_id)
+        if ring is not None and ring.shredded_at is not None:
+            raise TenantKeysShreddedError()
+        return ring.current_version if ring is not None else None
+
+    def kek(self, s: Session, tenant_id: str, version: int) -> bytes:
+        """The unwrapped KEK ``version`` of the tenant (cached briefly)."""
+        now = self._clock.now()
+        cached = self._keks.get((tenant_id, version), now)
+        if cached is not None:
+            return cached
+        row = s.exec(
+            select(KeyEncryptionKey).where(
+                KeyEncryptionKey.tenant_id == tenant_id, KeyEncryptionKey.version == version
+            )
+        ).first()
+        if row is None:
+            raise DecryptionFailedError()
+        provider = self.provider
+        if row.provider_id != provider.provider_id:
+            raise KeyProviderMismatchError(
+                f"key version {version} was wrapped by {row.provider_id}, "
+                f"the configured provider is {provider.provider_id}"
+            )
+        material = provider.unwrap(row.wrapped_key, kek_aad(tenant_id, version))
+        self._keks.put((tenant_id, version), material, now)
+        return material
+
+    def rotated(self, tenant_id: str, version: int, material: bytes) -> None:
+        """After a rotation: new writes lease DEKs under ``version``, whose KEK is cached."""
+        self.leases.discard_where(lambda k: k[0] == tenant_id)
+        self._keks.put((tenant_id, version), material, self._clock.now())
+
+    # ------------------------------------------------------------------ DEKs
+
+    def _new_lease(self, tenant_id: str, session_id: str, actor: Principal | None) -> WriteLease:
+        """Make, wrap and store a fresh DEK (committed before any record uses it)."""
+        for attempt in range(2):
+            try:
+                with self._db.session() as s:
+                    ring = self.ensure_keyring(s, tenant_id, actor)
+                    version = ring.current_version
+                    kek = self.kek(s, tenant_id, version)
+                    key = DataKey.generate()
+                    dek_id = key.dek_id.hex()
+                    s.add(
+                        DataEncryptionKey(
+                            id=dek_id, tenant_id=tenant_id, session_id=session_id,
+                            kek_version=version,
+                            wrapped_key=wrap_secret(
+                                kek, key.material, dek_aad(tenant_id, dek_id, version)
+                            ),
+                            created_at=self._clock.now(),
+                        )
+                    )
+                break
+            except IntegrityError:
+                # Another process created the keyring at the same moment: use theirs.
+                if attempt:
+                    raise
+        return WriteLease(key=key, kek_version=version, remaining=self.max_messages)
+
+    def cached_lease(self, tenant_id: str, session_id: str) -> WriteLease | None:
+        """The cached write lease of a session, if any (no database round trip)."""
+        return self.leases.get((tenant_id, session_id), self._clock.now())
+
+    def lease(
+        self,
+        tenant_id: str,
+        session_id: str,
+        actor: Principal | None = None,
+        current_version: int | None = None,
+        messages: int = 1,
+    ) -> WriteLease:
+        """A DEK to seal ``messages`` more messages with, reusing the cached one while allowed."""
+        slot = (tenant_id, session_id)
+        now = self._clock.now()
+        lease = self.leases.get(slot, now)
+        if lease is not None and (current_version is None or lease.kek_version == current_version):
+            if lease.take(messages):
+                return lease
+        with self._lease_lock:
+            lease = self.leases.get(slot, now)
+            if (
+                lease is None
+                or (current_version is not None and lease.kek_version != current_version)
+                or not lease.take(messages)
+            ):
+                lease = self._new_lease(tenant_id, session_id, actor)
+                if not lease.take(messages):
+                    raise ValueError("dek_max_messages is smaller than one record's seals")
+                self.leases.put(slot, lease, now)
+            return lease
+
+    def data_key(self, s: Session, tenant_id: str, dek_id: str, ring: TenantKeyring) -> DataKey:
+        """The unwrapped DEK ``dek_id``; refuses keys under retired KEK versions."""
+        row = s.exec(
+            select(DataEncryptionKey).where(
+                DataEncryptionKey.id == dek_id, DataEncryptionKey.tenant_id == tenant_id
+            )
+        ).first()
+        if row is None:
+            raise DecryptionFailedError()
+        if row.kek_version < ring.min_decryption_version:
+            raise KeyVersionRetiredError(
+                f"this record's key is wrapped by version {row.kek_version}, below the minimum "
+                f"decryption version {ring.min_decryption_version}"
+            )
+        now = self._clock.now()
+        slot = (tenant_id, dek_id, row.kek_version)
+        cached = self._deks.get(slot, now)
+        if cached is not None:
+            return cached
+        kek = self.kek(s, tenant_id, row.kek_version)
+        material = unwrap_secret(kek, row.wrapped_key, dek_aad(tenant_id, dek_id, row.kek_version))
+        key = DataKey.from_material(bytes.fromhex(dek_id), material)
+        self._deks.put(slot, key, now)
+        return key
+
+    def forget_keys(self, tenant_id: str | None = None) -> None:
+        """Drop cached keys (of one tenant, or all): the next use goes to the provider."""
+        if tenant_id is None:
+            self._keks.clear()
+            self._deks.clear()
+            self.leases.clear()
+            return
+        self._keks.discard_where(lambda k: k[0] == tenant_id)
+        self._deks.discard_where(lambda k: k[0] == tenant_id)
+        self.leases.discard_where(lambda k: k[0] == tenant_id)
+
+    def close(self) -> None:
+        """Forget every cached key."""
+        self.forget_keys()

@@ -1,0 +1,271 @@
+"""Approval requests: listing, reading, the approver's decision, and waiting for one.
+
+The state machine is pure (:mod:`.approvals`); this service applies its transitions with the
+repository's one-winner updates, issues the grant of an approval in the same transaction,
+audits every decision and every refusal, and wakes agents waiting on a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Protocol
+
+import anyio
+import structlog
+
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock, rfc3339
+from sandboxsec.errors import SandboxSecError
+from sandboxsec.ids import new_id
+from sandboxsec.policy.approvals import (
+    ApprovalEvent,
+    ApprovalState,
+    check_decision,
+    effective_state,
+)
+from sandboxsec.policy.config import ApprovalConfig
+from sandboxsec.policy.errors import ApprovalExpiredError, ApprovalNotPendingError
+from sandboxsec.policy.grant_service import GrantIssuer
+from sandboxsec.policy.models import ApprovalRequest
+from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.views import ApprovalView, approval_view
+from sandboxsec.policy.wakeup import Wakeups
+from sandboxsec.principal import Principal, Role
+
+__all__ = ["ApprovalService", "Listener", "login_domain", "normalize_domain"]
+
+log = structlog.get_logger("sandboxsec.policy")
+
+# When no SQLite recheck applies (PostgreSQL), waiters still re-read this often in case a
+# notification was lost while the listener reconnected.
+_PG_SAFETY_RECHECK = 10.0
+
+
+class Listener(Protocol):
+    """Forwards state changes made by other processes to :class:`Wakeups`."""
+
+    def start(self, wait_seconds: float = 5.0) -> bool:
+        """Start listening; True once listening."""
+        ...
+
+    def stop(self) -> None:
+        """Stop listening."""
+        ...
+
+
+def normalize_domain(value: str) -> str:
+    """A domain name as rules and the login-domain table compare it."""
+    return value.strip().rstrip(".").lower()
+
+
+def login_domain(row: ApprovalRequest) -> str | None:
+    """The domain a login request logs in to (None for other actions)."""
+    if row.action != "login":
+        return None
+    params = json.loads(row.params_json)
+    if isinstance(params, dict) and isinstance(params.get("domain"), str):
+        return normalize_domain(params["domain"])
+    kind, sep, value = row.resource.partition(":")
+    return normalize_domain(value) if sep and kind == "domain" else None
+
+
+class ApprovalService:
+    """Lists, shows and decides approval requests, and lets agents wait for a decision."""
+
+    def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
+                 grants: GrantIssuer, wakeups: Wakeups, config: ApprovalConfig,
+                 listener_factory: Callable[[], Listener] | None = None) -> None:
+        """``listener_factory`` is given when other processes can announce changes
+        (PostgreSQL); without it, waiters re-read at ``config.recheck_seconds``."""
+        self._repo = repo
+        self._clock = clock
+        self._audit = audit
+        self._grants = grants
+        self.wakeups = wakeups
+        self._config = config
+        self._listener_factory = listener_factory
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the LISTEN thread."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def _expire(self, tx: Tx, who: Principal, row: ApprovalRequest, now: datetime) -> bool:
+        """Write the expiry of a pending request past its deadline (conditional, audited)."""
+        won = self._repo.expire_approval(tx, row.tenant_id, row.id, now)
+        if won:
+            self._audit.append(
+                AuditRecord.by(who, AuditEvent.APPROVAL_EXPIRE, "expired",
+                               object_ids={"approval_id": row.id, "session_id": row.session_id},
+                               body={"expires_at": rfc3339(row.expires_at)}),
+                session=tx,
+            )
+            self._repo.announce(tx, row.id)
+            row.state = ApprovalState.EXPIRED.value
+        return won
+
+    def list_approvals(self, who: Principal, *, state: ApprovalState | None = None,
+                       session_id: str | None = None, limit: int = 50) -> list[ApprovalView]:
+        """The tenant's approval requests, newest first (never with grants).
+
+        States are as of now: a pending request past its expiry is listed as ``expired``
+        (the expiry itself is written when the request is next read or decided).
+        """
+        now = self._clock.now()
+        rows = self._repo.list_approvals(who.tenant_id, state=state, session_id=session_id,
+                                         limit=max(1, min(limit, 200)), now=now)
+        return [approval_view(r, state=effective_state(ApprovalState(r.state), r.expires_at,
+                                                       now))
+                for r in rows]
+
+    def get_approval(self, who: Principal, approval_id: str) -> ApprovalView:
+        """The request as ``who`` may see it; the agent key that asked also gets its grant."""
+        now = self._clock.now()
+        expired = False
+        if who.role is Role.AGENT:
+            self._grants.prepare()
+        with self._repo.transaction() as tx:
+            row = self._repo.approval(tx, who.tenant_id, approval_id)
+            if effective_state(ApprovalState(row.state), row.expires_at, now) is not \
+                    ApprovalState(row.state):
+                expired = self._expire(tx, who, row, now)
+            grant = grant_expires = None
+            # The grant goes only to the agent key that asked: an approver (or another agent
+            # of the tenant) can read the request but never lift its grant.
+            if (who.role is Role.AGENT and who.key_id == row.requested_by
+                    and row.state == ApprovalState.APPROVED.value and row.grant_id is not None):
+                record = self._repo.find_grant(tx, who.tenant_id, row.grant_id)
+                if record is not None and record.used_at is None and now < record.expires_at:
+                    grant, grant_expires = self._grants.token(record), record.expires_at
+        if expired:
+            self.wakeups.notify(row.id)
+        return approval_view(row, grant, grant_expires)
+
+    def decide(self, who: Principal, approval_id: str, event: ApprovalEvent,
+               shown_params_hash: str) -> ApprovalView:
+        """The approver approves or denies exactly what they were shown.
+
+        1. the request is this tenant's (404 otherwise), pending and not expired;
+        2. ``shown_params_hash`` equals the request's;
+        3. the state changes with a conditional update on ``pending``: of two concurrent
+           decisions exactly one wins, the other is refused;
+        4. approval issues the grant; state change, grant and audit commit together.
+        Refusals are audited too, and change nothing.
+        """
+        now = self._clock.now()
+        self._grants.prepare()
+        refused: SandboxSecError | None = None
+        with self._repo.transaction() as tx:
+            # 1.-2. pure checks on the current row
+            row = self._repo.approval(tx, who.tenant_id, approval_id)
+            try:
+                new_state = check_decision(
+                    state=ApprovalState(row.state), event=event, expires_at=row.expires_at,
+                    now=now, shown_params_hash=shown_params_hash, params_hash=row.params_hash,
+                )
+            except SandboxSecError as exc:
+                refused = exc
+                if isinstance(exc, ApprovalExpiredError):
+                    self._expire(tx, who, row, now)
+            if refused is None:
+                # 3. one winner
+                grant_id = new_id("gr") if new_state is ApprovalState.APPROVED else None
+                if not self._repo.decide_approval(tx, who.tenant_id, row.id, new_state, now,
+                                                  who.key_id, grant_id):
+                    refused = ApprovalNotPendingError(
+                        "another decision on this request landed first")
+            ids = {"approval_id": row.id, "session_id": row.session_id}
+            if refused is not None:
+                self._audit.append(
+                    AuditRecord.by(who, AuditEvent.APPROVAL_REFUSE, "refused",
+                                   reason=refused.reason, object_ids=ids,
+                                   body={"attempted": event.value}),
+                    session=tx,
+                )
+            else:
+                # 4. grant and audit in the same transaction
+                if new_state is ApprovalState.APPROVED:
+                    assert grant_id is not None
+                    record = self._grants.issue(
+                        tx, tenant_id=who.tenant_id, session_id=row.session_id,
+                        approval_id=row.id, decision_id=row.decision_id, action=row.action,
+                        resource=row.resource, p_hash=row.params_hash, now=now,
+                        grant_id=grant_id)
+                    # One append for both: one lock of the log head instead of two.
+                    self._audit.append_many([
+                        AuditRecord.by(who, AuditEvent.APPROVAL_APPROVE, "approved",
+                                       object_ids=ids, body={"params_hash": row.params_hash}),
+                        AuditRecord.by(who, AuditEvent.GRANT_ISSUE, "success",
+                                       object_ids={**ids, "grant_id": record.id},
+                                       body={"action": row.action,
+                                             "params_hash": row.params_hash}),
+                    ], session=tx)
+                    domain = login_domain(row)
+                    if domain is not None:
+                        self._repo.remember_domain(tx, who.tenant_id, domain, row.session_id,
+                                                   now)
+                else:
+                    self._audit.append(
+                        AuditRecord.by(who, AuditEvent.APPROVAL_DENY, "denied", object_ids=ids,
+                                       body={"params_hash": row.params_hash}),
+                        session=tx,
+                    )
+                self._repo.announce(tx, row.id)
+                row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
+                row.grant_id = grant_id
+        self.wakeups.notify(approval_id)
+        if refused is not None:
+            log.info("approval_refused", approval_id=approval_id, reason=refused.reason)
+            raise refused
+        log.info("approval_decided", approval_id=approval_id, state=row.state)
+        return approval_view(row)
+
+    async def wait(self, who: Principal, approval_id: str, timeout: float) -> ApprovalView:
+        """Return as soon as the request leaves ``pending``, or at ``timeout`` seconds.
+
+        Wakes on the in-process event set by whoever changed the state, on a notification
+        from another process (PostgreSQL), or at a bounded re-check interval.
+        """
+        timeout = max(0.0, min(float(timeout), self._config.wait_max_seconds))
+        if self._listener_factory is not None:
+            if self._listener is None:
+                # Connecting may take a moment: not on the event loop.
+                await anyio.to_thread.run_sync(self._ensure_listener)
+            recheck = _PG_SAFETY_RECHECK
+        else:
+            recheck = self._config.recheck_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Subscribe before the first read, so a change between the read and the wait is seen.
+        event = self.wakeups.subscribe(approval_id)
+        try:
+            while True:
+                event.clear()
+                view = await anyio.to_thread.run_sync(self.get_approval, who, approval_id)
+                remaining = deadline - loop.time()
+                if view.state is not ApprovalState.PENDING or remaining <= 0:
+                    return view
+                until_expiry = (view.expires_at - self._clock.now()).total_seconds()
+                step = min(remaining, recheck, max(until_expiry, 0.05))
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=step)
+                except TimeoutError:
+                    pass
+        finally:
+            self.wakeups.unsubscribe(approval_id, event)
+
+    def _ensure_listener(self) -> None:
+        with self._listener_lock:
+            if self._listener is not None or self._listener_factory is None:
+                return
+            self._listener = self._listener_factory()
+            self._listener.start()

@@ -1,0 +1,183 @@
+"""Grants: issuing single-use permissions for one exact action, and using them once.
+
+The token format and its checks are pure (:mod:`.grants`); this service stores each grant,
+signs tokens with the :class:`~sandboxsec.policy.signing.GrantSigner` and marks a grant used
+with a one-winner update, audited in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.record import AuditRecord
+from sandboxsec.audit.sink import AuditSink
+from sandboxsec.clock import Clock
+from sandboxsec.errors import NotFoundError, SandboxSecError, is_refusal
+from sandboxsec.ids import new_id
+from sandboxsec.policy.canonical import params_hash
+from sandboxsec.policy.config import GrantConfig
+from sandboxsec.policy.errors import (
+    GrantAlreadyUsedError,
+    GrantNotFoundError,
+    GrantSessionEndedError,
+    GrantSignatureInvalidError,
+)
+from sandboxsec.policy.grants import GrantClaims, check_grant, decode_grant, encode_grant
+from sandboxsec.policy.models import GrantRecord
+from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.signing import GrantSigner
+from sandboxsec.policy.views import GrantVerdict
+from sandboxsec.policy.wakeup import Wakeups
+from sandboxsec.principal import Principal
+from sandboxsec.sessions.liveness import is_live
+
+__all__ = ["GrantIssuer", "GrantService", "grant_ids"]
+
+
+class GrantIssuer(Protocol):
+    """Issues grants inside a decision's or an approval's transaction."""
+
+    def prepare(self) -> None:
+        """Load (or create) the signing key; call outside any transaction."""
+        ...
+
+    def issue(self, tx: Tx, *, tenant_id: str, session_id: str, approval_id: str | None,
+              decision_id: str, action: str, resource: str, p_hash: str, now: datetime,
+              grant_id: str | None = None) -> GrantRecord:
+        """Store a new grant for one exact action."""
+        ...
+
+    def token(self, record: GrantRecord) -> str:
+        """The signed token of a stored grant."""
+        ...
+
+
+def grant_ids(claims: GrantClaims) -> dict[str, str]:
+    """The audit object ids of a grant."""
+    ids = {"grant_id": claims.grant_id, "session_id": claims.session_id}
+    if claims.approval_id:
+        ids["approval_id"] = claims.approval_id
+    return ids
+
+
+class GrantService:
+    """Issues grants, signs their tokens, and verifies and spends them: valid once."""
+
+    def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
+                 signer: GrantSigner, wakeups: Wakeups, config: GrantConfig) -> None:
+        self._repo = repo
+        self._clock = clock
+        self._audit = audit
+        self._signer = signer
+        self._wakeups = wakeups
+        self._config = config
+
+    def prepare(self) -> None:
+        """Load (or create) the signing key in its own transaction, never inside another:
+        SQLite has one writer, and a nested writer would wait on ourselves."""
+        self._signer.signing_key()
+
+    def issue(self, tx: Tx, *, tenant_id: str, session_id: str, approval_id: str | None,
+              decision_id: str, action: str, resource: str, p_hash: str, now: datetime,
+              grant_id: str | None = None) -> GrantRecord:
+        """Store a new grant for one exact action, signed by the current key."""
+        kid, _ = self._signer.signing_key()
+        record = GrantRecord(
+            id=grant_id or new_id("gr"), tenant_id=tenant_id, session_id=session_id,
+            approval_id=approval_id, decision_id=decision_id, action=action,
+            resource=resource, params_hash=p_hash, key_id=kid, issued_at=now,
+            expires_at=now + timedelta(seconds=self._config.ttl_seconds),
+        )
+        self._repo.add_grant(tx, record)
+        return record
+
+    def token(self, record: GrantRecord) -> str:
+        """The signed token of a stored grant (re-signed on demand: Ed25519 is deterministic)."""
+        kid, private = self._signer.signing_key()
+        if record.key_id != kid:
+            # Issued under a key retired since: re-signing would name the wrong key.
+            private = self._signer.private_for(record.key_id)
+        claims = GrantClaims(
+            grant_id=record.id, tenant_id=record.tenant_id, session_id=record.session_id,
+            action=record.action, resource=record.resource, params_hash=record.params_hash,
+            approval_id=record.approval_id, issued_at=record.issued_at,
+            expires_at=record.expires_at, key_id=record.key_id,
+        )
+        return encode_grant(claims, private)
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Raw Ed25519 public keys by key id, for downstreams that pre-check grants offline."""
+        self._signer.signing_key()
+        return {k: v.public_bytes(Encoding.Raw, PublicFormat.Raw)
+                for k, v in self._signer.public_keys().items()}
+
+    def verify_grant(self, who: Principal, *, token: str, action: str,
+                     params: Mapping[str, Any], resource: str | None = None) -> GrantVerdict:
+        """Check a grant against the action about to run and mark it used: valid once.
+
+        1. the token parses and its signature verifies;
+        2. it is this tenant's grant;
+        3. not expired, same action, params hash to the granted params_hash, same resource;
+        4. the grant exists, its session is still live, and it was not used: marked used with a
+           conditional update, so of two concurrent uses exactly one wins; its approval
+           becomes ``consumed``.
+        """
+        now = self._clock.now()
+        claims: GrantClaims | None = None
+        try:
+            # 1. signature (re-read the key list once for a key id not seen yet)
+            try:
+                claims = decode_grant(token, self._signer.cached_public_keys())
+            except GrantSignatureInvalidError:
+                claims = decode_grant(token, self._signer.public_keys())
+            # 2. tenant: another tenant's grant is indistinguishable from none
+            if claims.tenant_id != who.tenant_id:
+                raise GrantNotFoundError("no such grant")
+            # 3. binding
+            check_grant(claims, now=now, action=action, params_hash=params_hash(params),
+                        resource=resource)
+            # 4. single use
+            with self._repo.transaction() as tx:
+                record = self._repo.grant(tx, who.tenant_id, claims.grant_id)
+                if (record.params_hash, record.action, record.session_id) != (
+                        claims.params_hash, claims.action, claims.session_id):
+                    raise GrantSignatureInvalidError("the grant does not match its record")
+                # A session ended early (for example after a compromise) takes its grants
+                # with it.
+                try:
+                    session = self._repo.session(tx, who.tenant_id, record.session_id)
+                except NotFoundError:
+                    session = None
+                if session is None or not is_live(session, now):
+                    raise GrantSessionEndedError("the grant's session has ended")
+                if not self._repo.use_grant(tx, who.tenant_id, record.id, now, who.key_id):
+                    raise GrantAlreadyUsedError("this grant was used already")
+                if record.approval_id is not None:
+                    self._repo.consume_approval(tx, who.tenant_id, record.approval_id)
+                    self._repo.announce(tx, record.approval_id)
+                self._audit.append(
+                    AuditRecord.by(who, AuditEvent.GRANT_VERIFY, "success",
+                                   object_ids=grant_ids(claims),
+                                   body={"action": action, "params_hash": claims.params_hash}),
+                    session=tx,
+                )
+        except SandboxSecError as exc:
+            if not is_refusal(exc):
+                raise
+            with self._repo.transaction() as tx:
+                self._audit.append(
+                    AuditRecord.by(who, AuditEvent.GRANT_REJECT, "refused", reason=exc.reason,
+                                   object_ids=grant_ids(claims) if claims else {},
+                                   body={"action": action if isinstance(action, str) else ""}),
+                    session=tx,
+                )
+            raise
+        if record.approval_id is not None:
+            self._wakeups.notify(record.approval_id)
+        return GrantVerdict(record.id, record.session_id, record.approval_id, record.action,
+                            record.resource, record.params_hash, record.expires_at, now)

@@ -1,0 +1,1 @@
+"""Encrypted trajectories: records and streams of one agent session, sealed per tenant."""
