@@ -53,7 +53,7 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
     app.state.services = svc
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, ROUTE_MODULES)
     for name in ROUTE_MODULES:
         module = importlib.import_module(f"sandboxsec.api.routes.{name}")
         router = getattr(module, "router", None)

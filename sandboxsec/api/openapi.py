@@ -105,12 +105,10 @@ def _authenticated(route: APIRoute) -> bool:
     return any(name.startswith("require_") for name in _calls(route.dependant))
 
 
-def _api_routes() -> Iterable[tuple[str, APIRoute]]:
+def _api_routes(route_modules: Iterable[str]) -> Iterable[tuple[str, APIRoute]]:
     # From the route modules themselves (mounted at /v1 by create_app): the app's own route
     # list nests included routers in a framework-private shape.
-    from sandboxsec.api.app import ROUTE_MODULES
-
-    for name in ROUTE_MODULES:
+    for name in route_modules:
         module = importlib.import_module(f"sandboxsec.api.routes.{name}")
         for attr, prefix in (("router", "/v1"), ("page_router", "")):
             router = getattr(module, attr, None)
@@ -133,14 +131,14 @@ def _statuses(method: str, path: str, authenticated: bool) -> set[int]:
     return out | _EXTRA_STATUSES.get((method, path), set())
 
 
-def _document(app: FastAPI) -> dict[str, Any]:
+def _document(app: FastAPI, route_modules: Iterable[str]) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, description=app.description,
                       routes=app.routes)
     doc.setdefault("components", {}).setdefault("securitySchemes", {})[_BEARER] = {
         "type": "http", "scheme": "bearer",
         "description": "An API key of one tenant and one role: `Authorization: Bearer ssk_...`",
     }
-    routes = {(m, prefix + r.path_format): r for prefix, r in _api_routes()
+    routes = {(m, prefix + r.path_format): r for prefix, r in _api_routes(route_modules)
               for m in (r.methods or ())}
     for path, item in doc.get("paths", {}).items():
         for method, op in item.items():
@@ -159,12 +157,16 @@ def _document(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Replace the app's OpenAPI generator and add ``/docs`` with local assets."""
+def install_openapi(app: FastAPI, route_modules: Iterable[str]) -> None:
+    """Replace the app's OpenAPI generator and add ``/docs`` with local assets.
+
+    ``route_modules`` are the modules under ``sandboxsec.api.routes`` the app mounts.
+    """
+    modules = tuple(route_modules)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _document(app)
+            app.openapi_schema = _document(app, modules)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
