@@ -6,9 +6,12 @@ Prints:
    compared with;
 2. durable appends/s on SQLite (WAL) through ``AuditLog``: one caller appending one record at
    a time (one commit each), many concurrent callers (the group-commit writer batches them),
-   and ``append_many`` batches of 1,000; each returns only after its commit;
+   and ``append_many`` batches of 1,000; each returns only after its commit.  Measured twice:
+   without witnesses, then with two ``sandboxsec witness serve`` processes configured (every
+   checkpoint is checked against the state file and submitted to both);
 3. offline export verification (``verify_export``) in entries/s, over an export of
-   ``VERIFY_ENTRIES`` realistic entries with a checkpoint every 1,000;
+   ``VERIFY_ENTRIES`` realistic entries with a checkpoint every 1,000, requiring two witness
+   cosignatures on the newest;
 4. inclusion and consistency proof sizes at 1,000,000 entries, and the time to serve one
    inclusion proof from the SQLite store.
 
@@ -19,18 +22,23 @@ proofs O(log n) (20 hashes at 1M).  Sizes are overridable with environment varia
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint
+from sandboxsec.audit.cosignature import WitnessKey, cosign, parse_witness_key
 from sandboxsec.audit.entry import encode_entry
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.export import ConsistencyRecord, ExportHeader, render_export
@@ -39,7 +47,7 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.verify import verify_export
 from sandboxsec.clock import SystemClock
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
+from sandboxsec.settings import AuditWitness, Settings
 
 VERIFY_ENTRIES = int(os.environ.get("BENCH_AUDIT_VERIFY", "500000"))
 APPENDS = int(os.environ.get("BENCH_AUDIT_APPENDS", "20000"))
@@ -73,8 +81,36 @@ def raw_sha256() -> float:
     return best
 
 
-def appends(home: Path) -> tuple[float, float, float, float, int]:
-    settings = Settings(home=home, audit_checkpoint_every=1000)
+@contextlib.contextmanager
+def witness_processes(tmp: Path, log_vkey: str) -> Iterator[list[AuditWitness]]:
+    """Two witnesses as separate processes, as the service would call them."""
+    procs: list[subprocess.Popen[str]] = []
+    found: list[AuditWitness] = []
+    try:
+        for i in range(2):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "sandboxsec.cli", "witness", "serve", "--home",
+                 str(tmp / f"w{i}"), "--name", f"w{i}.bench/w", "--log-key", log_vkey,
+                 "--port", "0"], stdout=subprocess.PIPE, text=True,
+                stderr=subprocess.DEVNULL)
+            procs.append(p)
+            assert p.stdout is not None
+            _, vkey, _, _, url = p.stdout.readline().split()
+            found.append(AuditWitness(url=url, key=vkey))
+        yield found
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def appends(
+    home: Path, witnesses: list[AuditWitness] | None = None
+) -> tuple[float, float, float, float, int]:
+    settings = Settings(home=home, audit_checkpoint_every=1000,
+                        audit_witnesses=witnesses or [])
     services = Services(settings, clock=SystemClock())
     services.settings.ensure_home()
     services.db.migrate()
@@ -110,7 +146,11 @@ def appends(home: Path) -> tuple[float, float, float, float, int]:
         batched = rounds * 1000 / (time.perf_counter() - start)
         # Whatever was appended verifies.
         data = b"".join(log.export("tn_bench"))
-        report = verify_export(data, log.keys.public_key)
+        report = verify_export(
+            data, log.keys.public_key,
+            witnesses=[parse_witness_key(w.key) for w in witnesses or []],
+            min_witnesses=len(witnesses or []),
+        )
         # An inclusion proof read from the store (nodes + a leaf block), as the API serves it.
         start = time.perf_counter()
         for i in range(20):
@@ -119,6 +159,9 @@ def appends(home: Path) -> tuple[float, float, float, float, int]:
     finally:
         services.close()
     return single, grouped, batched, proof_ms, report.tree_size
+
+
+WITNESS_KEYS = [Ed25519PrivateKey.generate() for _ in range(2)]
 
 
 def synth_export(n: int) -> tuple[bytes, Ed25519PrivateKey]:
@@ -150,7 +193,11 @@ def synth_export(n: int) -> tuple[bytes, Ed25519PrivateKey]:
               for a, b in itertools.pairwise(sizes)]
     header = ExportHeader("tn_bench", "sandboxsec.local/audit/tn_bench",
                           "sandboxsec.local/audit", 0, n, [], None)
-    return b"".join(render_export(header, notes, proofs, lines)), key
+    top = Checkpoint("sandboxsec.local/audit/tn_bench", frontier.size, frontier.root())
+    cosigs = [[] for _ in notes[:-1]] + [[
+        cosign(top, name=f"w{i}.bench/w", private_key=k, timestamp=1_800_000_000)
+        for i, k in enumerate(WITNESS_KEYS)]]
+    return b"".join(render_export(header, notes, proofs, lines, cosignatures=cosigs)), key
 
 
 def verification(n: int) -> tuple[float, float, int]:
@@ -159,7 +206,12 @@ def verification(n: int) -> tuple[float, float, int]:
     best = best_cpu = 0.0
     for _ in range(3):
         start, cpu = time.perf_counter(), time.process_time()
-        report = verify_export(data, key.public_key())
+        report = verify_export(
+            data, key.public_key(), min_witnesses=2,
+            witnesses=[WitnessKey.from_private(f"w{i}.bench/w", k)
+                       for i, k in enumerate(WITNESS_KEYS)],
+        )
+        assert len(report.cosignatures) == 2
         best = max(best, report.entries / (time.perf_counter() - start))
         best_cpu = max(best_cpu, report.entries / (time.process_time() - cpu))
     return best, best_cpu, len(data)
@@ -176,15 +228,25 @@ def main() -> None:
     sha = raw_sha256()
     print(f"raw sha256 (256 B)             {sha:>12,.0f} hashes/s")
     with tempfile.TemporaryDirectory() as tmp:
-        single, grouped, batched, proof_ms, size = appends(Path(tmp))
-    print(f"durable appends, 1 caller      {single:>12,.0f} /s   ratio to raw sha256 "
-          f"1:{sha / single:,.0f}")
-    print(f"durable appends, 64 callers    {grouped:>12,.0f} /s   ratio 1:{sha / grouped:,.0f}"
-          f"   (group commit; aim >= 20,000)")
-    print(f"durable appends, batches 1000  {batched:>12,.0f} /s   ratio 1:{sha / batched:,.0f}"
-          f"   (aim >= 20,000)")
-    print(f"inclusion proof from the store  {proof_ms:>11.1f} ms   (log of {size:,} entries, "
-          "incl. signing a fresh checkpoint)")
+        plain = appends(Path(tmp) / "plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "witnessed"
+        vkey = Services(Settings(home=home)).audit.keys.verifier_key()
+        with witness_processes(Path(tmp), vkey) as ws:
+            witnessed = appends(home, ws)
+    for label, (single, grouped, batched, proof_ms, size) in (
+        ("", plain), (" + 2 witnesses", witnessed)
+    ):
+        print(f"durable appends, 1 caller{label:15}{single:>10,.0f} /s   ratio to raw sha256 "
+              f"1:{sha / single:,.0f}")
+        print(f"durable appends, 64 callers{label:13}{grouped:>10,.0f} /s   ratio "
+              f"1:{sha / grouped:,.0f}   (group commit; aim >= 20,000)")
+        print(f"durable appends, batches 1000{label:11}{batched:>10,.0f} /s   ratio "
+              f"1:{sha / batched:,.0f}   (aim >= 20,000)")
+        print(f"inclusion proof from the store{label:10}{proof_ms:>9.1f} ms   (log of "
+              f"{size:,} entries, incl. signing a fresh checkpoint)")
+    print(f"witnessing costs {1 - witnessed[2] / plain[2]:.0%} of batched appends and "
+          f"{1 - witnessed[0] / plain[0]:.0%} of single-caller appends (same run)")
     rate, cpu_rate, size = verification(VERIFY_ENTRIES)
     print(f"export verification            {rate:>12,.0f} entries/s over {VERIFY_ENTRIES:,} "
           f"entries ({size / VERIFY_ENTRIES:.0f} B each)   ratio 1:{sha / rate:.2f} "

@@ -18,9 +18,11 @@ from typing import Any
 from sandboxsec.attestation.config import AttestationConfig
 from sandboxsec.attestation.service import AttestationService
 from sandboxsec.audit.config import AuditConfig
+from sandboxsec.audit.integrity import HistoryGuard
 from sandboxsec.audit.keys import AuditKeys
 from sandboxsec.audit.log import AuditLog
-from sandboxsec.audit.reader import AuditReader
+from sandboxsec.audit.publishing import build_guard
+from sandboxsec.audit.reader import AuditReader, StoredTree
 from sandboxsec.audit.writer import AuditWriter
 from sandboxsec.clock import Clock, SystemClock
 from sandboxsec.crypto.admin import KeyAdmin
@@ -38,6 +40,7 @@ from sandboxsec.policy.repository import SqlPolicyRepository
 from sandboxsec.policy.service import PolicyService
 from sandboxsec.policy.signing import GrantKeyring
 from sandboxsec.policy.wakeup import PgListener, Wakeups
+from sandboxsec.sessions.binding import BindingConfig, SessionBinding
 from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
@@ -76,13 +79,25 @@ class Services:
     @cached_property
     def audit_writer(self) -> AuditWriter:
         """Appends and checkpoint signing: the :class:`AuditSink` every service gets."""
-        return AuditWriter(self.db, self.clock, self._audit_keys, self._audit_config)
+        return AuditWriter(self.db, self.clock, self._audit_keys, self._audit_config,
+                           self._audit_guard)
 
     @cached_property
     def audit(self) -> AuditLog:
         """The audit log: writer and reader behind one handle."""
         reader = AuditReader(self.db, self._audit_keys, self._audit_config, self.audit_writer)
         return AuditLog(self.audit_writer, reader, self._audit_keys)
+
+    @cached_property
+    def _audit_guard(self) -> HistoryGuard:
+        # Proofs for witnesses come from the stored tree; alarms are recorded by the writer
+        # (late-bound: the writer is built with this guard).
+        return build_guard(
+            self.settings, self.db, self.clock, self._audit_keys,
+            proof=lambda log_id, old, new: StoredTree(self.db, log_id, new).consistency_proof(
+                old, new),
+            sink=lambda: self.audit_writer,
+        )
 
     @cached_property
     def _audit_keys(self) -> AuditKeys:
@@ -141,8 +156,21 @@ class Services:
     @cached_property
     def sessions(self) -> SessionService:
         """Agent sessions, started from an affirming attestation token."""
+        s = self.settings
         return SessionService(self.db, self.clock, self.audit_writer, self.attestation,
-                              self.attestation, SessionConfig(self.settings.session_ttl_seconds))
+                              self.attestation,
+                              SessionConfig(s.session_ttl_seconds, s.require_session_key),
+                              proofs=self.session_binding)
+
+    @cached_property
+    def session_binding(self) -> SessionBinding:
+        """Session proofs (DPoP by the TPM-held session key), their replay store, ending."""
+        s = self.settings
+        config = BindingConfig(public_url=s.public_url,
+                               require_session_key=s.require_session_key,
+                               max_age_seconds=s.dpop_max_age_seconds,
+                               skew_seconds=s.dpop_clock_skew_seconds)
+        return SessionBinding(config, self.db, self.clock, self.audit_writer)
 
     # ------------------------------------------------------------------ policy
 

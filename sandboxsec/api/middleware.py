@@ -10,8 +10,10 @@ import time
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandboxsec.encoding import json_lone_surrogate
 
 __all__ = ["Metrics", "RequestGuard"]
 
@@ -30,6 +32,11 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.audit_alarms = Gauge(
+            "sandboxsec_audit_alarms", "Audit logs stopped by an integrity alarm", ["code"],
+            registry=self.registry,
+        )
+        self.audit_alarm_codes: set[str] = set()
 
 
 def _json_too_deep(body: bytes, limit: int) -> bool:
@@ -160,6 +167,12 @@ class RequestGuard:
         if body and _json_too_deep(body, self.max_depth):
             await _send_error(send, 400, "json_too_deep",
                               f"JSON nesting is limited to {self.max_depth} levels", rid)
+            return
+        if body and json_lone_surrogate(body):
+            # Text that cannot be encoded as UTF-8 would fail deep inside a handler (a
+            # database driver, a signature, a hash) as a 500: refuse it at the door.
+            await _send_error(send, 400, "invalid_input",
+                              "the body is not valid UTF-8 text (a lone surrogate)", rid)
             return
 
         replayed = False

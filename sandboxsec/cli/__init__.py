@@ -16,7 +16,7 @@ from sandboxsec.errors import SandboxSecError
 __all__ = ["GROUPS", "main"]
 
 #: Command-group modules under ``sandboxsec.cli``; each has ``register(subparsers)``.
-GROUPS = ("serve", "tenant", "image", "audit", "keys", "demo", "gateway")
+GROUPS = ("serve", "tenant", "image", "audit", "keys", "demo", "witness", "gateway")
 
 
 class _Parser(argparse.ArgumentParser):

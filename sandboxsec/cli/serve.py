@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from sandboxsec.cli._args import decimal
 from sandboxsec.cli._common import open_services
 
 __all__ = ["register"]
@@ -16,8 +17,8 @@ def register(subs: Any) -> None:
     """Add ``serve``."""
     p = subs.add_parser("serve", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--port", type=decimal, default=8000)
+    p.add_argument("--workers", type=decimal, default=1, help="worker processes (default 1)")
     p.add_argument("--log-level", default=None)
     p.set_defaults(handler=_serve)
 
@@ -32,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     services.close()
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
+    # Session proofs name the URL the client called; behind a proxy set the external one.
+    os.environ.setdefault("SANDBOXSEC_PUBLIC_URL", settings.public_url or url)
     print(
         f"sandboxsec listening on {url}  (API {url}/v1, OpenAPI {url}/openapi.json)\n"
         f"  state: {settings.home}  database: {db_kind}  key provider: {settings.key_provider}\n"

@@ -117,7 +117,7 @@ class ApprovalHashMismatchError(VerificationError):
 
 
 class GrantMalformedError(VerificationError):
-    """The grant token is not a well-formed ``sgr1`` token."""
+    """The grant token is not a well-formed grant (compact JWS, or the legacy ``sgr1`` form)."""
 
     code = "grant_malformed"
 

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.session_proof import ProofDep
+from sandboxsec.policy.canonical import canonical_json
 from sandboxsec.policy.engine import Outcome
 from sandboxsec.principal import Principal
 
@@ -52,8 +54,14 @@ class ActionOut(BaseModel):
 
 @router.post("/actions", response_model=ActionOut, response_model_exclude_none=True)
 def request_action(body: ActionIn, services: ServicesDep,
-                   who: Annotated[Principal, Depends(require("action:request"))]) -> ActionOut:
-    """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``."""
+                   who: Annotated[Principal, Depends(require("action:request"))],
+                   proof: ProofDep) -> ActionOut:
+    """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``.
+
+    The request carries a ``DPoP`` proof by the session's TPM-held key, checked after the
+    body's own shape (params that cannot be canonicalised are a 4xx whatever the session)."""
+    canonical_json(body.params)
+    services.session_binding.require(who, proof, body.session_id, check_open=False)
     result = services.decisions.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,
         params=body.params,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
@@ -16,8 +18,8 @@ page_router = APIRouter()
 
 @page_router.get("/healthz", tags=["health"])
 def healthz(services: ServicesDep) -> JSONResponse:
-    """200 while the process serves, its database answers and its root key is usable;
-    503 (with which dependency failed) otherwise."""
+    """200 while the process serves, its database answers, its root key is usable and no audit
+    log is stopped by an integrity alarm; 503 (with which one failed) otherwise."""
     db_ok = services.db.ping()
     try:
         # A fresh service has no root key until the first tenant key is made: that is ready.
@@ -26,16 +28,26 @@ def healthz(services: ServicesDep) -> JSONResponse:
         keys_ok = True
     except SandboxSecError:
         keys_ok = False
-    ok = db_ok and keys_ok
+    # Codes only: tenant ids are not for an unauthenticated caller (``audit alarm`` lists them).
+    alarms = sorted({a.code for a in services.audit.guard.states.alarms()})
+    ok = db_ok and keys_ok and not alarms
     return JSONResponse(
         {"status": "ok" if ok else "degraded", "database": "ok" if db_ok else "unavailable",
-         "key_provider": "ok" if keys_ok else "unavailable", "version": __version__},
+         "key_provider": "ok" if keys_ok else "unavailable",
+         "audit": "alarm" if alarms else "ok", "audit_alarms": alarms,
+         "version": __version__},
         status_code=200 if ok else 503,
     )
 
 
 @page_router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-def metrics(request: Request) -> PlainTextResponse:
+def metrics(request: Request, services: ServicesDep) -> PlainTextResponse:
     """Prometheus text exposition of this worker's counters."""
-    data = generate_latest(request.app.state.metrics.registry)
+    m = request.app.state.metrics
+    # Alarms live in files shared by every worker: read them at scrape time.
+    by_code = Counter(a.code for a in services.audit.guard.states.alarms())
+    for code in {*by_code, *m.audit_alarm_codes}:
+        m.audit_alarms.labels(code).set(by_code.get(code, 0))
+    m.audit_alarm_codes.update(by_code)
+    data = generate_latest(m.registry)
     return PlainTextResponse(data, media_type="text/plain; version=0.0.4")

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,18 +29,40 @@ from tests.support.faults import (
     running,
 )
 from tests.support.pgcluster import PgCluster
-from tests.support.softtpm import SoftAk, marshal_quote, sign_quote, soft_activate
+from tests.support.sessionkeys import KEYS, RegistryProof, SoftSessionKey, register
+from tests.support.softtpm import (
+    SoftAk,
+    marshal_certify,
+    marshal_quote,
+    sign_quote,
+    soft_activate,
+    soft_session_key_public,
+)
 
 _counter = itertools.count()
 
 
 class SoftSandbox:
-    """The :class:`sandboxsec_client.Attester` of a sandbox with a software TPM."""
+    """The :class:`sandboxsec_client.SessionKeyAttester` of a sandbox with a software TPM
+    (its session key is a software key registered for test proofs)."""
 
     def __init__(self, trust: Trust) -> None:
         self.trust = trust
         self.soft = SoftAk()
         self.tick = 10_000
+        self.session_key: SoftSessionKey | None = None
+        self.session_key_public = b""
+
+    def new_session_key(self) -> bytes:
+        self.session_key = register()
+        n = self.session_key.private.public_key().public_numbers()
+        self.session_key_public = soft_session_key_public(n.x.to_bytes(32, "big"),
+                                                          n.y.to_bytes(32, "big"))
+        return self.session_key_public
+
+    def certify_session_key(self, nonce: bytes) -> tuple[bytes, bytes]:
+        certify = marshal_certify(nonce, self.session_key_public)
+        return certify, sign_quote(self.soft, certify)
 
     def ak(self) -> bytes:
         return self.soft.public
@@ -76,17 +99,34 @@ class Live:
     tenant: Tenant
     other: Tenant
     sandbox: SoftSandbox
+    #: The session :meth:`new_session` started last (what approval reads prove for).
+    last_session: str | None = None
 
     def key(self, role: str) -> str:
         return self.tenant.keys[role]
 
+    def proof(self, api_key: str | None) -> RegistryProof:
+        """A ``proof=`` signer for a client with ``api_key``: proofs by the registered key
+        of the session each request names."""
+        return RegistryProof(api_key, lambda: datetime.now(UTC), self.last_session,
+                             external_url=self.base)
+
+    def prove(self, role: str) -> RegistryProof:
+        """:meth:`proof` for this tenant's ``role`` key."""
+        return self.proof(self.key(role))
+
     def new_session(self) -> str:
-        """A session started from a fresh affirming attestation (through the client)."""
-        with AgentClient(self.base, self.key("agent")) as agent:
+        """A session started from a fresh affirming attestation (through the client), bound
+        to a fresh session key certified by the sandbox's AK."""
+        key = self.key("agent")
+        with AgentClient(self.base, key, proof=self.proof(key)) as agent:
             verdict = agent.attest(self.sandbox, self.deployment.trust.manifest.encode())
             assert verdict.affirming, verdict.failures
-            assert verdict.token is not None
-            return agent.start_session(verdict.token).session_id
+            assert verdict.token is not None and self.sandbox.session_key is not None
+            sid = agent.start_session(verdict.token).session_id
+        KEYS[sid] = self.sandbox.session_key
+        self.last_session = sid
+        return sid
 
     def sqlite_path(self) -> Path | None:
         return None if self.deployment.database_url else self.deployment.home / "sandboxsec.db"

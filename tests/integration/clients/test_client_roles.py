@@ -43,7 +43,7 @@ RESOURCE = "payee:acme-gmbh"
 
 
 def _ask_payment(live: Live, session_id: str, params: dict[str, Any] = PAY) -> str:
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         d = agent.ask(session_id, "payment", RESOURCE, params)
     assert d.decision == "approval_required" and d.approval_id is not None
     return d.approval_id
@@ -51,7 +51,7 @@ def _ask_payment(live: Live, session_id: str, params: dict[str, Any] = PAY) -> s
 
 def test_agent_approver_downstream_round_trip(live: Live) -> None:
     sid = live.new_session()
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         assert agent.session(sid).attested
         rec = agent.record(sid, "observation", b"page loaded", {"step": 1})
         assert rec.record_id and rec.size == len(b"page loaded")
@@ -74,7 +74,7 @@ def test_agent_approver_downstream_round_trip(live: Live) -> None:
         assert approver.get(shown.id).state == "pending"
         assert approver.approve(shown).state == "approved"
 
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         done = agent.wait(d.approval_id, timeout=5)
     assert done.state == "approved" and done.grant is not None
     grant = done.grant
@@ -100,7 +100,8 @@ def test_agent_approver_downstream_round_trip(live: Live) -> None:
             offline.verify_offline(forged, "payment", PAY, RESOURCE, keys=keys)
         assert sig.value.code in {"grant_signature_invalid", "grant_malformed"}
 
-    with DownstreamClient(live.base, live.key("approver")) as downstream:
+    with DownstreamClient(live.base, live.key("approver"),
+                          proof=live.prove("approver")) as downstream:
         other = downstream.verify_grant(grant, "payment", {**PAY, "amount": "121.00"}, RESOURCE)
         assert (other.valid, other.code) == (False, "grant_params_mismatch")
         first = downstream.verify_grant(grant, "payment", PAY, RESOURCE)
@@ -111,7 +112,7 @@ def test_agent_approver_downstream_round_trip(live: Live) -> None:
 
 def test_auditor_and_admin(live: Live) -> None:
     sid = live.new_session()
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         rec = agent.record(sid, "screenshot", b"\x89PNG...", {"w": 2})
     with AuditorClient(live.base, live.key("auditor")) as auditor:
         cp = auditor.checkpoint()
@@ -142,7 +143,7 @@ def test_auditor_and_admin(live: Live) -> None:
         with pytest.raises(AuditInvalid) as unsigned:
             verify_inclusion(proof, other_key, name)
         assert unsigned.value.code == "audit_checkpoint_signature_invalid"
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         agent.record(sid, "observation", b"later")
     with AuditorClient(live.base, live.key("auditor")) as auditor:
         later = auditor.checkpoint()
@@ -175,7 +176,8 @@ def test_refusals_are_typed_by_family(live: Live) -> None:
     sid = live.new_session()
     aid = _ask_payment(live, sid)
     # another tenant: 404, exactly as for an id that does not exist
-    with AgentClient(live.base, live.other.keys["agent"]) as foreign:
+    with AgentClient(live.base, live.other.keys["agent"],
+                     proof=live.proof(live.other.keys["agent"])) as foreign:
         with pytest.raises(NotFoundError) as nf:
             foreign.approval(aid)
         assert nf.value.code == "not_found"
@@ -187,7 +189,7 @@ def test_refusals_are_typed_by_family(live: Live) -> None:
             not_an_approver.approve(aid, "0" * 64)
         assert fb.value.code == "forbidden"
     # malformed params: 400 with the policy's reason
-    with AgentClient(live.base, live.key("agent")) as agent:
+    with AgentClient(live.base, live.key("agent"), proof=live.prove("agent")) as agent:
         with pytest.raises(InputError) as bad:
             agent.ask(sid, "payment", RESOURCE, {**PAY, "amount": 120.5})
         assert bad.value.status == 400 and bad.value.code != "http_400"
@@ -201,9 +203,11 @@ def test_async_clients_every_role(live: Live) -> None:
     sid = live.new_session()
 
     async def run() -> None:
-        async with AsyncAgentClient(live.base, live.key("agent")) as agent, \
+        async with AsyncAgentClient(live.base, live.key("agent"),
+                                    proof=live.prove("agent")) as agent, \
                 AsyncApproverClient(live.base, live.key("approver")) as approver, \
-                AsyncDownstreamClient(live.base, live.key("agent")) as downstream, \
+                AsyncDownstreamClient(live.base, live.key("agent"),
+                                      proof=live.prove("agent")) as downstream, \
                 AsyncAuditorClient(live.base, live.key("auditor")) as auditor, \
                 AsyncAdminClient(live.base, live.key("admin")) as admin:
             rec = await agent.record(sid, "action", b'{"click": [1, 2]}')
@@ -242,7 +246,8 @@ def test_retry_on_503_then_success(live: Live) -> None:
         lock.release()
 
     try:
-        with AgentClient(live.base, live.key("agent"), sleep=sleep) as agent:
+        with AgentClient(live.base, live.key("agent"),
+                         proof=live.prove("agent"), sleep=sleep) as agent:
             rec = agent.record(sid, "observation", b"written after the outage")
     finally:
         lock.release()
@@ -256,7 +261,8 @@ def test_retry_on_503_then_success(live: Live) -> None:
     # retries are bounded: a longer outage ends in the family error, nothing written
     lock = SqliteWriteLock(db)
     try:
-        with AgentClient(live.base, live.key("agent"), retry=RetryPolicy(attempts=2),
+        with AgentClient(live.base, live.key("agent"),
+                         proof=live.prove("agent"), retry=RetryPolicy(attempts=2),
                          sleep=lambda _s: None) as agent, pytest.raises(UnavailableError) as down:
             agent.record(sid, "observation", b"never")
     finally:
@@ -275,7 +281,7 @@ def test_wait_survives_a_dropped_connection(live: Live) -> None:
 
     def waiter() -> None:
         try:
-            with AgentClient(proxy.base, live.key("agent")) as agent:
+            with AgentClient(proxy.base, live.key("agent"), proof=live.prove("agent")) as agent:
                 outcome["approval"] = agent.wait(aid, timeout=120, poll=60)
         except BaseException as exc:
             outcome["error"] = exc
@@ -303,7 +309,7 @@ def test_lost_answer_of_a_write_is_reported_not_repeated(live: Live) -> None:
     proxy = DroppingProxy(port)
     proxy.drop_after_post = True
     try:
-        with AgentClient(proxy.base, live.key("agent")) as agent, \
+        with AgentClient(proxy.base, live.key("agent"), proof=live.prove("agent")) as agent, \
                 pytest.raises(OutcomeUnknownError):
             agent.record(sid, "observation", b"maybe")
     finally:

@@ -89,7 +89,8 @@ def test_gateway_gates_every_tool_call(reads_allowed: Live,
     live = reads_allowed
     params, executed = upstream
     sid = live.new_session()
-    config = GatewayConfig(live.base, live.key("agent"), sid, record=True)
+    config = GatewayConfig(live.base, live.key("agent"), sid, record=True,
+                           proof=live.prove("agent"))
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -179,7 +180,8 @@ def test_gateway_forwards_nothing_without_the_service(
     params, executed = upstream
     sid = live.new_session()
     # a closed port: the policy service cannot be asked
-    config = GatewayConfig("http://127.0.0.1:9", live.key("agent"), sid, timeout=2)
+    config = GatewayConfig("http://127.0.0.1:9", live.key("agent"), sid, timeout=2,
+                           proof=live.prove("agent"))
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -249,7 +251,7 @@ def test_approved_call_runs_once_even_when_sent_twice_at_once(
     live = reads_allowed
     params, executed = upstream
     sid = live.new_session()
-    config = GatewayConfig(live.base, live.key("agent"), sid)
+    config = GatewayConfig(live.base, live.key("agent"), sid, proof=live.prove("agent"))
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -276,7 +278,7 @@ def test_a_tool_changed_after_approval_is_not_run(
     live = reads_allowed
     params, executed = upstream
     sid = live.new_session()
-    config = GatewayConfig(live.base, live.key("agent"), sid)
+    config = GatewayConfig(live.base, live.key("agent"), sid, proof=live.prove("agent"))
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \

@@ -171,7 +171,8 @@ def _resign(payload: dict[str, Any], key: Ed25519PrivateKey = KEY, canonical: bo
         return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
     body = canonical_json(payload) if canonical else json.dumps(payload).encode()
-    signing = f"sgr1.{b64(body)}"
+    header = {"alg": "EdDSA", "kid": payload["kid"], "typ": "sandboxsec-grant+jws"}
+    signing = f"{b64(json.dumps(header).encode())}.{b64(body)}"
     return f"{signing}.{b64(key.sign(signing.encode()))}"
 
 

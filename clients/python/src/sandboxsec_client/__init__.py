@@ -12,7 +12,7 @@ auditors and administrators, in blocking (:mod:`.sync`) and async (:mod:`.aio`) 
 """
 
 from sandboxsec_client._core import ProofSigner, RetryPolicy
-from sandboxsec_client._flows import Attester
+from sandboxsec_client._flows import Attester, SessionKeyAttester
 from sandboxsec_client.aio import (
     AsyncAdminClient,
     AsyncAgentClient,
@@ -111,6 +111,7 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "SessionInfo",
+    "SessionKeyAttester",
     "TrajectoryRecord",
     "TransportError",
     "UnavailableError",

@@ -50,7 +50,8 @@ T = TypeVar("T")
 
 #: A session proof signer: ``(method, url, body) -> DPoP header value``.  ``url`` is the
 #: target URI without query and fragment (RFC 9449 ``htu``); ``body`` the exact bytes sent.
-ProofSigner = Callable[[str, str, bytes], str]
+#: ``None``: this request acts in no session, so it is sent without a proof.
+ProofSigner = Callable[[str, str, bytes], str | None]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _NO_BODY: Any = object()
@@ -201,7 +202,9 @@ class Session:
             # A fresh proof per attempt: each carries its own unique id and time.
             parts = urlsplit(url)
             htu = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-            headers["DPoP"] = self.proof(call.method.upper(), htu, content or b"")
+            value = self.proof(call.method.upper(), htu, content or b"")
+            if value is not None:
+                headers["DPoP"] = value
         return Prepared(call.method.upper(), url, params, headers, content, timeout)
 
     def after_answer(self, call: Call, answer: Answer, attempt: int) -> Answer | float:

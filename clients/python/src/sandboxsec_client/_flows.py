@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from sandboxsec_client._core import Answer, Call, Flow, LongPoll, expect_json, parse_error
@@ -33,7 +33,7 @@ from sandboxsec_client.models import (
     WhoAmI,
 )
 
-__all__ = ["Attester"]
+__all__ = ["Attester", "SessionKeyAttester"]
 
 
 class Attester(Protocol):
@@ -66,6 +66,20 @@ class Attester(Protocol):
 
     def event_log(self) -> bytes | None:
         """The TCG event log of the boot, if the platform keeps one."""
+        ...
+
+
+@runtime_checkable
+class SessionKeyAttester(Attester, Protocol):
+    """A TPM that also holds a session key: attestation then certifies it, and the token
+    binds the session to it (``cnf.jkt``); every session call carries a ``DPoP`` proof."""
+
+    def new_session_key(self) -> bytes:
+        """A fresh TPM-held session key; its marshalled ``TPM2B_PUBLIC``."""
+        ...
+
+    def certify_session_key(self, nonce: bytes) -> tuple[bytes, bytes]:
+        """TPM2_Certify of the session key by the AK over ``nonce``."""
         ...
 
 
@@ -109,6 +123,12 @@ def attest(tpm: Attester, manifest: bytes) -> Flow[Verdict]:
         "pcrs": {"sha256": {str(i): v.hex() for i, v in tpm.read_pcrs().items()}},
         "image_manifest": manifest.decode("utf-8"),
     }
+    if isinstance(tpm, SessionKeyAttester):
+        # A fresh session key, certified by the AK over the same nonce.
+        session_key = tpm.new_session_key()
+        certify, certify_sig = tpm.certify_session_key(nonce)
+        body.update(session_key=_b64(session_key), session_key_certify=_b64(certify),
+                    session_key_signature=_b64(certify_sig))
     log = tpm.event_log()
     if log is not None:
         body["event_log"] = _b64(log)
@@ -173,7 +193,7 @@ def verify_grant(grant: str, action: str, params: Mapping[str, Any],
 
 
 def grant_keys() -> Flow[dict[str, Any]]:
-    out = yield from _json(Call("GET", "/v1/grants/keys", auth=False))
+    out = yield from _json(Call("GET", "/v1/grants/jwks", auth=False))
     return dict(out)
 
 

@@ -6,10 +6,12 @@ offline check here answers "was this grant issued by the service, for exactly th
 these params, and is it unexpired?" without a round trip; it cannot know about single use.
 
 Grant formats are pluggable: a :class:`GrantDecoder` turns a token and the published keys into
-:class:`~sandboxsec_client.models.GrantClaims`.  :class:`Sgr1Decoder` reads the ``sgr1``
-format of ``docs/policy.md``.  Keys come from ``GET /v1/grants/keys`` (``{"keys": {kid:
-base64 raw Ed25519}}``) or a JWKS document (``{"keys": [{"kty": "OKP", "crv": "Ed25519",
-"kid", "x"}]}``); :func:`parse_published_keys` reads both.
+:class:`~sandboxsec_client.models.GrantClaims`.  :class:`JwsGrantDecoder` reads the compact
+JWS grants the service issues (``docs/policy.md``), :class:`Sgr1Decoder` the earlier ``sgr1``
+form, and :class:`GrantTokenDecoder` (the default) picks by shape.  Keys come from the JWK Set
+at ``GET /v1/grants/jwks`` (``{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid", "x"}]}``) or
+``GET /v1/grants/keys`` (``{"keys": {kid: base64 raw Ed25519}}``);
+:func:`parse_published_keys` reads both.
 
 ``params_hash`` is recomputed here independently of the service's code (same documented
 canonical form: RFC 8785 restricted to values with one spelling; floats are refused).
@@ -36,6 +38,8 @@ from sandboxsec_client.models import GrantClaims
 __all__ = [
     "GrantDecoder",
     "GrantInvalid",
+    "GrantTokenDecoder",
+    "JwsGrantDecoder",
     "Sgr1Decoder",
     "canonical_json",
     "check_claims",
@@ -51,6 +55,12 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r
 _CONTROL = re.compile(r'["\\\x00-\x1f]')
 _SGR1_MEMBERS = frozenset({"v", "gid", "tid", "sid", "act", "res", "ph", "aid", "iat", "exp",
                            "kid"})
+_JWS_MEMBERS = _SGR1_MEMBERS | {"iss", "aud"}
+_JWS_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+GRANT_TYP = "sandboxsec-grant+jws"
+GRANT_ISSUER = "urn:sandboxsec"
+GRANT_AUDIENCE = "urn:sandboxsec:grant"
+MAX_TOKEN_CHARS = 4096
 
 
 class GrantInvalid(ClientError):
@@ -113,9 +123,13 @@ def _b64url(text: str) -> bytes:
     if not _B64URL.fullmatch(text):
         raise GrantInvalid("grant_malformed", "segments must be unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise GrantInvalid("grant_malformed", "a segment is not base64url") from None
+    # One spelling per value: unused trailing bits set would give a second token for it.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != text:
+        raise GrantInvalid("grant_malformed", "a segment is not canonical base64url")
+    return raw
 
 
 def parse_published_keys(document: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:
@@ -178,10 +192,83 @@ class Sgr1Decoder:
             key.verify(signature, f"sgr1.{parts[1]}".encode("ascii"))
         except InvalidSignature:
             raise GrantInvalid("grant_signature_invalid", "signature does not verify") from None
-        return GrantClaims(grant_id=p["gid"], tenant_id=p["tid"], session_id=p["sid"],
-                           action=p["act"], resource=p["res"], params_hash=p["ph"],
-                           approval_id=p["aid"], issued_at=p["iat"], expires_at=p["exp"],
-                           key_id=p["kid"])
+        return _claims_of(p)
+
+
+def _claims_of(p: Mapping[str, Any]) -> GrantClaims:
+    strings = ("gid", "tid", "sid", "act", "res", "ph", "kid", "iat", "exp")
+    if not all(isinstance(p[k], str) for k in strings) or not (
+            p["aid"] is None or isinstance(p["aid"], str)):
+        raise GrantInvalid("grant_malformed", "payload members have the wrong types")
+    return GrantClaims(grant_id=p["gid"], tenant_id=p["tid"], session_id=p["sid"],
+                       action=p["act"], resource=p["res"], params_hash=p["ph"],
+                       approval_id=p["aid"], issued_at=p["iat"], expires_at=p["exp"],
+                       key_id=p["kid"])
+
+
+def _json_segment(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise GrantInvalid("grant_malformed", f"{what} is not JSON") from None
+
+
+class JwsGrantDecoder:
+    """The compact JWS grants the service issues (``docs/policy.md``): header
+    ``{"alg":"EdDSA","kid","typ":"sandboxsec-grant+jws"}``, canonical JSON payload."""
+
+    def decode(self, token: str, keys: Mapping[str, Ed25519PublicKey]) -> GrantClaims:
+        """Check, in order: 1. shape, 2. header (EdDSA only, no ``crit``, the grant type, a
+        known ``kid``) and the Ed25519 signature over ``header.payload``, 3. canonical
+        payload with exactly the version 2 members, this service's ``iss`` and ``aud``, and
+        the header's ``kid``."""
+        # 1. shape
+        parts = (token.split(".") if isinstance(token, str) and len(token) <= MAX_TOKEN_CHARS
+                 else [])
+        if len(parts) != 3 or not token.isascii():
+            raise GrantInvalid("grant_malformed", "not a compact JWS")
+        header_bytes, payload_bytes = _b64url(parts[0]), _b64url(parts[1])
+        signature = _b64url(parts[2])
+        # 2. header and signature
+        header = _json_segment(header_bytes, "header")
+        if not isinstance(header, dict) or set(header) != _JWS_HEADER_MEMBERS:
+            raise GrantInvalid("grant_malformed", "header must have exactly alg, kid and typ")
+        if header["alg"] != "EdDSA":
+            raise GrantInvalid("grant_signature_invalid", "algorithm is not EdDSA")
+        if header["typ"] != GRANT_TYP:
+            raise GrantInvalid("grant_malformed", "the JWS is not a grant (typ)")
+        key = keys.get(header["kid"]) if isinstance(header["kid"], str) else None
+        if key is None:
+            raise GrantInvalid("grant_signature_invalid", "signed by an unknown key")
+        try:
+            key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"))
+        except InvalidSignature:
+            raise GrantInvalid("grant_signature_invalid", "signature does not verify") from None
+        # 3. payload
+        p = _json_segment(payload_bytes, "payload")
+        try:
+            canonical = canonical_json(p)
+        except ValueError:
+            raise GrantInvalid("grant_malformed", "payload is not canonical JSON") from None
+        if (not isinstance(p, dict) or set(p) != _JWS_MEMBERS or p["v"] != 2
+                or canonical != payload_bytes):
+            raise GrantInvalid("grant_malformed", "payload is not a canonical version 2 grant")
+        if p["iss"] != GRANT_ISSUER or p["aud"] != GRANT_AUDIENCE:
+            raise GrantInvalid("grant_malformed", "issuer or audience is not a grant's")
+        if p["kid"] != header["kid"]:
+            raise GrantInvalid("grant_malformed", "payload kid differs from the header's")
+        return _claims_of(p)
+
+
+class GrantTokenDecoder:
+    """The default: ``sgr1.`` tokens by :class:`Sgr1Decoder`, others by
+    :class:`JwsGrantDecoder`."""
+
+    def decode(self, token: str, keys: Mapping[str, Ed25519PublicKey]) -> GrantClaims:
+        """The claims of ``token`` in whichever of the two formats it has."""
+        if isinstance(token, str) and token.startswith("sgr1."):
+            return Sgr1Decoder().decode(token, keys)
+        return JwsGrantDecoder().decode(token, keys)
 
 
 def _same(a: str, b: str) -> bool:
@@ -221,7 +308,7 @@ def verify_offline(token: str, keys: Mapping[str, Ed25519PublicKey], *, action: 
                    now: datetime | None = None,
                    decoder: GrantDecoder | None = None) -> GrantClaims:
     """Decode and check a grant without the service; single use is NOT checked."""
-    claims = (decoder or Sgr1Decoder()).decode(token, keys)
+    claims = (decoder or GrantTokenDecoder()).decode(token, keys)
     check_claims(claims, action=action, params=params, resource=resource,
                  now=now or datetime.now(UTC))
     return claims

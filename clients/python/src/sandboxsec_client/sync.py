@@ -119,7 +119,7 @@ class DownstreamClient(SyncTransport):
         return self.run(f.verify_grant(grant, action, params, resource))
 
     def published_keys(self) -> dict[str, Ed25519PublicKey]:
-        """The grant signing keys, from ``/v1/grants/keys`` (no API key needed)."""
+        """The grant signing keys, from the JWK Set at ``/v1/grants/jwks`` (no API key needed)."""
         return parse_published_keys(self.run(f.grant_keys()))
 
     def verify_offline(self, grant: str, action: str, params: Mapping[str, Any],
