@@ -171,3 +171,23 @@ def _session_of(url: httpx.URL, content: bytes,
     elif path.startswith("/v1/approvals"):
         sid = url.params.get("session_id") or last
     return sid, KEYS.get(sid) if sid is not None else None
+
+
+def proof_auth_for(client: object, now: Callable[[], datetime]) -> object:
+    """A :class:`ProofAuth` for ``client``: Starlette's test client is built on ``httpx2``
+    when that is installed (the MCP SDK brings it), whose ``auth`` must be its own kind."""
+    try:
+        import httpx2
+    except ImportError:
+        return ProofAuth(now)
+    if not isinstance(client, httpx2.Client):
+        return ProofAuth(now)
+
+    class _ProofAuth2(httpx2.Auth):  # type: ignore[misc]
+        requires_request_body = True
+        requires_response_body = True
+        __init__ = ProofAuth.__init__
+        auth_flow = ProofAuth.auth_flow
+        _session_of = ProofAuth._session_of
+
+    return _ProofAuth2(now)
