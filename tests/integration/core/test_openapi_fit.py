@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import TenantKeys
 
-PUBLIC = {("get", "/v1/grants/keys"), ("get", "/v1/attestation/keys"), ("get", "/healthz"),
-          ("get", "/metrics")}
+PUBLIC = {("get", "/v1/grants/keys"), ("get", "/v1/grants/jwks"), ("get", "/v1/attestation/keys"),
+          ("get", "/healthz"), ("get", "/metrics")}
 
 
 def _operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
