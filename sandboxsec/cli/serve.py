@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from sandboxsec.cli._common import open_services
@@ -42,14 +45,36 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from sandboxsec.api.protocol import GuardedHttpToolsProtocol
 
+    workers = max(1, args.workers)
+    own_dir = None
+    if workers > 1:
+        # Several workers: every worker writes its metrics to files in one directory and
+        # /metrics sums them.  Emptied first: files of an earlier run would be summed in.
+        from sandboxsec.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+        given = os.environ.get(MULTIPROC_ENV)
+        if given:
+            prepare_multiprocess_dir(Path(given))
+        else:
+            own_dir = prepare_multiprocess_dir(
+                Path(tempfile.mkdtemp(prefix="sandboxsec-metrics-")))
+    try:
+        _run(uvicorn, GuardedHttpToolsProtocol, args, workers, settings.log_level)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+    return 0
+
+
+def _run(uvicorn: Any, protocol: Any, args: argparse.Namespace, workers: int,
+         log_level: str) -> None:
     uvicorn.run(
         "sandboxsec.api.asgi:app",
-        http=GuardedHttpToolsProtocol,
+        http=protocol,
         host=args.host,
         port=args.port,
-        workers=max(1, args.workers),
-        log_level=args.log_level or settings.log_level,
+        workers=workers,
+        log_level=args.log_level or log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    return 0

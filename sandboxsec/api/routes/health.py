@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
+from sqlmodel import col, func, select
 
 from sandboxsec import __version__
 from sandboxsec.api.deps import ServicesDep
+from sandboxsec.audit.models import AuditCheckpointRow
 from sandboxsec.errors import SandboxSecError
+from sandboxsec.metrics import StateCollector, scrape_registry
+from sandboxsec.policy.models import ApprovalRequest
+from sandboxsec.services import Services
+from sandboxsec.storage.db import Database
 
 router = APIRouter()
 page_router = APIRouter()
@@ -35,7 +43,39 @@ def healthz(services: ServicesDep) -> JSONResponse:
 
 
 @page_router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text exposition of this worker's counters."""
-    data = generate_latest(request.app.state.metrics.registry)
+def metrics(request: Request, services: ServicesDep) -> PlainTextResponse:
+    """Prometheus text exposition: HTTP and domain counters (summed over every worker when
+    the server runs several) and gauges read from the database at scrape time."""
+    state = StateCollector(lambda: _pending(services.db), lambda: _newest(services.db),
+                           lambda: _keys_ok(services))
+    data = generate_latest(scrape_registry(request.app.state.metrics.registry, state))
     return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
+
+
+def _pending(db: Database) -> int | None:
+    try:
+        with db.session() as s:
+            return int(s.exec(select(func.count()).select_from(ApprovalRequest)
+                              .where(col(ApprovalRequest.state) == "pending")).one())
+    except SandboxSecError:
+        return None
+
+
+def _newest(db: Database) -> list[datetime] | None:
+    """The newest checkpoint time of every log."""
+    try:
+        with db.session() as s:
+            rows = s.exec(select(func.max(AuditCheckpointRow.created_at))
+                          .group_by(col(AuditCheckpointRow.tenant_id))).all()
+    except SandboxSecError:
+        return None
+    return [t if t.tzinfo else t.replace(tzinfo=UTC) for t in rows if t is not None]
+
+
+def _keys_ok(services: Services) -> bool:
+    try:
+        if services.keys.has_root_key():
+            services.keys.check()
+        return True
+    except SandboxSecError:
+        return False
