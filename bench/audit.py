@@ -6,11 +6,14 @@ Prints:
    compared with;
 2. appends/s on SQLite (WAL) through ``AuditLog``: one caller appending one record at
    a time (one commit each), many concurrent callers (the group-commit writer batches them),
-   and ``append_many`` batches of 1,000; each returns only after its commit.  Measured twice,
-   each labelled: "durable" with ``synchronous=FULL`` (fsync at every commit), then the
-   shipped ``synchronous=NORMAL`` (no fsync per commit);
+   and ``append_many`` batches of 1,000; each returns only after its commit.  Measured three
+   times, each labelled: "durable" with ``synchronous=FULL`` (the WAL fsynced at every commit)
+   without witnesses, then with two ``sandboxsec witness serve`` processes configured (every
+   checkpoint is checked against the state file and submitted to both), then the shipped
+   ``synchronous=NORMAL`` (no fsync per commit) without witnesses;
 3. offline export verification (``verify_export``) in entries/s, over an export of
-   ``VERIFY_ENTRIES`` realistic entries with a checkpoint every 1,000;
+   ``VERIFY_ENTRIES`` realistic entries with a checkpoint every 1,000, requiring two witness
+   cosignatures on the newest;
 4. inclusion and consistency proof sizes at 1,000,000 entries, and the time to serve one
    inclusion proof from the SQLite store.
 
@@ -21,12 +24,16 @@ proofs O(log n) (20 hashes at 1M).  Sizes are overridable with environment varia
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import event
 
 from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint
+from sandboxsec.audit.cosignature import WitnessKey, cosign, parse_witness_key
 from sandboxsec.audit.entry import encode_entry
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.export import ConsistencyRecord, ExportHeader, render_export
@@ -43,7 +51,7 @@ from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.verify import verify_export
 from sandboxsec.clock import SystemClock
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
+from sandboxsec.settings import AuditWitness, Settings
 
 VERIFY_ENTRIES = int(os.environ.get("BENCH_AUDIT_VERIFY", "500000"))
 APPENDS = int(os.environ.get("BENCH_AUDIT_APPENDS", "20000"))
@@ -83,8 +91,36 @@ def _fsync_every_commit(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.execute("PRAGMA synchronous=FULL")
 
 
-def appends(home: Path, *, fsync: bool) -> tuple[float, float, float, float, int]:
-    settings = Settings(home=home, audit_checkpoint_every=1000)
+@contextlib.contextmanager
+def witness_processes(tmp: Path, log_vkey: str) -> Iterator[list[AuditWitness]]:
+    """Two witnesses as separate processes, as the service would call them."""
+    procs: list[subprocess.Popen[str]] = []
+    found: list[AuditWitness] = []
+    try:
+        for i in range(2):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "sandboxsec.cli", "witness", "serve", "--home",
+                 str(tmp / f"w{i}"), "--name", f"w{i}.bench/w", "--log-key", log_vkey,
+                 "--port", "0"], stdout=subprocess.PIPE, text=True,
+                stderr=subprocess.DEVNULL)
+            procs.append(p)
+            assert p.stdout is not None
+            _, vkey, _, _, url = p.stdout.readline().split()
+            found.append(AuditWitness(url=url, key=vkey))
+        yield found
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def appends(
+    home: Path, witnesses: list[AuditWitness] | None = None, *, fsync: bool = True
+) -> tuple[float, float, float, float, int]:
+    settings = Settings(home=home, audit_checkpoint_every=1000,
+                        audit_witnesses=witnesses or [])
     services = Services(settings, clock=SystemClock())
     services.settings.ensure_home()
     if fsync:
@@ -123,7 +159,11 @@ def appends(home: Path, *, fsync: bool) -> tuple[float, float, float, float, int
         batched = rounds * 1000 / (time.perf_counter() - start)
         # Whatever was appended verifies.
         data = b"".join(log.export("tn_bench"))
-        report = verify_export(data, log.keys.public_key)
+        report = verify_export(
+            data, log.keys.public_key,
+            witnesses=[parse_witness_key(w.key) for w in witnesses or []],
+            min_witnesses=len(witnesses or []),
+        )
         # An inclusion proof read from the store (nodes + a leaf block), as the API serves it.
         start = time.perf_counter()
         for i in range(20):
@@ -132,6 +172,9 @@ def appends(home: Path, *, fsync: bool) -> tuple[float, float, float, float, int
     finally:
         services.close()
     return single, grouped, batched, proof_ms, report.tree_size
+
+
+WITNESS_KEYS = [Ed25519PrivateKey.generate() for _ in range(2)]
 
 
 def synth_export(n: int) -> tuple[bytes, Ed25519PrivateKey]:
@@ -163,7 +206,11 @@ def synth_export(n: int) -> tuple[bytes, Ed25519PrivateKey]:
               for a, b in itertools.pairwise(sizes)]
     header = ExportHeader("tn_bench", "sandboxsec.local/audit/tn_bench",
                           "sandboxsec.local/audit", 0, n, [], None)
-    return b"".join(render_export(header, notes, proofs, lines)), key
+    top = Checkpoint("sandboxsec.local/audit/tn_bench", frontier.size, frontier.root())
+    cosigs = [[] for _ in notes[:-1]] + [[
+        cosign(top, name=f"w{i}.bench/w", private_key=k, timestamp=1_800_000_000)
+        for i, k in enumerate(WITNESS_KEYS)]]
+    return b"".join(render_export(header, notes, proofs, lines, cosignatures=cosigs)), key
 
 
 def verification(n: int) -> tuple[float, float, int]:
@@ -172,7 +219,12 @@ def verification(n: int) -> tuple[float, float, int]:
     best = best_cpu = 0.0
     for _ in range(3):
         start, cpu = time.perf_counter(), time.process_time()
-        report = verify_export(data, key.public_key())
+        report = verify_export(
+            data, key.public_key(), min_witnesses=2,
+            witnesses=[WitnessKey.from_private(f"w{i}.bench/w", k)
+                       for i, k in enumerate(WITNESS_KEYS)],
+        )
+        assert len(report.cosignatures) == 2
         best = max(best, report.entries / (time.perf_counter() - start))
         best_cpu = max(best_cpu, report.entries / (time.process_time() - cpu))
     return best, best_cpu, len(data)
@@ -188,24 +240,34 @@ def proof_sizes(n: int) -> tuple[int, int, int]:
 def main() -> None:
     sha = raw_sha256()
     print(f"raw sha256 (256 B)             {sha:>12,.0f} hashes/s")
-    for fsync in (True, False):
-        with tempfile.TemporaryDirectory() as tmp:
-            single, grouped, batched, proof_ms, size = appends(Path(tmp), fsync=fsync)
-        if fsync:
-            print("-- durable: SQLite WAL, synchronous=FULL (the WAL is fsynced at every commit)")
-            word = "durable"
-        else:
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = appends(Path(tmp) / "plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "witnessed"
+        vkey = Services(Settings(home=home)).audit.keys.verifier_key()
+        with witness_processes(Path(tmp), vkey) as ws:
+            witnessed = appends(home, ws)
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped = appends(Path(tmp) / "shipped", fsync=False)
+    print("-- durable: SQLite WAL, synchronous=FULL (the WAL is fsynced at every commit)")
+    for label, (single, grouped, batched, proof_ms, size) in (
+        ("", plain), (" + 2 witnesses", witnessed),
+        (" NORMAL", shipped),
+    ):
+        if label == " NORMAL":
             print("-- shipped SQLite setting: WAL, synchronous=NORMAL (no fsync per commit: "
                   "survives a process crash, a power loss may lose the last commits)")
-            word = "NORMAL "
-        print(f"{word} appends, 1 caller      {single:>12,.0f} /s   ratio to raw sha256 "
+        word = "appends" if label == " NORMAL" else "durable appends"
+        print(f"{word}, 1 caller{label:15}{single:>10,.0f} /s   ratio to raw sha256 "
               f"1:{sha / single:,.0f}")
-        print(f"{word} appends, 64 callers    {grouped:>12,.0f} /s   ratio "
+        print(f"{word}, 64 callers{label:13}{grouped:>10,.0f} /s   ratio "
               f"1:{sha / grouped:,.0f}   (group commit; aim >= 20,000)")
-        print(f"{word} appends, batches 1000  {batched:>12,.0f} /s   ratio "
+        print(f"{word}, batches 1000{label:11}{batched:>10,.0f} /s   ratio "
               f"1:{sha / batched:,.0f}   (aim >= 20,000)")
-    print(f"inclusion proof from the store  {proof_ms:>11.1f} ms   (log of {size:,} entries, "
-          "incl. signing a fresh checkpoint)")
+        print(f"inclusion proof from the store{label:10}{proof_ms:>9.1f} ms   (log of "
+              f"{size:,} entries, incl. signing a fresh checkpoint)")
+    print(f"witnessing costs {1 - witnessed[2] / plain[2]:.0%} of batched appends and "
+          f"{1 - witnessed[0] / plain[0]:.0%} of single-caller appends (same run)")
     rate, cpu_rate, size = verification(VERIFY_ENTRIES)
     print(f"export verification            {rate:>12,.0f} entries/s over {VERIFY_ENTRIES:,} "
           f"entries ({size / VERIFY_ENTRIES:.0f} B each)   ratio 1:{sha / rate:.2f} "

@@ -13,16 +13,19 @@ from typing import ClassVar
 
 __all__ = [
     "AuthenticationError",
+    "ConfigurationError",
     "ConflictError",
     "DependencyUnavailableError",
     "ForbiddenError",
     "HeadersTooLargeError",
     "InputError",
     "InternalError",
+    "JsonDuplicateKeyError",
     "JsonTooDeepError",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "RateLimitedError",
     "RequestTimeoutError",
     "SandboxSecError",
     "VerificationError",
@@ -112,6 +115,24 @@ class DependencyUnavailableError(SandboxSecError):
     status = 503
 
 
+class ConfigurationError(SandboxSecError):
+    """A setting is invalid (the message names the variable); nothing was started."""
+
+    code = "invalid_setting"
+    status = 500
+
+
+class RateLimitedError(SandboxSecError):
+    """Too many requests with this API key; retry after ``retry_after`` seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def _subclasses(cls: type[SandboxSecError]) -> list[type[SandboxSecError]]:
     out: list[type[SandboxSecError]] = [cls]
     for sub in cls.__subclasses__():
@@ -128,6 +149,12 @@ class JsonTooDeepError(InputError):
     """The JSON body nests deeper than the configured limit."""
 
     code = "json_too_deep"
+
+
+class JsonDuplicateKeyError(InputError):
+    """A JSON object in the body repeats a member name (parsers disagree on which one wins)."""
+
+    code = "json_duplicate_key"
 
 
 class MethodNotAllowedError(InputError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -109,13 +109,16 @@ class _Forward(Collector):
 
 class StateCollector(Collector):
     """Gauges read at scrape time: pending approvals, the age of the stalest log's newest
-    checkpoint, whether the key provider answers.  Each reader returns None when it cannot
-    tell (database down): the gauge is then left out rather than reported as zero."""
+    checkpoint, audit alarms by code, whether the key provider answers.  Each database
+    reader returns None when it cannot tell (database down): the gauge is then left out
+    rather than reported as zero."""
 
     def __init__(self, pending: Callable[[], int | None],
                  newest_checkpoints: Callable[[], list[datetime] | None],
-                 keys_ok: Callable[[], bool]) -> None:
+                 keys_ok: Callable[[], bool],
+                 audit_alarms: Callable[[], Mapping[str, int]] = dict) -> None:
         self._pending = pending
+        self._alarms = audit_alarms
         self._newest = newest_checkpoints
         self._keys_ok = keys_ok
 
@@ -132,6 +135,11 @@ class StateCollector(Collector):
                 "sandboxsec_audit_checkpoint_age_seconds",
                 "Age of the newest signed checkpoint of the log that has waited longest",
                 value=max(0.0, age))
+        alarms = GaugeMetricFamily("sandboxsec_audit_alarms",
+                                   "Audit logs stopped by an integrity alarm", labels=["code"])
+        for code, count in sorted(self._alarms().items()):
+            alarms.add_metric([code], count)
+        yield alarms
         yield GaugeMetricFamily("sandboxsec_key_provider_up",
                                 "1 when the key provider (root key, HSM) answers",
                                 value=1.0 if self._keys_ok() else 0.0)

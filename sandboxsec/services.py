@@ -18,9 +18,11 @@ from typing import Any
 from sandboxsec.attestation.config import AttestationConfig
 from sandboxsec.attestation.service import AttestationService
 from sandboxsec.audit.config import AuditConfig
+from sandboxsec.audit.integrity import HistoryGuard
 from sandboxsec.audit.keys import AuditKeys
 from sandboxsec.audit.log import AuditLog
-from sandboxsec.audit.reader import AuditReader
+from sandboxsec.audit.publishing import build_guard
+from sandboxsec.audit.reader import AuditReader, StoredTree
 from sandboxsec.audit.writer import AuditWriter
 from sandboxsec.clock import Clock, SystemClock
 from sandboxsec.crypto.admin import KeyAdmin
@@ -33,11 +35,13 @@ from sandboxsec.policy.config import ApprovalConfig, GrantConfig, PolicyConfig
 from sandboxsec.policy.decisions import DecisionService
 from sandboxsec.policy.engine import PolicyEngine, bundled_default_policy
 from sandboxsec.policy.grant_service import GrantService
+from sandboxsec.policy.in_force import PolicyInForce
 from sandboxsec.policy.notify import WebhookNotifier
 from sandboxsec.policy.repository import SqlPolicyRepository
 from sandboxsec.policy.service import PolicyService
 from sandboxsec.policy.signing import GrantKeyring
 from sandboxsec.policy.wakeup import PgListener, Wakeups
+from sandboxsec.sessions.binding import BindingConfig, SessionBinding
 from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
@@ -76,13 +80,25 @@ class Services:
     @cached_property
     def audit_writer(self) -> AuditWriter:
         """Appends and checkpoint signing: the :class:`AuditSink` every service gets."""
-        return AuditWriter(self.db, self.clock, self._audit_keys, self._audit_config)
+        return AuditWriter(self.db, self.clock, self._audit_keys, self._audit_config,
+                           self._audit_guard)
 
     @cached_property
     def audit(self) -> AuditLog:
         """The audit log: writer and reader behind one handle."""
         reader = AuditReader(self.db, self._audit_keys, self._audit_config, self.audit_writer)
         return AuditLog(self.audit_writer, reader, self._audit_keys)
+
+    @cached_property
+    def _audit_guard(self) -> HistoryGuard:
+        # Proofs for witnesses come from the stored tree; alarms are recorded by the writer
+        # (late-bound: the writer is built with this guard).
+        return build_guard(
+            self.settings, self.db, self.clock, self._audit_keys,
+            proof=lambda log_id, old, new: StoredTree(self.db, log_id, new).consistency_proof(
+                old, new),
+            sink=lambda: self.audit_writer,
+        )
 
     @cached_property
     def _audit_keys(self) -> AuditKeys:
@@ -141,8 +157,21 @@ class Services:
     @cached_property
     def sessions(self) -> SessionService:
         """Agent sessions, started from an affirming attestation token."""
+        s = self.settings
         return SessionService(self.db, self.clock, self.audit_writer, self.attestation,
-                              self.attestation, SessionConfig(self.settings.session_ttl_seconds))
+                              self.attestation,
+                              SessionConfig(s.session_ttl_seconds, s.require_session_key),
+                              proofs=self.session_binding)
+
+    @cached_property
+    def session_binding(self) -> SessionBinding:
+        """Session proofs (DPoP by the TPM-held session key), their replay store, ending."""
+        s = self.settings
+        config = BindingConfig(public_url=s.public_url,
+                               require_session_key=s.require_session_key,
+                               max_age_seconds=s.dpop_max_age_seconds,
+                               skew_seconds=s.dpop_clock_skew_seconds)
+        return SessionBinding(config, self.db, self.clock, self.audit_writer)
 
     # ------------------------------------------------------------------ policy
 
@@ -153,15 +182,24 @@ class Services:
     @cached_property
     def policy_admin(self) -> PolicyAdmin:
         """The tenants' policies: read, validate, replace."""
+        # After a change, pending requests are decided again (resolved at call time: the
+        # approval service is built on the admin's policy texts).
         return PolicyAdmin(self._policy_repository, self.clock, self.audit_writer,
-                           self._policy_engine, bundled_default_policy())
+                           self._policy_engine, bundled_default_policy(),
+                           on_change=lambda who: self.approvals.sweep_pending(who))
+
+    @cached_property
+    def _policy_in_force(self) -> PolicyInForce:
+        return PolicyInForce(self._policy_repository, self._policy_engine,
+                             self.policy_admin.text)
 
     @cached_property
     def grants(self) -> GrantService:
         """Issuing, signing and spending grants."""
         keyring = GrantKeyring(self.db, self.clock, self.keys)
         return GrantService(self._policy_repository, self.clock, self.audit_writer, keyring,
-                            self._wakeups, GrantConfig(self.settings.grant_ttl_seconds))
+                            self._wakeups, GrantConfig(self.settings.grant_ttl_seconds),
+                            in_force=self._policy_in_force)
 
     @cached_property
     def decisions(self) -> DecisionService:
@@ -189,7 +227,7 @@ class Services:
         config = ApprovalConfig(wait_max_seconds=self.settings.approval_wait_max_seconds,
                                 recheck_seconds=self.settings.approval_recheck_seconds)
         return ApprovalService(repo, self.clock, self.audit_writer, self.grants, wakeups,
-                               config, factory)
+                               config, factory, in_force=self._policy_in_force)
 
     @cached_property
     def policy(self) -> PolicyService:

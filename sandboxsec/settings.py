@@ -9,10 +9,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["AuditWitness", "Settings"]
+
+
+class AuditWitness(BaseModel):
+    """One witness the service submits checkpoints to."""
+
+    url: str = Field(description="The add-checkpoint URL, e.g. https://w.example/add-checkpoint.")
+    key: str = Field(description="The witness's verifier key name+keyid+base64 (type 0x04).")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("a witness URL is http:// or https://")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _witness_key(cls, v: str) -> str:
+        from sandboxsec.audit.cosignature import parse_witness_key
+
+        parse_witness_key(v)
+        return v.strip()
+
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
 
 
 class Settings(BaseSettings):
@@ -41,6 +65,13 @@ class Settings(BaseSettings):
     )
     max_json_depth: int = Field(default=32, ge=4, le=256)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    rate_limit_per_second: float = Field(
+        default=2000.0, ge=0,
+        description="Requests a second one API key may make on average, per worker process "
+        "(0: no limit); over it the answer is 429 rate_limited with Retry-After.",
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Requests one key may make at once (0: twice the rate).")
 
     # --- attestation ---
     nonce_ttl_seconds: int = Field(default=120, ge=5, le=3600)
@@ -52,6 +83,19 @@ class Settings(BaseSettings):
 
     # --- sessions ---
     session_ttl_seconds: int = Field(default=8 * 3600, ge=60)
+    # --- sessions: the TPM-held session key and its proofs (see docs/attestation.md) ---
+    public_url: str | None = Field(
+        default=None,
+        description="The URL clients reach the service at (scheme, host, port, path prefix); "
+        "session proofs name it in htu.  `sandboxsec serve` defaults it to its own address.",
+    )
+    require_session_key: bool = Field(
+        default=True,
+        description="Start sessions only from a token with a certified TPM-held session key. "
+        "False allows unbound sessions: their id is then a bearer handle (not for production).",
+    )
+    dpop_max_age_seconds: int = Field(default=60, ge=5, le=600)
+    dpop_clock_skew_seconds: int = Field(default=5, ge=0, le=120)
 
     # --- policy ---
     approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)
@@ -97,6 +141,13 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
     audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     audit_origin: str = "sandboxsec.local/audit"
+    # --- audit: witnesses (see docs/audit.md, "Witnesses") ---
+    audit_witnesses: list[AuditWitness] = Field(
+        default_factory=list,
+        description='JSON list of {"url": ".../add-checkpoint", "key": "<witness vkey>"}; '
+        "every new checkpoint is submitted to each.",
+    )
+    audit_witness_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
     # --- audit (validation) ---
     @field_validator("audit_origin")
@@ -105,6 +156,20 @@ class Settings(BaseSettings):
         # It is also the signed-note key name of checkpoints: one token, no '+'.
         if not v or any(c.isspace() for c in v) or "+" in v:
             raise ValueError("audit_origin must be non-empty, without spaces or '+'")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, v: str | None) -> str | None:
+        # An unsupported URL fails here, in one line, not deep in the driver.  The URL is
+        # never echoed: it may hold a password.
+        if v is None or v == "":
+            return None
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"unsupported database URL scheme {scheme or '(none)'!r}: use "
+                "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
         return v
 
     @field_validator("home")

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["create_once"]
+__all__ = ["create_once", "replace_private"]
 
 
 def create_once(path: Path, content: bytes) -> bytes:
@@ -38,3 +38,29 @@ def create_once(path: Path, content: bytes) -> bytes:
         finally:
             tmp.unlink(missing_ok=True)
     return path.read_bytes()
+
+
+def replace_private(path: Path, content: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``content`` atomically (a private temporary file renamed over it,
+    mode 0600): a reader sees the old file or the new one, never a mix.
+
+    ``durable`` fsyncs the file and its directory before returning, so the new content
+    survives a power cut; without it the rename is atomic but may be lost.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -95,7 +95,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     monkeypatch.setenv("SANDBOXSEC_HOME", str(home))
-    return Settings(home=home)
+    return Settings(home=home, public_url="http://testserver")
 
 
 @pytest.fixture
@@ -118,8 +118,11 @@ def services(settings: Settings, database: Database, clock: FixedClock) -> Itera
 def client(services: Services) -> Iterator[TestClient]:
     """An HTTP client for the app on ``services`` (no network: ASGI in process)."""
     from sandboxsec.api.app import create_app
+    from tests.support.sessionkeys import ProofAuth
 
     with TestClient(create_app(services), raise_server_exceptions=False) as c:
+        # Requests acting in a test session carry its proof, as the agent client sends them.
+        c.auth = ProofAuth(services.clock.now)
         yield c
 
 
@@ -176,6 +179,7 @@ def make_session(services: Services, tenant: TenantKeys, *, attested: bool = Tru
 
     from sandboxsec.ids import new_id
     from sandboxsec.sessions.models import AgentSession
+    from tests.support.sessionkeys import new_key
 
     now = services.clock.now()
     sid = new_id("ses")
@@ -183,5 +187,6 @@ def make_session(services: Services, tenant: TenantKeys, *, attested: bool = Tru
         s.add(AgentSession(id=sid, tenant_id=tenant.id, image_name=image_name,
                            image_digest="sha256:" + "ab" * 32, ak_name="000b" + "cd" * 32,
                            attested=attested, created_by=tenant.key_ids["agent"],
-                           created_at=now, expires_at=now + timedelta(seconds=ttl_seconds)))
+                           created_at=now, expires_at=now + timedelta(seconds=ttl_seconds),
+                           key_thumbprint=new_key(sid).jkt))
     return sid

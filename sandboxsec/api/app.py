@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from sandboxsec import __version__
 from sandboxsec.api.errors import ERROR_RESPONSES, install_error_handlers
+from sandboxsec.api.gate import KeyGate, RateLimiter
 from sandboxsec.api.middleware import Metrics, RequestGuard
 from sandboxsec.services import Services
 
@@ -64,5 +65,8 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
         metrics=app.state.metrics,
         record_body=svc.settings.max_record_bytes * 4 // 3 + (1 << 20),
         body_timeout=svc.settings.request_timeout_seconds,
+        gate=KeyGate(svc.tenants.authenticate,
+                     RateLimiter(svc.settings.rate_limit_per_second,
+                                 svc.settings.rate_limit_burst)),
     )
     return app

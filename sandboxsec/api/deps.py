@@ -9,9 +9,9 @@ import structlog
 from fastapi import Depends, Request
 
 from sandboxsec.api.authz import authorize
+from sandboxsec.api.gate import bearer_token
 from sandboxsec.principal import Principal
 from sandboxsec.services import Services
-from sandboxsec.tenants.errors import ApiKeyInvalidError
 
 __all__ = ["ServicesDep", "get_services", "require"]
 
@@ -25,12 +25,14 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise ApiKeyInvalidError("send 'Authorization: Bearer <api key>'")
-    return value.strip()
+def _principal(request: Request, services: Services) -> Principal:
+    token = bearer_token(request.headers.get("authorization", ""))
+    # The key gate (api/gate.py) authenticated this very key before the body was read.
+    admitted = request.scope.get("state", {}).get("principal")
+    if admitted is not None and admitted[0] == token:
+        principal: Principal = admitted[1]
+        return principal
+    return services.tenants.authenticate(token)
 
 
 def require(permission: str) -> Callable[..., Principal]:
@@ -42,7 +44,7 @@ def require(permission: str) -> Callable[..., Principal]:
     """
 
     def dependency(request: Request, services: ServicesDep) -> Principal:
-        principal = services.tenants.authenticate(_bearer(request))
+        principal = _principal(request, services)
         structlog.contextvars.bind_contextvars(
             tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role)
         )

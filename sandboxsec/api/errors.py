@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import RateLimitedError, SandboxSecError
 
 __all__ = ["ERROR_RESPONSES", "ErrorDetail", "ErrorResponse", "error_body",
            "install_error_handlers"]
@@ -41,6 +41,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "No such object for this tenant (`not_found`)"),
         (409, "State conflict"),
         (413, "Too large (`payload_too_large`)"),
+        (429, "Too many requests with this key (`rate_limited`; see `Retry-After`)"),
         (422, "A verification said no"),
         (503, "A dependency is down; nothing was allowed (fail closed)"),
     )
@@ -85,6 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.warning("dependency_failure", code=exc.reason, error=exc.message)
         headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if isinstance(exc, RateLimitedError):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(exc.reason, exc.message), exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids and log context, body size and JSON depth limits, metrics."""
+"""ASGI middleware: request ids and log context, body limits (size, JSON depth, duplicate
+member names), ``Cache-Control: no-store`` on every answer, metrics."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import secrets
 import time
 from typing import Any
 
+import anyio
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandboxsec.api.gate import EXEMPT_PREFIXES, KeyGate
+from sandboxsec.encoding import json_lone_surrogate
+from sandboxsec.errors import SandboxSecError
 
 __all__ = ["Metrics", "RequestGuard"]
 
@@ -30,6 +36,8 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        # Audit alarms are read at scrape time (sandboxsec.metrics.StateCollector): they live
+        # in files every worker shares, so no per-process gauge.
 
 
 def _json_too_deep(body: bytes, limit: int) -> bool:
@@ -58,6 +66,37 @@ def _json_too_deep(body: bytes, limit: int) -> bool:
     return False
 
 
+class _DuplicateMember(ValueError):
+    """Raised by the object hook on a repeated member name."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _DuplicateMember
+    return dict(pairs)
+
+
+def _has_duplicate_member(body: bytes) -> bool:
+    """True when a JSON body repeats a member name in some object.
+
+    RFC 8259 leaves duplicates to the parser: Python keeps the last, other parsers the first,
+    so a downstream could execute another amount than the one decided on.  Names are
+    compared after unescaping (``"a"`` and ``"\\u0061"`` are one name).  A body that is not
+    JSON is left to the route, which refuses it.
+    """
+    if b"{" not in body:
+        return False
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateMember:
+        return True
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+_BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 _RECORD_PATH = re.compile(r"^/v1/sessions/[^/]+/trajectory$")
 
 
@@ -78,14 +117,16 @@ def _route_template(scope: Scope) -> str:
     return path
 
 
-async def _send_error(send: Send, status: int, code: str, message: str, rid: str) -> None:
+async def _send_error(send: Send, status: int, code: str, message: str, rid: str,
+                      retry_after: int | None = None) -> None:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send({
-        "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", rid.encode()), (b"connection", b"close")],
-    })
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"),
+               (b"x-request-id", rid.encode()), (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -97,8 +138,10 @@ class RequestGuard:
     """
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_depth: int, metrics: Metrics,
-                 record_body: int | None = None, body_timeout: float = 30.0) -> None:
+                 record_body: int | None = None, body_timeout: float = 30.0,
+                 gate: KeyGate | None = None) -> None:
         self.app = app
+        self.gate = gate
         self.body_timeout = body_timeout
         self.max_body = max_body
         # Trajectory uploads carry base64 records up to the record limit; only that route
@@ -106,6 +149,32 @@ class RequestGuard:
         self.record_body = max(record_body or max_body, max_body)
         self.max_depth = max_depth
         self.metrics = metrics
+
+    async def _admit(self, scope: Scope, headers: dict[bytes, bytes], send: Send,
+                     rid: str) -> int | None:
+        """Check the key of a ``/v1`` request before its body: the status it was refused with
+        (the answer is sent), or ``None``."""
+        assert self.gate is not None
+        path = str(scope.get("path", ""))
+        auth = headers.get(b"authorization")
+        has_body = scope["method"] in _BODY_METHODS
+        if not path.startswith("/v1/") or path.startswith(EXEMPT_PREFIXES):
+            return None
+        if auth is None and not has_body:
+            return None  # a public GET, or the route answers 401 itself
+        try:
+            token, principal = await anyio.to_thread.run_sync(
+                self.gate.admit, (auth or b"").decode("latin-1"))
+        except SandboxSecError as exc:
+            retry = getattr(exc, "retry_after", None)
+            if exc.status == 503:
+                retry = 1
+            await _send_error(send, exc.status, exc.reason, exc.message, rid, retry)
+            return exc.status
+        scope.setdefault("state", {})["principal"] = (token, principal)
+        structlog.contextvars.bind_contextvars(
+            tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role))
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,6 +187,14 @@ class RequestGuard:
         structlog.contextvars.bind_contextvars(request_id=rid)
         start = time.perf_counter()
         status_holder = {"status": 500}
+
+        # The key first (api/gate.py): nobody without a valid key, or over its rate, gets a
+        # body read, buffered and parsed.
+        if self.gate is not None:
+            refused = await self._admit(scope, headers, send, rid)
+            if refused is not None:
+                self.metrics.requests.labels(scope["method"], "key_gate", str(refused)).inc()
+                return
 
         limit = self.max_body
         if scope["method"] == "POST" and _RECORD_PATH.match(scope.get("path", "")):
@@ -135,7 +212,7 @@ class RequestGuard:
 
         body_parts: list[bytes] = []
         size = 0
-        more = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+        more = scope["method"] in _BODY_METHODS
         # A client that trickles its body holds a connection and a buffer: it gets the
         # request timeout for the whole body, then 408.
         deadline = time.monotonic() + self.body_timeout
@@ -161,6 +238,18 @@ class RequestGuard:
             await _send_error(send, 400, "json_too_deep",
                               f"JSON nesting is limited to {self.max_depth} levels", rid)
             return
+        # One place for every route: a body that repeats a member name is refused before any
+        # handler parses it (each would keep the last value, a downstream maybe the first).
+        if body and _has_duplicate_member(body):
+            await _send_error(send, 400, "json_duplicate_key",
+                              "a JSON object in the body repeats a member name", rid)
+            return
+        if body and json_lone_surrogate(body):
+            # Text that cannot be encoded as UTF-8 would fail deep inside a handler (a
+            # database driver, a signature, a hash) as a 500: refuse it at the door.
+            await _send_error(send, 400, "invalid_input",
+                              "the body is not valid UTF-8 text (a lone surrogate)", rid)
+            return
 
         replayed = False
 
@@ -176,6 +265,10 @@ class RequestGuard:
                 status_holder["status"] = message["status"]
                 hdrs: list[Any] = list(message.get("headers", []))
                 hdrs.append((b"x-request-id", rid.encode()))
+                # Answers carry grants, API keys, tokens and decrypted records: no cache (a
+                # proxy's, the browser's) may keep one.  A route may set its own policy.
+                if not any(name.lower() == b"cache-control" for name, _ in hdrs):
+                    hdrs.append((b"cache-control", b"no-store"))
                 message["headers"] = hdrs
             await send(message)
 

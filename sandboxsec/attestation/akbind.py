@@ -34,6 +34,8 @@ from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 
 from sandboxsec.attestation.errors import (
     AkActivationFailedError,
@@ -49,6 +51,7 @@ __all__ = [
     "kdfa",
     "kdfe",
     "make_credential",
+    "protect_credential",
 ]
 
 _HASHES: Final = {
@@ -78,26 +81,34 @@ class Credential:
 def kdfa(
     hash_alg: str, key: bytes, label: bytes, context_u: bytes, context_v: bytes, bits: int
 ) -> bytes:
-    """KDFa of TPM 2.0 Part 1 (SP 800-108 counter mode with HMAC); ``label`` without NUL."""
-    out = bytearray()
-    counter = 0
-    fixed = label + b"\x00" + context_u + context_v + struct.pack(">I", bits)
-    while len(out) * 8 < bits:
-        counter += 1
-        out += hmac.new(key, struct.pack(">I", counter) + fixed, hash_alg).digest()
-    return bytes(out[: (bits + 7) // 8])
+    """KDFa of TPM 2.0 Part 1 (SP 800-108 counter mode with HMAC); ``label`` without NUL.
+
+    cryptography's ``KBKDFHMAC`` with a 32-bit counter before the fixed input and a 32-bit
+    length after it builds exactly ``counter || label || 0x00 || contextU || contextV ||
+    bits`` (a differential test holds it to tpm2-pytss).  ``bits`` is a multiple of 8 here.
+    """
+    if bits <= 0 or bits % 8:
+        raise ValueError("KDFa output must be a positive whole number of bytes")
+    algorithm, _, _ = _HASHES[hash_alg]
+    return KBKDFHMAC(
+        algorithm=algorithm, mode=Mode.CounterMode, length=bits // 8, rlen=4, llen=4,
+        location=CounterLocation.BeforeFixed, label=label, context=context_u + context_v,
+        fixed=None,
+    ).derive(key)
 
 
 def kdfe(hash_alg: str, z: bytes, label: bytes, party_u: bytes, party_v: bytes, bits: int) -> bytes:
-    """KDFe of TPM 2.0 Part 1 (SP 800-56A concatenation KDF); ``label`` without NUL."""
-    out = bytearray()
-    counter = 0
-    while len(out) * 8 < bits:
-        counter += 1
-        h = hashlib.new(hash_alg)
-        h.update(struct.pack(">I", counter) + z + label + b"\x00" + party_u + party_v)
-        out += h.digest()
-    return bytes(out[: (bits + 7) // 8])
+    """KDFe of TPM 2.0 Part 1 (SP 800-56A concatenation KDF); ``label`` without NUL.
+
+    cryptography's ``ConcatKDFHash`` computes ``H(counter || Z || otherInfo)`` with
+    ``otherInfo = label || 0x00 || partyU || partyV``.
+    """
+    if bits <= 0 or bits % 8:
+        raise ValueError("KDFe output must be a positive whole number of bytes")
+    algorithm, _, _ = _HASHES[hash_alg]
+    return ConcatKDFHash(
+        algorithm=algorithm, length=bits // 8, otherinfo=label + b"\x00" + party_u + party_v
+    ).derive(z)
 
 
 def _tpm2b(data: bytes) -> bytes:
@@ -195,7 +206,7 @@ def _seed_ecc(key: ec.EllipticCurvePublicKey, name_alg: str) -> tuple[bytes, byt
 
 def make_credential(profile: EkProfile, ak_name: bytes, credential: bytes) -> Credential:
     """Protect ``credential`` (at most the name-algorithm size) for the EK and AK name."""
-    algorithm, size, _ = _HASHES[profile.name_alg]
+    _, size, _ = _HASHES[profile.name_alg]
     if not 1 <= len(credential) <= size:
         raise ValueError(f"credential must be 1..{size} bytes")
     # 1. The seed, readable only with the EK's private key.
@@ -203,6 +214,16 @@ def make_credential(profile: EkProfile, ak_name: bytes, credential: bytes) -> Cr
         seed, encrypted_seed = _seed_rsa(profile.key, profile.name_alg)
     else:
         seed, encrypted_seed = _seed_ecc(profile.key, profile.name_alg)
+    return protect_credential(profile, ak_name, credential, seed, encrypted_seed)
+
+
+def protect_credential(
+    profile: EkProfile, ak_name: bytes, credential: bytes, seed: bytes, encrypted_seed: bytes
+) -> Credential:
+    """Steps 2-5 of :func:`make_credential` for a given seed (deterministic, for testing)."""
+    algorithm, size, _ = _HASHES[profile.name_alg]
+    if not 1 <= len(credential) <= size:
+        raise ValueError(f"credential must be 1..{size} bytes")
     # 2-3. Encrypt the credential under a key bound to the AK's name.
     sym_key = kdfa(profile.name_alg, seed, b"STORAGE", ak_name, b"", profile.sym_bits)
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()

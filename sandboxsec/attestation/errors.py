@@ -39,6 +39,7 @@ __all__ = [
     "NonceReplayedError",
     "NonceUnknownError",
     "PcrReferenceMismatchError",
+    "PcrReferenceNotQuotedError",
     "QuoteAlgorithmRefusedError",
     "QuoteClockRollbackError",
     "QuoteClockUnsafeError",
@@ -168,6 +169,13 @@ class PcrReferenceMismatchError(AttestationError):
     """A quoted PCR differs from (or lacks) the image's signed reference value."""
 
     code = "pcr_reference_mismatch"
+
+
+class PcrReferenceNotQuotedError(AttestationError):
+    """A PCR the image's reference values name (by value or by event digests) is not in the
+    signed quote, or the event log bank the allow-list uses was not matched against it."""
+
+    code = "pcr_reference_not_quoted"
 
 
 # -- the attestation key ---------------------------------------------------------------------

@@ -446,12 +446,17 @@ def replay_bytes(
     return _replay_direct(data, max_bytes, max_events)
 
 
-def check_replay(result: Replay, quoted: Mapping[str, Mapping[int, bytes]]) -> None:
+def check_replay(
+    result: Replay, quoted: Mapping[str, Mapping[int, bytes]]
+) -> frozenset[str]:
     """Every quoted PCR of a bank the log covers equals its replayed value.
 
     A quoted PCR the log never extends must still hold its initial value: a measurement the
-    log does not explain is a mismatch, not a pass.
+    log does not explain is a mismatch, not a pass.  Returns the banks that were compared
+    (and matched): only their digests are covered by the quote, so only they may be used
+    by an allow-list.
     """
+    banks: set[str] = set()
     compared = 0
     mismatched: list[str] = []
     for bank, values in quoted.items():
@@ -463,6 +468,7 @@ def check_replay(result: Replay, quoted: Mapping[str, Mapping[int, bytes]]) -> N
             if expected is None:
                 expected = bytes(len(value))
             compared += 1
+            banks.add(bank)
             if not hmac.compare_digest(expected, value):
                 mismatched.append(f"{bank}:{index}")
     if compared == 0:
@@ -471,6 +477,7 @@ def check_replay(result: Replay, quoted: Mapping[str, Mapping[int, bytes]]) -> N
         raise EventLogReplayMismatchError(
             "replaying the event log does not give the quoted PCRs " + ", ".join(mismatched)
         )
+    return frozenset(banks)
 
 
 def check_reference_digests(result: Replay, allowed: Mapping[int, Iterable[bytes]]) -> None:

@@ -31,7 +31,6 @@ else is accepted, so no algorithm can be chosen by the envelope.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -75,6 +74,7 @@ from sandboxsec.attestation.x509chain import (
     verify_chain,
 )
 from sandboxsec.clock import rfc3339
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import InputError, SandboxSecError
 
 __all__ = [
@@ -123,7 +123,9 @@ SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 _HEX: Final = re.compile(r"[0-9a-f]+")
 _PCR_INDEX: Final = re.compile(r"0|[1-9][0-9]?")
-_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+_RFC3339: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})", re.ASCII
+)
 _B64: Final = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")
 
 
@@ -334,10 +336,15 @@ def _b64(text: str, what: str) -> bytes:
     body = text.rstrip("=").replace("-", "+").replace("_", "/")
     if len(body) % 4 == 1:
         raise ImageManifestMalformedError(f"{what} is not base64 (bad length)")
+    padding = len(text) - len(text.rstrip("="))
+    if padding and (len(text) % 4 or padding != -len(body) % 4):
+        raise ImageManifestMalformedError(f"{what} is not base64 (bad padding)")
     try:
-        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageManifestMalformedError(f"{what} is not base64") from exc
+        # Canonical: the unused bits of the last character are zero, so one payload has one
+        # spelling per alphabet (the alphabet and the padding are DSSE's choice).
+        return b64decode_strict(body, padded=False)
+    except ValueError as exc:
+        raise ImageManifestMalformedError(f"{what} is not canonical base64") from exc
 
 
 def _load_json(data: bytes, error: type[ImageError], what: str) -> Any:

@@ -22,13 +22,18 @@ __all__ = [
     "CertificateAlgorithmError",
     "CertificateChainError",
     "CertificateChainTooLongError",
+    "CertificateCrlAlgorithmError",
     "CertificateCrlInvalidError",
+    "CertificateCrlIssuerError",
+    "CertificateCrlNotCurrentError",
+    "CertificateCrlScopeError",
     "CertificateEkuError",
     "CertificateExpiredError",
     "CertificateKeyUsageError",
     "CertificateMalformedError",
     "CertificateNotCaError",
     "CertificateNotYetValidError",
+    "CertificatePathInvalidError",
     "CertificatePathLengthError",
     "CertificateRef",
     "CertificateRevokedError",
@@ -163,10 +168,42 @@ class CertificateChainTooLongError(CertificateChainError):
     code = "cert_chain_too_long"
 
 
+class CertificatePathInvalidError(CertificateChainError):
+    """The RFC 5280 path validator (cryptography's) refused a chain this module's own checks
+    passed; the message carries the validator's reason."""
+
+    code = "cert_path_invalid"
+
+
 class CertificateCrlInvalidError(CertificateChainError):
     """A configured CRL is not signed by its issuer or is past its nextUpdate."""
 
     code = "cert_crl_invalid"
+
+
+class CertificateCrlNotCurrentError(CertificateCrlInvalidError):
+    """A configured CRL's thisUpdate is in the future (a stale one is ``cert_crl_invalid``)."""
+
+    code = "cert_crl_not_yet_valid"
+
+
+class CertificateCrlScopeError(CertificateCrlInvalidError):
+    """A configured CRL is not a complete CRL (issuingDistributionPoint, delta CRL) or has
+    an unsupported critical extension."""
+
+    code = "cert_crl_scope_unsupported"
+
+
+class CertificateCrlIssuerError(CertificateCrlInvalidError):
+    """The issuer a configured CRL names may not sign CRLs (keyUsage without cRLSign)."""
+
+    code = "cert_crl_issuer_not_crl_signer"
+
+
+class CertificateCrlAlgorithmError(CertificateCrlInvalidError):
+    """A configured CRL is signed with an algorithm outside policy (weak or unknown hash)."""
+
+    code = "cert_crl_algorithm_unsupported"
 
 
 # -- trust store -------------------------------------------------------------------------------

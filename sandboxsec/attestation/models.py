@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from sandboxsec.storage.types import UTCDateTime
 
 __all__ = ["AkCredential", "AttestationNonce", "AttestationRecord", "BoundAk"]
+
+_U32 = "{col} IS NULL OR ({col} >= 0 AND {col} <= 4294967295)"
 
 
 class AttestationNonce(SQLModel, table=True):
@@ -58,7 +60,14 @@ class BoundAk(SQLModel, table=True):
     """
 
     __tablename__ = "attestation_bound_aks"
-    __table_args__ = (UniqueConstraint("tenant_id", "ak_name", name="uq_bound_ak_tenant_name"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "ak_name", name="uq_bound_ak_tenant_name"),
+        # TPMS_CLOCK_INFO counters are UINT32: BIGINT plus a range check on both databases.
+        CheckConstraint(_U32.format(col="last_reset_count"), name="ck_bound_ak_reset_count_u32"),
+        CheckConstraint(
+            _U32.format(col="last_restart_count"), name="ck_bound_ak_restart_count_u32"
+        ),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(index=True, max_length=40)
@@ -68,8 +77,8 @@ class BoundAk(SQLModel, table=True):
     ek_certificate: str = Field(max_length=16384)
     credential_id: str = Field(max_length=40)
     bound_at: datetime = Field(sa_type=UTCDateTime)
-    last_reset_count: int | None = Field(default=None)
-    last_restart_count: int | None = Field(default=None)
+    last_reset_count: int | None = Field(default=None, sa_type=BigInteger)
+    last_restart_count: int | None = Field(default=None, sa_type=BigInteger)
     last_clock: str | None = Field(default=None, max_length=24)  # u64 as decimal text
 
 

@@ -36,12 +36,13 @@ from sandboxsec.attestation.errors import (
     AkCredentialExpiredError,
     AkCredentialUsedError,
     AkNameMismatchError,
+    AkNotBoundError,
     AttestationKeyUnavailableError,
     EkCertificateMissingError,
     EvidenceMalformedError,
 )
 from sandboxsec.attestation.image import ManifestVerifier, VerifiedManifest
-from sandboxsec.attestation.image_errors import CertificateChainError
+from sandboxsec.attestation.image_errors import CertificateChainError, ImageDigestRevokedError
 from sandboxsec.attestation.models import (
     AkCredential,
     AttestationNonce,
@@ -67,6 +68,7 @@ from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
@@ -195,8 +197,17 @@ class AttestationService:
             return self._ek_roots, self._ek_intermediates
 
     def _verify_ek(self, chain_der: Sequence[bytes], now: datetime) -> VerifiedChain:
-        """The EK certificate chains to a TPM-manufacturer root; cached by chain digest."""
-        key = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chain_der)).hexdigest()
+        """The EK certificate chains to a TPM-manufacturer root and nothing on the path is
+        revoked; cached by chain digest and the revocation data's fingerprint.
+
+        The revocation data (serials, fingerprints, CRLs) is the same the publisher chains are
+        checked against: one trust directory revokes for every chain.
+        """
+        revocations = self._manifest_verifier().trust
+        key = hashlib.sha256(
+            revocations.fingerprint.encode()
+            + b"".join(hashlib.sha256(c).digest() for c in chain_der)
+        ).hexdigest()
         with self._lock:
             cached = self._ek_cache.get(key)
             if cached is not None:
@@ -216,6 +227,9 @@ class AttestationService:
             required_key_usage=(),
             required_eku=TCG_EK_CERTIFICATE,
             max_intermediates=8 + len(pool),
+            revoked_serials=revocations.revocations.serials,
+            revoked_fingerprints=revocations.revocations.fingerprints,
+            crls=revocations.crls,
         )
         with self._lock:
             self._ek_cache[key] = chain
@@ -434,7 +448,7 @@ class AttestationService:
         """Verify evidence and, when affirming, issue a token; the verdict is audited.
 
         The nonce is consumed by this submission whatever the verdict.  The clock state of a
-        bound AK advances only on a quote whose signature verified.
+        bound AK advances only on a fully valid (affirming) quote.
         """
         now = self._clock.now()
         signing_key = self._key()  # fail closed before anything is consumed
@@ -521,6 +535,7 @@ class AttestationService:
                         issued_at=now,
                         expires_at=token_expires,
                         kid="",
+                        jkt=result.session_key_jkt,
                     ),
                     signing_key,
                 )
@@ -553,7 +568,7 @@ class AttestationService:
             )
             try:
                 self._verify_ek(
-                    [base64.b64decode(c) for c in bound.ek_certificate.split(",")], now
+                    [b64decode_strict(c) for c in bound.ek_certificate.split(",")], now
                 )
             except SandboxSecError as exc:
                 ek_error = exc
@@ -581,6 +596,22 @@ class AttestationService:
         if lock and self._db.is_postgres:
             stmt = stmt.with_for_update()
         return s.exec(stmt).first()
+
+    def check_standing(self, tenant_id: str, ak_name: str, image_digest: str) -> None:
+        """Raise if what a token was issued on has since been revoked.
+
+        A session starts only while the AK's bound EK still chains, unrevoked, to a trusted
+        manufacturer and the image digest is not revoked: a revocation in the trust directory
+        stops sessions from tokens issued before it.
+        """
+        now = self._clock.now()
+        if image_digest in self._manifest_verifier().trust.revocations.image_digests:
+            raise ImageDigestRevokedError("the attested image has been revoked")
+        with self._db.session() as s:
+            bound = self._load_binding(s, tenant_id, ak_name, lock=False)
+        if bound is None:
+            raise AkNotBoundError("the attested AK is no longer bound")
+        self._verify_ek([b64decode_strict(c) for c in bound.ek_certificate.split(",")], now)
 
     def claim_for_session(
         self, s: Session, tenant_id: str, attestation_id: str, session_id: str
@@ -697,6 +728,6 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
 def decode_evidence_field(value: str, what: str) -> bytes:
     """Strict standard base64 of one evidence field, or :class:`EvidenceMalformedError`."""
     try:
-        return base64.b64decode(value, validate=True)
+        return b64decode_strict(value)
     except (ValueError, TypeError):
-        raise EvidenceMalformedError(f"{what} is not standard base64") from None
+        raise EvidenceMalformedError(f"{what} is not canonical standard base64") from None

@@ -3,29 +3,27 @@
 A token says "this tenant's sandbox, running this image on this AK, was affirmed at this
 time".  Its claims follow the shape of the EAT Attestation Result (EAR) with an AR4SI
 trustworthiness vector; a relying party verifies it offline with the JWK published at
-``GET /v1/attestation/keys``.
+``GET /v1/attestation/keys`` and any JOSE library (``alg`` ``EdDSA``, ``iss``
+:data:`~sandboxsec.jose.ISSUER`, ``aud`` :data:`AUDIENCE`).
 
 Contract: :func:`sign_token` and :func:`verify_token` are pure (``now`` is an argument);
 verification checks, in order, the compact form, the header (``alg`` must be ``EdDSA``; no
 other value is ever accepted, so ``none`` and HMAC confusions are impossible), the ``kid``,
-the signature, the profile, the time window, then the tenant.
+the signature (all through :mod:`sandboxsec.jose`, whose base64url decoding is canonical),
+the profile, ``iss`` and ``aud``, the time window, then the tenant.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sandboxsec import jose
 from sandboxsec.attestation.errors import (
     TokenExpiredError,
     TokenInvalidError,
@@ -33,6 +31,7 @@ from sandboxsec.attestation.errors import (
 )
 
 __all__ = [
+    "AUDIENCE",
     "EAR_PROFILE",
     "TRUST_AFFIRMING",
     "TRUST_CONTRAINDICATED",
@@ -45,6 +44,8 @@ __all__ = [
 ]
 
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
+#: ``aud`` of attestation tokens (grants carry another, so neither passes for the other).
+AUDIENCE: Final = "urn:sandboxsec:attestation"
 VERIFIER_ID: Final = {"developer": "sandboxsec", "build": "sandboxsec-verifier"}
 _MAX_TOKEN: Final = 16 * 1024
 
@@ -69,35 +70,18 @@ class TokenClaims:
     issued_at: datetime
     expires_at: datetime
     kid: str
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64url(text: str) -> bytes:
-    if not text or any(c in text for c in "=+/ \n"):
-        raise TokenInvalidError("token segment is not unpadded base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise TokenInvalidError("token segment is not base64url") from None
+    #: RFC 7800 ``cnf.jkt``: the RFC 7638 thumbprint of the certified TPM-held session key.
+    jkt: str | None = None
 
 
 def jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
     """The public key as an RFC 8037 OKP JWK with its RFC 7638 thumbprint as ``kid``."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    key = {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}
-    return {**key, "kid": jwk_thumbprint(public_key), "alg": "EdDSA", "use": "sig"}
+    return jose.okp_jwk(public_key, jwk_thumbprint(public_key))
 
 
 def jwk_thumbprint(public_key: Ed25519PublicKey) -> str:
     """RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    members = json.dumps(
-        {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}, separators=(",", ":"), sort_keys=True
-    )
-    return _b64url(hashlib.sha256(members.encode()).digest())
+    return jose.rfc7638_thumbprint(public_key)
 
 
 def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
@@ -105,6 +89,8 @@ def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
     kid = jwk_thumbprint(key.public_key())
     header = {"alg": "EdDSA", "typ": "JWT", "kid": kid}
     payload = {
+        "iss": jose.ISSUER,
+        "aud": AUDIENCE,
         "eat_profile": EAR_PROFILE,
         "iat": int(claims.issued_at.timestamp()),
         "exp": int(claims.expires_at.timestamp()),
@@ -117,13 +103,10 @@ def sign_token(claims: TokenClaims, key: Ed25519PrivateKey) -> str:
         "sandboxsec.ak-name": claims.ak_name,
         "eat_nonce": claims.nonce,
     }
-    signing_input = (
-        _b64url(json.dumps(header, separators=(",", ":")).encode())
-        + "."
-        + _b64url(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
-    )
-    signature = key.sign(signing_input.encode("ascii"))
-    return signing_input + "." + _b64url(signature)
+    if claims.jkt is not None:
+        payload["cnf"] = {"jkt": claims.jkt}
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    return jose.sign_compact(header, body, key)
 
 
 def _str(payload: Mapping[str, Any], key: str) -> str:
@@ -153,32 +136,21 @@ def verify_token(
     :class:`TokenExpiredError`, or :class:`TokenTenantMismatchError` when ``tenant_id`` is
     given and differs.  The caller decides what status it requires.
     """
-    # 1. Compact form, bounded.
-    if len(token) > _MAX_TOKEN or token.count(".") != 2:
-        raise TokenInvalidError("not a compact JWS")
-    head_b64, body_b64, sig_b64 = token.split(".")
-    # 2. The header pins EdDSA and names a key we publish.
+    # 1-3. Compact form, pinned header, known kid, signature (canonical base64url only).
     try:
-        header = json.loads(_unb64url(head_b64))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise TokenInvalidError("token header is not JSON") from None
-    if not isinstance(header, dict) or header.get("alg") != "EdDSA" or "crit" in header:
-        raise TokenInvalidError("token header must be alg EdDSA without crit")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or kid not in keys:
-        raise TokenInvalidError("token is signed by an unknown key")
-    # 3. The signature over exactly the received bytes.
+        header, body = jose.verify_compact(token, keys, max_chars=_MAX_TOKEN)
+    except jose.JwsError as exc:
+        raise TokenInvalidError(f"token refused: {exc.reason}") from None
+    kid = str(header["kid"])
+    # 4. The claims: profile, issuer and audience, shape, time window, tenant.
     try:
-        keys[kid].verify(_unb64url(sig_b64), f"{head_b64}.{body_b64}".encode("ascii"))
-    except (InvalidSignature, UnicodeEncodeError):
-        raise TokenInvalidError("token signature does not verify") from None
-    # 4. The claims: profile, shape, time window, tenant.
-    try:
-        payload = json.loads(_unb64url(body_b64))
+        payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise TokenInvalidError("token payload is not JSON") from None
     if not isinstance(payload, dict) or payload.get("eat_profile") != EAR_PROFILE:
         raise TokenInvalidError("token is not an EAR attestation result")
+    if payload.get("iss") != jose.ISSUER or payload.get("aud") != AUDIENCE:
+        raise TokenInvalidError("token issuer or audience is not this service's attestation")
     issued, expires = _int(payload, "iat"), _int(payload, "exp")
     vector = payload.get("ear.trustworthiness-vector")
     image = payload.get("sandboxsec.image")
@@ -186,6 +158,10 @@ def verify_token(
         raise TokenInvalidError("token trustworthiness vector is malformed")
     if not isinstance(image, dict):
         raise TokenInvalidError("token image claim is malformed")
+    cnf = payload.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    if cnf is not None and (not isinstance(jkt, str) or len(jkt) != 43):
+        raise TokenInvalidError("token cnf claim is malformed")
     try:
         issued_at = datetime.fromtimestamp(issued, UTC)
         expires_at = datetime.fromtimestamp(expires, UTC)
@@ -203,6 +179,7 @@ def verify_token(
         issued_at=issued_at,
         expires_at=expires_at,
         kid=kid,
+        jkt=jkt,
     )
     if now.timestamp() >= expires:
         raise TokenExpiredError("the attestation token has expired")

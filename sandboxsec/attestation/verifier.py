@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sandboxsec.attestation import eventlog, quote
+from sandboxsec.attestation import certify, eventlog, quote
 from sandboxsec.attestation.errors import (
     AkNameMismatchError,
     AkNotBoundError,
@@ -25,6 +25,7 @@ from sandboxsec.attestation.errors import (
     NonceReplayedError,
     NonceUnknownError,
     PcrReferenceMismatchError,
+    PcrReferenceNotQuotedError,
 )
 from sandboxsec.attestation.image import VerifiedManifest
 from sandboxsec.attestation.token import TRUST_AFFIRMING, TRUST_CONTRAINDICATED, TRUST_NONE
@@ -74,6 +75,11 @@ class Evidence:
     image_manifest: bytes
     ek_certificate: bytes | None = None
     event_log: bytes | None = None
+    #: The session key's TPM2B_PUBLIC and its TPM2_Certify by the AK (TPMS_ATTEST,
+    #: TPMT_SIGNATURE) over the nonce; see :mod:`sandboxsec.attestation.certify`.
+    session_key: bytes | None = None
+    session_key_certify: bytes | None = None
+    session_key_signature: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,7 @@ class AttestationResult:
     clock: quote.ClockInfo | None = None  # set when the quote's signature verified
     unknown_event_types: tuple[str, ...] = ()
     event_count: int = 0
+    session_key_jkt: str | None = None  # set when a session key was sent and verified
 
     @property
     def affirming(self) -> bool:
@@ -138,18 +145,38 @@ class AttestationResult:
         return tuple(f.code for f in self.failures)
 
 
+# The checks each trust-vector component is made of: a component is affirming only when every
+# one of its checks ran and passed, contraindicated when one failed, and "no claim" otherwise
+# (a malformed quote compared no PCR, so it says nothing about the configuration).
+_CHECKS: Final[Mapping[str, frozenset[str]]] = {
+    INSTANCE: frozenset({"nonce", "quote_nonce", "clock"}),
+    HARDWARE: frozenset({"structure", "ak", "signature", "binding"}),
+    CONFIGURATION: frozenset({"pcr_digest", "reference_pcrs"}),
+    EXECUTABLES: frozenset({"manifest", "event_log"}),
+}
+
+
 class _Collector:
-    __slots__ = ("failures",)
+    __slots__ = ("failures", "passed")
 
     def __init__(self) -> None:
         self.failures: list[Failure] = []
+        self.passed: set[str] = set()
 
     def add(self, exc: SandboxSecError, component: str) -> None:
         self.failures.append(Failure(exc.reason, exc.message, component))
 
+    def ok(self, check: str) -> None:
+        self.passed.add(check)
+
 
 def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResult:
-    """Run every check on ``evidence``; ``affirming`` only if none failed."""
+    """Run every check on ``evidence``; ``affirming`` only if none failed.
+
+    The result carries the quote's clock only when the verdict is affirming: a structure
+    that failed any check must not move the caller's stored clock state (an AK can sign a
+    forged non-TPM-generated structure with huge counters through TPM2_Sign).
+    """
     out = _Collector()
     ak: quote.AkPublic | None = None
     parsed: quote.Quote | None = None
@@ -163,22 +190,27 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
         out.add(NonceExpiredError("the nonce expired before it was used"), INSTANCE)
     elif ctx.nonce_state is NonceState.REPLAYED:
         out.add(NonceReplayedError("the nonce was already used"), INSTANCE)
+    else:
+        out.ok("nonce")
 
     # 2. The quote's structure: TPM-generated magic, quote type; extraData is the nonce.
     try:
         parsed = quote.parse_quote(evidence.quote)
         quote.check_structure(parsed)
+        out.ok("structure")
     except SandboxSecError as exc:
         out.add(exc, HARDWARE if exc.reason == "quote_magic_invalid" else INSTANCE)
     if parsed is not None:
         try:
             quote.check_nonce(parsed, evidence.nonce)
+            out.ok("quote_nonce")
         except SandboxSecError as exc:
             out.add(exc, INSTANCE)
 
     # 3. The AK: a restricted fixedTPM signing key; its name is what binding refers to.
     try:
         ak = quote.parse_ak_public(evidence.ak_public)
+        out.ok("ak")
     except SandboxSecError as exc:
         out.add(exc, HARDWARE)
 
@@ -191,6 +223,7 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
         try:
             quote.verify_signature(parsed, signature, ak, ctx.policy)
             signature_ok = True
+            out.ok("signature")
         except SandboxSecError as exc:
             out.add(exc, HARDWARE)
 
@@ -199,37 +232,52 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
     if ak is not None:
         _check_binding(evidence, ak, ctx, out)
 
-    # 6. The PCR digest is the hash of the reported PCR values, in selection order.
+    # 6. The PCR digest is the hash of the reported PCR values, in selection order.  Only
+    #    then are the reported values covered by what the TPM signed.
     pcr_ok = False
+    quoted: dict[str, frozenset[int]] = {}
     if parsed is not None and signature is not None:
         try:
             quote.check_pcr_digest(parsed, evidence.pcrs, signature.hash_alg, ctx.policy)
             pcr_ok = True
+            out.ok("pcr_digest")
+            quoted = {sel.bank: frozenset(sel.indices) for sel in parsed.selections}
         except SandboxSecError as exc:
             out.add(exc, CONFIGURATION)
 
     # 7. The image: a valid signed manifest, and the quoted PCRs equal its reference values.
+    #    Coverage rule: every PCR the reference values name, by value or by event digests,
+    #    must be in the signed quote.
     manifest = ctx.manifest if isinstance(ctx.manifest, VerifiedManifest) else None
     if isinstance(ctx.manifest, SandboxSecError):
         out.add(ctx.manifest, EXECUTABLES)
+    else:
+        out.ok("manifest")
     if manifest is not None:
         try:
             _check_reference_pcrs(manifest, evidence.pcrs)
+            if pcr_ok:
+                out.ok("reference_pcrs")
         except SandboxSecError as exc:
             out.add(exc, CONFIGURATION)
+        if pcr_ok:
+            try:
+                _check_event_pcrs_quoted(manifest, quoted)
+            except SandboxSecError as exc:
+                out.add(exc, EXECUTABLES)
 
     # 8. The TPM clock: safe, and never behind the last quote accepted from this AK.
     #    Only a signed clock means anything; unsigned counters are not compared.
-    clock: quote.ClockInfo | None = None
     if parsed is not None and signature_ok:
-        clock = parsed.clock
         try:
             quote.check_clock(parsed.clock, ctx.binding.last_clock if ctx.binding else None)
+            out.ok("clock")
         except SandboxSecError as exc:
             out.add(exc, INSTANCE)
 
     # 9. The event log, when given: it replays to the quoted PCRs, and every event in a PCR
-    #    the image pins by event digests is one it allows.
+    #    the image pins by event digests is one it allows.  The allow-list is SHA-256 event
+    #    digests, so it is checked only when the SHA-256 bank's replay matched the quote.
     unknown: tuple[str, ...] = ()
     events = 0
     if evidence.event_log is not None:
@@ -239,9 +287,15 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
             )
             unknown, events = replayed.unknown_event_types, replayed.event_count
             if pcr_ok:
-                eventlog.check_replay(replayed, evidence.pcrs)
-            if manifest is not None and manifest.reference.event_digests:
-                eventlog.check_reference_digests(replayed, manifest.reference.event_digests)
+                matched = eventlog.check_replay(replayed, evidence.pcrs)
+                if manifest is not None and manifest.reference.event_digests:
+                    if "sha256" not in matched:
+                        raise PcrReferenceNotQuotedError(
+                            "the image pins SHA-256 event digests but the event log's SHA-256 "
+                            "bank was not matched against the quote"
+                        )
+                    eventlog.check_reference_digests(replayed, manifest.reference.event_digests)
+                out.ok("event_log")
         except SandboxSecError as exc:
             out.add(exc, EXECUTABLES)
     elif manifest is not None and manifest.reference.event_digests:
@@ -250,7 +304,22 @@ def verify_evidence(evidence: Evidence, ctx: VerifierContext) -> AttestationResu
             EXECUTABLES,
         )
 
-    return _result(out, evidence, ak, manifest, clock, unknown, events)
+    # 10. The session key, when sent: a TPM-held key certified by this AK over this nonce.
+    jkt: str | None = None
+    if evidence.session_key is not None and ak is not None:
+        try:
+            jkt = certify.verify_session_key(
+                evidence.session_key, evidence.session_key_certify or b"",
+                evidence.session_key_signature or b"", ak=ak, nonce=evidence.nonce,
+                policy=ctx.policy,
+            ).jkt
+        except SandboxSecError as exc:
+            out.add(exc, HARDWARE)
+
+    # Only a fully valid quote advances the AK's clock state.
+    clock = parsed.clock if parsed is not None and signature_ok and not out.failures else None
+    result = _result(out, evidence, ak, manifest, clock, unknown, events)
+    return replace(result, session_key_jkt=jkt) if jkt is not None else result
 
 
 def _check_binding(
@@ -260,18 +329,27 @@ def _check_binding(
     if binding is None or binding.ak_name != ak.name:
         out.add(AkNotBoundError("this AK was never bound to a certified EK"), HARDWARE)
         return
+    failed = False
     if evidence.ek_certificate is not None:
         presented = hashlib.sha256(evidence.ek_certificate).hexdigest()
         if presented != binding.ek_fingerprint:
             out.add(AkNameMismatchError("the EK certificate is not the one the AK was bound to"),
                     HARDWARE)
+            failed = True
     if ctx.ek_chain_error is not None:
         out.add(ctx.ek_chain_error, HARDWARE)
+        failed = True
+    if not failed:
+        out.ok("binding")
 
 
 def _check_reference_pcrs(
     manifest: VerifiedManifest, reported: Mapping[str, Mapping[int, bytes]]
 ) -> None:
+    """Every reference PCR value equals the reported one (compared even when the quote
+    failed, to name the difference; it counts as passed only on a verified quote, whose
+    reported PCRs are exactly the signed selection, so a value-pinned PCR left out of the
+    quote is missing here)."""
     wrong: list[str] = []
     for bank, values in manifest.reference.pcrs.items():
         got = reported.get(bank, {})
@@ -285,6 +363,19 @@ def _check_reference_pcrs(
         )
 
 
+def _check_event_pcrs_quoted(
+    manifest: VerifiedManifest, quoted: Mapping[str, frozenset[int]]
+) -> None:
+    """Every PCR the image pins by (SHA-256) event digests is in the quote's SHA-256 bank."""
+    sha256 = quoted.get("sha256", frozenset())
+    missing = [str(index) for index in manifest.reference.event_digests if index not in sha256]
+    if missing:
+        raise PcrReferenceNotQuotedError(
+            "PCRs the image pins by SHA-256 event digests are not in the quote's SHA-256 "
+            "bank: " + ", ".join(missing)
+        )
+
+
 def _result(
     out: _Collector,
     evidence: Evidence,
@@ -295,12 +386,14 @@ def _result(
     events: int,
 ) -> AttestationResult:
     hit = {f.component for f in out.failures}
+    # Affirming only for checks that ran and passed; without a log nothing was said about
+    # what ran beyond the PCR values, so executables is then "no claim".
     vector = {
-        c: TRUST_CONTRAINDICATED if c in hit else TRUST_AFFIRMING for c in _COMPONENTS
+        c: TRUST_CONTRAINDICATED if c in hit
+        else TRUST_AFFIRMING if _CHECKS[c] <= out.passed
+        else TRUST_NONE
+        for c in _COMPONENTS
     }
-    if evidence.event_log is None and EXECUTABLES not in hit:
-        # Without a log nothing was said about what ran beyond the PCR values.
-        vector[EXECUTABLES] = TRUST_NONE
     return AttestationResult(
         status=CONTRAINDICATED if out.failures else AFFIRMING,
         failures=tuple(out.failures),

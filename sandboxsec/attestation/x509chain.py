@@ -30,18 +30,31 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAlgorithmOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from sandboxsec.attestation.image_errors import (
     CertificateAlgorithmError,
     CertificateChainError,
     CertificateChainTooLongError,
+    CertificateCrlAlgorithmError,
     CertificateCrlInvalidError,
+    CertificateCrlIssuerError,
+    CertificateCrlNotCurrentError,
+    CertificateCrlScopeError,
     CertificateEkuError,
     CertificateExpiredError,
     CertificateKeyUsageError,
     CertificateMalformedError,
     CertificateNotCaError,
     CertificateNotYetValidError,
+    CertificatePathInvalidError,
     CertificatePathLengthError,
     CertificateRef,
     CertificateRevokedError,
@@ -57,6 +70,7 @@ __all__ = [
     "KeyUsageName",
     "VerifiedChain",
     "certificate_fingerprint",
+    "check_crl",
     "describe",
     "load_certificate",
     "load_pem_certificates",
@@ -314,8 +328,9 @@ def verify_chain(
             raise CertificateRevokedError(
                 "fingerprint is on the revocation list", certificate=describe(cert, position)
             )
+    used_crls: list[x509.CertificateRevocationList] = []
     for i, (cert, position) in enumerate(zip(path[:-1], positions[:-1], strict=True)):
-        _check_crls(cert, position, path[i + 1], crls, now)
+        used_crls.extend(_check_crls(cert, position, path[i + 1], crls, now))
 
     # 5. Validity windows at `now`, the root included: an expired root is not a root.
     for cert, position in zip(path, positions, strict=True):
@@ -337,14 +352,26 @@ def verify_chain(
         leaf_may_be_ca=leaf_may_be_ca,
     )
 
+    # 8. The path validator of record: cryptography's RFC 5280 / Web PKI verifier must agree
+    #    (signatures, names, validity, basicConstraints, pathLen, unknown critical
+    #    extensions).  The checks above run first so a refusal names the certificate and
+    #    reason precisely; a chain either refuses is refused.
+    _library_check(path, pool, roots, now, max_intermediates, required_eku)
+
     return VerifiedChain(
         leaf=leaf,
         path=path,
         subject=_subject(leaf),
         fingerprint=certificate_fingerprint(leaf),
         root_subject=_subject(path[-1]),
-        valid_from=max(c.not_valid_before_utc for c in path),
-        valid_until=min(c.not_valid_after_utc for c in path),
+        # A CRL bounds the window too: past its nextUpdate the result must be recomputed.
+        valid_from=max(
+            [c.not_valid_before_utc for c in path] + [c.last_update_utc for c in used_crls]
+        ),
+        valid_until=min(
+            [c.not_valid_after_utc for c in path]
+            + [c.next_update_utc for c in used_crls if c.next_update_utc is not None]
+        ),
     )
 
 
@@ -407,6 +434,66 @@ def _build_path(
         f"no trust root within {max_intermediates} intermediates",
         certificate=describe(current, f"intermediate {max_intermediates}"),
     )
+
+
+def _ca_key_usage(_policy: Policy, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError("keyUsage of a CA lacks keyCertSign")
+
+
+def _ee_eku(required: x509.ObjectIdentifier | None) -> object:
+    def check(_policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        if required is not None and eku is not None and required not in eku:
+            raise ValueError(f"extendedKeyUsage lacks {required.dotted_string}")
+
+    return check
+
+
+def _library_expressible(path: Sequence[x509.Certificate]) -> bool:
+    """The library's Web PKI profile forbids EdDSA keys and signatures, which this project
+    accepts for publishers: such chains are checked by this module alone (and by the
+    differential corpus against OpenSSL)."""
+    for cert in path:
+        if cert.signature_algorithm_oid in _EDDSA_SIGNATURES and cert is not path[-1]:
+            return False
+        if isinstance(cert.public_key(), ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            return False
+    return True
+
+
+def _library_check(
+    path: tuple[x509.Certificate, ...],
+    pool: Sequence[x509.Certificate],
+    roots: tuple[x509.Certificate, ...],
+    now: datetime,
+    max_intermediates: int,
+    required_eku: x509.ObjectIdentifier | None,
+) -> None:
+    if len(path) == 1 or not _library_expressible(path):
+        return  # a pinned root as its own leaf has no path to validate
+    ca_policy = (
+        ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    )
+    ee_policy = ExtensionPolicy.permit_all().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_eku(required_eku)  # type: ignore[arg-type]
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(roots)))
+        .time(now)
+        .max_chain_depth(max_intermediates + 1)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(path[0], list(pool))
+    except VerificationError as exc:
+        raise CertificatePathInvalidError(
+            f"the RFC 5280 path validator refused the chain: {exc}",
+            certificate=describe(path[0], "leaf"),
+        ) from None
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
@@ -479,30 +566,98 @@ def _check_crls(
     issuer: x509.Certificate,
     crls: Sequence[x509.CertificateRevocationList],
     now: datetime,
-) -> None:
+) -> list[x509.CertificateRevocationList]:
+    used = []
     for crl in crls:
         if crl.issuer != cert.issuer:
             continue
-        key = issuer.public_key()
-        try:
-            valid = crl.is_signature_valid(key)  # type: ignore[arg-type]
-        except Exception:  # any failure to check the CRL is a refusal
-            valid = False
-        if not valid:
-            raise CertificateCrlInvalidError(
-                "a CRL naming this issuer is not signed by it",
-                certificate=describe(issuer, "issuer of " + position),
-            )
-        next_update = crl.next_update_utc
-        if next_update is None or now > next_update:
-            # A stale CRL cannot prove a certificate is still good: refuse.
-            raise CertificateCrlInvalidError(
-                "the CRL of this issuer is past its nextUpdate",
-                certificate=describe(issuer, "issuer of " + position),
-            )
+        check_crl(crl, issuer, now, position="issuer of " + position)
+        used.append(crl)
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise CertificateRevokedError(
                 f"revoked by the CRL of '{_name(crl.issuer)}'", certificate=describe(cert, position)
+            )
+    return used
+
+
+# CRL extensions this module processes; any other critical one makes the CRL unusable
+# (RFC 5280 section 5.2: a CRL with an unrecognised critical extension must not be used).
+_CRL_PROCESSED: Final = frozenset(
+    {ExtensionOID.CRL_NUMBER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+     ExtensionOID.ISSUING_DISTRIBUTION_POINT}
+)
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList,
+    issuer: x509.Certificate,
+    now: datetime,
+    *,
+    position: str = "issuer",
+) -> None:
+    """The CRL may be used to judge certificates of ``issuer`` at ``now``, or a typed error.
+
+    In order: its signature algorithm is allowed; the issuer may sign CRLs (keyUsage
+    cRLSign when keyUsage is present); the signature verifies under the issuer's key; it is
+    current (thisUpdate not in the future, nextUpdate present and not past); it is a complete
+    CRL for every certificate of the issuer (no issuingDistributionPoint narrowing its scope,
+    no delta CRL, no other critical extension).
+    """
+    ref = describe(issuer, position)
+    # 1. Algorithms: the same policy as certificate signatures.
+    if crl.signature_algorithm_oid not in _EDDSA_SIGNATURES:
+        try:
+            algorithm = crl.signature_hash_algorithm
+        except UnsupportedAlgorithm:
+            algorithm = None
+        if not isinstance(algorithm, _ALLOWED_HASHES):
+            raise CertificateCrlAlgorithmError(
+                f"CRL signature algorithm {crl.signature_algorithm_oid.dotted_string} is not "
+                "allowed (SHA-256, SHA-384, SHA-512 or EdDSA required)",
+                certificate=ref,
+            )
+    # 2. The issuer must be allowed to sign CRLs.
+    ku = _key_usage(issuer)
+    if ku is not None and not ku.crl_sign:
+        raise CertificateCrlIssuerError(
+            "a CRL names this issuer but its keyUsage lacks cRLSign", certificate=ref
+        )
+    # 3. The signature.
+    try:
+        valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except Exception:  # any failure to check the CRL is a refusal
+        valid = False
+    if not valid:
+        raise CertificateCrlInvalidError(
+            "a CRL naming this issuer is not signed by it", certificate=ref
+        )
+    # 4. Time: a CRL from the future or past its nextUpdate proves nothing about now.
+    if now < crl.last_update_utc:
+        raise CertificateCrlNotCurrentError(
+            f"the CRL's thisUpdate {crl.last_update_utc.isoformat()} is in the future",
+            certificate=ref,
+        )
+    next_update = crl.next_update_utc
+    if next_update is None or now > next_update:
+        raise CertificateCrlInvalidError(
+            "the CRL of this issuer has no nextUpdate or is past it", certificate=ref
+        )
+    # 5. Scope: only complete CRLs are accepted, so no partition can hide a revocation.
+    for ext in crl.extensions:
+        if ext.oid == ExtensionOID.ISSUING_DISTRIBUTION_POINT:
+            raise CertificateCrlScopeError(
+                "the CRL has an issuingDistributionPoint: partitioned (partial) CRLs are not "
+                "supported, a complete CRL is required",
+                certificate=ref,
+            )
+        if ext.oid == ExtensionOID.DELTA_CRL_INDICATOR:
+            raise CertificateCrlScopeError(
+                "delta CRLs are not supported, a complete CRL is required", certificate=ref
+            )
+        if ext.critical and ext.oid not in _CRL_PROCESSED:
+            raise CertificateCrlScopeError(
+                f"the CRL has an unsupported critical extension {ext.oid.dotted_string}",
+                certificate=ref,
             )
 
 

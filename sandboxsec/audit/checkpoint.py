@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sandboxsec.audit.errors import AuditCheckpointInvalidError, AuditCheckpointSignatureError
 from sandboxsec.audit.merkle import HASH_SIZE
+from sandboxsec.encoding import ascii_int, b64decode_strict
 
 __all__ = [
     "Checkpoint",
@@ -116,10 +117,13 @@ def parse_signed_checkpoint(note: str) -> tuple[Checkpoint, list[tuple[str, byte
     origin, size_text, root_text = lines[0], lines[1], lines[2]
     if not origin:
         raise AuditCheckpointInvalidError("checkpoint origin line is empty")
-    if not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
-        raise AuditCheckpointInvalidError("checkpoint size is not a canonical decimal")
     try:
-        root = base64.b64decode(root_text, validate=True)
+        # ASCII digits only: str.isdigit() also holds for "²", which int() then refuses.
+        size = ascii_int(size_text)
+    except ValueError:
+        raise AuditCheckpointInvalidError("checkpoint size is not a canonical decimal") from None
+    try:
+        root = b64decode_strict(root_text)
     except (binascii.Error, ValueError) as exc:
         raise AuditCheckpointInvalidError("checkpoint root hash is not base64") from exc
     if len(root) != HASH_SIZE:
@@ -131,13 +135,13 @@ def parse_signed_checkpoint(note: str) -> tuple[Checkpoint, list[tuple[str, byte
             raise AuditCheckpointInvalidError("checkpoint signature line is malformed")
         name, _, blob = line[len(_SIG_PREFIX) :].partition(" ")
         try:
-            raw = base64.b64decode(blob, validate=True)
+            raw = b64decode_strict(blob)
         except (binascii.Error, ValueError) as exc:
             raise AuditCheckpointInvalidError("checkpoint signature is not base64") from exc
         if not name or len(raw) < 5:
             raise AuditCheckpointInvalidError("checkpoint signature line is malformed")
         parsed.append((name, raw[:4], raw[4:]))
-    return Checkpoint(origin, int(size_text), root), parsed
+    return Checkpoint(origin, size, root), parsed
 
 
 def verify_signed_checkpoint(

@@ -6,23 +6,42 @@ Verification failures carry the sequence number of the first entry that does not
 
 from __future__ import annotations
 
-from sandboxsec.errors import DependencyUnavailableError, InputError, VerificationError
+from sandboxsec.errors import (
+    ConflictError,
+    DependencyUnavailableError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+    VerificationError,
+)
 
 __all__ = [
     "AuditChainBrokenError",
     "AuditCheckpointInvalidError",
     "AuditCheckpointSignatureError",
     "AuditConsistencyError",
+    "AuditCosignatureInvalidError",
     "AuditEntryMalformedError",
     "AuditEntryOrderError",
     "AuditExportMalformedError",
     "AuditForkError",
+    "AuditHistoryMismatchError",
     "AuditInclusionError",
+    "AuditLogAlarmedError",
     "AuditRangeError",
     "AuditRootMismatchError",
+    "AuditStateInvalidError",
     "AuditUnavailableError",
     "AuditUncoveredEntriesError",
     "AuditVerificationError",
+    "AuditWitnessQuorumError",
+    "AuditWitnessRefusedError",
+    "WitnessForkError",
+    "WitnessOriginUnknownError",
+    "WitnessProofInvalidError",
+    "WitnessRequestMalformedError",
+    "WitnessSignatureUntrustedError",
+    "WitnessSizeConflictError",
 ]
 
 
@@ -113,3 +132,84 @@ class AuditUncoveredEntriesError(AuditVerificationError):
     """The export holds entries that no signed checkpoint covers, so they cannot be trusted."""
 
     code = "audit_entries_unsigned"
+
+
+class AuditCosignatureInvalidError(AuditVerificationError):
+    """A line claims to be a configured witness's cosignature but does not verify."""
+
+    code = "audit_cosignature_invalid"
+
+
+class AuditWitnessQuorumError(AuditVerificationError):
+    """The newest checkpoint carries fewer valid witness cosignatures than the policy needs."""
+
+    code = "audit_witness_quorum_not_met"
+
+
+class AuditHistoryMismatchError(DependencyUnavailableError):
+    """The stored log does not extend the last checkpoint this service signed: the past was
+    altered behind the service's back.  The service refuses to sign and stops the log."""
+
+    code = "audit_history_mismatch"
+
+
+class AuditWitnessRefusedError(DependencyUnavailableError):
+    """A witness refused a checkpoint as inconsistent with what it cosigned before (a fork or
+    a rollback).  The log is stopped until an operator investigates."""
+
+    code = "audit_witness_refused"
+
+
+class AuditStateInvalidError(DependencyUnavailableError):
+    """The state file holding the last signed checkpoint fails its integrity check."""
+
+    code = "audit_state_invalid"
+
+
+class AuditLogAlarmedError(DependencyUnavailableError):
+    """The log is stopped by an earlier integrity alarm; nothing more is appended or signed."""
+
+    code = "audit_log_alarmed"
+
+
+# --- the witness's answers (tlog-witness add-checkpoint), each with the status the spec gives
+
+
+class WitnessRequestMalformedError(InputError):
+    """The add-checkpoint body is not ``old N``, proof lines, a blank line and a checkpoint."""
+
+    code = "witness_request_malformed"
+
+
+class WitnessSignatureUntrustedError(ForbiddenError):
+    """No signature on the checkpoint verifies under a log key the witness trusts."""
+
+    code = "witness_signature_untrusted"
+
+
+class WitnessOriginUnknownError(NotFoundError):
+    """The witness does not witness a log of this origin."""
+
+    code = "witness_origin_unknown"
+
+
+class WitnessSizeConflictError(ConflictError):
+    """The old size is not the size the witness last cosigned; ``size`` is that size."""
+
+    code = "witness_size_conflict"
+
+    def __init__(self, message: str = "", *, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+class WitnessForkError(ConflictError):
+    """A checkpoint of the size the witness holds, with another root: the log forked."""
+
+    code = "witness_fork_detected"
+
+
+class WitnessProofInvalidError(VerificationError):
+    """The consistency proof from the witnessed tree to the new checkpoint does not verify."""
+
+    code = "witness_consistency_proof_invalid"

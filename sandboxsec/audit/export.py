@@ -5,6 +5,7 @@ Layout (one JSON value per line, in this order)::
     {"type":"header","format":"sandboxsec-audit-export/1","log_id":..,"origin":..,
      "key_name":..,"from":F,"to":T,"frontier":[b64..],"prev_leaf":hex}
     {"type":"checkpoint","note":"<C2SP signed note>"}            one per checkpoint
+      (+ "cosignatures":["— witness b64..\n", ..] when witnesses cosigned it)
     {"type":"consistency","first":A,"second":B,"proof":[b64..]}  one per consecutive pair
     {"v":1,"log":..,"seq":F,...}                                  entries F .. T-1, verbatim
 
@@ -85,11 +86,22 @@ def render_export(
     checkpoint_notes: Iterable[str],
     proofs: Iterable[ConsistencyRecord],
     entry_lines: Iterable[bytes],
+    *,
+    cosignatures: Sequence[Sequence[str]] = (),
 ) -> Iterator[bytes]:
-    """Yield the export line by line (each ending in ``\\n``), streaming the entries."""
+    """Yield the export line by line (each ending in ``\\n``), streaming the entries.
+
+    ``cosignatures[i]`` are the witness cosignature lines of the ``i``-th checkpoint; the
+    ``cosignatures`` field is written only when there are some, so exports without witnesses
+    stay byte for byte what they were.
+    """
     yield header.to_json().encode() + b"\n"
-    for note in checkpoint_notes:
-        yield json.dumps({"type": "checkpoint", "note": note}, separators=(",", ":")).encode()
+    for i, note in enumerate(checkpoint_notes):
+        rec: dict[str, object] = {"type": "checkpoint", "note": note}
+        lines = cosignatures[i] if i < len(cosignatures) else ()
+        if lines:
+            rec["cosignatures"] = list(lines)
+        yield json.dumps(rec, separators=(",", ":")).encode()
         yield b"\n"
     for proof in proofs:
         yield proof.to_json().encode() + b"\n"

@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
-from sandboxsec.errors import SandboxSecError
+from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
 from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
 __all__ = ["GroupCommit"]
@@ -64,9 +64,11 @@ class GroupCommit:
         *,
         sweep_seconds: float,
         stop_timeout: float,
+        after_commit: Callable[[], None] | None = None,
     ) -> None:
         self._db = db
         self._write = write
+        self._after_commit = after_commit
         self._sweep_due = sweep
         self._stop_timeout = stop_timeout
         self._cv = threading.Condition()
@@ -151,9 +153,10 @@ class GroupCommit:
                     self._commit([p])
                 return
             _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
+            # Integrity refusals (503s of their own) keep their reason code.
             err = (
                 exc
-                if isinstance(exc, AuditUnavailableError)
+                if isinstance(exc, DependencyUnavailableError)
                 else AuditUnavailableError(
                     "the audit log could not record this; the action was not carried out"
                 )
@@ -167,6 +170,8 @@ class GroupCommit:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
         with self._db.engine.begin() as conn:
             receipts = self._write(conn, records)
+        if self._after_commit is not None:
+            self._after_commit()
         # Acknowledge only now, after the commit returned.
         i = 0
         for p in batch:

@@ -10,7 +10,6 @@ hmac v1" || 0x00 || log_id)``, so each tenant's MACs are unlinkable to another t
 
 from __future__ import annotations
 
-import base64
 import secrets
 import threading
 from pathlib import Path
@@ -21,11 +20,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sandboxsec.audit.checkpoint import key_id, verifier_key
 from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.statefiles import create_once
 
 __all__ = ["AuditKeys", "derive_hmac_key", "load_public_key"]
 
 _HMAC_INFO = b"sandboxsec audit hmac v1\x00"
+_STATE_INFO = b"sandboxsec audit state v1"
 
 
 def derive_hmac_key(secret: bytes, log_id: str) -> bytes:
@@ -46,7 +47,7 @@ def load_public_key(data: bytes) -> Ed25519PublicKey:
     parts = text.decode("ascii").split("+", 2)
     if len(parts) != 3:
         raise ValueError("the public key is neither PEM nor a signed-note verifier key")
-    raw = base64.b64decode(parts[2], validate=True)
+    raw = b64decode_strict(parts[2])
     if len(raw) != 33 or raw[0] != 1:
         raise ValueError("the verifier key is not an Ed25519 key")
     key = Ed25519PublicKey.from_public_bytes(raw[1:])
@@ -108,6 +109,17 @@ class AuditKeys:
     def verifier_key(self) -> str:
         """The signed-note verifier key string of the checkpoint key."""
         return verifier_key(self.key_name, self.public_key)
+
+    def state_key(self) -> bytes:
+        """The MAC key of the signed-state files (derived, separate from every log's key)."""
+        with self._lock:
+            if self._secret is None:
+                self._load()
+            assert self._secret is not None
+            secret = self._secret
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_STATE_INFO).derive(
+            secret
+        )
 
     def hmac_key(self, log_id: str) -> bytes:
         """The HMAC key of one log."""

@@ -27,6 +27,8 @@ class AuditLog:
         self.writer = writer
         self.reader = reader
         self.keys = keys
+        #: State files, alarms and witnesses (see :mod:`sandboxsec.audit.integrity`).
+        self.guard = writer.guard
 
     def origin(self, log_id: str) -> str:
         """See :meth:`AuditReader.origin`."""
@@ -42,9 +44,13 @@ class AuditLog:
         """See :meth:`AuditWriter.append_many`."""
         return self.writer.append_many(records, session=session)
 
-    def checkpoint_now(self, log_id: str) -> StoredCheckpoint:
+    def checkpoint_now(self, log_id: str, *, wait: bool = True) -> StoredCheckpoint:
         """See :meth:`AuditWriter.checkpoint_now`."""
-        return self.writer.checkpoint_now(log_id)
+        return self.writer.checkpoint_now(log_id, wait=wait)
+
+    def cosignatures(self, log_id: str, size: int | None = None) -> dict[int, list[str]]:
+        """See :meth:`AuditReader.cosignatures`."""
+        return self.reader.cosignatures(log_id, size)
 
     def sign_due_checkpoints(self) -> int:
         """See :meth:`AuditWriter.sign_due_checkpoints`."""

@@ -14,7 +14,13 @@ from sqlmodel import Field, SQLModel
 
 from sandboxsec.storage.types import UTCDateTime
 
-__all__ = ["AuditCheckpointRow", "AuditEntryRow", "AuditHeadRow", "AuditNodeRow"]
+__all__ = [
+    "AuditCheckpointRow",
+    "AuditCosignatureRow",
+    "AuditEntryRow",
+    "AuditHeadRow",
+    "AuditNodeRow",
+]
 
 
 class AuditEntryRow(SQLModel, table=True):
@@ -84,3 +90,23 @@ class AuditNodeRow(SQLModel, table=True):
     level: int
     idx: int
     hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+
+
+class AuditCosignatureRow(SQLModel, table=True):
+    """A witness's cosignature line (C2SP cosignature/v1) on one stored checkpoint.
+
+    Kept beside the checkpoint rather than in its note, so the note stays exactly what the
+    service signed.  Not trusted: auditors verify each line under the witness keys they hold.
+    """
+
+    __tablename__ = "audit_cosignatures"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "size", "witness", name="uq_audit_cosignatures_log_size_w"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(index=True, max_length=64)
+    size: int
+    witness: str = Field(max_length=200)
+    line: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_type=UTCDateTime)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 
 from sandboxsec.audit.config import AuditConfig
+from sandboxsec.audit.cosignature_store import stored_cosignatures
 from sandboxsec.audit.entry import hmac_value
 from sandboxsec.audit.errors import AuditRangeError, AuditUnavailableError
 from sandboxsec.audit.export import ConsistencyRecord, ExportHeader, render_export
@@ -162,9 +163,15 @@ class AuditReader:
             frontier=frontier,
             prev_leaf=tree.leaf(start - 1) if start > 0 else None,
         )
+        cosigs = self.cosignatures(log_id)
         return render_export(
-            header, [c.note for c in chosen], proofs, self.entry_lines(log_id, start, end)
+            header, [c.note for c in chosen], proofs, self.entry_lines(log_id, start, end),
+            cosignatures=[cosigs.get(c.size, []) for c in chosen],
         )
+
+    def cosignatures(self, log_id: str, size: int | None = None) -> dict[int, list[str]]:
+        """Stored witness cosignature lines by checkpoint size (not verified here)."""
+        return stored_cosignatures(self._db, log_id, size)
 
     def inclusion(self, log_id: str, seq: int, size: int | None = None) -> dict[str, Any]:
         """A self-contained proof that entry ``seq`` is in a signed checkpoint.

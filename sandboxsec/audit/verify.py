@@ -10,18 +10,27 @@ position, so it never parses an entry as JSON; that keeps it well above 500,000 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sandboxsec.audit.checkpoint import Checkpoint, verify_signed_checkpoint
+from sandboxsec.audit.checkpoint import (
+    Checkpoint,
+    parse_signed_checkpoint,
+    verify_signed_checkpoint,
+)
+from sandboxsec.audit.cosignature import (
+    Cosignature,
+    WitnessKey,
+    signature_lines,
+    verify_cosignatures,
+)
 from sandboxsec.audit.entry import GENESIS_PREV, entry_prefix
 from sandboxsec.audit.errors import (
     AuditChainBrokenError,
@@ -35,6 +44,7 @@ from sandboxsec.audit.errors import (
     AuditRootMismatchError,
     AuditUncoveredEntriesError,
     AuditVerificationError,
+    AuditWitnessQuorumError,
 )
 from sandboxsec.audit.export import EXPORT_FORMAT
 from sandboxsec.audit.merkle import (
@@ -45,6 +55,8 @@ from sandboxsec.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from sandboxsec.audit.witness_policy import WitnessPolicy
+from sandboxsec.encoding import b64decode_strict
 
 __all__ = ["EntryProofReport", "ExportReport", "verify_entry_proof", "verify_export"]
 
@@ -64,6 +76,10 @@ class ExportReport:
     consistency_proofs: int
     tree_size: int
     root_hash: bytes
+    #: Verified witness cosignatures of the newest checkpoint (the one ``tree_size`` names).
+    cosignatures: tuple[Cosignature, ...] = ()
+    #: Every checkpoint size seen, with the witnesses that cosigned it.
+    witnessed: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 def _b64_hashes(values: Any, what: str) -> list[bytes]:
@@ -72,7 +88,7 @@ def _b64_hashes(values: Any, what: str) -> list[bytes]:
     out = []
     for v in values:
         try:
-            h = base64.b64decode(v, validate=True)
+            h = b64decode_strict(v)
         except (binascii.Error, ValueError, TypeError) as exc:
             raise AuditExportMalformedError(f"{what} holds a value that is not base64") from exc
         if len(h) != HASH_SIZE:
@@ -108,13 +124,29 @@ def verify_export(
     key_name: str | None = None,
     expected_log: str | None = None,
     previous_checkpoints: Sequence[str] = (),
+    witnesses: Sequence[WitnessKey] = (),
+    min_witnesses: int = 0,
+    now: int | None = None,
+    policy: WitnessPolicy | None = None,
 ) -> ExportReport:
     """Verify an export end to end; see docs/audit.md ("Verifying an export").
 
     ``previous_checkpoints`` are signed notes the auditor kept from earlier audits: each must
     verify, agree with any checkpoint of the same size (else a fork) and be consistent with the
     export (by recomputation when its size is covered, else by a consistency proof in the file).
+    ``witnesses`` are the witness keys the auditor trusts: every cosignature claiming one of
+    them must verify, and the newest checkpoint must carry at least ``min_witnesses`` of them
+    (``now``, POSIX seconds, refuses cosignatures dated later).  A C2SP tlog-``policy`` adds
+    its witnesses and must be satisfied by the newest checkpoint's cosignatures too.
     """
+    if policy is not None:
+        witnesses = [*witnesses, *policy.keys]
+    if min_witnesses > len({w.name for w in witnesses}):
+        # An empty (or too small) witness list can never meet the quorum: deny, loudly.
+        raise AuditWitnessQuorumError(
+            f"{min_witnesses} witness cosignatures are required but only "
+            f"{len({w.name for w in witnesses})} witness keys were given"
+        )
     if b"\r" in data:
         # Canonical lines never hold a raw CR (JSON escapes it): the file was re-encoded,
         # e.g. to CRLF line endings, and no longer hashes to what was signed.
@@ -159,12 +191,17 @@ def verify_export(
     prefix = entry_prefix(log_id)
     idx = 1
     notes: list[str] = []
+    cosig_lines: list[list[str]] = []
     proofs: dict[tuple[int, int], list[bytes]] = {}
     while idx < len(lines) and not lines[idx].startswith(b'{"v":'):
         rec = _json_line(lines[idx], f"line {idx + 1}")
         kind = rec.get("type")
         if kind == "checkpoint" and isinstance(rec.get("note"), str):
             notes.append(rec["note"])
+            extra = rec.get("cosignatures", [])
+            if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+                raise AuditExportMalformedError(f"line {idx + 1} has malformed cosignatures")
+            cosig_lines.append(extra)
         elif kind == "consistency":
             a, b = _int(rec.get("first"), "first"), _int(rec.get("second"), "second")
             proofs[(a, b)] = _b64_hashes(rec.get("proof"), "a consistency proof")
@@ -189,6 +226,16 @@ def verify_export(
     for note in notes:
         admit(note)
     exported_sizes = sorted(by_size)
+    # 3b. Every cosignature claiming a trusted witness must verify (others are ignored).
+    cosigned: dict[int, list[Cosignature]] = {}
+    if witnesses:
+        for note, extra in zip(notes, cosig_lines, strict=True):
+            cp = parse_signed_checkpoint(note)[0]
+            sig_lines = signature_lines(note.partition("\n\n")[2]) + list(extra)
+            for c in verify_cosignatures(cp, sig_lines, witnesses, not_after=now):
+                have = cosigned.setdefault(cp.size, [])
+                if c.witness not in {h.witness for h in have}:
+                    have.append(c)
     for note in previous_checkpoints:
         admit(note)
     sizes = sorted(by_size)
@@ -200,7 +247,10 @@ def verify_export(
             f"the tree before entry {start} does not match the checkpoint of size {start}",
             seq=start,
         )
-    _walk_entries(entries, prefix, start, prev_hex, frontier, targets, by_size)
+    leaves = _walk_entries(entries, prefix, start, prev_hex, frontier, targets, by_size)
+    # 5b. Every entry's sequence number and prev link, always: a checkpoint signed over a
+    #     broken chain (a past rewritten before the service signed it) is still named.
+    _check_links(entries, leaves, prefix, start, prev_hex)
     covered = targets[-1] if targets else start
     last_end = start + len(entries)
     if last_end > covered:
@@ -230,6 +280,22 @@ def verify_export(
         checked_proofs += 1
 
     top = by_size[targets[-1]] if targets else (by_size[sizes[-1]] if sizes else None)
+    # 8. The witness quorum on the newest checkpoint: it covers every entry before it, through
+    #    the recomputed roots and the consistency proofs checked above.
+    top_cosigs = tuple(cosigned.get(top.size, [])) if top is not None else ()
+    if policy is not None and not policy.satisfied({c.witness for c in top_cosigs}):
+        raise AuditWitnessQuorumError(
+            f"the cosignatures on the checkpoint of size {top.size if top else 0} "
+            f"({', '.join(sorted(c.witness for c in top_cosigs)) or 'none'}) do not meet the "
+            "policy's quorum"
+        )
+    if min_witnesses and len(top_cosigs) < min_witnesses:
+        size = top.size if top is not None else 0
+        raise AuditWitnessQuorumError(
+            f"the checkpoint of size {size} has {len(top_cosigs)} valid witness cosignatures, "
+            f"{min_witnesses} are required: no quorum of independent witnesses saw this tree",
+            seq=None,
+        )
     return ExportReport(
         log_id=log_id,
         origin=origin,
@@ -240,6 +306,10 @@ def verify_export(
         consistency_proofs=checked_proofs,
         tree_size=top.size if top else 0,
         root_hash=top.root_hash if top else b"",
+        cosignatures=top_cosigs,
+        witnessed=tuple(
+            (size, tuple(c.witness for c in cosigned.get(size, []))) for size in exported_sizes
+        ),
     )
 
 
@@ -262,17 +332,15 @@ def _walk_entries(
     frontier: Frontier,
     targets: list[int],
     by_size: dict[int, Checkpoint],
-) -> None:
-    """The hot path: whole-list passes, no per-entry Python statements.
+) -> list[bytes]:
+    """The hot path: whole-list passes, no per-entry Python statements; returns the leaves.
 
     When every signed root matches, each entry is exactly what the service signed, so the
     sequence numbers and the hash chain inside them need no separate check.  Only when a root
     does not match are the entries of that span walked one by one to name the first bad one.
     """
-    # a. Every line must at least belong to this log (one C-level pass).
-    if not all(map(bytes.startswith, entries, itertools.repeat(prefix))):
-        bad = next(i for i, ln in enumerate(entries) if not ln.startswith(prefix))
-        raise _diagnose(entries, bad, start + bad, prefix, _prev_hex(entries, bad, prev_hex))
+    # a. Every line is an entry of this log with the next sequence number (C-level passes).
+    _check_heads(entries, prefix, start, prev_hex)
     # b. Every leaf hash, in one pass over the exact line bytes.
     sha256 = hashlib.sha256
     leaves = [sha256(b"\x00" + line).digest() for line in entries]
@@ -305,12 +373,50 @@ def _walk_entries(
             )
         last_checked = t
     frontier.extend(leaves[pos:])
-    # e. Entries past the last reached checkpoint are unsigned; name a broken one if any.
-    prev = prev_hex if pos == 0 else leaves[pos - 1].hex().encode()
-    for i in range(pos, len(entries)):
-        if not entries[i].startswith(_head(prefix, start + i, prev)):
-            raise _diagnose(entries, i, start + i, prefix, prev)
-        prev = leaves[i].hex().encode()
+    # e. Entries past the last reached checkpoint are unsigned: _check_links names a broken
+    #    one, the caller refuses them as uncovered otherwise.
+    return leaves
+
+
+def _runs(start: int, n: int) -> Iterator[tuple[int, int, int]]:
+    """``(i, end, width)``: the runs of entries whose sequence numbers have ``width`` digits."""
+    i = 0
+    while i < n:
+        width = len(str(start + i))
+        end = min(n, 10**width - start)
+        yield i, end, width
+        i = end
+
+
+def _check_heads(entries: list[bytes], prefix: bytes, start: int, prev_hex: bytes) -> None:
+    """Every line starts ``{"v":1,"log":<log>,"seq":<next number>,"prev":"``.
+
+    The expected heads of a run are formatted in one ``%`` operation and compared with
+    ``bytes.startswith`` mapped over the run at C level: no per-entry Python statement.
+    """
+    template = prefix.replace(b"%", b"%%") + b'%d,"prev":"\n'
+    for i, end, _ in _runs(start, len(entries)):
+        run = entries[i:end]
+        heads = (template * len(run) % tuple(range(start + i, start + end))).split(b"\n")
+        if not all(map(bytes.startswith, run, heads)):
+            k = next(k for k in range(i, end) if not entries[k].startswith(heads[k - i]))
+            raise _diagnose(entries, k, start + k, prefix, _prev_hex(entries, k, prev_hex))
+
+
+def _check_links(
+    entries: list[bytes], leaves: list[bytes], prefix: bytes, start: int, prev_hex: bytes
+) -> None:
+    """Every entry's ``prev`` is the leaf hash of its predecessor (after :func:`_check_heads`,
+    so the field sits at a fixed offset within each run): one C-level pass per run."""
+    hexes = [prev_hex]
+    hexes.extend(map(binascii.hexlify, leaves[:-1]))
+    base = len(prefix)
+    for i, end, width in _runs(start, len(entries)):
+        if not all(map(bytes.startswith, entries[i:end], hexes[i:end],
+                       itertools.repeat(base + width + 9))):
+            for k in range(i, end):
+                if not entries[k].startswith(_head(prefix, start + k, hexes[k])):
+                    raise _diagnose(entries, k, start + k, prefix, hexes[k])
 
 
 def _head(prefix: bytes, seq: int, prev_hex: bytes) -> bytes:

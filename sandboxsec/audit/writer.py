@@ -11,6 +11,9 @@ Contract (every domain service relies on it through :class:`~sandboxsec.audit.si
   :class:`AuditUnavailableError` (503) and must not carry out the action.
 * Order is total per log across processes: every append locks the log's head row
   (:func:`~sandboxsec.audit.store.lock_head`).
+* A checkpoint is signed only after the :class:`~sandboxsec.audit.integrity.HistoryGuard`
+  proved the tree extends the last one this service signed; once its transaction committed,
+  the guard records it outside the database and submits it to the witnesses.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint
+from sandboxsec.audit.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
 from sandboxsec.audit.config import AuditConfig
 from sandboxsec.audit.entry import encode_entry
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.group_commit import GroupCommit
+from sandboxsec.audit.integrity import HistoryGuard, SignedTree
 from sandboxsec.audit.keys import AuditKeys
 from sandboxsec.audit.merkle import Frontier
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
@@ -51,19 +56,28 @@ from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
 __all__ = ["AuditWriter"]
 
+_log = structlog.get_logger("sandboxsec.audit")
+
 
 class AuditWriter:
     """Appends to every log of one service and signs their checkpoints."""
 
-    def __init__(self, db: Database, clock: Clock, keys: AuditKeys, config: AuditConfig) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, keys: AuditKeys, config: AuditConfig,
+        guard: HistoryGuard,
+    ) -> None:
         self._db = db
         self._clock = clock
         self._keys = keys
         self._config = config
+        self.guard = guard
+        # Checkpoints signed by the group-commit transaction in progress (writer thread only).
+        self._unpublished: list[SignedTree] = []
         self._group = GroupCommit(
-            db, self.write, self.sign_due_checkpoints,
+            db, self._group_write, self.sign_due_checkpoints,
             sweep_seconds=config.checkpoint_seconds,
             stop_timeout=config.write_timeout_seconds,
+            after_commit=self._group_committed,
         )
 
     def append(self, record: AuditRecord, *, session: Any | None = None) -> AuditReceipt:
@@ -82,7 +96,9 @@ class AuditWriter:
         # The writer thread also signs time-based checkpoints, so start it on any append.
         self._group.ensure_started()
         try:
-            return self.write(session.connection(), records)
+            # No checkpoint is signed inside the caller's transaction: the state file can only
+            # move after a commit this code sees.  The next group commit or sweep signs.
+            return self.write(session.connection(), records, signed=None)
         except SandboxSecError:
             raise
         except SQLAlchemyError as exc:
@@ -90,8 +106,35 @@ class AuditWriter:
                 "the audit log could not record this; the action was not carried out"
             ) from exc
 
-    def write(self, conn: Connection, records: Sequence[AuditRecord]) -> list[AuditReceipt]:
-        """Sequence and insert ``records`` on ``conn`` (inside its open transaction)."""
+    def _group_write(
+        self, conn: Connection, records: Sequence[AuditRecord]
+    ) -> list[AuditReceipt]:
+        self._unpublished = []
+        return self.write(conn, records, signed=self._unpublished)
+
+    def _group_committed(self) -> None:
+        trees, self._unpublished = self._unpublished, []
+        if not trees:
+            return
+        try:
+            # Committed: now the state files may move, and the witnesses hear of it.
+            self.guard.published(trees, wait=False)
+        except Exception as exc:  # the commit stands; a state left behind is still safe
+            _log.error("audit_state_not_advanced", error=type(exc).__name__)
+
+    def write(
+        self,
+        conn: Connection,
+        records: Sequence[AuditRecord],
+        *,
+        signed: list[SignedTree] | None = None,
+    ) -> list[AuditReceipt]:
+        """Sequence and insert ``records`` on ``conn`` (inside its open transaction).
+
+        Checkpoints that come due are signed (after the guard's check) and added to
+        ``signed``, which the caller publishes once the transaction committed; with
+        ``signed=None`` none is signed.
+        """
         now = self._clock.now()
         by_log: dict[str, list[int]] = {}
         for i, r in enumerate(records):
@@ -99,11 +142,13 @@ class AuditWriter:
         receipts: list[AuditReceipt | None] = [None] * len(records)
         # Logs are locked in sorted order so two multi-log batches cannot deadlock.
         for log_id in sorted(by_log):
+            self.guard.ensure_open(log_id)
             head = lock_head(conn, log_id, now)
             frontier = Frontier.from_bytes(head.size, head.frontier)
             prev = head.last_leaf
             key = self._keys.hmac_key(log_id)
             rows = []
+            leaves: list[bytes] = []
             nodes: list[tuple[int, int, bytes]] = []
             for i in by_log[log_id]:
                 e = encode_entry(
@@ -120,6 +165,7 @@ class AuditWriter:
                     }
                 )
                 frontier.append_recording(e.leaf_hash, nodes, NODE_MIN_HEIGHT)
+                leaves.append(e.leaf_hash)
                 prev = e.leaf_hash
                 receipts[i] = AuditReceipt(log_id=log_id, seq=e.seq)
             conn.execute(INSERT_ENTRIES, rows)
@@ -135,16 +181,24 @@ class AuditWriter:
                 "new_frontier": frontier.to_bytes(),
                 "new_last_leaf": prev,
             }
-            if frontier.size - head.checkpoint_size >= self._config.checkpoint_every or (
-                now - head.checkpoint_at >= self._config.checkpoint_period
+            if signed is not None and (
+                frontier.size - head.checkpoint_size >= self._config.checkpoint_every
+                or now - head.checkpoint_at >= self._config.checkpoint_period
             ):
-                self._sign(conn, log_id, frontier, now)
+                self.guard.check(
+                    conn, log_id, head_size=head.size, head_last_leaf=head.last_leaf,
+                    new_leaves=leaves, frontier=frontier,
+                )
+                signed.append(SignedTree(log_id, self._sign(conn, log_id, frontier, now),
+                                         frontier.copy(), prev))
                 conn.execute(ADVANCE_HEAD_SIGNED, {**values, "signed_at": now})
             else:
                 conn.execute(ADVANCE_HEAD, values)
         return [r for r in receipts if r is not None]
 
-    def _sign(self, conn: Connection, log_id: str, frontier: Frontier, now: Any) -> None:
+    def _sign(
+        self, conn: Connection, log_id: str, frontier: Frontier, now: Any
+    ) -> SignedCheckpoint:
         cp = Checkpoint(self._config.origin_of(log_id), frontier.size, frontier.root())
         signed = sign_checkpoint(cp, name=self._keys.key_name,
                                  private_key=self._keys.signing_key)
@@ -158,16 +212,28 @@ class AuditWriter:
                 "created_at": now,
             },
         )
+        return signed
 
-    def checkpoint_now(self, log_id: str) -> StoredCheckpoint:
-        """The latest checkpoint, signing one first if entries were added since the last."""
+    def checkpoint_now(self, log_id: str, *, wait: bool = True) -> StoredCheckpoint:
+        """The latest checkpoint, signing one first if entries were added since the last.
+
+        With ``wait`` (a caller about to publish it) the witnesses are asked before returning;
+        otherwise in the background."""
         now = self._clock.now()
+        self.guard.ensure_open(log_id)
+        signed: list[SignedTree] = []
         try:
             with self._db.session() as s:
                 conn = s.connection()
                 head = lock_head(conn, log_id, now)
                 if head.size > head.checkpoint_size or not has_checkpoint(conn, log_id):
-                    self._sign(conn, log_id, Frontier.from_bytes(head.size, head.frontier), now)
+                    frontier = Frontier.from_bytes(head.size, head.frontier)
+                    self.guard.check(
+                        conn, log_id, head_size=head.size, head_last_leaf=head.last_leaf,
+                        new_leaves=[], frontier=frontier,
+                    )
+                    cp = self._sign(conn, log_id, frontier, now)
+                    signed.append(SignedTree(log_id, cp, frontier, head.last_leaf))
                     conn.execute(
                         update(HEADS)
                         .where(HEADS.c.id == log_id)
@@ -177,6 +243,7 @@ class AuditWriter:
             raise AuditUnavailableError("the audit log cannot be read") from exc
         latest = load_checkpoints(self._db, log_id, newest_only=True)
         assert latest
+        self.guard.publish_now(latest[0], signed, wait=wait)
         return latest[0]
 
     def sign_due_checkpoints(self) -> int:
@@ -191,9 +258,14 @@ class AuditWriter:
             )
             ids = [r[0] for r in due]
         for log_id in ids:
-            self.checkpoint_now(log_id)
+            # The writer thread runs this sweep: it must not wait for witnesses.
+            self.checkpoint_now(log_id, wait=False)
+        if self.guard.publisher is not None:
+            self.guard.publisher.refresh()
         return len(ids)
 
     def close(self) -> None:
-        """Stop the group-commit writer (pending callers get their answer first)."""
+        """Stop the group-commit writer (pending callers get their answer first), then the
+        witness submitter."""
         self._group.stop()
+        self.guard.close()

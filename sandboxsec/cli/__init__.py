@@ -1,6 +1,13 @@
 """The ``sandboxsec`` command line.  Each command group lives in its own module.
 
-Exit codes: 0 success, 1 a verification said no, 2 usage or input error.
+Exit codes (docs/operations.md):
+
+* 0 success;
+* 1 a verification said no;
+* 2 usage or input error;
+* 3 a setting is invalid (bad value, unsupported database URL);
+* 4 a service the command needs failed (database unreachable, key provider);
+* 5 the database is missing or its schema is not this version's (run ``sandboxsec migrate``).
 """
 
 from __future__ import annotations
@@ -11,12 +18,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sandboxsec.errors import SandboxSecError
+from sandboxsec import __version__
+from sandboxsec.errors import ConfigurationError, SandboxSecError
 
 __all__ = ["GROUPS", "main"]
 
 #: Command-group modules under ``sandboxsec.cli``; each has ``register(subparsers)``.
-GROUPS = ("serve", "tenant", "image", "audit", "keys", "demo")
+GROUPS = ("serve", "migrate", "tenant", "apikey", "policy", "image", "audit", "keys", "demo",
+          "witness")
+
+EXIT_OK = 0
+EXIT_VERIFICATION = 1
+EXIT_USAGE = 2
+EXIT_CONFIGURATION = 3
+EXIT_DEPENDENCY = 4
+EXIT_SCHEMA = 5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +44,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every group that is installed)."""
-    parser = _Parser(prog="sandboxsec", description=__doc__)
+    parser = _Parser(prog="sandboxsec", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sandboxsec {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs.required = True
     for name in GROUPS:
@@ -42,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: SandboxSecError) -> int:
+    """The exit code of a command that failed with ``exc`` (see the module docstring)."""
+    from sandboxsec.storage.db import DatabaseMissingError, SchemaNotCurrentError
+
+    if isinstance(exc, DatabaseMissingError | SchemaNotCurrentError):
+        return EXIT_SCHEMA
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIGURATION
+    if exc.status >= 500:
+        return EXIT_DEPENDENCY
+    return EXIT_VERIFICATION if exc.status == 422 else EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns (and, as a script, exits with) its exit code."""
     parser = build_parser()
@@ -50,9 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except SandboxSecError as exc:
         print(f"error: {exc.reason}: {exc.message}", file=sys.stderr)
-        return 1 if exc.status == 422 else 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from sqlalchemy.exc import DBAPIError
+
+        if not isinstance(exc, DBAPIError):
+            raise
+        # A database failure outside a request (connecting, a lock): one line, its own code.
+        print(f"error: database_unavailable: the database failed ({type(exc.orig).__name__})",
+              file=sys.stderr)
+        return EXIT_DEPENDENCY
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly instead of printing a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -40,13 +40,14 @@ from sandboxsec.attestation.image_errors import (
 )
 from sandboxsec.attestation.trust import TrustStore, load_crl, parse_revocations
 from sandboxsec.attestation.x509chain import load_pem_certificates
+from sandboxsec.cli._args import decimal
 from sandboxsec.cli._common import print_json
 from sandboxsec.clock import SystemClock, rfc3339
 from sandboxsec.errors import InputError, SandboxSecError
 
 __all__ = ["register"]
 
-_PCR_ARG = re.compile(r"(?:(?P<bank>[a-z0-9]+):)?(?P<index>\d{1,2})=(?P<hex>[0-9a-fA-F]+)")
+_PCR_ARG = re.compile(r"(?:(?P<bank>[a-z0-9]+):)?(?P<index>0|[1-9][0-9]?)=(?P<hex>[0-9a-fA-F]+)")
 _MAX_INPUT_FILE = 4 * 1024 * 1024
 
 
@@ -93,7 +94,7 @@ def register(subs: Any) -> None:
     when = sign.add_mutually_exclusive_group()
     when.add_argument("--expires", help="expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z)")
     when.add_argument(
-        "--valid-days", type=int, default=90, help="expiry in days from now (default 90)"
+        "--valid-days", type=decimal, default=90, help="expiry in days from now (default 90)"
     )
     sign.add_argument(
         "-o", "--output", required=True, type=Path, help="where to write the manifest"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sandboxsec.cli._args import decimal
 from sandboxsec.cli._common import open_services, print_json
 from sandboxsec.crypto.admin import KeyStatus
 
@@ -26,7 +27,7 @@ def register(subs: Any) -> None:
     w.set_defaults(handler=_rewrap)
     t = ks.add_parser("retire", help="set the minimum decryption version")
     t.add_argument("--tenant", required=True, help="tenant id or name")
-    t.add_argument("--min-version", required=True, type=int)
+    t.add_argument("--min-version", required=True, type=decimal)
     t.set_defaults(handler=_retire)
     s = ks.add_parser("status", help="show the tenant's key versions")
     s.add_argument("--tenant", required=True, help="tenant id or name")

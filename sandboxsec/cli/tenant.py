@@ -6,17 +6,20 @@ import argparse
 import sys
 from typing import Any
 
-from sandboxsec.cli._common import open_services, print_json
+from sandboxsec.cli._common import OUTPUT_FORMATS, emit, open_services, print_json
 from sandboxsec.principal import Role
 
 __all__ = ["register"]
 
 
 def register(subs: Any) -> None:
-    """Add ``tenant create`` and ``tenant key``."""
+    """Add ``tenant list``, ``tenant create``, ``tenant delete`` and ``tenant key``."""
     p = subs.add_parser("tenant", help="manage tenants")
     ts = p.add_subparsers(dest="tenant_command", metavar="SUBCOMMAND")
     ts.required = True
+    ls = ts.add_parser("list", help="list the tenants")
+    ls.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table")
+    ls.set_defaults(handler=_list)
     c = ts.add_parser("create", help="create a tenant; prints one API key per role (once)")
     c.add_argument("name")
     c.set_defaults(handler=_create)
@@ -29,6 +32,17 @@ def register(subs: Any) -> None:
     k.add_argument("--role", required=True, choices=[str(r) for r in Role])
     k.add_argument("--label", default="")
     k.set_defaults(handler=_key)
+
+
+def _list(args: argparse.Namespace) -> int:
+    services = open_services()
+    try:
+        tenants = services.tenants.list()
+    finally:
+        services.close()
+    emit([{"tenant_id": t.id, "name": t.name, "created_at": t.created_at} for t in tenants],
+         ("tenant_id", "name", "created_at"), args.output)
+    return 0
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ refused (audited) and the old one stays in force.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
@@ -27,7 +29,11 @@ class PolicyAdmin:
     """Reads, validates and replaces the tenants' policies; the source of policy texts."""
 
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
-                 engine: PolicyEngine, default_text: str) -> None:
+                 engine: PolicyEngine, default_text: str,
+                 on_change: Callable[[Principal], None] | None = None) -> None:
+        """``on_change`` runs after a new policy is stored: it decides what is in flight
+        again under it (pending requests; see policy/redecide.py)."""
+        self._on_change = on_change
         self._repo = repo
         self._clock = clock
         self._audit = audit
@@ -64,7 +70,9 @@ class PolicyAdmin:
 
         1. the text compiles (else refused with the failing line, audited);
         2. when ``base_version`` is given, it is still the version in force;
-        3. the new revision is stored as version + 1, audited in the same transaction.
+        3. the new revision is stored as version + 1, audited in the same transaction;
+        4. pending requests the new policy denies are denied (approving and using a grant
+           decide again too, so nothing in flight escapes a stricter policy).
         """
         # 1. validate before anything is stored
         try:
@@ -99,5 +107,8 @@ class PolicyAdmin:
                                      "rule_count": row.rule_count}),
                 session=tx,
             )
+        # 4. what is in flight is decided again under the new policy
+        if self._on_change is not None:
+            self._on_change(who)
         return PolicyView(who.tenant_id, row.version, row.text, row.sha256, row.rule_count,
                           False, row.created_at, row.created_by)

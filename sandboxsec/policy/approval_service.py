@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import structlog
@@ -30,21 +30,34 @@ from sandboxsec.policy.approvals import (
     effective_state,
 )
 from sandboxsec.policy.config import ApprovalConfig
-from sandboxsec.policy.errors import ApprovalExpiredError, ApprovalNotPendingError
+from sandboxsec.policy.errors import (
+    ApprovalExpiredError,
+    ApprovalNotPendingError,
+    ApprovalPolicyDeniedError,
+)
 from sandboxsec.policy.grant_service import GrantIssuer
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.target import canonical_domain, resolve_target
 from sandboxsec.policy.views import ApprovalView, approval_view
 from sandboxsec.policy.wakeup import Wakeups
 from sandboxsec.principal import Principal, Role
 
-__all__ = ["ApprovalService", "Listener", "login_domain", "normalize_domain"]
+if TYPE_CHECKING:
+    from sandboxsec.policy.in_force import PolicyInForce
+
+__all__ = ["POLICY_DECIDER", "ApprovalService", "Listener", "login_domain", "normalize_domain"]
 
 log = structlog.get_logger("sandboxsec.policy")
 
 # When no SQLite recheck applies (PostgreSQL), waiters still re-read this often in case a
 # notification was lost while the listener reconnected.
 _PG_SAFETY_RECHECK = 10.0
+#: ``decided_by`` of a request denied because the policy in force denies it.
+POLICY_DECIDER = "policy"
+#: Pending requests one policy change re-decides at once (each tenant holds at most 10 per
+#: live session; the rest are caught when approved).
+_SWEEP_LIMIT = 10_000
 
 
 class Listener(Protocol):
@@ -60,19 +73,22 @@ class Listener(Protocol):
 
 
 def normalize_domain(value: str) -> str:
-    """A domain name as rules and the login-domain table compare it."""
-    return value.strip().rstrip(".").lower()
+    """A domain name as rules and the login-domain table compare it (its canonical form,
+    :func:`~sandboxsec.policy.target.canonical_domain`; the value as given when it has none)."""
+    try:
+        return canonical_domain(value)
+    except SandboxSecError:
+        return value
 
 
 def login_domain(row: ApprovalRequest) -> str | None:
     """The domain a login request logs in to (None for other actions)."""
     if row.action != "login":
         return None
-    params = json.loads(row.params_json)
-    if isinstance(params, dict) and isinstance(params.get("domain"), str):
-        return normalize_domain(params["domain"])
-    kind, sep, value = row.resource.partition(":")
-    return normalize_domain(value) if sep and kind == "domain" else None
+    try:
+        return resolve_target(row.action, row.resource, json.loads(row.params_json)).value
+    except SandboxSecError:
+        return None
 
 
 class ApprovalService:
@@ -80,9 +96,12 @@ class ApprovalService:
 
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
                  grants: GrantIssuer, wakeups: Wakeups, config: ApprovalConfig,
-                 listener_factory: Callable[[], Listener] | None = None) -> None:
+                 listener_factory: Callable[[], Listener] | None = None,
+                 in_force: PolicyInForce | None = None) -> None:
         """``listener_factory`` is given when other processes can announce changes
-        (PostgreSQL); without it, waiters re-read at ``config.recheck_seconds``."""
+        (PostgreSQL); without it, waiters re-read at ``config.recheck_seconds``.
+        ``in_force`` decides a request again under the policy in force when it is approved
+        (see policy/redecide.py)."""
         self._repo = repo
         self._clock = clock
         self._audit = audit
@@ -90,6 +109,7 @@ class ApprovalService:
         self.wakeups = wakeups
         self._config = config
         self._listener_factory = listener_factory
+        self._in_force = in_force
         self._listener: Listener | None = None
         self._listener_lock = threading.Lock()
 
@@ -112,6 +132,51 @@ class ApprovalService:
             self._repo.announce(tx, row.id)
             row.state = ApprovalState.EXPIRED.value
         return won
+
+    def _policy_deny(self, tx: Tx, who: Principal, row: ApprovalRequest, now: datetime,
+                     why: str) -> bool:
+        """Deny a pending request the policy in force denies (conditional, audited)."""
+        won = self._repo.decide_approval(tx, row.tenant_id, row.id, ApprovalState.DENIED, now,
+                                         POLICY_DECIDER, None)
+        if won:
+            self._audit.append(
+                AuditRecord.by(who, AuditEvent.APPROVAL_DENY, "denied",
+                               reason=ApprovalPolicyDeniedError.code,
+                               object_ids={"approval_id": row.id, "session_id": row.session_id},
+                               body={"params_hash": row.params_hash, "message": why[:500]}),
+                session=tx,
+            )
+            self._repo.announce(tx, row.id)
+            row.state, row.decided_at, row.decided_by = (ApprovalState.DENIED.value, now,
+                                                         POLICY_DECIDER)
+        return won
+
+    def sweep_pending(self, who: Principal) -> None:
+        """After a policy change: deny every pending request the new policy denies.
+
+        Approving decides again too (``decide``), so this sweep only makes the change
+        visible at once (lists, waiting agents); if it fails, nothing gets approved that the
+        policy denies.
+        """
+        if self._in_force is None:
+            return
+        now = self._clock.now()
+        denied: list[str] = []
+        try:
+            rows = self._repo.list_approvals(who.tenant_id, state=ApprovalState.PENDING,
+                                             session_id=None, limit=_SWEEP_LIMIT, now=now)
+            with self._repo.transaction() as tx:
+                for row in rows:
+                    why = self._in_force.approval_refusal(tx, row)
+                    if why is not None and self._policy_deny(tx, who, row, now, why):
+                        denied.append(row.id)
+        except SandboxSecError as exc:
+            log.warning("policy_sweep_failed", reason=exc.reason)
+            return
+        for approval_id in denied:
+            self.wakeups.notify(approval_id)
+        if denied:
+            log.info("policy_sweep", denied=len(denied))
 
     def list_approvals(self, who: Principal, *, state: ApprovalState | None = None,
                        session_id: str | None = None, limit: int = 50) -> list[ApprovalView]:
@@ -154,6 +219,8 @@ class ApprovalService:
                shown_params_hash: str) -> ApprovalView:
         """The approver approves or denies exactly what they were shown.
 
+        0. an approval is decided again under the policy in force now: if it denies the
+           request, the request is denied (``approval_policy_denied``);
         1. the request is this tenant's (404 otherwise), pending and not expired;
         2. ``shown_params_hash`` equals the request's;
         3. the state changes with a conditional update on ``pending``: of two concurrent
@@ -167,13 +234,20 @@ class ApprovalService:
         with self._repo.transaction() as tx:
             # 1.-2. pure checks on the current row
             row = self._repo.approval(tx, who.tenant_id, approval_id)
+            if (event is ApprovalEvent.APPROVE and self._in_force is not None
+                    and row.state == ApprovalState.PENDING.value and now < row.expires_at):
+                # 0. the policy in force now still lets a person approve this
+                why = self._in_force.approval_refusal(tx, row)
+                if why is not None:
+                    self._policy_deny(tx, who, row, now, why)
+                    refused = ApprovalPolicyDeniedError(why)
             try:
                 new_state = check_decision(
                     state=ApprovalState(row.state), event=event, expires_at=row.expires_at,
                     now=now, shown_params_hash=shown_params_hash, params_hash=row.params_hash,
                 )
             except SandboxSecError as exc:
-                refused = exc
+                refused = refused or exc
                 if isinstance(exc, ApprovalExpiredError):
                     self._expire(tx, who, row, now)
             if refused is None:

@@ -21,10 +21,10 @@ from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock, rfc3339
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.ids import new_id
-from sandboxsec.policy.approval_service import normalize_domain
 from sandboxsec.policy.approvals import ApprovalState
-from sandboxsec.policy.canonical import canonical_json, params_hash, parse_amount, short_code
+from sandboxsec.policy.canonical import canonical_json, params_hash, short_code
 from sandboxsec.policy.config import PolicyConfig
+from sandboxsec.policy.context import action_context, session_facts
 from sandboxsec.policy.engine import ActionContext, Decision, Outcome, PolicyEngine
 from sandboxsec.policy.errors import (
     ActionInvalidError,
@@ -44,9 +44,6 @@ __all__ = ["MAX_PENDING_PER_SESSION", "ApprovalNotifier", "DecisionService", "Po
 log = structlog.get_logger("sandboxsec.policy")
 
 _ACTION = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_RESOURCE_KINDS = ("app", "domain", "payee")
-_MAX_RESOURCE = 512
 #: Pending approval requests one session may have open at once.  A flood of requests is how
 #: an agent wears a person down until they approve without reading (approval fatigue).
 MAX_PENDING_PER_SESSION = 10
@@ -72,14 +69,6 @@ class ApprovalNotifier(Protocol):
         ...
 
 
-def _text_field(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_RESOURCE:
-        raise ActionInvalidError(f"{name} must be a non-empty string of at most 512 characters")
-    if not value.isprintable():
-        raise ActionInvalidError(f"{name} must not contain control characters")
-    return value
-
-
 class DecisionService:
     """Decides agent actions for every tenant."""
 
@@ -103,46 +92,9 @@ class DecisionService:
 
     def _context(self, who: Principal, session: AgentSession, action: str, resource: str,
                  params: Mapping[str, Any]) -> ActionContext:
-        attrs: dict[str, str] = {}
-        kind, sep, value = resource.partition(":")
-        if sep and kind in _RESOURCE_KINDS:
-            attrs[kind] = normalize_domain(value) if kind == "domain" else value
-        for name in _RESOURCE_KINDS:
-            if name not in params:
-                continue
-            given = _text_field(f"params.{name}", params[name])
-            if name == "domain":
-                given = normalize_domain(given)
-            # The resource and the params must not tell two stories: rules read one, the
-            # downstream executes the other.
-            if name in attrs and attrs[name] != given:
-                raise ActionInvalidError(f"resource names {name} {attrs[name]!r} "
-                                         f"but params.{name} is {given!r}")
-            attrs[name] = given
-        amount = parse_amount(params["amount"]) if "amount" in params else None
-        currency = params.get("currency")
-        if currency is not None and (not isinstance(currency, str)
-                                     or not _CURRENCY.fullmatch(currency)):
-            raise ActionInvalidError("currency must be an ISO 4217 code such as \"EUR\"")
-        if action == "payment" and (amount is None or currency is None):
-            raise ActionInvalidError("a payment needs params.amount and params.currency")
-        if action == "login" and "domain" not in attrs:
-            raise ActionInvalidError("a login needs a domain (resource domain:<name>)")
-        return ActionContext(
-            tenant_id=who.tenant_id,
-            role=str(who.role),
-            session_id=session.id,
-            attested=bool(session.attested),
-            image_name=session.image_name,
-            image_digest=session.image_digest,
-            action=action,
-            resource=resource,
-            amount=amount,
-            currency=currency,
-            app=attrs.get("app"),
-            domain=attrs.get("domain"),
-            payee=attrs.get("payee"),
-        )
+        return action_context(tenant_id=who.tenant_id, role=str(who.role),
+                              session=session_facts(session), action=action,
+                              resource=resource, params=params)
 
     def request_action(self, who: Principal, *, session_id: str, action: str, resource: str,
                        params: Mapping[str, Any]) -> ActionResult:
@@ -158,7 +110,6 @@ class DecisionService:
         # 1. input
         if not isinstance(action, str) or not _ACTION.fullmatch(action):
             raise ActionInvalidError("action must match [a-z][a-z0-9_.-]{0,63}")
-        resource = _text_field("resource", resource)
         canonical = canonical_json(params)
         p_hash = params_hash(params)
         code = short_code(p_hash)
@@ -191,9 +142,11 @@ class DecisionService:
                 # 4. persist (an agent retrying asks the approver once; a flood is refused)
                 existing: ApprovalRequest | None = None
                 if decision.outcome is Outcome.APPROVAL_REQUIRED:
+                    # The count and the insert below are one atomic step.
+                    self._repo.lock_session(tx, who.tenant_id, session.id)
                     pending = self._repo.pending_approvals(tx, who.tenant_id, session.id, now)
                     existing = next((p for p in pending if (p.action, p.resource, p.params_hash)
-                                     == (action, resource, p_hash)), None)
+                                     == (action, ctx.resource, p_hash)), None)
                     if existing is None and len(pending) >= MAX_PENDING_PER_SESSION:
                         refused = ApprovalPendingLimitError(
                             f"this session already has {len(pending)} pending approval requests"
@@ -284,7 +237,8 @@ class DecisionService:
                 body={"action": ctx.action, "params_hash": p_hash}))
         self._audit.append_many(batch, session=tx)
         return ActionResult(decision, p_hash, code, approval, grant, grant_expires,
-                            new_approval=approval is not None and existing is None)
+                            new_approval=approval is not None and existing is None,
+                            resource=ctx.resource)
 
     def _send_webhook(self, who: Principal, approval: ApprovalView) -> None:
         if self._notifier is None:

@@ -32,6 +32,7 @@ import casbin
 
 from sandboxsec.policy.canonical import parse_amount
 from sandboxsec.policy.errors import AmountInvalidError, PolicyInvalidError, PolicyTooLargeError
+from sandboxsec.policy.rulevalues import check_line, check_resource_pattern, check_str_value
 
 __all__ = [
     "DEFAULT_RULE_ID",
@@ -130,7 +131,6 @@ _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _ACTION = re.compile(r"\*|[a-z][a-z0-9_.-]{0,63}")
 _RESOURCE_PATTERN = re.compile(r"[^\s,]{1,256}")
 _STR_VALUE = re.compile(r"[^\s,|]{1,256}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +191,7 @@ class Rule:
         )
 
 
-def _parse_value(attr_type: str, op: str, raw: str, line: int) -> Any:
+def _parse_value(attr: str, attr_type: str, op: str, raw: str, line: int) -> Any:
     if attr_type == "bool":
         if raw not in ("true", "false"):
             raise PolicyInvalidError(f"expected true or false, got {raw!r}", line=line)
@@ -205,9 +205,12 @@ def _parse_value(attr_type: str, op: str, raw: str, line: int) -> Any:
         items = raw.split("|")
         if not all(_STR_VALUE.fullmatch(i) for i in items):
             raise PolicyInvalidError(f"bad value list {raw!r} (use A|B|C)", line=line)
+        for item in items:
+            check_str_value(attr, item, line)
         return frozenset(items)
     if not _STR_VALUE.fullmatch(raw):
         raise PolicyInvalidError(f"bad value {raw!r}", line=line)
+    check_str_value(attr, raw, line)
     return raw
 
 
@@ -233,7 +236,7 @@ def _parse_condition(text: str, line: int) -> tuple[_Clause, ...]:
             raise PolicyInvalidError(
                 f"operator {op!r} does not apply to {attr_type} attribute {attr!r}", line=line
             )
-        clauses.append(_Clause(attr, op, _parse_value(attr_type, op, raw, line)))
+        clauses.append(_Clause(attr, op, _parse_value(attr, attr_type, op, raw, line)))
     return tuple(clauses)
 
 
@@ -242,9 +245,10 @@ def _parse_rules(text: str) -> list[Rule]:
         raise PolicyTooLargeError(f"policy text is larger than {MAX_POLICY_BYTES} bytes")
     rules: list[Rule] = []
     seen: dict[str, int] = {}
-    for number, raw_line in enumerate(text.splitlines(), start=1):
-        if _CONTROL.search(raw_line):
-            raise PolicyInvalidError("control characters are not allowed", line=number)
+    # Split on \n only: any other separator is refused on its line (check_line), so no rule
+    # can hide inside what an editor shows as a comment.
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        check_line(raw_line, number)
         line = raw_line.strip()
         if not line or line.startswith("#"):
             continue
@@ -273,6 +277,7 @@ def _parse_rules(text: str) -> list[Rule]:
             raise PolicyInvalidError(f"bad action {action!r}", line=number)
         if not _RESOURCE_PATTERN.fullmatch(resource):
             raise PolicyInvalidError(f"bad resource pattern {resource!r}", line=number)
+        check_resource_pattern(resource, number)
         # 3. condition and decision
         clauses = _parse_condition(condition, number)
         try:

@@ -17,11 +17,14 @@ from sandboxsec.errors import (
 __all__ = [
     "ActionInvalidError",
     "ActionSessionExpiredError",
+    "ActionTargetConflictError",
+    "ActionTargetInvalidError",
     "AmountInvalidError",
     "ApprovalExpiredError",
     "ApprovalHashMismatchError",
     "ApprovalNotPendingError",
     "ApprovalPendingLimitError",
+    "ApprovalPolicyDeniedError",
     "GrantActionMismatchError",
     "GrantAlreadyUsedError",
     "GrantExpiredError",
@@ -29,10 +32,12 @@ __all__ = [
     "GrantMalformedError",
     "GrantNotFoundError",
     "GrantParamsMismatchError",
+    "GrantPolicyDeniedError",
     "GrantResourceMismatchError",
     "GrantSessionEndedError",
     "GrantSignatureInvalidError",
     "ParamsNotCanonicalError",
+    "ParamsTextUnsafeError",
     "ParamsTooLargeError",
     "PolicyInvalidError",
     "PolicyTooLargeError",
@@ -62,6 +67,27 @@ class ActionInvalidError(InputError):
     """The action, resource or a required parameter of the action is missing or malformed."""
 
     code = "action_invalid"
+
+
+class ActionTargetInvalidError(ActionInvalidError):
+    """The action's target (domain, payee, app) has no canonical form: not a valid domain
+    name, whitespace, percent-encoding, mixed scripts, or an id not written in canonical form."""
+
+    code = "action_target_invalid"
+
+
+class ActionTargetConflictError(ActionInvalidError):
+    """The resource and the params name different targets (or more than one kind of target);
+    an action has exactly one."""
+
+    code = "action_target_conflict"
+
+
+class ParamsTextUnsafeError(ParamsNotCanonicalError):
+    """A param (name or value) holds a character that does not display as itself: a bidi
+    control, an invisible or zero-width character, a line separator, a look-alike space."""
+
+    code = "params_text_unsafe"
 
 
 class ActionSessionExpiredError(ConflictError):
@@ -104,6 +130,13 @@ class ApprovalPendingLimitError(ConflictError):
     code = "approval_pending_limit"
 
 
+class ApprovalPolicyDeniedError(ConflictError):
+    """The policy in force now denies this request (it changed since the request was made);
+    it can no longer be approved."""
+
+    code = "approval_policy_denied"
+
+
 class ApprovalExpiredError(ConflictError):
     """The approval request expired before it was decided."""
 
@@ -117,7 +150,7 @@ class ApprovalHashMismatchError(VerificationError):
 
 
 class GrantMalformedError(VerificationError):
-    """The grant token is not a well-formed ``sgr1`` token."""
+    """The grant token is not a well-formed grant (compact JWS, or the legacy ``sgr1`` form)."""
 
     code = "grant_malformed"
 
@@ -150,6 +183,13 @@ class GrantParamsMismatchError(VerificationError):
     """The params differ from the ones the grant was issued for."""
 
     code = "grant_params_mismatch"
+
+
+class GrantPolicyDeniedError(VerificationError):
+    """The policy in force now denies this action (or requires a person's approval for a grant
+    issued without one): the grant no longer verifies."""
+
+    code = "grant_policy_denied"
 
 
 class GrantActionMismatchError(VerificationError):

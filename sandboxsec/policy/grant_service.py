@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -24,6 +24,7 @@ from sandboxsec.policy.config import GrantConfig
 from sandboxsec.policy.errors import (
     GrantAlreadyUsedError,
     GrantNotFoundError,
+    GrantPolicyDeniedError,
     GrantSessionEndedError,
     GrantSignatureInvalidError,
 )
@@ -31,10 +32,14 @@ from sandboxsec.policy.grants import GrantClaims, check_grant, decode_grant, enc
 from sandboxsec.policy.models import GrantRecord
 from sandboxsec.policy.repository import PolicyRepository, Tx
 from sandboxsec.policy.signing import GrantSigner
+from sandboxsec.policy.target import resolve_target
 from sandboxsec.policy.views import GrantVerdict
 from sandboxsec.policy.wakeup import Wakeups
 from sandboxsec.principal import Principal
 from sandboxsec.sessions.liveness import is_live
+
+if TYPE_CHECKING:
+    from sandboxsec.policy.in_force import PolicyInForce
 
 __all__ = ["GrantIssuer", "GrantService", "grant_ids"]
 
@@ -57,6 +62,17 @@ class GrantIssuer(Protocol):
         ...
 
 
+def _canonical_resource(action: str, resource: str | None, params: Mapping[str, Any]
+                        ) -> str | None:
+    """The canonical form of a resource a downstream names (grants hold canonical ones)."""
+    if resource is None:
+        return None
+    try:
+        return resolve_target(action, resource, params).resource
+    except SandboxSecError:
+        return resource  # compared as given: it cannot equal a canonical one
+
+
 def grant_ids(claims: GrantClaims) -> dict[str, str]:
     """The audit object ids of a grant."""
     ids = {"grant_id": claims.grant_id, "session_id": claims.session_id}
@@ -69,7 +85,11 @@ class GrantService:
     """Issues grants, signs their tokens, and verifies and spends them: valid once."""
 
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
-                 signer: GrantSigner, wakeups: Wakeups, config: GrantConfig) -> None:
+                 signer: GrantSigner, wakeups: Wakeups, config: GrantConfig,
+                 in_force: PolicyInForce | None = None) -> None:
+        """``in_force`` decides a grant's action again under the policy in force when the
+        grant is used (see policy/redecide.py)."""
+        self._in_force = in_force
         self._repo = repo
         self._clock = clock
         self._audit = audit
@@ -123,7 +143,9 @@ class GrantService:
         1. the token parses and its signature verifies;
         2. it is this tenant's grant;
         3. not expired, same action, params hash to the granted params_hash, same resource;
-        4. the grant exists, its session is still live, and it was not used: marked used with a
+        4. the grant exists, its session is still live, the policy in force now still allows
+           the action (a stricter policy revokes what it no longer allows), and it was not
+           used: marked used with a
            conditional update, so of two concurrent uses exactly one wins; its approval
            becomes ``consumed``.
         """
@@ -140,7 +162,7 @@ class GrantService:
                 raise GrantNotFoundError("no such grant")
             # 3. binding
             check_grant(claims, now=now, action=action, params_hash=params_hash(params),
-                        resource=resource)
+                        resource=_canonical_resource(action, resource, params))
             # 4. single use
             with self._repo.transaction() as tx:
                 record = self._repo.grant(tx, who.tenant_id, claims.grant_id)
@@ -155,6 +177,11 @@ class GrantService:
                     session = None
                 if session is None or not is_live(session, now):
                     raise GrantSessionEndedError("the grant's session has ended")
+                # The policy in force now still allows it (see policy/redecide.py).
+                if self._in_force is not None:
+                    why = self._in_force.grant_refusal(tx, record, session, params)
+                    if why is not None:
+                        raise GrantPolicyDeniedError(why)
                 if not self._repo.use_grant(tx, who.tenant_id, record.id, now, who.key_id):
                     raise GrantAlreadyUsedError("this grant was used already")
                 if record.approval_id is not None:

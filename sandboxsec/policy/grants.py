@@ -1,15 +1,22 @@
 """Grant tokens: Ed25519-signed, single-use permission for one exact action.
 
-Format (documented in ``docs/policy.md`` so a downstream can check it offline)::
+Format (documented in ``docs/policy.md`` so a downstream can check it offline with any JOSE
+library): a compact JWS (RFC 7515), ``base64url(header).base64url(payload).base64url(sig)``,
+unpadded base64url, where
 
-    sgr1.<base64url(payload)>.<base64url(signature)>
+* ``header`` is ``{"alg":"EdDSA","kid":<kid>,"typ":"sandboxsec-grant+jws"}``;
+* ``payload`` is the canonical JSON (see :mod:`sandboxsec.policy.canonical`, RFC 8785) of an
+  object with the members ``v`` (2), ``iss`` (``urn:sandboxsec``), ``aud``
+  (``urn:sandboxsec:grant``), ``gid`` (grant id), ``tid`` (tenant), ``sid`` (session),
+  ``act`` (action), ``res`` (resource), ``ph`` (params_hash), ``aid`` (approval id or null),
+  ``iat`` and ``exp`` (RFC 3339 UTC strings) and ``kid`` (signing key id, equal to the
+  header's);
+* the signature is Ed25519 over the ASCII bytes ``header.payload`` (standard JWS).
 
-``payload`` is the canonical JSON (see :mod:`sandboxsec.policy.canonical`) of an object with
-the members ``v`` (1), ``gid`` (grant id), ``tid`` (tenant), ``sid`` (session), ``act``
-(action), ``res`` (resource), ``ph`` (params_hash), ``aid`` (approval id or null), ``iat`` and
-``exp`` (RFC 3339 UTC) and ``kid`` (signing key id).  The signature is Ed25519 over the ASCII
-bytes ``sgr1.<base64url(payload)>``; base64url is unpadded.  ``kid`` is the first 16 hex
-characters of SHA-256 over the raw 32-byte public key.
+``kid`` is the first 16 hex characters of SHA-256 over the raw 32-byte public key; the keys
+are published as a JWK Set at ``GET /v1/grants/jwks``.  The previous form,
+``sgr1.<base64url(payload)>.<base64url(signature)>`` with ``v`` 1 and no ``iss``/``aud``, is
+still accepted by :func:`decode_grant` (grants live minutes) but no longer issued.
 
 A signature alone never makes a grant usable: single use is enforced by the service, which
 marks the grant used in the database (``POST /v1/grants/verify``).
@@ -17,12 +24,9 @@ marks the grant used in the database (``POST /v1/grants/verify``).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +36,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from sandboxsec import jose
 from sandboxsec.clock import rfc3339
+from sandboxsec.encoding import b64url_decode_strict
 from sandboxsec.policy.canonical import canonical_json
 from sandboxsec.policy.errors import (
     GrantActionMismatchError,
@@ -46,7 +52,9 @@ from sandboxsec.policy.errors import (
 )
 
 __all__ = [
+    "AUDIENCE",
     "GRANT_PREFIX",
+    "GRANT_TYP",
     "MAX_TOKEN_CHARS",
     "GrantClaims",
     "check_grant",
@@ -55,10 +63,13 @@ __all__ = [
     "key_id",
 ]
 
-GRANT_PREFIX = "sgr1"
+GRANT_PREFIX = "sgr1"  # the legacy form, still decoded
+GRANT_TYP = "sandboxsec-grant+jws"
+#: ``aud`` of grants (attestation tokens carry another, so neither passes for the other).
+AUDIENCE = "urn:sandboxsec:grant"
 MAX_TOKEN_CHARS = 4096
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
-_FIELDS = {"v", "gid", "tid", "sid", "act", "res", "ph", "aid", "iat", "exp", "kid"}
+_FIELDS_V1 = frozenset({"v", "gid", "tid", "sid", "act", "res", "ph", "aid", "iat", "exp", "kid"})
+_FIELDS = _FIELDS_V1 | {"iss", "aud"}
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -83,8 +94,11 @@ class GrantClaims:
     key_id: str
 
     def payload(self) -> dict[str, Any]:
+        """The JWS payload members (version 2)."""
         return {
-            "v": 1,
+            "v": 2,
+            "iss": jose.ISSUER,
+            "aud": AUDIENCE,
             "gid": self.grant_id,
             "tid": self.tenant_id,
             "sid": self.session_id,
@@ -98,26 +112,19 @@ class GrantClaims:
         }
 
 
-def _b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _b64d(text: str) -> bytes:
-    if not _B64URL.fullmatch(text):
-        raise GrantMalformedError("grant token segments must be unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise GrantMalformedError("grant token segment is not base64url") from None
+        return b64url_decode_strict(text)
+    except ValueError:
+        raise GrantMalformedError("grant token segments must be canonical base64url") from None
 
 
 def encode_grant(claims: GrantClaims, private_key: Ed25519PrivateKey) -> str:
-    """The signed token for ``claims`` (deterministic: Ed25519 signatures are)."""
+    """The signed compact JWS for ``claims`` (deterministic: Ed25519 signatures are)."""
     if claims.key_id != key_id(private_key.public_key()):
         raise ValueError("claims.key_id does not name this signing key")
-    signing_input = f"{GRANT_PREFIX}.{_b64e(canonical_json(claims.payload()))}"
-    signature = private_key.sign(signing_input.encode("ascii"))
-    return f"{signing_input}.{_b64e(signature)}"
+    header = {"alg": jose.ALG, "kid": claims.key_id, "typ": GRANT_TYP}
+    return jose.sign_compact(header, canonical_json(claims.payload()), private_key)
 
 
 def _parse_time(value: Any) -> datetime:
@@ -137,25 +144,61 @@ def decode_grant(token: str, public_keys: Mapping[str, Ed25519PublicKey]) -> Gra
 
     Checks, in order:
 
-    1. shape: ``sgr1.<payload>.<signature>``, bounded length, base64url segments;
-    2. payload: canonical JSON object with exactly the documented members;
-    3. the signing key is one of ``public_keys`` and the signature verifies.
+    1. shape: a compact JWS (or the legacy ``sgr1.<payload>.<signature>``), bounded length,
+       canonical base64url segments;
+    2. the header: ``alg`` EdDSA only, no ``crit``, ``typ`` a grant, a ``kid`` of
+       ``public_keys``; and the signature verifies;
+    3. payload: canonical JSON object with exactly the documented members, ``iss`` and
+       ``aud`` this service's grants, and the same ``kid`` as the header.
     """
     # 1. shape
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
         raise GrantMalformedError("grant token is missing or too long")
+    if token.startswith(GRANT_PREFIX + "."):
+        return _decode_sgr1(token, public_keys)
+    # 2. header and signature
+    try:
+        header, payload_bytes = jose.verify_compact(token, public_keys, max_chars=MAX_TOKEN_CHARS)
+    except jose.JwsError as exc:
+        if exc.kind == "malformed":
+            raise GrantMalformedError(f"grant token refused: {exc.reason}") from None
+        raise GrantSignatureInvalidError(f"grant refused: {exc.reason}") from None
+    if header.get("typ") != GRANT_TYP:
+        raise GrantMalformedError("the JWS is not a grant (typ)")
+    # 3. payload
+    payload = _payload(payload_bytes, version=2, members=_FIELDS)
+    if payload["iss"] != jose.ISSUER or payload["aud"] != AUDIENCE:
+        raise GrantMalformedError("the grant's issuer or audience is not this service's grants")
+    if payload["kid"] != header["kid"]:
+        raise GrantMalformedError("the grant's kid differs from its header's")
+    return _claims(payload)
+
+
+def _decode_sgr1(token: str, public_keys: Mapping[str, Ed25519PublicKey]) -> GrantClaims:
+    """The legacy ``sgr1`` form: the same checks, the signature over ``sgr1.<payload>``."""
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != GRANT_PREFIX:
+    if len(parts) != 3:
         raise GrantMalformedError("grant token must look like sgr1.<payload>.<signature>")
     payload_bytes = _b64d(parts[1])
     signature = _b64d(parts[2])
-    # 2. payload
+    payload = _payload(payload_bytes, version=1, members=_FIELDS_V1)
+    public_key = public_keys.get(payload["kid"])
+    if public_key is None:
+        raise GrantSignatureInvalidError("grant is signed by an unknown key")
+    try:
+        public_key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"))
+    except InvalidSignature:
+        raise GrantSignatureInvalidError("grant signature does not verify") from None
+    return _claims(payload)
+
+
+def _payload(payload_bytes: bytes, *, version: int, members: frozenset[str]) -> dict[str, Any]:
     try:
         payload = json.loads(payload_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise GrantMalformedError("grant payload is not JSON") from None
-    if not isinstance(payload, dict) or set(payload) != _FIELDS or payload.get("v") != 1:
-        raise GrantMalformedError("grant payload does not have the version 1 members")
+    if not isinstance(payload, dict) or set(payload) != members or payload.get("v") != version:
+        raise GrantMalformedError(f"grant payload does not have the version {version} members")
     try:
         canonical = canonical_json(payload)
     except (ParamsNotCanonicalError, ParamsTooLargeError):
@@ -167,14 +210,10 @@ def decode_grant(token: str, public_keys: Mapping[str, Ed25519PublicKey]) -> Gra
         payload["aid"] is None or isinstance(payload["aid"], str)
     ):
         raise GrantMalformedError("grant payload members have the wrong types")
-    # 3. signature
-    public_key = public_keys.get(payload["kid"])
-    if public_key is None:
-        raise GrantSignatureInvalidError("grant is signed by an unknown key")
-    try:
-        public_key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"))
-    except InvalidSignature:
-        raise GrantSignatureInvalidError("grant signature does not verify") from None
+    return payload
+
+
+def _claims(payload: Mapping[str, Any]) -> GrantClaims:
     return GrantClaims(
         grant_id=payload["gid"],
         tenant_id=payload["tid"],

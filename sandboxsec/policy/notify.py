@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import structlog
 
+from sandboxsec.encoding import ascii_int
+
 __all__ = ["WebhookNotifier", "sign", "verify_signature"]
 
 log = structlog.get_logger("sandboxsec.policy")
@@ -47,9 +49,13 @@ def verify_signature(
     tolerance_seconds: int = 300,
 ) -> bool:
     """True when ``signature`` is ours for ``body`` and ``timestamp`` is recent."""
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > tolerance_seconds:
+    try:
+        sent = ascii_int(timestamp)  # str.isdigit() would pass "²", and int() then raise
+    except ValueError:
         return False
-    return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
+    if abs(now - sent) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(sign(secret, sent, body), signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from sandboxsec.policy.models import ApprovalRequest, GrantRecord, LoginDomain, 
 from sandboxsec.policy.wakeup import CHANNEL
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.storage.db import Database
+from sandboxsec.storage.locks import lock_row
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
 
 __all__ = ["PolicyRepository", "SqlPolicyRepository", "Tx"]
@@ -77,6 +78,11 @@ class PolicyRepository(Protocol):
     # -- approval requests
     def approval(self, tx: Tx, tenant_id: str, approval_id: str) -> ApprovalRequest:
         """The tenant's approval request (``NotFoundError`` otherwise)."""
+        ...
+
+    def lock_session(self, tx: Tx, tenant_id: str, session_id: str) -> None:
+        """Hold the session until ``tx`` ends, so a count of its pending requests and the
+        insert it allows are one atomic step (``storage.locks.lock_row``)."""
         ...
 
     def pending_approvals(self, tx: Tx, tenant_id: str, session_id: str, now: datetime
@@ -213,6 +219,10 @@ class SqlPolicyRepository:
     def approval(self, tx: Session, tenant_id: str, approval_id: str) -> ApprovalRequest:
         """The tenant's approval request (``NotFoundError`` otherwise)."""
         return get_scoped(tx, ApprovalRequest, tenant_id, approval_id, what="approval")
+
+    def lock_session(self, tx: Session, tenant_id: str, session_id: str) -> None:
+        """Hold the session row until ``tx`` ends (both databases: see ``lock_row``)."""
+        lock_row(tx, AgentSession, tenant_id, session_id)
 
     def pending_approvals(self, tx: Session, tenant_id: str, session_id: str, now: datetime
                           ) -> list[ApprovalRequest]:

@@ -67,6 +67,8 @@ class ActionResult:
     grant_expires_at: datetime | None
     #: False when an identical pending request was answered instead of opening a new one
     new_approval: bool = False
+    #: the canonical resource the policy decided on (see policy/target.py)
+    resource: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,15 @@ Typical use inside a sandbox::
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
 import httpx
+
+from sandboxsec.clock import Clock, SystemClock
+from sandboxsec.sessions import dpop
 
 __all__ = [
     "AgentClient",
@@ -72,6 +76,18 @@ class Attester(Protocol):
 
     def event_log(self) -> bytes | None:
         """The TCG event log of the boot, if the platform keeps one."""
+        ...
+
+    def new_session_key(self) -> bytes:
+        """Create a fresh TPM-held session key; its marshalled ``TPM2B_PUBLIC``."""
+        ...
+
+    def certify_session_key(self, nonce: bytes) -> tuple[bytes, bytes]:
+        """TPM2_Certify of the session key by the AK over ``nonce``."""
+        ...
+
+    def sign_session(self, message: bytes) -> bytes:
+        """The session key's ES256 signature of ``message``: raw ``r || s``."""
         ...
 
 
@@ -162,12 +178,18 @@ class ApiClient:
     """JSON over HTTP with one API key; non-2xx answers raise :class:`ApiError`."""
 
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float = 30.0,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx.Client | None = None, clock: Clock | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
         self._http = client if client is not None else httpx.Client(timeout=timeout)
         # The key travels only in this header; it is never part of a URL or an error.
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key
+        self._clock: Clock = clock or SystemClock()  # a proof's iat
+        # The session key: a signer (the TPM) and its public JWK, once a session key exists.
+        self.session_signer: dpop.Signer | None = None
+        self.session_jwk: dict[str, str] | None = None
+        self.session_id: str | None = None  # the session started last
 
     def close(self) -> None:
         if self._owns_client:
@@ -181,19 +203,46 @@ class ApiClient:
 
     def response(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> httpx.Response:
-        """The raw answer (no status check), for callers that read refusals themselves."""
-        kwargs: dict[str, Any] = {"headers": self._headers, "params": params}
+                 timeout: float | None = None, session: str | None = None) -> httpx.Response:
+        """The raw answer (no status check), for callers that read refusals themselves.
+
+        With ``session``, the request carries a ``DPoP`` proof for that session (or for the
+        attestation id, when starting one) signed by the session key.
+        """
+        headers = dict(self._headers)
+        kwargs: dict[str, Any] = {"params": params}
+        body = b""
         if json is not None:
-            kwargs["json"] = json
+            # Serialised here, so the proof hashes exactly the bytes sent.
+            body = _json_bytes(json)
+            kwargs["content"] = body
+            headers["Content-Type"] = "application/json"
         if timeout is not None:
             kwargs["timeout"] = timeout
-        return self._http.request(method, f"{self.base_url}{path}", **kwargs)
+        url = f"{self.base_url}{path}"
+        if session is not None:
+            headers["DPoP"] = self.proof(method, url, session, body)
+        return self._http.request(method, url, headers=headers, **kwargs)
+
+    def use_session(self, other: ApiClient) -> None:
+        """Prove with ``other``'s session key and session (another worker of one agent)."""
+        self.session_signer, self.session_jwk = other.session_signer, other.session_jwk
+        self.session_id = other.session_id
+
+    def proof(self, method: str, url: str, session: str, body: bytes) -> str:
+        """A session proof for one request (needs a session key: see ``AgentClient.attest``)."""
+        if self.session_signer is None or self.session_jwk is None:
+            raise RuntimeError("no session key: attest with a TPM first")
+        return dpop.create_proof(self.session_signer, self.session_jwk, method=method, url=url,
+                                 session_id=session, body=body, now=self._clock.now(),
+                                 api_key=self._api_key)
 
     def call(self, method: str, path: str, *, json: Any = None,
-             params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+             params: dict[str, Any] | None = None, timeout: float | None = None,
+             session: str | None = None) -> Any:
         """The decoded JSON answer of a 2xx response; otherwise :class:`ApiError`."""
-        r = self.response(method, path, json=json, params=params, timeout=timeout)
+        r = self.response(method, path, json=json, params=params, timeout=timeout,
+                          session=session)
         if r.is_success:
             return r.json() if r.content else None
         raise _error(r)
@@ -204,6 +253,18 @@ class ApiClient:
         if r.is_success:
             return r.content
         raise _error(r)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _token_jti(token: str) -> str:
+    # The attestation id names the session being started in its proof (``sid``); the
+    # service verifies the token, the client only reads this claim.
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["jti"])
 
 
 def _error(r: httpx.Response) -> ApiError:
@@ -242,6 +303,9 @@ class AgentClient(ApiClient):
         """
         nonce = base64.b64decode(self.call("POST", "/v1/attestation/challenge", json={})["nonce"])
         attest, signature = tpm.quote(nonce)
+        # A fresh TPM-held session key, certified by the AK over the same nonce.
+        session_key = tpm.new_session_key()
+        certify, certify_sig = tpm.certify_session_key(nonce)
         body: dict[str, Any] = {
             "nonce": _b64(nonce),
             "quote": _b64(attest),
@@ -250,11 +314,18 @@ class AgentClient(ApiClient):
             "ek_certificate": _b64(tpm.ek_certificate()),
             "pcrs": {"sha256": {str(i): v.hex() for i, v in tpm.read_pcrs().items()}},
             "image_manifest": manifest.decode("utf-8"),
+            "session_key": _b64(session_key),
+            "session_key_certify": _b64(certify),
+            "session_key_signature": _b64(certify_sig),
         }
         log = tpm.event_log()
         if log is not None:
             body["event_log"] = _b64(log)
         v = self.call("POST", "/v1/attestation/verify", json=body)
+        from sandboxsec.attestation.certify import parse_session_key
+
+        self.session_signer = tpm.sign_session
+        self.session_jwk = parse_session_key(session_key).jwk
         return Verdict(
             status=v["status"],
             failures=tuple((f["code"], f["message"]) for f in v["failures"]),
@@ -268,7 +339,9 @@ class AgentClient(ApiClient):
 
     def start_session(self, attestation_token: str) -> SessionInfo:
         """Start a session from an affirming attestation token (one token, one session)."""
-        s = self.call("POST", "/v1/sessions", json={"attestation_token": attestation_token})
+        s = self.call("POST", "/v1/sessions", json={"attestation_token": attestation_token},
+                      session=_token_jti(attestation_token))
+        self.session_id = str(s["session_id"])
         return SessionInfo(session_id=s["session_id"], expires_at=s["expires_at"],
                            image_name=s["image_name"], image_digest=s["image_digest"],
                            attested=bool(s["attested"]))
@@ -277,7 +350,8 @@ class AgentClient(ApiClient):
                meta: dict[str, Any] | None = None) -> str:
         """Store one trajectory record (encrypted by the service); returns its id."""
         out = self.call("POST", f"/v1/sessions/{session_id}/trajectory",
-                        json={"kind": kind, "data": _b64(data), "meta": meta or {}})
+                        json={"kind": kind, "data": _b64(data), "meta": meta or {}},
+                        session=session_id)
         return str(out["record_id"])
 
     def request_action(self, session_id: str, action: str, resource: str,
@@ -285,7 +359,7 @@ class AgentClient(ApiClient):
         """Ask the policy about one action with its exact parameters."""
         d = self.call("POST", "/v1/actions", json={
             "session_id": session_id, "action": action, "resource": resource, "params": params,
-        })
+        }, session=session_id)
         return Decision(
             decision=d["decision"], rule_id=d["rule_id"], reason=d["reason"],
             decision_id=d["decision_id"], params_hash=d["params_hash"],
@@ -293,11 +367,20 @@ class AgentClient(ApiClient):
             approval_url=d.get("approval_url"), grant=d.get("grant"),
         )
 
-    def approval(self, approval_id: str) -> Approval:
-        """The approval request now (with the grant once approved: only this agent sees it)."""
-        return _approval(self.call("GET", f"/v1/approvals/{approval_id}"))
+    def approval(self, approval_id: str, session_id: str | None = None) -> Approval:
+        """The approval request now (with the grant once approved: only this agent sees it).
 
-    def wait(self, approval_id: str, *, timeout: float = 60.0, poll: float = 30.0) -> Approval:
+        The proof names ``session_id`` (default: the session this client started last)."""
+        return _approval(self.call("GET", f"/v1/approvals/{approval_id}",
+                                   session=session_id or self.session_id))
+
+    def end_session(self, session_id: str) -> str:
+        """End the session now (proved by its key); returns when it ended."""
+        return str(self.call("POST", f"/v1/sessions/{session_id}/end",
+                             session=session_id)["ended_at"])
+
+    def wait(self, approval_id: str, session_id: str | None = None, *, timeout: float = 60.0,
+             poll: float = 30.0) -> Approval:
         """Long-poll until the request leaves ``pending`` or ``timeout`` seconds pass.
 
         Never waits unbounded: at the timeout the request is returned still ``pending``.
@@ -307,7 +390,8 @@ class AgentClient(ApiClient):
             remaining = deadline - time.monotonic()
             step = max(0.0, min(poll, remaining))
             a = _approval(self.call("GET", f"/v1/approvals/{approval_id}/wait",
-                                    params={"timeout": f"{step:.3f}"}, timeout=step + 30.0))
+                                    params={"timeout": f"{step:.3f}"}, timeout=step + 30.0,
+                                    session=session_id or self.session_id))
             if a.state != "pending" or time.monotonic() >= deadline:
                 return a
 

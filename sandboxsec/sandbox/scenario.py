@@ -70,6 +70,7 @@ EXPECTED_EVENTS: tuple[tuple[str, str | None], ...] = (
     ("attestation:ak:activate", None),
     ("attestation:quote:verdict", "affirming"),
     ("session:session:start", None),
+    ("session:proof:refuse", None),
     ("trajectory:record:write", None),
     ("policy:action:decide", "approval_required"),
     ("approval:request:create", None),
@@ -328,6 +329,7 @@ class _Run:
         )
         session_id = self._attest(p, tpm, manifest.read_bytes())
         records = self._record(p, session_id)
+        self._second_key(p, session_id)
         login_id, payment_id = self._ask(p, session_id)
         approver_key = tenant["keys"]["approver"]
         login, payment = self._decide(p, approver_key, login_id, payment_id)
@@ -371,6 +373,28 @@ class _Run:
         self.facts["token_replay"] = replay
         self.check(replay != "accepted", f"refused: {replay}")
         return session.session_id
+
+    def _second_key(self, p: _Parties, session_id: str) -> None:
+        self.begin("a second agent key with the session id is refused")
+        # Another agent key of the same tenant, on a machine that never attested, takes the
+        # session id: without the session's TPM-held key its requests prove nothing.
+        other = p.admin.call("POST", "/v1/api-keys", json={"role": "agent", "label": "second"})
+        refusals: list[str] = []
+        with AgentClient(self.base, other["key"]) as thief:
+            for signer in (None, _software_key()):
+                if signer is not None:
+                    thief.session_signer, thief.session_jwk = signer
+                try:
+                    thief.call("POST", "/v1/actions", json={
+                        "session_id": session_id, "action": "login",
+                        "resource": LOGIN_RESOURCE, "params": LOGIN},
+                        session=session_id if signer is not None else None)
+                    refusals.append("accepted")
+                except ApiError as exc:
+                    refusals.append(exc.code)
+        self.facts["second_key_refusals"] = refusals
+        self.check("accepted" not in refusals, "refused: " + ", ".join(refusals)
+                   + " (no proof; a proof by its own key)")
 
     def _record(self, p: _Parties, session_id: str) -> dict[str, tuple[str, bytes]]:
         self.begin("agent records its trajectory (encrypted)")
@@ -417,7 +441,8 @@ class _Run:
         # The agent waits (long-poll) while the person decides, as a runtime would.  Daemon
         # threads: an interrupted run must not sit out their long-poll before cleaning up
         # (stopping the server ends the polls anyway).
-        waits = {aid: _Waiter(self.base, self.agent_key, aid, self.options.wait_timeout_seconds)
+        waits = {aid: _Waiter(self.base, self.agent_key, aid, self.options.wait_timeout_seconds,
+                              p.agent)
                  for aid in (login_id, payment_id)}
         codes = self.facts["short_codes"]
         decisions = ((login_id, "approve", "the login", codes["login"]),
@@ -651,8 +676,10 @@ class _Run:
         log = (self.workdir / "server.log").open("ab")
         stack.callback(log.close)
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+            # A fresh deployment: the database is created (or, on PostgreSQL, its schema)
+            # by the server on purpose (--migrate), as an operator would on a first node.
             [sys.executable, "-m", "sandboxsec.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port)],
+             "--port", str(port), "--migrate"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         stack.callback(_stop, proc)
@@ -690,12 +717,27 @@ class _Run:
         self.check(True, f"{self.base} ({db}, pid {self.server.pid})")
 
 
+def _software_key() -> tuple[Any, dict[str, str]]:
+    """A key the second machine made in software: its signer and JWK."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sandboxsec.sessions import dpop
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    numbers = private.public_key().public_numbers()
+    jwk = dpop.ec_jwk(numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big"))
+    return (lambda m: dpop.der_to_raw(private.sign(m, ec.ECDSA(hashes.SHA256())))), jwk
+
+
 class _Waiter:
     """An agent worker long-polling one approval in a daemon thread (own client, own key)."""
 
-    def __init__(self, base: str, key: str, approval_id: str, timeout: float) -> None:
+    def __init__(self, base: str, key: str, approval_id: str, timeout: float,
+                 bound: AgentClient) -> None:
         self._outcome: Approval | BaseException | None = None
         self._timeout = timeout
+        self._bound = bound  # its session key signs this worker's proofs too
         self._thread = threading.Thread(target=self._run, args=(base, key, approval_id),
                                         name=f"agent-wait-{approval_id[:12]}", daemon=True)
         self._thread.start()
@@ -703,6 +745,7 @@ class _Waiter:
     def _run(self, base: str, key: str, approval_id: str) -> None:
         try:
             with AgentClient(base, key) as agent:
+                agent.use_session(self._bound)
                 self._outcome = agent.wait(approval_id, timeout=self._timeout)
         except BaseException as exc:  # handed to the main thread by result()
             self._outcome = exc

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import ESAPI, TCTILdr
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2_SU, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPM2_ST, TPM2_SU, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
@@ -35,6 +37,7 @@ from tpm2_pytss.types import (
     TPMT_HA,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
     TPMU_HA,
 )
 
@@ -48,6 +51,7 @@ __all__ = [
     "QUOTED_PCRS",
     "RSA_EK_CERT_NV",
     "RSA_EK_HANDLE",
+    "SESSION_KEY_ATTRS",
     "Boot",
     "SwTpm",
     "available",
@@ -62,6 +66,14 @@ QUOTED_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 9)
 AK_ATTRS = (
     TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+#: The session key: a non-duplicable key made inside the TPM that signs arbitrary digests.
+SESSION_KEY_ATTRS = (
+    TPMA_OBJECT.SIGN_ENCRYPT
     | TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
@@ -134,6 +146,9 @@ class SwTpm:
     image: bytes = b""
     boot: Boot | None = None
     aks: dict[str, tuple[ESYS_TR, bytes]] = field(default_factory=dict)
+    session_key_handle: ESYS_TR | None = None
+    session_key_public: bytes = b""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- identity ------------------------------------------------------------------------
 
@@ -170,6 +185,62 @@ class SwTpm:
 
     def ak_name(self, label: str = "ak") -> bytes:
         return b"\x00\x0b" + hashlib.sha256(self.aks[label][1][2:]).digest()
+
+    # -- the session key -------------------------------------------------------------------
+
+    def new_session_key(self, attributes: TPMA_OBJECT = SESSION_KEY_ATTRS) -> bytes:
+        """Create a fresh session key (replacing the previous one); its TPM2B_PUBLIC.
+
+        A primary key of the owner hierarchy whose template carries random ``unique`` bytes,
+        so every session gets its own key; the private part never leaves the TPM.
+        """
+        self.drop_session_key()
+        tmpl = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=attributes)
+        tmpl.publicArea.unique.ecc.x = secrets.token_bytes(32)
+        handle, public, *_ = self.esapi.create_primary(None, tmpl, ESYS_TR.OWNER)
+        self.session_key_handle = handle
+        self.session_key_public = public.marshal()
+        return self.session_key_public
+
+    def certify_session_key(self, nonce: bytes, label: str = "ak") -> tuple[bytes, bytes]:
+        """TPM2_Certify of the session key by the AK over ``nonce``: (TPMS_ATTEST,
+        TPMT_SIGNATURE)."""
+        if self.session_key_handle is None:
+            raise RuntimeError("no session key: call new_session_key() first")
+        attest, signature = self.esapi.certify(
+            self.session_key_handle, self.aks[label][0], nonce,
+            TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+        )
+        return bytes(attest), signature.marshal()
+
+    def sign_session(self, message: bytes) -> bytes:
+        """TPM2_Sign of SHA-256(``message``) with the session key: raw ``r || s`` (64 bytes),
+        each left-padded to 32 bytes as JWS ES256 wants (the TPM may return fewer)."""
+        if self.session_key_handle is None:
+            raise RuntimeError("no session key: call new_session_key() first")
+        digest = hashlib.sha256(message).digest()
+        with self._lock:  # an ESAPI context is not thread-safe; agent workers share the TPM
+            return self._sign_digest(digest)
+
+    def _sign_digest(self, digest: bytes) -> bytes:
+        assert self.session_key_handle is not None
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = TPM2_ALG.SHA256
+        # A NULL ticket: the digest was computed outside the TPM, which is allowed for an
+        # unrestricted key.
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        sig = self.esapi.sign(self.session_key_handle, digest, scheme, ticket)
+        r = bytes(sig.signature.ecdsa.signatureR)
+        s = bytes(sig.signature.ecdsa.signatureS)
+        return r.rjust(32, b"\0") + s.rjust(32, b"\0")
+
+    def drop_session_key(self) -> None:
+        """Flush the session key from the TPM (it is gone for good: a fresh one is random)."""
+        if self.session_key_handle is not None:
+            with contextlib.suppress(Exception):  # best effort: already flushed by a reboot
+                self.esapi.flush_context(self.session_key_handle)
+        self.session_key_handle = None
+        self.session_key_public = b""
 
     # -- measured boot ---------------------------------------------------------------------
 
@@ -252,6 +323,7 @@ class SwTpm:
         """An orderly power cycle: Shutdown, the swtpm init (reset count + 1), Startup;
         then the same boot is measured again and the AKs are re-created (same keys)."""
         labels = list(self.aks)
+        self.drop_session_key()
         for handle, _ in self.aks.values():
             self.esapi.flush_context(handle)
         self.aks.clear()
@@ -276,6 +348,7 @@ class SwTpm:
 
     def close(self) -> None:
         """Flush the AKs, disconnect and stop the swtpm process."""
+        self.drop_session_key()
         for handle, _ in self.aks.values():
             with contextlib.suppress(Exception):  # best effort on teardown
                 self.esapi.flush_context(handle)
@@ -298,8 +371,13 @@ def _der_prefix(data: bytes) -> bytes:
     return data[: 2 + n + length]
 
 
-def start_swtpm(directory: Path) -> SwTpm:
-    """Manufacture a vTPM with EK certificates from a CA of its own, and start it."""
+def start_swtpm(directory: Path, *, banks: tuple[str, ...] = ("sha256",)) -> SwTpm:
+    """Manufacture a vTPM with EK certificates from a CA of its own, and start it.
+
+    ``banks`` are the PCR banks it activates (:meth:`SwTpm.measure_boot` extends SHA-256).
+    """
+    if not banks or any(b not in ("sha1", "sha256", "sha384", "sha512") for b in banks):
+        raise ValueError("banks must be among sha1, sha256, sha384, sha512")
     ca = directory / "ca"
     state = directory / "state"
     ca.mkdir()
@@ -316,7 +394,7 @@ def start_swtpm(directory: Path) -> SwTpm:
         f"create_certs_tool = {_tool('swtpm_localca')}\n"
         f"create_certs_tool_config = {directory}/localca.conf\n"
         f"create_certs_tool_options = {directory}/localca.options\n"
-        "active_pcr_banks = sha256\n"
+        f"active_pcr_banks = {','.join(banks)}\n"
     )
     subprocess.run(  # noqa: S603 - fixed argv, no shell
         [_tool("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--create-ek-cert", "--ecc",

@@ -25,10 +25,11 @@ class SessionView:
     created_at: datetime
     expires_at: datetime
     ended_at: datetime | None
+    key_thumbprint: str | None = None  # RFC 7638 thumbprint of the TPM-held session key
 
     @classmethod
     def of(cls, row: AgentSession) -> SessionView:
         """The view of a stored session row."""
         return cls(row.id, row.tenant_id, row.image_name, row.image_digest, row.ak_name,
                    bool(row.attested), row.attestation_id, row.created_by, row.created_at,
-                   row.expires_at, row.ended_at)
+                   row.expires_at, row.ended_at, row.key_thumbprint)

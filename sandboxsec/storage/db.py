@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -21,13 +21,29 @@ from sqlmodel import Session, create_engine
 
 from sandboxsec.errors import DependencyUnavailableError
 
-__all__ = ["Database", "DatabaseUnavailableError"]
+if TYPE_CHECKING:
+    from sandboxsec.storage.migrate import SchemaStatus
+
+__all__ = ["Database", "DatabaseMissingError", "DatabaseUnavailableError",
+           "SchemaNotCurrentError"]
 
 
 class DatabaseUnavailableError(DependencyUnavailableError):
     """The database could not be reached or did not answer in time; nothing was decided."""
 
     code = "database_unavailable"
+
+
+class DatabaseMissingError(DependencyUnavailableError):
+    """There is no database where the settings point (nothing was created: run migrate)."""
+
+    code = "database_missing"
+
+
+class SchemaNotCurrentError(DependencyUnavailableError):
+    """The database's schema is not this version's (run ``sandboxsec migrate``)."""
+
+    code = "schema_not_current"
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -102,8 +118,24 @@ class Database:
 
         try:
             upgrade(self.engine)
-        except OperationalError as exc:
+        except (OperationalError, DBAPIError) as exc:
             raise DatabaseUnavailableError("the database is unavailable for migration") from exc
+
+    def schema_status(self) -> SchemaStatus:
+        """Where the schema stands (read only)."""
+        from sandboxsec.storage.migrate import schema_status
+
+        try:
+            return schema_status(self.engine)
+        except (OperationalError, DBAPIError) as exc:
+            raise DatabaseUnavailableError("the database is unavailable") from exc
+
+    def require_current_schema(self) -> None:
+        """Raise :class:`SchemaNotCurrentError` unless the schema is this version's."""
+        status = self.schema_status()
+        if not status.up_to_date:
+            raise SchemaNotCurrentError(
+                f"{status.describe()}; run `sandboxsec migrate` with the same settings")
 
     def ping(self) -> bool:
         """True when a trivial query succeeds."""

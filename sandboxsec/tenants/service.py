@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
@@ -39,10 +38,6 @@ __all__ = [
     "TenantView",
 ]
 
-# A short positive cache keeps a hot key off the database; revocation bumps it out at once in
-# this process, and other processes see it within this many seconds.
-_AUTH_CACHE_SECONDS = 2.0
-_AUTH_CACHE_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -142,8 +137,6 @@ class TenantService:
         self._clock = clock
         self._audit = audit
         self._shredder = shredder
-        self._cache: dict[str, tuple[str, Principal, float]] = {}
-        self._lock = threading.Lock()
 
     def create(self, name: str, *, actor: Principal | None = None) -> CreatedTenant:
         """Create a tenant with one key per role; audited in the same transaction."""
@@ -216,37 +209,33 @@ class TenantService:
                 ),
                 session=s,
             )
-        with self._lock:
-            self._cache.pop(key_id, None)
 
     def authenticate(self, presented: str) -> Principal:
-        """The principal of a presented key, or :class:`ApiKeyInvalidError`."""
+        """The principal of a presented key, or :class:`ApiKeyInvalidError`.
+
+        Read from the database on every request (one primary-key lookup joined to the
+        tenant), never from a per-process cache: a revoked key, or a deleted tenant's, is
+        refused by every worker process from the moment the revocation commits.
+        """
         try:
             parsed = parse_key(presented)
         except Exception as exc:
             raise ApiKeyInvalidError("invalid API key") from exc
-        mono = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(parsed.key_id)
-        if hit is not None and hit[2] > mono and secret_matches(parsed.secret, hit[0]):
-            return hit[1]
         with self._db.session() as s:
-            row = s.get(ApiKey, parsed.key_id)
-            tenant = s.get(Tenant, row.tenant_id) if row is not None else None
-        if (
-            row is None
-            or tenant is None
-            or row.revoked_at is not None
-            or tenant.deleted_at is not None
-            or not secret_matches(parsed.secret, row.secret_sha256)
-        ):
+            row = s.execute(
+                sa_select(col(ApiKey.tenant_id), col(ApiKey.role), col(ApiKey.secret_sha256),
+                          col(ApiKey.revoked_at), col(Tenant.deleted_at))
+                .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                .where(col(ApiKey.id) == parsed.key_id)
+            ).first()
+        if row is None:
             raise ApiKeyInvalidError("invalid API key")
-        principal = Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
-        with self._lock:
-            if len(self._cache) >= _AUTH_CACHE_MAX:
-                self._cache.clear()
-            self._cache[row.id] = (row.secret_sha256, principal, mono + _AUTH_CACHE_SECONDS)
-        return principal
+        tenant_id, role, digest, revoked_at, deleted_at = row
+        # The secret is compared even for a revoked key, so timing tells nothing about state.
+        matches = secret_matches(parsed.secret, digest)
+        if revoked_at is not None or deleted_at is not None or not matches:
+            raise ApiKeyInvalidError("invalid API key")
+        return Principal(tenant_id=tenant_id, key_id=parsed.key_id, role=Role(role))
 
     def delete(self, tenant_id: str, *, actor: Principal | None) -> DeletedTenant:
         """Delete a tenant: crypto-shred its keys, then revoke every API key it has.
@@ -278,11 +267,15 @@ class TenantService:
                 ),
                 session=s,
             )
-        with self._lock:
-            self._cache.clear()
         return DeletedTenant(tenant_id=tenant_id, deleted_at=now, keys_revoked=revoked,
                              keks_destroyed=shred.keks_destroyed,
                              deks_destroyed=shred.deks_destroyed)
+
+    def list(self) -> list[TenantView]:
+        """Every live tenant, oldest first."""
+        with self._db.session() as s:
+            rows = s.exec(select(Tenant).where(col(Tenant.deleted_at).is_(None))).all()
+        return [TenantView.of(t) for t in sorted(rows, key=lambda t: (t.created_at, t.id))]
 
     def get(self, tenant_id: str) -> TenantView:
         """The tenant, unless missing or deleted."""
@@ -301,8 +294,3 @@ class TenantService:
         if t is None or t.deleted_at is not None:
             raise NotFoundError("no such tenant")
         return TenantView.of(t)
-
-    def forget_cached(self) -> None:
-        """Drop the authentication cache (after revocations made by other processes)."""
-        with self._lock:
-            self._cache.clear()

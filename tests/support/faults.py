@@ -39,12 +39,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sandboxsec.attestation.eventlog import EventLogBuilder
 from sandboxsec.attestation.x509chain import TCG_EK_CERTIFICATE
 from tests.support.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
+from tests.support.sessionkeys import ProofAuth
 from tests.support.softtpm import (
     SoftAk,
     make_manifest,
     marshal_quote,
     sign_quote,
     soft_activate,
+    soft_session_evidence,
 )
 
 __all__ = [
@@ -138,7 +140,7 @@ def make_trust(home: Path) -> Trust:
 _CREATE_TENANTS = """
 import json, sys
 from sandboxsec.cli._common import open_services
-services = open_services()
+services = open_services(migrate=True)
 out = []
 for name in sys.argv[1:]:
     c = services.tenants.create(name)
@@ -211,7 +213,7 @@ class Server:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*CLI, "serve", "--port", str(self.port), "--workers", str(self.workers),
-                 *self.extra_args],
+                 "--migrate", *self.extra_args],
                 env=self.deployment.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -398,6 +400,7 @@ class Sandbox:
             "pcrs": {"sha256": {str(i): v.hex() for i, v in self.trust.pcrs.items()}},
             "event_log": base64.b64encode(self.trust.event_log).decode(),
             "image_manifest": self.trust.manifest,
+            **soft_session_evidence(self.ak, nonce)[0],
         })
         if status != 200 or out.get("status") != "affirming":
             return None
@@ -486,7 +489,9 @@ async def _agent(base: str, ledger: Ledger, cfg: LoadConfig, tenant: Tenant, tru
     # One client (one connection) per simulated agent: a real agent runtime has its own, and
     # one shared pool of hundreds of connections costs the load generator more CPU than the
     # service spends answering.
-    async with httpx.AsyncClient(base_url=base) as client:
+    # Requests in a session carry a proof by its (software) session key.
+    async with httpx.AsyncClient(base_url=base, auth=ProofAuth(lambda: datetime.now(UTC))) \
+            as client:
         api = Api(client, ledger, cfg)
         box = Sandbox(trust)
         while time.monotonic() < stop_at:

@@ -234,16 +234,18 @@ def make_leaf(
     extra_extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
     signer_key: PrivateKey | None = None,
     issuer_name: x509.Name | None = None,
+    public_key: object | None = None,
 ) -> Issued:
     """An end-entity certificate (code signing by default) issued by ``issuer``.
 
     ``signer_key`` signs with a key other than the issuer's (a forged issuer signature);
-    ``issuer_name`` overrides the issuer name written into the certificate.
+    ``issuer_name`` overrides the issuer name written into the certificate; ``public_key``
+    certifies a key held elsewhere (a real TPM's EK), and the returned key is then unrelated.
     """
     key = key or new_key(key_type)
     cert = _issue(
         cn,
-        key.public_key(),
+        public_key if public_key is not None else key.public_key(),
         issuer,
         signer_key or issuer.key,
         ca=ca,
@@ -267,14 +269,19 @@ def make_crl(
     this_update: datetime = NOW - DAY,
     next_update: datetime = NOW + 7 * DAY,
     signer_key: PrivateKey | None = None,
+    hash_alg: hashes.HashAlgorithm | None = None,
+    extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
 ) -> x509.CertificateRevocationList:
-    """A CRL by ``issuer`` (or signed by ``signer_key``, to forge one) revoking the serials."""
+    """A CRL by ``issuer`` (or signed by ``signer_key``, to forge one) revoking the serials,
+    with ``extensions`` (an issuingDistributionPoint, say) and ``hash_alg`` when given."""
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.cert.subject)
         .last_update(this_update)
         .next_update(next_update)
     )
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
     for serial in revoked_serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder()
@@ -283,7 +290,7 @@ def make_crl(
             .build()
         )
     key = signer_key or issuer.key
-    return builder.sign(key, _hash_for(key, None))  # type: ignore[arg-type]
+    return builder.sign(key, _hash_for(key, hash_alg))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

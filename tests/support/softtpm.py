@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives import hashes
@@ -169,7 +169,9 @@ def make_manifest(
     event_digests: Mapping[int, tuple[bytes, ...]] | None = None,
     expires_at: datetime | None = None,
     image_digest: str = IMAGE_DIGEST,
+    banks: Mapping[str, Mapping[int, bytes]] | None = None,
 ) -> bytes:
+    """A signed manifest pinning ``pcrs`` (SHA-256), or the values of ``banks`` when given."""
     # Imported here so the quote and event-log tests do not depend on the image module.
     from sandboxsec.attestation.image import ReferenceValues, sign_manifest
 
@@ -179,7 +181,8 @@ def make_manifest(
         version="1.0",
         expires_at=expires_at or datetime(2027, 6, 1, tzinfo=UTC),
         reference=ReferenceValues(
-            pcrs={"sha256": dict(pcrs)}, event_digests=dict(event_digests or {})
+            pcrs={b: dict(v) for b, v in banks.items()} if banks else {"sha256": dict(pcrs)},
+            event_digests=dict(event_digests or {}),
         ),
         key=publisher.leaf.key,  # type: ignore[arg-type]
         cert_chain=publisher.chain,
@@ -197,3 +200,45 @@ __all__ = [
     "soft_activate",
     "tpm2b",
 ]
+
+
+def soft_session_key_public(x: bytes, y: bytes) -> bytes:
+    """A TPM2B_PUBLIC claiming TPM attributes for a software P-256 key (test machines only:
+    a real TPM refuses to certify such a key, see tests/integration/sessions)."""
+    from tpm2_pytss.constants import TPMA_OBJECT
+    from tpm2_pytss.types import TPM2B_PUBLIC
+
+    attrs = (TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
+    pub = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=attrs)
+    pub.publicArea.unique.ecc.x = x
+    pub.publicArea.unique.ecc.y = y
+    data: bytes = pub.marshal()
+    return data
+
+
+def marshal_certify(nonce: bytes, certified_public: bytes, *, magic: int = 0xFF544347,
+                    st: int = 0x8017, signer: bytes = b"\x00\x0b" + bytes(32)) -> bytes:
+    """A TPMS_ATTEST of TPM2_Certify over the key whose TPM2B_PUBLIC is given."""
+    name = b"\x00\x0b" + hashlib.sha256(certified_public[2:]).digest()
+    return b"".join([
+        struct.pack(">IH", magic, st), tpm2b(signer), tpm2b(nonce),
+        struct.pack(">QIIB", 1000, 1, 0, 1), struct.pack(">Q", 0x2019102300000000),
+        tpm2b(name), tpm2b(name),
+    ])
+
+
+def soft_session_evidence(ak: SoftAk, nonce: bytes) -> tuple[dict[str, str], Any]:
+    """Evidence fields of a fresh software session key certified by ``ak`` over ``nonce``;
+    the key is registered for test proofs (:mod:`tests.support.sessionkeys`) and returned too."""
+    import base64
+
+    from tests.support.sessionkeys import register
+
+    key = register()
+    n = key.private.public_key().public_numbers()
+    public = soft_session_key_public(n.x.to_bytes(32, "big"), n.y.to_bytes(32, "big"))
+    certify = marshal_certify(nonce, public)
+    enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return {"session_key": enc(public), "session_key_certify": enc(certify),
+            "session_key_signature": enc(sign_quote(ak, certify))}, key

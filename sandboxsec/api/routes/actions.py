@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.metrics import DECISIONS
+from sandboxsec.policy.canonical import canonical_json
 from sandboxsec.policy.engine import Outcome
 from sandboxsec.principal import Principal
 
@@ -44,6 +46,9 @@ class ActionOut(BaseModel):
     policy_version: int
     params_hash: str
     short_code: str = Field(description="Shown to the approver too, for comparison.")
+    resource: str | None = Field(
+        default=None, description="The canonical target the policy decided on (docs/policy.md: "
+        "one target per action, domains in lower-case A-label form).")
     approval_id: str | None = None
     approval_url: str | None = Field(default=None, description="Path of the approval page.")
     expires_at: datetime | None = Field(default=None, description="Expiry of the approval.")
@@ -53,8 +58,14 @@ class ActionOut(BaseModel):
 
 @router.post("/actions", response_model=ActionOut, response_model_exclude_none=True)
 def request_action(body: ActionIn, services: ServicesDep,
-                   who: Annotated[Principal, Depends(require("action:request"))]) -> ActionOut:
-    """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``."""
+                   who: Annotated[Principal, Depends(require("action:request"))],
+                   proof: ProofDep) -> ActionOut:
+    """Decide an action: ``allow`` (with a grant), ``deny``, or ``approval_required``.
+
+    The request carries a ``DPoP`` proof by the session's TPM-held key, checked after the
+    body's own shape (params that cannot be canonicalised are a 4xx whatever the session)."""
+    canonical_json(body.params)
+    services.session_binding.require(who, proof, body.session_id, check_open=False)
     result = services.decisions.request_action(
         who, session_id=body.session_id, action=body.action, resource=body.resource,
         params=body.params,
@@ -65,7 +76,7 @@ def request_action(body: ActionIn, services: ServicesDep,
     return ActionOut(
         decision=d.outcome, reason=d.explanation, rule_id=d.rule_id, decision_id=d.decision_id,
         policy_version=d.policy_version, params_hash=result.params_hash,
-        short_code=result.short_code,
+        short_code=result.short_code, resource=result.resource or None,
         approval_id=approval.id if approval else None,
         approval_url=f"/approve/{approval.id}" if approval else None,
         expires_at=approval.expires_at if approval else None,

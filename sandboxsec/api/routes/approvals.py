@@ -7,15 +7,18 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.errors import NotFoundError
 from sandboxsec.metrics import APPROVAL_SECONDS
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState
 from sandboxsec.policy.views import ApprovalView
-from sandboxsec.principal import Principal
+from sandboxsec.principal import Principal, Role
+from sandboxsec.sessions.errors import DpopSessionMismatchError
 
 __all__ = ["ApprovalOut", "DecideIn", "page_router", "router"]
 
@@ -97,12 +100,21 @@ def _decided(v: ApprovalView) -> ApprovalOut:
 def list_approvals(
     services: ServicesDep,
     who: Annotated[Principal, Depends(require("approval:read"))],
+    proof: ProofDep,
     state: Annotated[ApprovalState | None, Query(description="Only requests in this state.")]
     = None,
     session_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[ApprovalOut]:
-    """The tenant's approval requests, newest first: what an approver has to look at."""
+    """The tenant's approval requests, newest first: what an approver has to look at.
+
+    An agent lists only the requests of a session it holds: ``session_id`` and a ``DPoP``
+    proof for it are required."""
+    if who.role is Role.AGENT:
+        if session_id is None:
+            raise DpopSessionMismatchError("an agent lists the approvals of its own session: "
+                                           "pass session_id with a proof for it")
+        services.session_binding.require(who, proof, session_id)
     return [_out(v) for v in services.approvals.list_approvals(who, state=state,
                                                             session_id=session_id, limit=limit)]
 
@@ -110,9 +122,14 @@ def list_approvals(
 @router.get("/approvals/{approval_id}", response_model=ApprovalOut,
             response_model_exclude_none=True)
 def get_approval(approval_id: ApprovalId, services: ServicesDep,
-                 who: Annotated[Principal, Depends(require("approval:read"))]) -> ApprovalOut:
-    """The request, its exact params and its state (the agent also sees its grant)."""
-    return _out(services.approvals.get_approval(who, approval_id))
+                 who: Annotated[Principal, Depends(require("approval:read"))],
+                 proof: ProofDep) -> ApprovalOut:
+    """The request, its exact params and its state (the agent also sees its grant, and only
+    for a session it proves it holds)."""
+    view = services.approvals.get_approval(who, approval_id)
+    if who.role is Role.AGENT:
+        services.session_binding.require(who, proof, view.session_id)
+    return _out(view)
 
 
 @router.get("/approvals/{approval_id}/wait", response_model=ApprovalOut,
@@ -121,10 +138,15 @@ async def wait_approval(
     approval_id: ApprovalId,
     services: ServicesDep,
     who: Annotated[Principal, Depends(require("approval:wait"))],
+    proof: ProofDep,
     timeout: Annotated[float, Query(ge=0, le=600, description="Seconds; capped by the "
                                     "service (approval_wait_max_seconds).")] = 30.0,
 ) -> ApprovalOut:
-    """Returns as soon as the request leaves ``pending``, or at the timeout (still pending)."""
+    """Returns as soon as the request leaves ``pending``, or at the timeout (still pending).
+
+    The request carries a ``DPoP`` proof for the approval's session, checked first."""
+    view = await run_in_threadpool(services.approvals.get_approval, who, approval_id)
+    await run_in_threadpool(services.session_binding.require, who, proof, view.session_id)
     return _out(await services.approvals.wait(who, approval_id, timeout))
 
 

@@ -14,6 +14,7 @@ from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.attestation.errors import EvidenceMalformedError
 from sandboxsec.attestation.service import decode_evidence_field
 from sandboxsec.attestation.verifier import Evidence
+from sandboxsec.encoding import ascii_int, hex_decode_strict
 from sandboxsec.metrics import VERDICTS
 from sandboxsec.principal import Principal
 
@@ -46,6 +47,14 @@ class VerifyIn(BaseModel):
     pcrs: dict[str, dict[str, str]] = Field(description='{"sha256": {"0": hex, ...}}')
     event_log: str | None = Field(default=None, max_length=_LOG_LIMIT)
     image_manifest: dict[str, Any] | str = Field(description="the DSSE envelope (JSON)")
+    session_key: str | None = Field(
+        default=None, max_length=_B64_LIMIT,
+        description="base64 TPM2B_PUBLIC of the TPM-held session key (docs/attestation.md)")
+    session_key_certify: str | None = Field(
+        default=None, max_length=_B64_LIMIT,
+        description="base64 TPMS_ATTEST of TPM2_Certify(session key) by the AK over the nonce")
+    session_key_signature: str | None = Field(
+        default=None, max_length=_B64_LIMIT, description="base64 TPMT_SIGNATURE of that certify")
 
 
 class VerifyOut(BaseModel):
@@ -58,6 +67,8 @@ class VerifyOut(BaseModel):
     ak_name: str
     image_digest: str
     unknown_event_types: list[str]
+    session_key_jkt: str | None = Field(
+        default=None, description="RFC 7638 thumbprint of the certified session key (cnf.jkt)")
 
 
 class AkChallengeIn(BaseModel):
@@ -95,6 +106,10 @@ def _b64(value: str, what: str) -> bytes:
     return decode_evidence_field(value, what)
 
 
+def _opt_b64(value: str | None, what: str) -> bytes | None:
+    return _b64(value, what) if value is not None else None
+
+
 def _pcrs(raw: dict[str, dict[str, str]]) -> dict[str, dict[int, bytes]]:
     out: dict[str, dict[int, bytes]] = {}
     if len(raw) > 8:
@@ -102,12 +117,15 @@ def _pcrs(raw: dict[str, dict[str, str]]) -> dict[str, dict[int, bytes]]:
     for bank, values in raw.items():
         parsed: dict[int, bytes] = {}
         for index, value in values.items():
-            if not index.isdigit() or len(index) > 2 or not 0 <= int(index) < 24:
-                raise EvidenceMalformedError(f"PCR index {index[:8]!r} is not 0..23")
+            # ASCII digits only: str.isdigit() is true for "²" and "①", which int() refuses.
             try:
-                parsed[int(index)] = bytes.fromhex(value)
+                number = ascii_int(index, maximum=23)
             except ValueError:
-                raise EvidenceMalformedError(f"PCR {bank}:{index} is not hex") from None
+                raise EvidenceMalformedError("a PCR index is not a decimal 0..23") from None
+            try:
+                parsed[number] = hex_decode_strict(value)
+            except ValueError:
+                raise EvidenceMalformedError(f"PCR {bank}:{number} is not hex") from None
         out[bank] = parsed
     return out
 
@@ -147,6 +165,9 @@ def verify(
         pcrs=_pcrs(body.pcrs),
         event_log=_b64(body.event_log, "event_log") if body.event_log is not None else None,
         image_manifest=_manifest(body.image_manifest),
+        session_key=_opt_b64(body.session_key, "session_key"),
+        session_key_certify=_opt_b64(body.session_key_certify, "session_key_certify"),
+        session_key_signature=_opt_b64(body.session_key_signature, "session_key_signature"),
     )
     verdict = services.attestation.verify(who, evidence)
     result = verdict.result
@@ -162,6 +183,7 @@ def verify(
         ak_name=result.ak_name,
         image_digest=result.image_digest,
         unknown_event_types=list(result.unknown_event_types),
+        session_key_jkt=result.session_key_jkt if verdict.token else None,
     )
 
 

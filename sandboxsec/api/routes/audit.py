@@ -36,6 +36,14 @@ class CheckpointOut(BaseModel):
     note: str = Field(description="The C2SP signed-note checkpoint, as signed.")
     key_name: str
     created_at: datetime
+    cosignatures: list[str] = Field(
+        default_factory=list,
+        description="Witness cosignature lines (C2SP cosignature/v1) on this checkpoint; "
+        "verify them with the witness keys you trust.",
+    )
+    cosigned_note: str = Field(
+        default="", description="The note with the cosignature lines appended (C2SP form)."
+    )
 
 
 class AuditKeyOut(BaseModel):
@@ -76,6 +84,7 @@ def checkpoint(services: ServicesDep, who: Auditor) -> CheckpointOut:
     """The newest signed checkpoint of the tenant's log (signed now if entries are newer)."""
     log = services.audit
     cp = log.checkpoint_now(who.tenant_id)
+    cosigs = log.cosignatures(cp.log_id, cp.size).get(cp.size, [])
     return CheckpointOut(
         log_id=cp.log_id,
         origin=log.origin(cp.log_id),
@@ -84,6 +93,8 @@ def checkpoint(services: ServicesDep, who: Auditor) -> CheckpointOut:
         note=cp.note,
         key_name=log.keys.key_name,
         created_at=cp.created_at,
+        cosignatures=cosigs,
+        cosigned_note=cp.note + "".join(cosigs),
     )
 
 

@@ -6,13 +6,15 @@ import base64
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from sandboxsec import jose
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.principal import Principal
 
-__all__ = ["GrantKeys", "GrantVerifyIn", "GrantVerifyOut", "router"]
+__all__ = ["GrantJwks", "GrantKeys", "GrantVerifyIn", "GrantVerifyOut", "router"]
 
 router = APIRouter(tags=["grants"])
 
@@ -49,6 +51,12 @@ class GrantKeys(BaseModel):
     keys: dict[str, str]
 
 
+class GrantJwks(BaseModel):
+    """Grant signing public keys as an RFC 7517 JWK Set (OKP Ed25519, ``kid`` = key id)."""
+
+    keys: list[dict[str, str]]
+
+
 @router.post("/grants/verify", response_model=GrantVerifyOut)
 def verify_grant(body: GrantVerifyIn, services: ServicesDep,
                  who: Annotated[Principal, Depends(require("grant:verify"))]) -> GrantVerifyOut:
@@ -65,3 +73,12 @@ def grant_keys(services: ServicesDep) -> GrantKeys:
     """The public keys grants are signed with (public: no key needed)."""
     return GrantKeys(keys={k: base64.b64encode(v).decode("ascii")
                            for k, v in services.grants.public_keys().items()})
+
+
+@router.get("/grants/jwks", response_model=GrantJwks)
+def grant_jwks(services: ServicesDep) -> GrantJwks:
+    """The grant keys as a JWK Set, so any JOSE library checks a grant offline (public)."""
+    return GrantJwks(keys=[
+        jose.okp_jwk(Ed25519PublicKey.from_public_bytes(raw), kid)
+        for kid, raw in sorted(services.grants.public_keys().items())
+    ])

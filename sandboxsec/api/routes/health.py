@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
@@ -24,8 +25,8 @@ page_router = APIRouter()
 
 @page_router.get("/healthz", tags=["health"])
 def healthz(services: ServicesDep) -> JSONResponse:
-    """200 while the process serves, its database answers and its root key is usable;
-    503 (with which dependency failed) otherwise."""
+    """200 while the process serves, its database answers, its root key is usable and no audit
+    log is stopped by an integrity alarm; 503 (with which one failed) otherwise."""
     db_ok = services.db.ping()
     try:
         # A fresh service has no root key until the first tenant key is made: that is ready.
@@ -34,10 +35,14 @@ def healthz(services: ServicesDep) -> JSONResponse:
         keys_ok = True
     except SandboxSecError:
         keys_ok = False
-    ok = db_ok and keys_ok
+    # Codes only: tenant ids are not for an unauthenticated caller (``audit alarm`` lists them).
+    alarms = sorted({a.code for a in services.audit.guard.states.alarms()})
+    ok = db_ok and keys_ok and not alarms
     return JSONResponse(
         {"status": "ok" if ok else "degraded", "database": "ok" if db_ok else "unavailable",
-         "key_provider": "ok" if keys_ok else "unavailable", "version": __version__},
+         "key_provider": "ok" if keys_ok else "unavailable",
+         "audit": "alarm" if alarms else "ok", "audit_alarms": alarms,
+         "version": __version__},
         status_code=200 if ok else 503,
     )
 
@@ -45,9 +50,11 @@ def healthz(services: ServicesDep) -> JSONResponse:
 @page_router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
 def metrics(request: Request, services: ServicesDep) -> PlainTextResponse:
     """Prometheus text exposition: HTTP and domain counters (summed over every worker when
-    the server runs several) and gauges read from the database at scrape time."""
+    the server runs several) and gauges read at scrape time (database, key provider, and the
+    audit alarms, which live in files shared by every worker)."""
     state = StateCollector(lambda: _pending(services.db), lambda: _newest(services.db),
-                           lambda: _keys_ok(services))
+                           lambda: _keys_ok(services),
+                           lambda: Counter(a.code for a in services.audit.guard.states.alarms()))
     data = generate_latest(scrape_registry(request.app.state.metrics.registry, state))
     return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
 

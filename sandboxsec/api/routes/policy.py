@@ -23,7 +23,10 @@ class PolicyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(max_length=MAX_POLICY_BYTES)
+    # No max_length here: a model limit would answer 400; the engine refuses an oversized
+    # policy with 413 policy_too_large, as documented (the body limit bounds memory).
+    text: str = Field(description=f"At most {MAX_POLICY_BYTES} bytes (UTF-8) and 1,000 rules; "
+                      "larger is refused with 413 policy_too_large.")
     base_version: int | None = Field(
         default=None, ge=0,
         description="The version this change is based on; refused if another landed since.",

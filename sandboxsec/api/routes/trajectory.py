@@ -8,7 +8,6 @@ is 404, exactly like one that does not exist.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -18,6 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.session_proof import ProofDep
+from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
 from sandboxsec.trajectory.views import RecordView
@@ -85,14 +86,18 @@ def write_record(
     body: TrajectoryRecordIn,
     services: ServicesDep,
     who: Annotated[Principal, Depends(require("trajectory:write"))],
+    proof: ProofDep,
 ) -> TrajectoryRecordCreated:
-    """Store one record encrypted under the tenant's keys (refused, not truncated, if too big)."""
+    """Store one record encrypted under the tenant's keys (refused, not truncated, if too big).
+
+    The request carries a ``DPoP`` proof by the session's TPM-held key, checked first."""
+    services.session_binding.require(who, proof, session_id, check_open=False)
     # Checked on the encoded length first, so an oversized body is never decoded.
     services.trajectory.check_size(who, session_id, body.kind, len(body.data) // 4 * 3 - 2)
     try:
-        data = base64.b64decode(body.data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError("data is not valid base64 (standard alphabet)") from None
+        data = b64decode_strict(body.data)
+    except ValueError:
+        raise InputError("data is not canonical base64 (standard alphabet)") from None
     stored = services.trajectory.write(who, session_id, body.kind, data, body.meta)
     return TrajectoryRecordCreated(
         record_id=stored.record_id, session_id=stored.session_id, kind=stored.kind,

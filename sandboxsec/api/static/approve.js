@@ -39,8 +39,23 @@
              "Content-Type": "application/json" };
   }
 
+  // Characters that do not display as themselves (bidi controls, zero-width and other
+  // invisible characters, line separators, look-alike spaces) are written out as <U+XXXX>, so
+  // the page never shows other text than the one the grant binds (the service refuses them in
+  // new requests; this covers anything stored before).  Same list as sandboxsec/display.py.
+  const UNSAFE = new RegExp("[\\p{Cc}\\p{Cf}\\p{Cs}\\p{Co}\\p{Cn}\\p{Zl}\\p{Zp}" +
+    "\\u00A0\\u1680\\u2000-\\u200A\\u202F\\u205F\\u3000\\u034F\\u115F\\u1160" +
+    "\\u17B4\\u17B5\\u180B-\\u180F\\u2800\\u3164\\uFFA0\\uFE00-\\uFE0F" +
+    "\\u{E0100}-\\u{E01EF}]", "gu");
+
+  function visible(value, keepLines) {
+    return value.replace(UNSAFE, (ch) => keepLines && (ch === "\n" || ch === "\t") ? ch
+      : "<U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + ">");
+  }
+
   function text(id, value) {
-    $(id).textContent = value === undefined || value === null || value === "" ? "-" : String(value);
+    $(id).textContent = value === undefined || value === null || value === ""
+      ? "-" : visible(String(value));
   }
 
   function resourcePart(resource, kind) {
@@ -54,9 +69,13 @@
     text("action", req.action);
     text("amount", p.amount);
     text("currency", p.currency);
-    text("payee", p.payee !== undefined ? p.payee : resourcePart(req.resource, "payee"));
-    text("app", p.app !== undefined ? p.app : resourcePart(req.resource, "app"));
-    text("domain", p.domain !== undefined ? p.domain : resourcePart(req.resource, "domain"));
+    // The canonical target the policy decided on (a domain in its A-label form, so a
+    // look-alike name shows as xn--...); the params' spelling only when there is none.
+    const target = (kind) => resourcePart(req.resource, kind) !== undefined
+      ? resourcePart(req.resource, kind) : p[kind];
+    text("payee", target("payee"));
+    text("app", target("app"));
+    text("domain", target("domain"));
     text("resource", req.resource);
     text("session", req.session_id);
     text("image", req.image_name + (req.image_digest ? " (" + req.image_digest + ")" : ""));
@@ -64,7 +83,7 @@
     text("reason", req.reason);
     text("expires", new Date(req.expires_at).toLocaleString() + " (" + req.expires_at + ")");
     text("state", req.state);
-    $("params").textContent = JSON.stringify(p, null, 2);
+    $("params").textContent = visible(JSON.stringify(p, null, 2), true);
     text("params-hash", localHash);
     const open = req.state === "pending";
     $("approve").disabled = !open;

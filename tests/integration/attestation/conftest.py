@@ -23,6 +23,7 @@ from tests.support.softtpm import (
     marshal_quote,
     sign_quote,
     soft_activate,
+    soft_session_evidence,
 )
 
 EK_EKU = x509.ObjectIdentifier("2.23.133.8.1")
@@ -62,6 +63,10 @@ class SoftMachine:
             "event_log": b64(self.log),
             "image_manifest": self.manifest.decode(),
         }
+        # A software session key certified by the soft AK (the real-TPM binding is tested in
+        # tests/integration/sessions); the test client signs proofs with it.
+        session_fields, _ = soft_session_evidence(self.ak, nonce)
+        body.update(session_fields)
         body.update(over)
         return body
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,9 +13,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from sandboxsec.attestation.certify import parse_session_key
 from sandboxsec.clock import FixedClock
 from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
+from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys
 from tests.support.pki import Publisher, make_ca, make_publisher
 from tests.support.softtpm import make_manifest
@@ -125,7 +128,8 @@ def flip_b64(value: str, index: int) -> str:
 
 
 def test_real_tpm_affirming_and_session(env: sw.SwTpm, client: TestClient,
-                                        tenant: TenantKeys, publisher: Publisher) -> None:
+                                        tenant: TenantKeys, publisher: Publisher,
+                                        request: pytest.FixtureRequest) -> None:
     assert bind(client, tenant, env)["bound"] is True
     verdict = verify(client, tenant, evidence(env, nonce(client, tenant),
                                               manifest_for(env, publisher)))
@@ -133,9 +137,31 @@ def test_real_tpm_affirming_and_session(env: sw.SwTpm, client: TestClient,
     # The unknown vendor event replayed by its digest and is named.
     assert verdict["unknown_event_types"] == ["UNKNOWN_0x0000abcd"]
     assert set(verdict["trust_vector"].values()) == {2}
+    # Without a TPM-held session key the token starts no session (the bound flow is in
+    # tests/integration/sessions).
     r = client.post("/v1/sessions", headers=tenant.headers("agent"),
                     json={"attestation_token": verdict["token"]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "session_key_required"
+    n = nonce(client, tenant)
+    body = evidence(env, n, manifest_for(env, publisher))
+    public = env.new_session_key()
+    # The vTPM holds three transient objects: the other tests of this module need the room.
+    request.addfinalizer(env.drop_session_key)
+    attest, signature = env.certify_session_key(n)
+    body |= {"session_key": b64(public), "session_key_certify": b64(attest),
+             "session_key_signature": b64(signature)}
+    verdict = verify(client, tenant, body)
+    assert verdict["status"] == "affirming", verdict
+    jwk = parse_session_key(public).jwk
+    content = json.dumps({"attestation_token": verdict["token"]}).encode()
+    proof = dpop.create_proof(env.sign_session, jwk, method="POST",
+                              url="http://testserver/v1/sessions",
+                              session_id=verdict["attestation_id"], body=content,
+                              now=datetime.now(UTC), api_key=tenant.keys["agent"])
+    r = client.post("/v1/sessions", content=content, headers={
+        **tenant.headers("agent"), "Content-Type": "application/json", "DPoP": proof})
     assert r.status_code == 201, r.text
+    assert r.json()["key_thumbprint"] == dpop.jwk_thumbprint(jwk)
     assert r.json()["ak_name"] == env.ak_name().hex()
     assert r.json()["image_digest"] == "sha256:" + hashlib.sha256(IMAGE).hexdigest()
 

@@ -47,7 +47,7 @@ def server(tmp_path: Path, db_url: str) -> Iterator[tuple[str, dict[str, str]]]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine starts a Python process slowly
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:

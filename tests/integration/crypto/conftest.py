@@ -18,6 +18,7 @@ from sandboxsec.sessions.models import AgentSession
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
+from tests.support.sessionkeys import new_key
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 #: Small sizes so the streaming format (several segments) is exercised by small records.
@@ -44,7 +45,8 @@ def make_session(services: Services) -> Callable[[str], str]:
         sid = new_id("ss")
         with services.db.session() as s:
             s.add(AgentSession(id=sid, tenant_id=tenant_id, attested=True, created_at=now,
-                               expires_at=now + timedelta(hours=1)))
+                               expires_at=now + timedelta(hours=1),
+                               key_thumbprint=new_key(sid).jkt))
         return sid
 
     return make

@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ from tests.support.faults import (
     summary,
 )
 from tests.support.pgcluster import PgCluster
+from tests.support.sessionkeys import ProofAuth
 
 #: Fail-closed answers while the database is down.
-DOWN_CODES = {"database_unavailable", "audit_unavailable"}
+DOWN_CODES = {"database_unavailable", "audit_unavailable", "dpop_replay_store_unavailable"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -62,6 +64,11 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
         yield url
     finally:
         cluster.drop_database(url)
+
+
+def _proofs() -> ProofAuth:
+    # Requests in a session carry a proof by its (software) session key.
+    return ProofAuth(lambda: datetime.now(UTC))
 
 
 def _assert_clean(deployment: Deployment, base: str, ledger: Ledger) -> None:
@@ -278,7 +285,7 @@ def _outage_run(outage_setup: tuple[Deployment, _Outage], *, seconds: float,
         health: dict[str, Any] = {}
 
         async def scenario() -> dict[str, Any]:
-            async with httpx.AsyncClient(base_url=server.base) as client:
+            async with httpx.AsyncClient(base_url=server.base, auth=_proofs()) as client:
                 api = Api(client, ledger, LoadConfig())
                 prep = await _prepare(api, tenant, deployment, ledger)
 
@@ -399,7 +406,7 @@ def test_key_provider_outage_fails_closed_and_loses_nothing(tmp_path: Path) -> N
             sid, rid = next((s, r) for r, (_, s, _) in ledger.records.items())
             agent, admin = tenant.h("agent"), tenant.h("admin")
             answers: dict[str, tuple[int, str | None]] = {}
-            async with httpx.AsyncClient(base_url=server.base, timeout=30) as c:
+            async with httpx.AsyncClient(base_url=server.base, timeout=30, auth=_proofs()) as c:
                 token.unplug()
                 try:
                     record = {"kind": "action", "data": base64.b64encode(b"x" * 100).decode(),
@@ -504,7 +511,7 @@ def plain_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Se
 
 def _serves_others(server: Server, tenant: Tenant, rounds: int = 10) -> None:
     """A well-behaved client is answered, each call within a bounded time."""
-    with httpx.Client(base_url=server.base, timeout=5) as c:
+    with httpx.Client(base_url=server.base, timeout=5, auth=_proofs()) as c:
         for _ in range(rounds):
             assert c.get("/healthz").status_code == 200
             r = c.post("/v1/attestation/challenge", headers=tenant.h("agent"), json={})
@@ -540,7 +547,7 @@ def test_oversized_and_deep_bodies_are_refused(plain_service: tuple[Server, Tena
     assert status == 413 and b"payload_too_large" in body, (status, body)
     assert sent < 100, "the server read 100 MiB before refusing"
     # 3. Deep JSON: refused before any parser recurses into it.
-    with httpx.Client(base_url=server.base, timeout=10) as c:
+    with httpx.Client(base_url=server.base, timeout=10, auth=_proofs()) as c:
         deep = "[" * 100_000 + "]" * 100_000
         r = c.post("/v1/actions", headers={**tenant.h("agent"), "Content-Type":
                                            "application/json"}, content=deep)

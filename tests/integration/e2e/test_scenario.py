@@ -29,6 +29,7 @@ from sandboxsec.sandbox.scenario import (
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys, make_session
 from tests.support.pgcluster import PgCluster
+from tests.support.sessionkeys import KEYS
 
 needs_swtpm = pytest.mark.skipif(not swtpm.available(), reason="swtpm is not installed")
 
@@ -68,6 +69,8 @@ def _assert_scenario(result: ScenarioResult, printed: list[str], workdir: Path) 
     # Attestation: the real vTPM's quote is affirming; its token starts exactly one session.
     assert (f["attestation_status"], f["attestation_failures"]) == ("affirming", [])
     assert f["token_replay"] == "attestation_token_reused"
+    # A second agent key with the session id proves nothing: no proof, or its own key's.
+    assert f["second_key_refusals"] == ["dpop_proof_missing", "dpop_key_mismatch"]
     # Both sensitive actions wait for a person, with the exact params shown.
     assert f["login_decision"] == f["payment_decision"] == "approval_required"
     assert f["login_state"] == "approved" and f["login_grant_issued"]
@@ -195,7 +198,14 @@ def test_agent_client_bounded_wait_and_refusals(client: TestClient, services: Se
                                                 tenant: TenantKeys,
                                                 other_tenant: TenantKeys) -> None:
     sid = make_session(services, tenant)
-    agent = AgentClient(str(client.base_url), tenant.keys["agent"], client=client)
+    key = KEYS[sid]  # the session's key (software here; swtpm in tests/integration/sessions)
+
+    def client_for(api_key: str) -> AgentClient:
+        c = AgentClient(str(client.base_url), api_key, client=client, clock=services.clock)
+        c.session_signer, c.session_jwk, c.session_id = key.sign, key.jwk, sid
+        return c
+
+    agent = client_for(tenant.keys["agent"])
     assert agent.record(sid, "observation", b"page loaded", {"step": 1}).startswith("tr_")
     params = {"amount": "120.00", "currency": "EUR", "payee": "acme-gmbh"}
     d = agent.request_action(sid, "payment", "payee:acme-gmbh", params)
@@ -204,7 +214,7 @@ def test_agent_client_bounded_wait_and_refusals(client: TestClient, services: Se
     waited = agent.wait(d.approval_id, timeout=0.3, poll=0.1)
     assert (waited.state, waited.grant, waited.params) == ("pending", None, params)
     # Another tenant's agent gets 404 for this tenant's approval and session, like a missing id.
-    foreign = AgentClient(str(client.base_url), other_tenant.keys["agent"], client=client)
+    foreign = client_for(other_tenant.keys["agent"])
     for call in (lambda: foreign.approval(d.approval_id or ""),
                  lambda: foreign.record(sid, "observation", b"x")):
         with pytest.raises(ApiError) as refused:
@@ -215,6 +225,5 @@ def test_agent_client_bounded_wait_and_refusals(client: TestClient, services: Se
     assert not check.valid and check.code in {"grant_malformed", "grant_signature_invalid"}
     # A key the service does not know: 401 with a reason code.
     with pytest.raises(ApiError) as unknown:
-        AgentClient(str(client.base_url), "ssk_0000000000000000_" + "A" * 43,
-                    client=client).approval(d.approval_id)
+        client_for("ssk_0000000000000000_" + "A" * 43).approval(d.approval_id)
     assert unknown.value.status == 401

@@ -45,6 +45,7 @@ def running_service(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
     env["SANDBOXSEC_HOME"] = str(home)
     cli = [sys.executable, "-m", "sandboxsec.cli"]
+    subprocess.run([*cli, "migrate"], env=env, capture_output=True, check=True)
     created = json.loads(subprocess.run([*cli, "tenant", "create", "schemathesis-tenant-7f3a"],
                                         env=env, capture_output=True, text=True,
                                         check=True).stdout)

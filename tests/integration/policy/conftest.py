@@ -13,6 +13,7 @@ from sandboxsec.ids import new_id
 from sandboxsec.services import Services
 from sandboxsec.sessions.models import AgentSession
 from tests.conftest import TenantKeys
+from tests.support.sessionkeys import new_key
 
 PAYMENT = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh",
            "iban": "DE89370400440532013000"}
@@ -28,7 +29,7 @@ def make_session(services: Services, tenant: TenantKeys, *, attested: bool = Tru
             id=sid, tenant_id=tenant.id, image_name=image,
             image_digest="sha256:" + "ab" * 32, ak_name="000b" + "cd" * 32, attested=attested,
             created_by=tenant.key_ids["agent"], created_at=now,
-            expires_at=now + timedelta(seconds=ttl),
+            expires_at=now + timedelta(seconds=ttl), key_thumbprint=new_key(sid).jkt,
         ))
     return sid
 

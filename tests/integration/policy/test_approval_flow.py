@@ -66,7 +66,7 @@ def test_payment_waits_for_approval_then_grant_is_valid_once(
     # The agent picks up its grant; the approver never sees it.
     assert "grant" not in _approval(client, tenant, aid).json()
     grant = _approval(client, tenant, aid, role="agent").json()["grant"]
-    assert grant.startswith("sgr1.")
+    assert grant.count(".") == 2
 
     ok = _verify(client, tenant, grant, PAYMENT, resource="payee:acme-gmbh")
     assert ok.status_code == 200 and ok.json()["valid"] is True
@@ -217,7 +217,7 @@ def test_login_to_new_domain_then_known(client: TestClient, tenant: TenantKeys,
     _decide(client, tenant, aid, "approve", _approval(client, tenant, aid).json()["params_hash"])
     again = act("login", "domain:bank.example.", {"username": "ops"})
     assert again.json()["decision"] == "allow" and again.json()["rule_id"] == "login-known-domain"
-    assert again.json()["grant"].startswith("sgr1.")
+    assert again.json()["grant"].count(".") == 2
     other = act("login", "domain:elsewhere.example", {"username": "ops"})
     assert other.json()["decision"] == "approval_required"
 
@@ -266,7 +266,7 @@ def test_wait_wakes_on_approval(client: TestClient, tenant: TenantKeys, act: Act
     _decide(client, tenant, aid, "approve", h)
     waiter.join(30)
     assert results and results[0].json()["state"] == "approved"
-    assert results[0].json()["grant"].startswith("sgr1.")
+    assert results[0].json()["grant"].count(".") == 2
 
 
 def _race_once(services: Services, tenant: TenantKeys, aid: str) -> None:

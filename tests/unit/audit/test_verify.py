@@ -158,8 +158,12 @@ def test_a_kept_checkpoint_from_an_earlier_audit_detects_a_rewrite() -> None:
     for s in (10, 20, 30, 40, 50):
         rebuilt.notes[s] = rebuilt.sign(s, tree.root(s))
     data = rebuilt.export()
-    verify_export(data, PUB)  # self-consistent on its own ...
-    with pytest.raises(AuditForkError):  # ... but not with what the auditor saw before
+    # Re-signed roots over a chain whose links were not recomputed: the links are checked
+    # always, so the edited entry is named even though every root matches.
+    with pytest.raises(AuditChainBrokenError) as err:
+        verify_export(data, PUB)
+    assert err.value.seq == 5
+    with pytest.raises(AuditForkError):  # ... and not with what the auditor saw before
         verify_export(data, PUB, previous_checkpoints=[kept])
 
 
@@ -295,3 +299,33 @@ def test_any_genuine_range_of_any_log_verifies(n: int, every: int, data: st.Data
         end = min(s for s in log.notes if s >= start)
     report = verify_export(log.export(start, end), PUB)
     assert (report.first_seq, report.end_seq, report.entries) == (start, end, end - start)
+
+
+@pytest.mark.parametrize("seq", [1, 9, 10, 11, 37])
+def test_a_broken_prev_link_is_named_even_when_every_root_matches(seq: int) -> None:
+    """A service that signed over a broken chain (its past was altered before it signed):
+    every root matches the entries, but the link is still checked and the entry named."""
+    log = SynthLog(50, every=10, key=LOG50.key)
+    line = log.lines[seq]
+    old_prev = line.split(b'"prev":"', 1)[1][:64]
+    log.lines[seq] = line.replace(old_prev, b"f" * 64, 1)
+    tree = MerkleTree(log.leaves)
+    log.notes = {s: log.sign(s, tree.root(s)) for s in (10, 20, 30, 40, 50)}
+    with pytest.raises(AuditChainBrokenError) as err:
+        verify_export(log.export(), PUB)
+    assert err.value.seq == seq
+    # The same in a range export starting after 0, and with the break just past the start.
+    if seq >= 10:
+        with pytest.raises(AuditChainBrokenError) as err2:
+            verify_export(log.export(10, 50), PUB)
+        assert err2.value.seq == seq
+
+
+def test_a_sequence_number_out_of_place_is_named_even_when_every_root_matches() -> None:
+    log = SynthLog(30, every=10, key=LOG50.key)
+    log.lines[12] = log.lines[12].replace(b'"seq":12,', b'"seq":13,', 1)
+    tree = MerkleTree(log.leaves)
+    log.notes = {s: log.sign(s, tree.root(s)) for s in (10, 20, 30)}
+    with pytest.raises(AuditEntryOrderError) as err:
+        verify_export(log.export(), PUB)
+    assert err.value.seq == 12

@@ -137,6 +137,10 @@ class InMemoryPolicyRepository:
             raise NotFoundError("no such approval")
         return found.model_copy()
 
+    def lock_session(self, tx: FakeTx, tenant_id: str, session_id: str) -> None:
+        # One thread at a time uses the fake: nothing to hold.
+        return None
+
     def pending_approvals(self, tx: FakeTx, tenant_id: str, session_id: str, now: datetime
                           ) -> list[ApprovalRequest]:
         return [a.model_copy() for a in self.approvals.values()

@@ -106,7 +106,9 @@ KEYS = {CLAIMS.key_id: KEY.public_key()}
 
 def test_grant_roundtrip_and_determinism() -> None:
     token = encode_grant(CLAIMS, KEY)
-    assert token.startswith("sgr1.") and token == encode_grant(CLAIMS, KEY)
+    assert token == encode_grant(CLAIMS, KEY)
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"alg": "EdDSA", "kid": CLAIMS.key_id, "typ": "sandboxsec-grant+jws"}
     assert decode_grant(token, KEYS) == CLAIMS
     check_grant(CLAIMS, now=NOW, action="payment", params_hash=params_hash(PARAMS),
                 resource="payee:acme")
@@ -129,15 +131,66 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def test_tampered_payload_fails_signature() -> None:
-    _, payload, sig = encode_grant(CLAIMS, KEY).split(".")
-    body = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    body["ph"] = "b" * 64
+def _legacy(payload: dict[str, object], key: Ed25519PrivateKey = KEY) -> str:
     from sandboxsec.policy.canonical import canonical_json
 
-    forged = f"sgr1.{_b64(canonical_json(body))}.{sig}"
+    signing_input = f"sgr1.{_b64(canonical_json(payload))}"
+    return f"{signing_input}.{_b64(key.sign(signing_input.encode()))}"
+
+
+def _v1(claims: GrantClaims = CLAIMS) -> dict[str, object]:
+    body = {k: v for k, v in claims.payload().items() if k not in ("iss", "aud")}
+    return {**body, "v": 1}
+
+
+def test_tampered_payload_fails_signature() -> None:
+    from sandboxsec.policy.canonical import canonical_json
+
+    head, payload, sig = encode_grant(CLAIMS, KEY).split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    body["ph"] = "b" * 64
     with pytest.raises(GrantSignatureInvalidError):
-        decode_grant(forged, KEYS)
+        decode_grant(f"{head}.{_b64(canonical_json(body))}.{sig}", KEYS)
+    legacy_sig = _legacy(_v1()).split(".")[2]
+    with pytest.raises(GrantSignatureInvalidError):
+        decode_grant(f"sgr1.{_b64(canonical_json({**_v1(), 'ph': 'b' * 64}))}.{legacy_sig}",
+                     KEYS)
+
+
+def test_legacy_sgr1_grants_still_decode() -> None:
+    assert decode_grant(_legacy(_v1()), KEYS) == CLAIMS
+
+
+def test_jws_grant_claims_are_pinned() -> None:
+    """iss, aud, typ, v and the payload kid are checked; a token of another kind fails."""
+    from sandboxsec import jose
+    from sandboxsec.policy.canonical import canonical_json
+
+    def signed(payload: dict[str, object], typ: str = "sandboxsec-grant+jws") -> str:
+        return jose.sign_compact({"kid": CLAIMS.key_id, "typ": typ}, canonical_json(payload),
+                                 KEY)
+
+    good = CLAIMS.payload()
+    assert decode_grant(signed(good), KEYS) == CLAIMS
+    for bad in ({**good, "aud": "urn:sandboxsec:attestation"}, {**good, "iss": "urn:evil"},
+                {**good, "v": 1}, {**good, "kid": "0" * 16}):
+        with pytest.raises(GrantMalformedError):
+            decode_grant(signed(bad), KEYS)
+    with pytest.raises(GrantMalformedError):
+        decode_grant(signed(good, typ="JWT"), KEYS)
+
+
+def test_noncanonical_base64url_refused() -> None:
+    head, payload, sig = encode_grant(CLAIMS, KEY).split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # A 64-byte signature leaves 4 unused bits in its last character: setting one keeps the
+    # decoded bytes and must still be refused (one grant, one spelling).
+    odd = sig[:-1] + alphabet[alphabet.index(sig[-1]) | 1]
+    assert odd != sig
+    for bad in (f"{head}.{payload}.{odd}", f"{head}.{payload}.{sig}=",
+                f"{head}.{payload}.{sig[:5]}!{sig[5:]}"):
+        with pytest.raises((GrantMalformedError, GrantSignatureInvalidError)):
+            decode_grant(bad, KEYS)
 
 
 def test_other_key_refused() -> None:
@@ -157,8 +210,15 @@ def test_malformed_tokens(token: str) -> None:
 
 
 def test_non_canonical_payload_refused() -> None:
+    from sandboxsec import jose
+
     payload = json.dumps(CLAIMS.payload(), indent=1).encode()
-    signing_input = f"sgr1.{_b64(payload)}"
+    token = jose.sign_compact({"kid": CLAIMS.key_id, "typ": "sandboxsec-grant+jws"}, payload,
+                              KEY)
+    with pytest.raises(GrantMalformedError):
+        decode_grant(token, KEYS)
+    legacy = json.dumps(_v1(), indent=1).encode()
+    signing_input = f"sgr1.{_b64(legacy)}"
     token = f"{signing_input}.{_b64(KEY.sign(signing_input.encode()))}"
     with pytest.raises(GrantMalformedError):
         decode_grant(token, KEYS)
@@ -168,3 +228,6 @@ def test_non_canonical_payload_refused() -> None:
 def test_random_tokens_never_verify(payload: bytes, sig: bytes) -> None:
     with pytest.raises((GrantMalformedError, GrantSignatureInvalidError)):
         decode_grant(f"sgr1.{_b64(payload)}.{_b64(sig)}", KEYS)
+    head = _b64(json.dumps({"alg": "EdDSA", "kid": CLAIMS.key_id}).encode())
+    with pytest.raises((GrantMalformedError, GrantSignatureInvalidError)):
+        decode_grant(f"{head}.{_b64(payload)}.{_b64(sig)}", KEYS)

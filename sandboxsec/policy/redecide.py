@@ -1,0 +1,60 @@
+"""What a policy change does to what is in flight: pending requests and unused grants.
+
+Pure.  An approval request and a grant were decided under the policy in force when the agent
+asked.  If an admin then installs a stricter policy (say, deny everything after an incident),
+a person must no longer be able to approve the request, and the downstream must no longer
+accept the grant.  So each is decided again, under the policy in force *now*, at the moment
+it would take effect (the approval, the grant's use), with the same context builder as the
+first decision (:mod:`sandboxsec.policy.context`):
+
+* a pending request is refused when the policy now denies it;
+* a grant is refused when the policy now denies its action, and also when the policy now
+  requires a person's approval but the grant was issued without one (an ``allow``).
+
+A looser policy changes nothing in flight: a pending request still waits for its person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sandboxsec.policy.engine import ActionContext, CompiledPolicy, Outcome, Rule
+
+__all__ = ["Reconsidered", "reconsider_grant", "reconsider_pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reconsidered:
+    """Why something in flight no longer stands: the outcome now and the rule that gave it."""
+
+    outcome: Outcome
+    rule_id: str
+
+    def explain(self, what: str, version: int) -> str:
+        """A sentence for the refusal (rule ids are the tenant's own names)."""
+        verb = "denies" if self.outcome is Outcome.DENY else "requires a person's approval for"
+        return f"the policy in force (version {version}) now {verb} this {what} " \
+               f"(rule {self.rule_id})"
+
+
+def _rule_id(rule: Rule | None) -> str:
+    return rule.rule_id if rule is not None else "default-deny"
+
+
+def reconsider_pending(policy: CompiledPolicy, ctx: ActionContext) -> Reconsidered | None:
+    """``None`` when a pending request may still be approved under ``policy``."""
+    outcome, rule = policy.evaluate(ctx)
+    if outcome is Outcome.DENY:
+        return Reconsidered(outcome, _rule_id(rule))
+    return None
+
+
+def reconsider_grant(policy: CompiledPolicy, ctx: ActionContext, *, approved_by_person: bool
+                     ) -> Reconsidered | None:
+    """``None`` when a grant may still be used under ``policy``."""
+    outcome, rule = policy.evaluate(ctx)
+    if outcome is Outcome.DENY:
+        return Reconsidered(outcome, _rule_id(rule))
+    if outcome is Outcome.APPROVAL_REQUIRED and not approved_by_person:
+        return Reconsidered(outcome, _rule_id(rule))
+    return None

@@ -1,0 +1,339 @@
+"""Session proofs: RFC 9449 (DPoP) proof JWTs signed by the sandbox's TPM-held session key.
+
+A proof is a compact JWS whose header carries the public key and whose claims bind one HTTP
+request: its method (``htm``), URL without query (``htu``), issue time (``iat``), a unique id
+(``jti``), the session (``sid``), the SHA-256 of the exact body bytes (``bh``) and of the API
+key the request carries (``ath``, as RFC 9449 binds an access token).  The format, byte for
+byte, is in ``docs/api.md``.
+
+Contract: everything here is pure.  :func:`create_proof` takes a *signer* callable (the TPM in
+a sandbox, a software key in tests and SDKs) and ``now``; :func:`verify_proof` takes the
+proof, the request as received, the session's key thumbprint and ``now``, and returns the
+verified claims or raises one typed error of :mod:`sandboxsec.sessions.errors`.  Single use
+of ``jti`` is the caller's job (a store shared by all workers), after verification.
+
+Checks of :func:`verify_proof`, in order (RFC 9449 section 4.3):
+
+0. one compact JWS, bounded in size, strict unpadded base64url;
+1. header: ``typ`` is ``dpop+jwt``, ``alg`` is ``ES256`` (the only one allowed), no ``crit``,
+   ``jwk`` is a public P-256 key with no private member;
+2. claims: each present with its type;
+3. the RFC 7638 thumbprint of ``jwk`` is the session's ``jkt``;
+4. the signature (raw ``r || s``, 64 bytes) verifies under that key;
+5. ``sid``, ``htm``, ``htu`` (normalised), ``bh`` and ``ath`` match the request;
+6. ``iat`` is inside ``[now - max_age, now + skew]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from threading import Lock
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from sandboxsec.attestation.jwk import b64url, ec_jwk
+from sandboxsec.attestation.jwk import jwk_thumbprint as _thumbprint
+from sandboxsec.encoding import b64url_decode_strict
+from sandboxsec.sessions.errors import (
+    DpopAthMismatchError,
+    DpopBodyMismatchError,
+    DpopKeyMismatchError,
+    DpopMalformedError,
+    DpopMethodMismatchError,
+    DpopSessionMismatchError,
+    DpopSignatureInvalidError,
+    DpopStaleError,
+    DpopUrlMismatchError,
+)
+
+__all__ = [
+    "ALG",
+    "MAX_PROOF_CHARS",
+    "TYP",
+    "KeyCache",
+    "Signer",
+    "VerifiedProof",
+    "ath_of",
+    "b64url",
+    "body_hash",
+    "create_proof",
+    "der_to_raw",
+    "ec_jwk",
+    "jwk_thumbprint",
+    "normalize_url",
+    "verify_proof",
+    "verify_signature",
+]
+
+TYP: Final = "dpop+jwt"
+ALG: Final = "ES256"
+#: A P-256 proof is about 600 characters; anything much larger is refused unread.
+MAX_PROOF_CHARS: Final = 4096
+_MAX_CLAIM: Final = 512
+_PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_EC_MEMBERS: Final = ("crv", "kty", "x", "y")
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+#: Signs the JWS signing input; returns the raw ``r || s`` signature (64 bytes for ES256).
+Signer = Callable[[bytes], bytes]
+
+
+def _unb64url(text: str, what: str) -> bytes:
+    # Strict: the alphabet only, no padding, no whitespace, and the one canonical spelling.
+    try:
+        return b64url_decode_strict(text)
+    except ValueError:
+        raise DpopMalformedError(f"{what} is not unpadded base64url") from None
+
+
+def body_hash(body: bytes) -> str:
+    """The ``bh`` claim: base64url SHA-256 of the exact request body bytes (empty: b"")."""
+    return b64url(hashlib.sha256(body).digest())
+
+
+def ath_of(api_key: str) -> str:
+    """The ``ath`` claim: base64url SHA-256 of the API key as sent (RFC 9449 section 4.2)."""
+    return b64url(hashlib.sha256(api_key.encode("utf-8")).digest())
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 SHA-256 thumbprint (:func:`sandboxsec.attestation.jwk.jwk_thumbprint`);
+    a key it cannot name is a malformed proof."""
+    try:
+        return _thumbprint(jwk)
+    except ValueError as exc:
+        raise DpopMalformedError(str(exc)) from None
+
+
+def der_to_raw(der: bytes, size: int = 32) -> bytes:
+    """An ASN.1 DER ECDSA signature as JWS wants it: ``r || s``, each left-padded to ``size``."""
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def normalize_url(url: str) -> str:
+    """``scheme://host[:port]/path`` lower-cased where case does not matter, default port
+    dropped, query and fragment removed (RFC 9449 section 4.3, RFC 3986 section 6.2.2)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise DpopMalformedError("htu is not a URL") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host or parts.username or parts.password:
+        raise DpopMalformedError("htu must be an http(s) URL with a host and no user info")
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        netloc = f"[{host}]" if port in (None, _DEFAULT_PORTS[scheme]) else f"[{host}]:{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}"
+
+
+def create_proof(
+    signer: Signer,
+    jwk: Mapping[str, str],
+    *,
+    method: str,
+    url: str,
+    session_id: str,
+    body: bytes,
+    now: datetime,
+    api_key: str | None = None,
+    jti: str | None = None,
+) -> str:
+    """A proof for one request, signed by ``signer`` (the session key), as a compact JWS.
+
+    ``url`` is the full URL the request is sent to (query and fragment are dropped);
+    ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it.
+    """
+    header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _EC_MEMBERS}}
+    claims: dict[str, Any] = {
+        "jti": jti or b64url(secrets.token_bytes(18)),
+        "htm": method.upper(),
+        "htu": normalize_url(url),
+        "iat": int(now.timestamp()),
+        "sid": session_id,
+        "bh": body_hash(body),
+    }
+    if api_key is not None:
+        claims["ath"] = ath_of(api_key)
+    signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
+                     + b64url(json.dumps(claims, separators=(",", ":")).encode()))
+    signature = signer(signing_input.encode("ascii"))
+    if len(signature) != 64:
+        raise ValueError("an ES256 signer must return 64 bytes (r || s)")
+    return signing_input + "." + b64url(signature)
+
+
+class KeyCache:
+    """Parsed session public keys by thumbprint (bounded LRU), so each key is parsed once."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._keys: OrderedDict[str, ec.EllipticCurvePublicKey] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, jkt: str, jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+        """The key of ``jwk`` (whose thumbprint the caller checked is ``jkt``)."""
+        with self._lock:
+            key = self._keys.get(jkt)
+            if key is not None:
+                self._keys.move_to_end(jkt)
+                return key
+        key = _p256_key(jwk)
+        with self._lock:
+            self._keys[jkt] = key
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+        return key
+
+
+def _p256_key(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+    x = _unb64url(str(jwk.get("x", "")), "jwk x")
+    y = _unb64url(str(jwk.get("y", "")), "jwk y")
+    if len(x) != 32 or len(y) != 32:
+        raise DpopMalformedError("jwk coordinates must be 32 bytes each")
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
+    except ValueError:
+        raise DpopMalformedError("jwk is not a point on P-256") from None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedProof:
+    """The claims of a proof that verified (``jti`` still has to be claimed once)."""
+
+    jkt: str
+    jti: str
+    iat: int
+    session_id: str
+    htm: str
+    htu: str
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_unb64url(segment, what))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise DpopMalformedError(f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise DpopMalformedError(f"{what} is not a JSON object")
+    return value
+
+
+def _same(a: str, b: str) -> bool:
+    # compare_digest refuses non-ASCII str (a JSON escape can make one): compare bytes.
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value or len(value) > _MAX_CLAIM:
+        raise DpopMalformedError(f"claim {name} is missing, empty, too long or not a string")
+    return value
+
+
+def verify_proof(
+    proof: str,
+    *,
+    method: str,
+    url: str,
+    body: bytes,
+    session_id: str,
+    jkt: str,
+    now: datetime,
+    max_age_seconds: int,
+    skew_seconds: int,
+    api_key: str | None = None,
+    keys: KeyCache | None = None,
+) -> VerifiedProof:
+    """Verify ``proof`` for the request (``method``, ``url`` as the service is reached from
+    outside, ``body`` as received) in session ``session_id`` whose key thumbprint is ``jkt``.
+
+    Raises the error of the first check that fails (order in the module docstring).
+    """
+    _, claims = verify_signature(proof, jkt, keys)
+    jti, htm, htu = _claim(claims, "jti"), _claim(claims, "htm"), _claim(claims, "htu")
+    sid, bh = _claim(claims, "sid"), _claim(claims, "bh")
+    iat = claims["iat"]
+    # 5. Bound to this request.
+    if sid != session_id:
+        raise DpopSessionMismatchError("the proof was made for another session")
+    if htm != method.upper():
+        raise DpopMethodMismatchError("the proof was made for another HTTP method")
+    if normalize_url(htu) != normalize_url(url):
+        raise DpopUrlMismatchError("the proof was made for another URL")
+    if not _same(bh, body_hash(body)):
+        raise DpopBodyMismatchError("the proof's body hash does not match the body")
+    if api_key is not None:
+        ath = claims.get("ath")
+        if not isinstance(ath, str) or not _same(ath, ath_of(api_key)):
+            raise DpopAthMismatchError("the proof was made for another API key")
+    # 6. Fresh.
+    t = int(now.timestamp())
+    if iat < t - max_age_seconds or iat > t + skew_seconds:
+        raise DpopStaleError("the proof's iat is outside the freshness window")
+    return VerifiedProof(jkt=jkt, jti=jti, iat=iat, session_id=sid, htm=htm, htu=htu)
+
+
+def verify_signature(
+    proof: str, jkt: str, keys: KeyCache | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks 0-4 of :func:`verify_proof`: a well-formed proof signed by the key ``jkt``.
+
+    Returns the header's ``jwk`` and the claims; checks only that ``jti``, ``htm``, ``htu``
+    and ``iat`` are present with their types (the RFC 9449 claims), not their values.
+    """
+    # 0. One compact JWS, bounded.
+    if len(proof) > MAX_PROOF_CHARS or not proof.isascii() or proof.count(".") != 2:
+        raise DpopMalformedError("the DPoP header is not one compact JWS of bounded size")
+    head_b64, claims_b64, sig_b64 = proof.split(".")
+    # 1. Header: type, the one allowed algorithm, a public P-256 key.
+    header = _json_object(head_b64, "proof header")
+    if header.get("typ") != TYP or "crit" in header:
+        raise DpopMalformedError("proof header typ must be dpop+jwt, without crit")
+    if header.get("alg") != ALG:
+        raise DpopMalformedError("proof alg must be ES256")
+    jwk = header.get("jwk")
+    if not isinstance(jwk, dict) or jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+        raise DpopMalformedError("proof jwk must be a P-256 EC public key")
+    if _PRIVATE_MEMBERS & jwk.keys():
+        raise DpopMalformedError("proof jwk must not contain private key material")
+    # 2. Claims present, with their types.
+    claims = _json_object(claims_b64, "proof claims")
+    for name in ("jti", "htm", "htu"):
+        _claim(claims, name)
+    iat = claims.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise DpopMalformedError("claim iat is missing or not an integer")
+    # 3. The key is the session's key.
+    if not _same(jwk_thumbprint(jwk), jkt):
+        raise DpopKeyMismatchError("the proof is not signed by this session's key")
+    # 4. The signature over exactly the received bytes, raw r || s.
+    signature = _unb64url(sig_b64, "proof signature")
+    if len(signature) != 64:
+        raise DpopSignatureInvalidError("an ES256 signature is 64 bytes (r || s)")
+    key = (keys or KeyCache(1)).get(jkt, jwk)
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                               int.from_bytes(signature[32:], "big"))
+    try:
+        key.verify(der, f"{head_b64}.{claims_b64}".encode("ascii"), _ECDSA_SHA256)
+    except InvalidSignature:
+        raise DpopSignatureInvalidError("the proof signature does not verify") from None
+    return jwk, claims

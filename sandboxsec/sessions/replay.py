@@ -1,0 +1,73 @@
+"""The replay store of session proofs: each (key thumbprint, ``jti``) is accepted once.
+
+The store is the database every worker shares: claiming a proof inserts its row under a
+primary key made from the thumbprint and ``jti`` (``INSERT ... ON CONFLICT DO NOTHING
+RETURNING``), so of two workers receiving the same proof at once exactly one wins.  A row
+is kept until the proof could no longer pass the freshness window (``iat`` + max age +
+skew), then purged.  When the database cannot record the claim the request is refused:
+a proof that cannot be marked used is never accepted (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any, Final, cast
+
+from sqlalchemy import Table, delete
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session
+
+from sandboxsec.errors import SandboxSecError
+from sandboxsec.sessions.errors import DpopReplayStoreUnavailableError
+from sandboxsec.sessions.models import SessionProof
+from sandboxsec.storage.db import Database
+
+__all__ = ["ReplayStore"]
+
+_PROOFS = cast(Table, SessionProof.__table__)  # type: ignore[attr-defined]
+_PURGE_EVERY: Final = 1024
+
+
+class ReplayStore:
+    """Single use of proof ids across all workers, on the shared database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._claims = 0
+
+    def claim(self, tenant_id: str, jkt: str, jti: str, *, keep_until: datetime,
+              now: datetime, session: Session | None = None) -> bool:
+        """True if this call is the first use of (``jkt``, ``jti``); False for a replay.
+
+        In the caller's transaction when ``session`` is given (the claim then stands or falls
+        with it); otherwise in its own, and :class:`DpopReplayStoreUnavailableError` is raised
+        when the claim cannot be recorded.
+        """
+        key = hashlib.sha256(f"{jkt}.{jti}".encode()).hexdigest()
+        insert = pg_insert if self._db.is_postgres else sqlite_insert
+        stmt = (insert(_PROOFS).values(id=key, tenant_id=tenant_id, expires_at=keep_until)
+                .on_conflict_do_nothing().returning(_PROOFS.c.id))
+        if session is not None:
+            won = session.execute(stmt).first()
+        else:
+            try:
+                with self._db.session() as s:
+                    won = s.execute(stmt).first()
+            except SandboxSecError as exc:
+                raise DpopReplayStoreUnavailableError(
+                    f"the proof replay store is unavailable ({exc.reason})") from None
+        self._claims += 1
+        if self._claims % _PURGE_EVERY == 0:
+            self.purge(now)
+        return won is not None
+
+    def purge(self, now: datetime) -> None:
+        """Drop rows of proofs that can no longer pass the freshness window."""
+        table: Any = SessionProof
+        try:
+            with self._db.session() as s:
+                s.execute(delete(SessionProof).where(table.expires_at < now))
+        except SandboxSecError:
+            return  # housekeeping only: the next purge retries
