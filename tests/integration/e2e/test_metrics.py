@@ -84,7 +84,7 @@ def test_domain_counters_move_after_the_matching_action(
             assert token
             status, s = await api.call("s", "POST", "/v1/sessions", tenant.h("agent"),
                                        {"attestation_token": token})
-            assert status == 201
+            assert status == 201, s
             sid = s["session_id"]
             status, d = await api.call("a", "POST", "/v1/actions", tenant.h("agent"), {
                 "session_id": sid, "action": "login", "resource": "domain:m.bank.example",
