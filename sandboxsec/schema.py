@@ -13,9 +13,11 @@ def metadata() -> MetaData:
     import sandboxsec.attestation.models
     import sandboxsec.audit.models
     import sandboxsec.crypto.models
+    import sandboxsec.people.models
     import sandboxsec.policy.models
     import sandboxsec.sessions.models
     import sandboxsec.tenants.models
-    import sandboxsec.trajectory.models  # noqa: F401
+    import sandboxsec.trajectory.models
+    import sandboxsec.webhooks.models  # noqa: F401
 
     return SQLModel.metadata

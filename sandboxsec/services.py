@@ -31,6 +31,9 @@ from sandboxsec.crypto.hierarchy import KeyHierarchy
 from sandboxsec.crypto.keys import KeyProvider, build_key_provider
 from sandboxsec.crypto.signing import hsm_signer
 from sandboxsec.crypto.tenant_keys import build_tenant_key_store
+from sandboxsec.people.decisions import SignedDecisions
+from sandboxsec.people.routes import PeopleRouting
+from sandboxsec.people.service import PeopleService
 from sandboxsec.policy.admin import PolicyAdmin
 from sandboxsec.policy.approval_service import ApprovalService, Listener
 from sandboxsec.policy.config import ApprovalConfig, GrantConfig, PolicyConfig
@@ -52,6 +55,8 @@ from sandboxsec.tenants.refusals import RefusalLimiter
 from sandboxsec.tenants.service import TenantService
 from sandboxsec.trajectory.config import TrajectoryConfig
 from sandboxsec.trajectory.service import TrajectoryService
+from sandboxsec.webhooks.outbox import SqlOutbox
+from sandboxsec.webhooks.service import WebhookService
 
 __all__ = ["Services"]
 
@@ -223,7 +228,8 @@ class Services:
         config = PolicyConfig(approval_ttl_seconds=s.approval_ttl_seconds)
         return DecisionService(self._policy_repository, self.clock, self._policy_audit,
                                self._policy_engine, self.policy_admin,
-                               self.grants, config, notifier)
+                               self.grants, config, notifier, routing=PeopleRouting(),
+                               outbox=SqlOutbox())
 
     @cached_property
     def approvals(self) -> ApprovalService:
@@ -237,12 +243,33 @@ class Services:
         config = ApprovalConfig(wait_max_seconds=self.settings.approval_wait_max_seconds,
                                 recheck_seconds=self.settings.approval_recheck_seconds)
         return ApprovalService(repo, self.clock, self._policy_audit, self.grants, wakeups,
-                               config, factory, in_force=self._policy_in_force)
+                               config, factory, in_force=self._policy_in_force,
+                               routing=PeopleRouting(), outbox=SqlOutbox())
 
     @cached_property
     def policy(self) -> PolicyService:
         """Policy admin, decisions, approvals and grants behind one handle."""
         return PolicyService(self.policy_admin, self.decisions, self.approvals, self.grants)
+
+    # ------------------------------------------------------------------ people, webhooks
+
+    @cached_property
+    def people(self) -> PeopleService:
+        """People, their passkeys, sign-ins and session owners."""
+        return PeopleService(db=self.db, clock=self.clock, settings=self.settings,
+                             audit=self.audit_writer)
+
+    @cached_property
+    def person_approvals(self) -> SignedDecisions:
+        """What a signed-in person sees, and their passkey-signed decisions."""
+        return SignedDecisions(db=self.db, clock=self.clock, audit=self.audit_writer,
+                               people=self.people, approvals=self.approvals)
+
+    @cached_property
+    def webhooks(self) -> WebhookService:
+        """Per-tenant webhooks and the delivery worker of their outbox."""
+        return WebhookService(db=self.db, clock=self.clock, settings=self.settings,
+                              audit=self.audit_writer, keys=lambda: self.keys)
 
     @cached_property
     def _policy_audit(self) -> KeyedParamsAudit:
@@ -261,8 +288,8 @@ class Services:
 
     def close(self) -> None:
         """Stop background work of every service that was built, then close the database."""
-        for name in ("approvals", "decisions", "key_hierarchy", "attestation", "sessions",
-                     "audit_writer", "keys"):
+        for name in ("webhooks", "approvals", "decisions", "key_hierarchy", "attestation",
+                     "sessions", "audit_writer", "keys"):
             svc: Any = self.__dict__.get(name)
             closer = getattr(svc, "close", None)
             if callable(closer):

@@ -6,10 +6,11 @@ Defaults are the embedded single-machine set-up (SQLite file and local root key 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AuditWitness", "Settings"]
@@ -113,6 +114,33 @@ class Settings(BaseSettings):
         description="SQLite only: waiters re-read the database this often.",
     )
 
+    # --- people: passkeys, sign-in, routing (see docs/policy.md "People") ---
+    webauthn_rp_id: str = Field(
+        default="localhost",
+        description="WebAuthn relying party id: the registrable domain passkeys are bound to.",
+    )
+    webauthn_rp_name: str = Field(default="sandboxsec", max_length=64)
+    public_origin: str = Field(
+        default="http://localhost:8000",
+        description="The exact origin people open the enrolment and approval pages on; "
+        "assertions from any other origin are refused (never taken from the Host header).",
+    )
+    enrolment_ttl_seconds: int = Field(default=72 * 3600, ge=60, le=30 * 86400)
+    person_session_ttl_seconds: int = Field(default=1800, ge=60, le=86400)
+    webauthn_challenge_ttl_seconds: int = Field(default=120, ge=10, le=600)
+    # --- webhooks: per-tenant outbox (see docs/policy.md "Notifications") ---
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(
+        default=2.0, gt=0, le=3600, description="First retry delay; doubles per attempt."
+    )
+    webhook_backoff_max_seconds: float = Field(default=600.0, gt=0, le=86400)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    webhook_allow_insecure: bool = Field(
+        default=False,
+        description="Allow http:// and loopback/private webhook targets (development only).",
+    )
+
     # --- crypto ---
     key_provider: Literal["local", "pkcs11"] = "local"
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
@@ -182,6 +210,39 @@ class Settings(BaseSettings):
                 f"unsupported database URL scheme {scheme or '(none)'!r}: use "
                 "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
         return v
+
+    @field_validator("webauthn_rp_id")
+    @classmethod
+    def _rp_id_is_a_domain(cls, v: str) -> str:
+        # An IP address is not a valid RP id (browsers throw SecurityError); a bare name is.
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}"
+                            r"[a-z0-9])?)*", v) or re.fullmatch(r"[0-9.]+", v):
+            raise ValueError("webauthn_rp_id must be a lower-case domain name, not an address")
+        return v
+
+    @field_validator("public_origin")
+    @classmethod
+    def _origin_is_exact(cls, v: str) -> str:
+        m = re.fullmatch(r"(https|http)://([a-z0-9.-]+)(:[0-9]{1,5})?", v)
+        if m is None:
+            raise ValueError("public_origin is scheme://host[:port], lower case, no path")
+        if m.group(1) == "http" and m.group(2) != "localhost":
+            raise ValueError("public_origin must be https (http only for localhost)")
+        return v
+
+    @model_validator(mode="after")
+    def _origin_within_rp_id(self) -> Settings:
+        # A mismatch would refuse every passkey at run time: refuse the configuration instead.
+        self.webauthn_origins()
+        return self
+
+    def webauthn_origins(self) -> tuple[str, ...]:
+        """The origins assertions may come from (exactly the configured public origin)."""
+        host = self.public_origin.split("://", 1)[1].split(":", 1)[0]
+        if host != self.webauthn_rp_id and not host.endswith("." + self.webauthn_rp_id):
+            # A passkey of RP id X is only usable on X and its subdomains.
+            raise ValueError("public_origin's host is not within webauthn_rp_id")
+        return (self.public_origin,)
 
     @field_validator("home")
     @classmethod

@@ -20,7 +20,7 @@ __all__ = ["ROUTE_MODULES", "create_app"]
 #: ``page_router`` (if any) at the root.
 ROUTE_MODULES = (
     "health", "tenants", "attestation", "sessions", "actions", "approvals", "grants",
-    "policy", "trajectory", "keys", "audit",
+    "policy", "trajectory", "keys", "audit", "people", "webhooks",
 )
 
 
@@ -34,9 +34,12 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Each serving process delivers the tenants' webhook outbox (claims are one-winner).
+        svc.webhooks.start()
         try:
             yield
         finally:
+            svc.webhooks.close()
             if close_at_end:
                 svc.close()
 

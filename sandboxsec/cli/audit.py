@@ -21,6 +21,7 @@ from sandboxsec.audit.record import SERVICE_LOG
 from sandboxsec.audit.verify import verify_entry_proof, verify_export
 from sandboxsec.audit.witness_policy import WitnessPolicy, parse_witness_policy
 from sandboxsec.cli._args import decimal
+from sandboxsec.people.audit_verify import verify_decisions
 
 __all__ = ["register"]
 
@@ -182,6 +183,8 @@ def _verify(args: argparse.Namespace) -> int:
             previous_checkpoints=notes, witnesses=policy[0], min_witnesses=policy[1],
             now=int(time.time()), policy=tlog_policy,
         )
+        # Then every passkey-signed decision against its logged registration.
+        decisions = verify_decisions(data, first_seq=report.first_seq)
     except UnicodeDecodeError:
         print("error: a checkpoint file is not UTF-8 text", file=sys.stderr)
         return 2
@@ -200,6 +203,9 @@ def _verify(args: argparse.Namespace) -> int:
         "root_hash": base64.b64encode(report.root_hash).decode(),
         "witnesses": [{"name": c.witness, "timestamp": c.timestamp}
                       for c in report.cosignatures],
+        "passkeys_registered": decisions.registrations,
+        "decisions_verified": decisions.decisions_verified,
+        "decisions_unanchored": decisions.unanchored,
     })
     return 0
 

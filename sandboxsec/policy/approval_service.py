@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -36,8 +37,10 @@ from sandboxsec.policy.errors import (
     ApprovalPolicyDeniedError,
 )
 from sandboxsec.policy.grant_service import GrantIssuer
+from sandboxsec.policy.hooks import ApprovalRouting, Outbox
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.routing import Route
 from sandboxsec.policy.target import canonical_domain, resolve_target
 from sandboxsec.policy.views import ApprovalView, approval_view
 from sandboxsec.policy.wakeup import Wakeups
@@ -97,11 +100,15 @@ class ApprovalService:
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
                  grants: GrantIssuer, wakeups: Wakeups, config: ApprovalConfig,
                  listener_factory: Callable[[], Listener] | None = None,
-                 in_force: PolicyInForce | None = None) -> None:
+                 in_force: PolicyInForce | None = None, *,
+                 routing: ApprovalRouting | None = None, outbox: Outbox | None = None) -> None:
         """``listener_factory`` is given when other processes can announce changes
         (PostgreSQL); without it, waiters re-read at ``config.recheck_seconds``.
         ``in_force`` decides a request again under the policy in force when it is approved
-        (see policy/redecide.py)."""
+        (see policy/redecide.py); ``routing`` says when an approver key may not approve (a
+        person must); ``outbox`` announces decisions to the tenant's webhooks."""
+        self._routing = routing
+        self._outbox = outbox
         self._repo = repo
         self._clock = clock
         self._audit = audit
@@ -150,6 +157,25 @@ class ApprovalService:
             row.state, row.decided_at, row.decided_by = (ApprovalState.DENIED.value, now,
                                                          POLICY_DECIDER)
         return won
+
+    def policy_refusal(self, tx: Tx, who: Principal, row: ApprovalRequest, now: datetime
+                       ) -> ApprovalPolicyDeniedError | None:
+        """Before an approval takes effect (by key, or a person's vote): when the policy in
+        force now denies the pending request, deny it in ``tx`` (audited) and return the
+        refusal to raise once ``tx`` has committed; ``None`` when it may still be approved."""
+        if (self._in_force is None or row.state != ApprovalState.PENDING.value
+                or now >= row.expires_at):
+            return None
+        why = self._in_force.approval_refusal(tx, row)
+        if why is None:
+            return None
+        self._policy_deny(tx, who, row, now, why)
+        return ApprovalPolicyDeniedError(why)
+
+    def route_now(self, tx: Tx, row: ApprovalRequest) -> Route | None:
+        """The route the policy in force now gives a pending request (``None``: no policy
+        in force is wired, or it no longer requires approval)."""
+        return self._in_force.approval_route(tx, row) if self._in_force is not None else None
 
     def sweep_pending(self, who: Principal) -> None:
         """After a policy change: deny every pending request the new policy denies.
@@ -235,13 +261,9 @@ class ApprovalService:
         with self._repo.transaction() as tx:
             # 1.-2. pure checks on the current row
             row = self._repo.approval(tx, who.tenant_id, approval_id)
-            if (event is ApprovalEvent.APPROVE and self._in_force is not None
-                    and row.state == ApprovalState.PENDING.value and now < row.expires_at):
+            if event is ApprovalEvent.APPROVE:
                 # 0. the policy in force now still lets a person approve this
-                why = self._in_force.approval_refusal(tx, row)
-                if why is not None:
-                    self._policy_deny(tx, who, row, now, why)
-                    refused = ApprovalPolicyDeniedError(why)
+                refused = self.policy_refusal(tx, who, row, now)
             try:
                 new_state = check_decision(
                     state=ApprovalState(row.state), event=event, expires_at=row.expires_at,
@@ -251,6 +273,11 @@ class ApprovalService:
                 refused = refused or exc
                 if isinstance(exc, ApprovalExpiredError):
                     self._expire(tx, who, row, now)
+            if refused is None and event is ApprovalEvent.APPROVE and self._routing is not None:
+                # 2b. the policy may demand a person's passkey (keys then only deny); a quorum
+                #     is only ever met by people
+                refused = self._routing.key_refusal(tx, who.tenant_id, row.id,
+                                                    self.route_now(tx, row))
             if refused is None:
                 # 3. one winner
                 grant_id = new_id("gr") if new_state is ApprovalState.APPROVED else None
@@ -268,41 +295,70 @@ class ApprovalService:
                 )
             else:
                 # 4. grant and audit in the same transaction
-                if new_state is ApprovalState.APPROVED:
-                    assert grant_id is not None
-                    record = self._grants.issue(
-                        tx, tenant_id=who.tenant_id, session_id=row.session_id,
-                        approval_id=row.id, decision_id=row.decision_id, action=row.action,
-                        resource=row.resource, p_hash=row.params_hash, now=now,
-                        grant_id=grant_id)
-                    # One append for both: one lock of the log head instead of two.
-                    self._audit.append_many([
-                        AuditRecord.by(who, AuditEvent.APPROVAL_APPROVE, "approved",
-                                       object_ids=ids, body={"params_hash": row.params_hash}),
-                        AuditRecord.by(who, AuditEvent.GRANT_ISSUE, "success",
-                                       object_ids={**ids, "grant_id": record.id},
-                                       body={"action": row.action,
-                                             "params_hash": row.params_hash}),
-                    ], session=tx)
-                    domain = login_domain(row)
-                    if domain is not None:
-                        self._repo.remember_domain(tx, who.tenant_id, domain, row.session_id,
-                                                   now)
-                else:
-                    self._audit.append(
-                        AuditRecord.by(who, AuditEvent.APPROVAL_DENY, "denied", object_ids=ids,
-                                       body={"params_hash": row.params_hash}),
-                        session=tx,
-                    )
-                self._repo.announce(tx, row.id)
-                row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
-                row.grant_id = grant_id
+                self.settle(tx, who, row, new_state, now, grant_id,
+                            extra={"signer": "api_key"})
         self.wakeups.notify(approval_id)
         if refused is not None:
             log.info("approval_refused", approval_id=approval_id, reason=refused.reason)
             raise refused
         log.info("approval_decided", approval_id=approval_id, state=row.state)
         return approval_view(row)
+
+    def settle(self, tx: Tx, who: Principal, row: ApprovalRequest, new_state: ApprovalState,
+               now: datetime, grant_id: str | None, *, extra: Mapping[str, Any] | None = None,
+               actor_role: str | None = None) -> None:
+        """Write what a decision that won its conditional update entails, in ``tx``.
+
+        Approval issues the grant; the decision's audit entry carries ``extra`` (who signed
+        and how: ``signer`` is ``api_key`` or ``passkey``, with the assertion for the latter);
+        ``actor_role`` overrides the role recorded (``person`` for passkey decisions).  The
+        caller has already moved the row out of ``pending``.
+        """
+        ids = {"approval_id": row.id, "session_id": row.session_id}
+        body = {"params_hash": row.params_hash, **(extra or {})}
+        batch: list[AuditRecord] = []
+        if new_state is ApprovalState.APPROVED:
+            assert grant_id is not None
+            record = self._grants.issue(
+                tx, tenant_id=who.tenant_id, session_id=row.session_id, approval_id=row.id,
+                decision_id=row.decision_id, action=row.action, resource=row.resource,
+                p_hash=row.params_hash, now=now, grant_id=grant_id)
+            batch.append(AuditRecord.by(who, AuditEvent.APPROVAL_APPROVE, "approved",
+                                        object_ids=ids, body=body))
+            batch.append(AuditRecord.by(who, AuditEvent.GRANT_ISSUE, "success",
+                                        object_ids={**ids, "grant_id": record.id},
+                                        body={"action": row.action,
+                                              "params_hash": row.params_hash}))
+            domain = login_domain(row)
+            if domain is not None:
+                self._repo.remember_domain(tx, who.tenant_id, domain, row.session_id, now)
+        else:
+            batch.append(AuditRecord.by(who, AuditEvent.APPROVAL_DENY, "denied",
+                                        object_ids=ids, body=body))
+        if actor_role is not None:
+            batch = [replace(r, actor_role=actor_role) for r in batch]
+        # One append for the decision: one lock of the log head instead of two.
+        self._audit.append_many(batch, session=tx)
+        if self._outbox is not None:
+            self._outbox.enqueue(tx, row.tenant_id, "approval.decided", {
+                "approval_id": row.id, "state": new_state.value,
+                "params_hash": row.params_hash, "signer": body.get("signer", "api_key")}, now)
+        self._repo.announce(tx, row.id)
+        row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
+        row.grant_id = grant_id
+
+    def prepare_decision(self) -> None:
+        """Load the grant signing key outside any transaction (before ``settle``)."""
+        self._grants.prepare()
+
+    def expire_if_due(self, tx: Tx, who: Principal, row: ApprovalRequest,
+                      now: datetime) -> bool:
+        """Write the expiry of a pending request past its deadline (audited)."""
+        return self._expire(tx, who, row, now)
+
+    def announce(self, tx: Tx, approval_id: str) -> None:
+        """Wake waiters in other processes when ``tx`` commits."""
+        self._repo.announce(tx, approval_id)
 
     async def wait(self, who: Principal, approval_id: str, timeout: float) -> ApprovalView:
         """Return as soon as the request leaves ``pending``, or at ``timeout`` seconds.

@@ -32,6 +32,7 @@ from sandboxsec.policy.errors import (
     ApprovalPendingLimitError,
 )
 from sandboxsec.policy.grant_service import GrantIssuer
+from sandboxsec.policy.hooks import ApprovalRouting, Outbox
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.repository import PolicyRepository, Tx
 from sandboxsec.policy.views import ActionResult, ApprovalView, approval_view
@@ -74,7 +75,12 @@ class DecisionService:
 
     def __init__(self, repo: PolicyRepository, clock: Clock, audit: AuditSink,
                  engine: PolicyEngine, policies: PolicyTexts, grants: GrantIssuer,
-                 config: PolicyConfig, notifier: ApprovalNotifier | None = None) -> None:
+                 config: PolicyConfig, notifier: ApprovalNotifier | None = None, *,
+                 routing: ApprovalRouting | None = None, outbox: Outbox | None = None) -> None:
+        """``routing`` resolves who decides a new approval request (without it: anyone of
+        the tenant, approver keys allowed); ``outbox`` announces it to the tenant's webhooks."""
+        self._routing = routing
+        self._outbox = outbox
         self._repo = repo
         self._clock = clock
         self._audit = audit
@@ -189,6 +195,7 @@ class DecisionService:
             body["currency"] = ctx.currency
         sensitive = {"resource": ctx.resource}
         approval: ApprovalView | None = None
+        routed: dict[str, Any] = {}
         grant: str | None = None
         grant_expires: datetime | None = None
         if decision.outcome is Outcome.APPROVAL_REQUIRED and existing is not None:
@@ -210,6 +217,18 @@ class DecisionService:
             self._repo.add_approval(tx, row)
             object_ids["approval_id"] = row.id
             approval = approval_view(row)
+            if self._routing is not None:
+                compiled = self.engine.policy_for(
+                    who.tenant_id, decision.policy_version,
+                    lambda: self._policies.text(who.tenant_id, decision.policy_version))
+                routed = self._routing.route(tx, row, compiled.routes.get(decision.rule_id))
+            if self._outbox is not None:
+                # Announced from the tenant's webhook outbox, in this same transaction.
+                self._outbox.enqueue(tx, who.tenant_id, "approval.requested", {
+                    "approval_id": row.id, "action": row.action, "short_code": row.short_code,
+                    "params_hash": row.params_hash, "expires_at": rfc3339(row.expires_at),
+                    "routed_to": routed.get("routed_to", []),
+                    "approve_path": f"/approve/{row.id}"}, now)
         elif decision.outcome is Outcome.ALLOW:
             record = self._grants.issue(
                 tx, tenant_id=who.tenant_id, session_id=session.id, approval_id=None,
@@ -228,7 +247,7 @@ class DecisionService:
                 who, AuditEvent.APPROVAL_REQUEST, "pending",
                 object_ids={"approval_id": approval.id, "session_id": session.id},
                 body={"action": ctx.action, "params_hash": p_hash,
-                      "expires_at": rfc3339(approval.expires_at)},
+                      "expires_at": rfc3339(approval.expires_at), **routed},
                 sensitive=sensitive))
         if grant is not None:
             batch.append(AuditRecord.by(

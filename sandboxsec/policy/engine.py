@@ -32,6 +32,7 @@ import casbin
 
 from sandboxsec.policy.canonical import parse_amount
 from sandboxsec.policy.errors import AmountInvalidError, PolicyInvalidError, PolicyTooLargeError
+from sandboxsec.policy.routing import Route, is_route_line, parse_routes
 from sandboxsec.policy.rulevalues import check_line, check_resource_pattern, check_str_value
 
 __all__ = [
@@ -250,7 +251,8 @@ def _parse_rules(text: str) -> list[Rule]:
     for number, raw_line in enumerate(text.split("\n"), start=1):
         check_line(raw_line, number)
         line = raw_line.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or is_route_line(line):
+            # Route lines say who decides; sandboxsec.policy.routing reads them.
             continue
         tokens = [t.strip() for t in line.split(",")]
         if tokens[0] != "p":
@@ -388,6 +390,9 @@ class CompiledPolicy:
         # Deny, then approval_required, then allow; file order within each (sorted is stable).
         self.rules: tuple[Rule, ...] = tuple(sorted(parsed, key=lambda r: _PRECEDENCE[r.outcome]))
         self._by_id = {r.rule_id: r for r in self.rules}
+        #: who decides the requests each approval_required rule opens (rule id -> route)
+        self.routes: dict[str, Route] = parse_routes(text, self._by_id,
+                                                     Outcome.APPROVAL_REQUIRED)
         model = casbin.Enforcer.new_model(text=model_text)
         self._enforcer = _Enforcer(model)
         if self.rules:

@@ -16,8 +16,9 @@ from sandboxsec.errors import SandboxSecError
 from sandboxsec.policy.context import SessionFacts, action_context, session_facts
 from sandboxsec.policy.engine import ActionContext, CompiledPolicy, PolicyEngine
 from sandboxsec.policy.models import ApprovalRequest, GrantRecord
-from sandboxsec.policy.redecide import reconsider_grant, reconsider_pending
+from sandboxsec.policy.redecide import reconsider_grant, reconsider_pending, route_now
 from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.routing import Route
 from sandboxsec.principal import Role
 from sandboxsec.sessions.models import AgentSession
 
@@ -45,23 +46,37 @@ class PolicyInForce:
         return replace(ctx, new_domain=not self._repo.domain_seen(tx, ctx.tenant_id,
                                                                    ctx.domain))
 
+    def _request_context(self, row: ApprovalRequest) -> ActionContext:
+        # The session facts are the ones the request was made under (stored on the row);
+        # only agent keys request actions, so the role is the agent's.
+        facts = SessionFacts(row.session_id, bool(row.attested), row.image_name,
+                             row.image_digest)
+        return action_context(tenant_id=row.tenant_id, role=str(Role.AGENT), session=facts,
+                              action=row.action, resource=row.resource,
+                              params=json.loads(row.params_json))
+
     def approval_refusal(self, tx: Tx, row: ApprovalRequest) -> str | None:
         """Why the policy in force refuses this pending request now (``None``: it does not).
 
         The session facts are the ones the request was made under (stored on the row).
         """
         version, policy = self._policy(tx, row.tenant_id)
-        facts = SessionFacts(row.session_id, bool(row.attested), row.image_name,
-                             row.image_digest)
         try:
-            # Only agent keys request actions, so the role is the agent's.
-            ctx = action_context(tenant_id=row.tenant_id, role=str(Role.AGENT), session=facts,
-                                 action=row.action, resource=row.resource,
-                                 params=json.loads(row.params_json))
+            ctx = self._request_context(row)
         except SandboxSecError as exc:
             return f"the request no longer passes the input checks ({exc.reason})"
         why = reconsider_pending(policy, self._login_seen(tx, ctx))
         return why.explain("request", version) if why is not None else None
+
+    def approval_route(self, tx: Tx, row: ApprovalRequest) -> Route | None:
+        """The route the policy in force now gives this pending request (``None`` when it
+        does not require approval now; :meth:`approval_refusal` covers a deny)."""
+        _version, policy = self._policy(tx, row.tenant_id)
+        try:
+            ctx = self._request_context(row)
+        except SandboxSecError:
+            return None  # refused by approval_refusal
+        return route_now(policy, self._login_seen(tx, ctx))
 
     def grant_refusal(self, tx: Tx, record: GrantRecord, session: AgentSession,
                       params: Mapping[str, Any]) -> str | None:

@@ -12,6 +12,12 @@ first decision (:mod:`sandboxsec.policy.context`):
   requires a person's approval but the grant was issued without one (an ``allow``).
 
 A looser policy changes nothing in flight: a pending request still waits for its person.
+
+Who decides is re-decided the same way, and only ever made stricter
+(:func:`stricter_route`): if the policy in force now routes the request through a rule that
+needs more people, or a person's passkey where the request was opened for approver keys, the
+request needs that now; the people it was routed to stay the ones it was routed to when it was
+made (a policy change never hands a pending request to other people).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandboxsec.policy.engine import ActionContext, CompiledPolicy, Outcome, Rule
+from sandboxsec.policy.routing import DEFAULT_ROUTE, Route, Signer
 
-__all__ = ["Reconsidered", "reconsider_grant", "reconsider_pending"]
+__all__ = ["Reconsidered", "reconsider_grant", "reconsider_pending", "route_now",
+           "stricter_route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +66,21 @@ def reconsider_grant(policy: CompiledPolicy, ctx: ActionContext, *, approved_by_
     if outcome is Outcome.APPROVAL_REQUIRED and not approved_by_person:
         return Reconsidered(outcome, _rule_id(rule))
     return None
+
+
+def route_now(policy: CompiledPolicy, ctx: ActionContext) -> Route | None:
+    """The route of the rule that requires approval of ``ctx`` under ``policy`` (``None``
+    when the policy does not require approval now: it allows, or it denies)."""
+    outcome, rule = policy.evaluate(ctx)
+    if outcome is not Outcome.APPROVAL_REQUIRED or rule is None:
+        return None
+    return policy.routes.get(rule.rule_id, DEFAULT_ROUTE)
+
+
+def stricter_route(quorum: int, signer: str, now: Route | None) -> tuple[int, str]:
+    """The quorum and signer a pending request needs: what it was opened with, raised to what
+    the policy in force now demands (never lowered)."""
+    if now is None:
+        return quorum, signer
+    passkey = signer == Signer.PASSKEY.value or now.signer is Signer.PASSKEY
+    return max(quorum, now.quorum), (Signer.PASSKEY.value if passkey else Signer.KEY.value)

@@ -203,13 +203,15 @@ class ApiClient:
 
     def response(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None,
-                 timeout: float | None = None, session: str | None = None) -> httpx.Response:
+                 timeout: float | None = None, session: str | None = None,
+                 headers: dict[str, str] | None = None) -> httpx.Response:
         """The raw answer (no status check), for callers that read refusals themselves.
 
         With ``session``, the request carries a ``DPoP`` proof for that session (or for the
-        attestation id, when starting one) signed by the session key.
+        attestation id, when starting one) signed by the session key. ``headers`` add to (or
+        override) the client's own, e.g. a person's sign-in cookie.
         """
-        headers = dict(self._headers)
+        headers = {**self._headers, **(headers or {})}
         kwargs: dict[str, Any] = {"params": params}
         body = b""
         if json is not None:
@@ -239,10 +241,10 @@ class ApiClient:
 
     def call(self, method: str, path: str, *, json: Any = None,
              params: dict[str, Any] | None = None, timeout: float | None = None,
-             session: str | None = None) -> Any:
+             session: str | None = None, headers: dict[str, str] | None = None) -> Any:
         """The decoded JSON answer of a 2xx response; otherwise :class:`ApiError`."""
         r = self.response(method, path, json=json, params=params, timeout=timeout,
-                          session=session)
+                          session=session, headers=headers)
         if r.is_success:
             return r.json() if r.content else None
         raise _error(r)

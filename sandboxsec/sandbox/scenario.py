@@ -67,6 +67,10 @@ __all__ = [
 #: Audit events (and outcome, where it matters) the tenant's export must show after a run.
 EXPECTED_EVENTS: tuple[tuple[str, str | None], ...] = (
     ("admin:tenant:create", None),
+    ("people:person:create", None),
+    ("people:credential:register", None),
+    ("people:signin:create", None),
+    ("session:owner:assign", None),
     ("attestation:ak:activate", None),
     ("attestation:quote:verdict", "affirming"),
     ("session:session:start", None),
@@ -85,7 +89,11 @@ EXPECTED_EVENTS: tuple[tuple[str, str | None], ...] = (
 )
 
 CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run")
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 # The pages live on http://localhost:PORT (the passkeys' RP id is localhost;
+                 # an IP address cannot be one); the service listens on 127.0.0.1.
+                 "--host-resolver-rules=MAP localhost 127.0.0.1")
+PERSON = {"name": "Alice Example", "handle": "alice"}
 LOGIN = {"domain": "online.bank.example", "username": "alice@example.com"}
 LOGIN_RESOURCE = "domain:online.bank.example"
 PAYMENT = {"amount": "120.00", "currency": "EUR", "payee": "acme-gmbh",
@@ -224,6 +232,7 @@ class _Run:
     workdir: Path = Path()
     env: dict[str, str] = field(default_factory=dict)
     base: str = ""
+    origin: str = ""
     agent_key: str = field(default="", repr=False)
     server: subprocess.Popen[bytes] | None = None
     server_started: float = 0.0
@@ -327,17 +336,41 @@ class _Run:
             admin=stack.enter_context(ApiClient(self.base, tenant["keys"]["admin"])),
             auditor=stack.enter_context(ApiClient(self.base, tenant["keys"]["auditor"])),
         )
+        enrol_path = self._enrol_person(p)
         session_id = self._attest(p, tpm, manifest.read_bytes())
+        self._name_owner(p, session_id)
         records = self._record(p, session_id)
         self._second_key(p, session_id)
         login_id, payment_id = self._ask(p, session_id)
-        approver_key = tenant["keys"]["approver"]
-        login, payment = self._decide(p, approver_key, login_id, payment_id)
+        login, payment = self._decide(p, enrol_path, login_id, payment_id)
         self._grants(p, login, payment)
         self._read_back(p, session_id, records)
         self._audit(p, tenant["tenant_id"])
 
     # -- parts -------------------------------------------------------------------------------
+
+    def _enrol_person(self, p: _Parties) -> str:
+        self.begin("admin enrols Alice, the person the agent works for")
+        person = p.admin.call("POST", "/v1/people", json=PERSON)
+        self.facts["person_id"] = person["person_id"]
+        self.check(person["enrolment"]["enrolment_path"].startswith("/enroll/"),
+                   f"{_short(person['person_id'])} with a one-time enrolment link")
+        return str(person["enrolment"]["enrolment_path"])
+
+    def _name_owner(self, p: _Parties, session_id: str) -> None:
+        self.begin("admin names Alice the session's owner")
+        owner = p.admin.call("PUT", f"/v1/sessions/{session_id}/owner",
+                             json={"person_id": self.facts["person_id"]})
+        try:
+            p.agent.call("PUT", f"/v1/sessions/{session_id}/owner",
+                         json={"person_id": self.facts["person_id"]})
+            by_agent = "accepted"
+        except ApiError as exc:
+            by_agent = exc.code
+        self.facts["owner_by_agent"] = by_agent
+        self.check(owner["owner_id"] == self.facts["person_id"] and by_agent == "forbidden",
+                   f"approvals route to {_short(owner['owner_id'])}; the agent may not set it "
+                   f"({by_agent})")
 
     def _attest(self, p: _Parties, tpm: SwTpm, manifest: bytes) -> str:
         self.begin("sandbox binds its AK to the certified EK")
@@ -436,7 +469,7 @@ class _Run:
         assert login.approval_id is not None and pay.approval_id is not None
         return login.approval_id, pay.approval_id
 
-    def _decide(self, p: _Parties, approver_key: str, login_id: str,
+    def _decide(self, p: _Parties, enrol_path: str, login_id: str,
                 payment_id: str) -> tuple[Approval, Approval]:
         # The agent waits (long-poll) while the person decides, as a runtime would.  Daemon
         # threads: an interrupted run must not sit out their long-poll before cleaning up
@@ -447,9 +480,8 @@ class _Run:
         codes = self.facts["short_codes"]
         decisions = ((login_id, "approve", "the login", codes["login"]),
                      (payment_id, "deny", "the payment", codes["payment"]))
-        if not (self._browser_available() and self._decide_in_browser(approver_key, decisions)):
-            for aid, verb, what, code in decisions:
-                self._decide_by_api(p.approver, aid, verb, what, code)
+        if not (self._browser_available() and self._decide_in_browser(enrol_path, decisions)):
+            self._decide_by_api(p, enrol_path, decisions)
         login, payment = waits[login_id].result(), waits[payment_id].result()
 
         self.begin("agent's waits return each outcome")
@@ -463,22 +495,23 @@ class _Run:
 
     def _browser_available(self) -> bool:
         if not self.options.browser:
-            self.note("--no-browser: the approver decides through the API, as the page does")
+            self.note("--no-browser: Alice decides through the API, as the page does, with a "
+                      "software passkey")
             return False
         if not Path(self.options.chromium_path).exists():
-            self.note(f"no browser at {self.options.chromium_path}: the approver decides "
-                      "through the API, as the page does")
+            self.note(f"no browser at {self.options.chromium_path}: Alice decides through the "
+                      "API, as the page does, with a software passkey")
             return False
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            self.note("playwright is not installed: the approver decides through the API")
+            self.note("playwright is not installed: Alice decides through the API")
             return False
         return True
 
-    def _decide_in_browser(self, key: str,
+    def _decide_in_browser(self, enrol_path: str,
                            decisions: tuple[tuple[str, str, str, str], ...]) -> bool:
-        """Decide in the approval page; False (nothing decided) if Chromium cannot start."""
+        """Enrol, sign in and decide in the pages; False (nothing done) if Chromium fails."""
         from playwright.sync_api import Error, expect, sync_playwright
 
         with sync_playwright() as pw:
@@ -487,60 +520,110 @@ class _Run:
                                              args=list(CHROMIUM_ARGS))
             except Error as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason"
-                self.note(f"Chromium did not start ({first}): the approver decides through "
-                          "the API, as the page does")
+                self.note(f"Chromium did not start ({first}): Alice decides through the API, "
+                          "as the page does")
                 return False
             self.browser_used = True
             try:
+                page = browser.new_page()
+                # Alice's device: a platform authenticator that verifies her (CDP WebAuthn).
+                cdp = page.context.new_cdp_session(page)
+                cdp.send("WebAuthn.enable", {"enableUI": False})
+                cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
+                    "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
+                    "hasUserVerification": True, "isUserVerified": True,
+                    "automaticPresenceSimulation": True}})
+                self.begin("Alice registers a passkey on the enrolment page")
+                page.goto(self.origin + enrol_path)
+                expect(page.locator("#handle")).to_have_text(PERSON["handle"])
+                page.click("#register")
+                expect(page.locator("#result")).to_have_text("Passkey registered.")
+                self.check(True, "in Chromium (virtual authenticator, user verification "
+                                 "required)")
+                self.begin("Alice signs in with it and sees her pending requests")
+                page.goto(self.origin + "/approve")
+                page.click("#signin")
+                links = page.locator("#list a")
+                expect(links).to_have_count(len(decisions))
+                listed = [links.nth(i).get_attribute("data-approval-id")
+                          for i in range(len(decisions))]
+                self.check(listed == [decisions[1][0], decisions[0][0]],
+                           "in Chromium: the payment, then the login (newest first)")
                 for aid, verb, what, code in decisions:
-                    self.begin(f"approver {'approves' if verb == 'approve' else 'denies'} "
+                    self.begin(f"Alice {'approves' if verb == 'approve' else 'denies'} "
                                f"{what} in the approval page")
-                    page = browser.new_page()
-                    try:
-                        page.goto(f"{self.base}/approve/{aid}")
-                        page.fill("#key", key)
-                        page.click("#load")
-                        expect(page.locator("#state")).to_have_text("pending")
-                        shown = {k: page.text_content(f"#{k}") for k in
-                                 ("action", "amount", "currency", "payee", "domain",
-                                  "short-code", "params-hash")}
-                        # The person compares the code with the agent's screen first.
-                        if shown["short-code"] != code:
-                            self.check(False, f"the page shows code {shown['short-code']}, "
-                                              f"the agent {code}: not deciding")
-                        page.click(f"#{verb}")
-                        expect(page.locator("#result")).to_have_text(
-                            "Approved." if verb == "approve" else "Denied.")
-                        state = page.text_content("#state") or ""
-                    finally:
-                        page.close()
+                    page.goto(f"{self.origin}/approve/{aid}")
+                    expect(page.locator("#state")).to_have_text("pending")
+                    shown = {k: page.text_content(f"#{k}") for k in
+                             ("action", "amount", "currency", "payee", "domain",
+                              "short-code", "params-hash")}
+                    # The person compares the code with the agent's screen first.
+                    if shown["short-code"] != code:
+                        self.check(False, f"the page shows code {shown['short-code']}, "
+                                          f"the agent {code}: not deciding")
+                    page.click(f"#{verb}")
+                    expect(page.locator("#result")).to_have_text(
+                        "Approved." if verb == "approve" else "Denied.")
+                    state = page.text_content("#state") or ""
                     self.facts[f"page_{verb}"] = shown
                     what_shown = ", ".join(f"{k} {v}" for k, v in shown.items()
                                            if v and v != "-" and k not in
                                            ("params-hash", "short-code"))
                     self.check(state == ("approved" if verb == "approve" else "denied"),
-                               f"{state} in Chromium; page showed {what_shown}, "
-                               f"code {code} as on the agent's screen")
+                               f"{state} with her passkey in Chromium; page showed "
+                               f"{what_shown}, code {code} as on the agent's screen")
             finally:
                 browser.close()
         return True
 
-    def _decide_by_api(self, approver: ApiClient, aid: str, verb: str, what: str,
-                       code: str) -> None:
-        self.begin(f"approver {'approves' if verb == 'approve' else 'denies'} {what} (API)")
-        request = approver.call("GET", f"/v1/approvals/{aid}")
-        if request["short_code"] != code:
-            self.check(False, f"the request shows code {request['short_code']}, the agent "
-                              f"{code}: not deciding")
-        # Like the page: recompute the hash of the params shown, and send that.
-        shown_hash = params_hash(request["params"])
-        if shown_hash != request["params_hash"]:
-            self.check(False, "the params shown do not match their hash")
-        out = approver.call("POST", f"/v1/approvals/{aid}/{verb}",
-                            json={"params_hash": shown_hash})
-        self.check(out["state"] == ("approved" if verb == "approve" else "denied"),
-                   f"{out['state']}; code {code} as on the agent's screen, params hash "
-                   "recomputed")
+    def _decide_by_api(self, p: _Parties, enrol_path: str,
+                       decisions: tuple[tuple[str, str, str, str], ...]) -> None:
+        """What the pages do, through the API, with a software passkey for Alice's device."""
+        from sandboxsec.sandbox.passkey import SoftPasskey
+
+        device = SoftPasskey(rp_id="localhost", origin=self.origin)
+        page = ApiClient(self.base, None)
+        token = enrol_path.rsplit("/", 1)[1]
+        origin = {"Origin": self.origin}
+        try:
+            self.begin("Alice registers a passkey (API)")
+            options = page.call("POST", f"/v1/enroll/{token}/options")
+            cred = page.call("POST", f"/v1/enroll/{token}/register", json={
+                "challenge_id": options["challenge_id"], "credential": device.create(options)})
+            self.check(bool(cred["credential_id"]), "software passkey, user verified")
+
+            self.begin("Alice signs in with it and sees her pending requests (API)")
+            options = page.call("POST", "/v1/signin/options", headers=origin)
+            signin = page.response("POST", "/v1/signin", headers=origin, json={
+                "challenge_id": options["challenge_id"], "credential": device.get(options)})
+            cookie = {"Cookie": f"sandboxsec_person={signin.cookies['sandboxsec_person']}",
+                      **origin}
+            listed = [a["id"] for a in page.call("GET", "/v1/me/approvals", headers=cookie)]
+            self.check(listed == [decisions[1][0], decisions[0][0]],
+                       "the payment, then the login (newest first)")
+            for aid, verb, what, code in decisions:
+                self.begin(f"Alice {'approves' if verb == 'approve' else 'denies'} {what} "
+                           "(API)")
+                request = page.call("GET", f"/v1/me/approvals/{aid}", headers=cookie)
+                if request["short_code"] != code:
+                    self.check(False, f"the request shows code {request['short_code']}, the "
+                                      f"agent {code}: not deciding")
+                # Like the page: recompute the hash of the params shown, check the challenge
+                # commits to it, and sign.
+                shown_hash = params_hash(request["params"])
+                challenge = page.call("POST", f"/v1/me/approvals/{aid}/challenge",
+                                      headers=cookie, json={"decision": verb})
+                if json.loads(challenge["preimage"])["params_hash"] != shown_hash:
+                    self.check(False, "the challenge does not commit to the params shown")
+                out = page.call("POST", f"/v1/me/approvals/{aid}/{verb}", headers=cookie,
+                                json={"challenge_id": challenge["challenge_id"],
+                                      "params_hash": shown_hash,
+                                      "credential": device.get(challenge)})
+                self.check(out["state"] == ("approved" if verb == "approve" else "denied"),
+                           f"{out['state']} with her passkey; code {code} as on the agent's "
+                           "screen, params hash recomputed")
+        finally:
+            page.close()
 
     def _grants(self, p: _Parties, login: Approval, payment: Approval) -> None:
         self.begin("no grant exists for the denied payment")
@@ -615,9 +698,11 @@ class _Run:
         except ValueError:
             summary = {}
         self.facts["audit_verify"] = summary
-        self.check(verified.returncode == 0 and summary.get("valid") is True,
+        self.check(verified.returncode == 0 and summary.get("valid") is True
+                   and summary.get("decisions_verified") == 2,
                    f"valid: {summary.get('entries')} entries, tree size "
-                   f"{summary.get('tree_size')}" if verified.returncode == 0
+                   f"{summary.get('tree_size')}, {summary.get('decisions_verified')} passkey "
+                   "decisions re-verified" if verified.returncode == 0
                    else (verified.stderr.strip() or verified.stdout.strip()))
 
         self.begin("the export shows every event of the scenario")
@@ -673,6 +758,9 @@ class _Run:
         self.begin("service starts (sandboxsec serve)")
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
+        # People's pages (and their passkeys) live on the configured public origin.
+        self.origin = f"http://localhost:{port}"
+        self.env["SANDBOXSEC_PUBLIC_ORIGIN"] = self.origin
         log = (self.workdir / "server.log").open("ab")
         stack.callback(log.close)
         proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell

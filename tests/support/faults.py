@@ -140,10 +140,17 @@ def make_trust(home: Path) -> Trust:
 _CREATE_TENANTS = """
 import json, sys
 from sandboxsec.cli._common import open_services
+from sandboxsec.policy.engine import bundled_default_policy
+from sandboxsec.principal import Principal, Role
 services = open_services(migrate=True)
 out = []
+# The simulated approvers are machines (approver API keys): the default policy's person-signed
+# routes are opened to them, as a tenant with machine approvers would.
+policy = bundled_default_policy().replace(", owner, 1, passkey", ", anyone, 1, key")
 for name in sys.argv[1:]:
     c = services.tenants.create(name)
+    admin = Principal(c.tenant_id, c.keys[Role.ADMIN].key_id, Role.ADMIN)
+    services.policy.replace_policy(admin, policy)
     out.append({"id": c.tenant_id, "name": c.name,
                 "keys": {str(r): k.key for r, k in c.keys.items()}})
 services.close()

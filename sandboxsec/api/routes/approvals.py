@@ -37,7 +37,9 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-_ASSETS = {"approve.js": "text/javascript", "approve.css": "text/css"}
+_ASSETS = {"approve.js": "text/javascript", "approve.css": "text/css",
+           "passkey.js": "text/javascript", "approvals.js": "text/javascript",
+           "enroll.js": "text/javascript"}
 
 
 class ApprovalOut(BaseModel):

@@ -1,13 +1,20 @@
-// The approver's page.  It shows the request exactly as stored, recomputes params_hash from
-// the params it displays (RFC 8785 canonical JSON, SHA-256) and sends that hash with the
-// decision: the server refuses it unless it is the request's own, so what is approved is what
-// was on this screen.  Every value is inserted as text, never as HTML.
+// The approval page.  It shows the request exactly as stored, recomputes params_hash from the
+// params it displays (RFC 8785 canonical JSON, SHA-256) and decides on that hash only:
+//  * signed in with a passkey (the person's path): approve / deny are WebAuthn assertions over
+//    a single-use challenge the server made for this request, these params and this decision;
+//    the page checks the challenge's preimage names the hash it shows before asking the
+//    authenticator;
+//  * with an approver API key (the machine path, when the policy allows it): the hash is sent
+//    with the decision as before.
+// Every value is inserted as text, never as HTML.
 "use strict";
 
 (function () {
+  const P = window.SandboxsecPasskey;
   const approvalId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
   const $ = (id) => document.getElementById(id);
   let shown = null;
+  let mode = null;  // "person" or "key"
 
   // A key passed in the fragment (never sent to the server) pre-fills the field once.
   const fragment = new URLSearchParams(location.hash.slice(1));
@@ -34,7 +41,7 @@
     return Array.from(new Uint8Array(digest)).map((b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  function headers() {
+  function keyHeaders() {
     return { "Authorization": "Bearer " + $("key").value.trim(),
              "Content-Type": "application/json" };
   }
@@ -83,32 +90,19 @@
     text("reason", req.reason);
     text("expires", new Date(req.expires_at).toLocaleString() + " (" + req.expires_at + ")");
     text("state", req.state);
+    text("quorum", req.quorum === undefined ? "an approver"
+         : (req.quorum > 1 ? req.quorum + " different people (" + req.approvals + " so far)"
+                           : "one person") + (req.my_vote ? "; you chose " + req.my_vote : ""));
     $("params").textContent = visible(JSON.stringify(p, null, 2), true);
     text("params-hash", localHash);
-    const open = req.state === "pending";
+    const open = req.state === "pending" && !req.my_vote;
     $("approve").disabled = !open;
     $("deny").disabled = !open;
     $("request").hidden = false;
   }
 
-  async function fail(resp) {
-    let code = "http_" + resp.status, message = "";
-    try {
-      const body = await resp.json();
-      code = body.error.code;
-      message = body.error.message;
-    } catch (e) { /* not our error document */ }
-    $("result").textContent = "Refused: " + code + (message ? " - " + message : "");
-  }
-
-  async function load(event) {
-    if (event) event.preventDefault();
-    $("result").textContent = "";
-    $("status").textContent = "Loading...";
-    const resp = await fetch("/v1/approvals/" + encodeURIComponent(approvalId),
-                             { headers: headers(), cache: "no-store" });
-    $("status").textContent = "";
-    if (!resp.ok) { await fail(resp); return; }
+  async function show(resp) {
+    if (!resp.ok) { $("result").textContent = await P.errorText(resp); return; }
     const req = await resp.json();
     const localHash = await sha256Hex(canonical(req.params));
     if (localHash !== req.params_hash) {
@@ -119,21 +113,81 @@
     render(req, localHash);
   }
 
+  async function loadPerson() {
+    mode = "person";
+    $("key-form").hidden = true;
+    $("signin").hidden = true;
+    await show(await fetch("/v1/me/approvals/" + encodeURIComponent(approvalId),
+                           { credentials: "same-origin", cache: "no-store" }));
+  }
+
+  async function loadKey(event) {
+    if (event) event.preventDefault();
+    mode = "key";
+    $("result").textContent = "";
+    $("status").textContent = "Loading...";
+    const resp = await fetch("/v1/approvals/" + encodeURIComponent(approvalId),
+                             { headers: keyHeaders(), cache: "no-store" });
+    $("status").textContent = "";
+    await show(resp);
+  }
+
+  async function decidePerson(verb) {
+    const path = "/v1/me/approvals/" + encodeURIComponent(approvalId);
+    const ch = await P.post(path + "/challenge", { decision: verb });
+    if (!ch.ok) return P.errorText(ch);
+    const challenge = await ch.json();
+    // The authenticator only shows the site and the account: check here that what it will
+    // sign commits to this request, this decision and the params on this screen.
+    const pre = JSON.parse(challenge.preimage);
+    if (pre.approval_id !== approvalId || pre.decision !== verb || pre.params_hash !== shown.hash) {
+      return "The challenge does not match what is shown: not signed.";
+    }
+    let credential;
+    try { credential = await P.get(challenge); } catch (e) { return "Not signed: " + e.name; }
+    const resp = await P.post(path + "/" + verb, {
+      challenge_id: challenge.challenge_id, params_hash: shown.hash, credential });
+    if (!resp.ok) return P.errorText(resp);
+    const req = await resp.json();
+    text("state", req.state);
+    if (req.state === "pending") return "Your approval is recorded; waiting for more people.";
+    return verb === "approve" ? "Approved." : "Denied.";
+  }
+
+  async function decideKey(verb) {
+    const resp = await fetch("/v1/approvals/" + encodeURIComponent(approvalId) + "/" + verb, {
+      method: "POST", headers: keyHeaders(), body: JSON.stringify({ params_hash: shown.hash }),
+    });
+    if (!resp.ok) return P.errorText(resp);
+    const req = await resp.json();
+    text("state", req.state);
+    return verb === "approve" ? "Approved." : "Denied.";
+  }
+
   async function decide(verb) {
     if (!shown) return;
     $("approve").disabled = true;
     $("deny").disabled = true;
-    const resp = await fetch("/v1/approvals/" + encodeURIComponent(approvalId) + "/" + verb, {
-      method: "POST", headers: headers(), body: JSON.stringify({ params_hash: shown.hash }),
-    });
-    if (!resp.ok) { await fail(resp); return; }
-    const req = await resp.json();
-    text("state", req.state);
-    $("result").textContent = verb === "approve" ? "Approved." : "Denied.";
+    $("result").textContent = mode === "person" ? await decidePerson(verb) : await decideKey(verb);
   }
 
-  $("key-form").addEventListener("submit", load);
+  $("key-form").addEventListener("submit", loadKey);
   $("approve").addEventListener("click", () => decide("approve"));
   $("deny").addEventListener("click", () => decide("deny"));
-  if ($("key").value) load();
+  $("signin").addEventListener("click", async () => {
+    $("result").textContent = "";
+    let person;
+    try { person = await P.signIn(); } catch (e) { $("result").textContent = e.message; return; }
+    $("who").textContent = "Signed in as " + person.name + " (" + person.handle + ")";
+    await loadPerson();
+  });
+
+  (async function start() {
+    if ($("key").value) { await loadKey(); return; }
+    const person = await P.me();
+    if (person) {
+      $("who").textContent = "Signed in as " + person.name + " (" + person.handle + ")";
+      await loadPerson();
+    }
+  })();
 })();

@@ -17,6 +17,10 @@ from tests.conftest import TenantKeys, make_session
 
 ALL = {"admin", "agent", "approver", "auditor"}
 PUBLIC: set[str] = set()
+#: No API key reaches these: they take a person's passkey sign-in cookie (401 for any key).
+PERSON: set[str] = set()
+#: No key needed, but only the configured public origin may call them (403 without it).
+ORIGIN: set[str] = set()
 
 # (method, path template) -> roles allowed.  PUBLIC means no key is needed at all.
 EXPECTED: dict[tuple[str, str], set[str]] = {
@@ -59,6 +63,27 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/audit/proof"): {"auditor"},
     ("GET", "/v1/audit/consistency"): {"auditor"},
     ("POST", "/v1/audit/hash"): {"auditor"},
+    ("POST", "/v1/people"): {"admin"},
+    ("GET", "/v1/people"): {"admin"},
+    ("GET", "/v1/people/{person_id}"): {"admin"},
+    ("POST", "/v1/people/{person_id}/enrolments"): {"admin"},
+    ("DELETE", "/v1/people/{person_id}"): {"admin"},
+    ("PUT", "/v1/sessions/{session_id}/owner"): {"admin"},
+    ("POST", "/v1/enroll/{token}/options"): PUBLIC,
+    ("POST", "/v1/enroll/{token}/register"): PUBLIC,
+    ("POST", "/v1/signin/options"): ORIGIN,
+    ("POST", "/v1/signin"): ORIGIN,
+    ("POST", "/v1/signout"): ORIGIN,
+    ("GET", "/v1/me"): PERSON,
+    ("GET", "/v1/me/approvals"): PERSON,
+    ("GET", "/v1/me/approvals/{approval_id}"): PERSON,
+    ("POST", "/v1/me/approvals/{approval_id}/challenge"): PERSON,
+    ("POST", "/v1/me/approvals/{approval_id}/approve"): PERSON,
+    ("POST", "/v1/me/approvals/{approval_id}/deny"): PERSON,
+    ("POST", "/v1/webhooks"): {"admin"},
+    ("GET", "/v1/webhooks"): {"admin"},
+    ("DELETE", "/v1/webhooks/{webhook_id}"): {"admin"},
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): {"admin"},
 }
 
 
@@ -89,8 +114,17 @@ def objects(client: TestClient, services: Services, tenant: TenantKeys) -> dict[
     record_id = r.json()["record_id"]
     r = client.post("/v1/api-keys", headers=tenant.headers("admin"), json={"role": "agent"})
     assert r.status_code == 201
+    key_id = r.json()["key_id"]
+    r = client.post("/v1/people", headers=tenant.headers("admin"),
+                    json={"name": "Alice", "handle": "alice"})
+    assert r.status_code == 201, r.text
+    person_id = r.json()["person_id"]
+    r = client.post("/v1/webhooks", headers=tenant.headers("admin"),
+                    json={"url": "https://hooks.example/approvals"})
+    assert r.status_code == 201, r.text
     return {"session_id": sid, "approval_id": approval_id, "record_id": record_id,
-            "key_id": r.json()["key_id"]}
+            "key_id": key_id, "person_id": person_id, "webhook_id": r.json()["webhook_id"],
+            "token": "enr_" + "0" * 40}
 
 
 def _url(path: str, ids: dict[str, str]) -> str:
@@ -109,6 +143,8 @@ def _call(client: TestClient, method: str, url: str, headers: dict[str, str]) ->
         body = {"params_hash": "0" * 64}
     elif url.endswith("/trajectory") and method == "POST":
         body = {"kind": "action", "data": "eA==", "meta": {}}
+    elif url.endswith("/owner"):
+        body = {"person_id": "per_" + "0" * 32}
     if url.endswith("/tenant") and method == "DELETE":
         body = {"confirm_name": "not-the-name"}  # never actually delete in this matrix
     return client.request(method, url, headers=headers, json=body)
@@ -120,13 +156,19 @@ def test_each_role_reaches_exactly_its_routes(client: TestClient, tenant: Tenant
         url = _url(path, objects)
         for role in sorted(ALL):
             r = _call(client, method, url, tenant.headers(role))
-            if role in allowed or allowed is PUBLIC:
+            if allowed is PERSON:
+                assert r.status_code == 401, f"{role} key let into {method} {path}"
+                assert r.json()["error"]["code"] == "signin_required"
+            elif allowed is ORIGIN:
+                assert r.status_code == 403, f"{role} {method} {path} without an Origin"
+                assert r.json()["error"]["code"] == "origin_forbidden"
+            elif role in allowed or allowed is PUBLIC:
                 assert r.status_code != 403, f"{role} refused on {method} {path}: {r.text}"
                 assert r.status_code < 500, f"{role} {method} {path}: {r.status_code} {r.text}"
             else:
                 assert r.status_code == 403, f"{role} let into {method} {path}: {r.status_code}"
                 assert r.json()["error"]["code"] == "forbidden"
-        if allowed is not PUBLIC:
+        if allowed is not PUBLIC and allowed is not ORIGIN:
             r = _call(client, method, url, {})
             assert r.status_code == 401, f"no key let into {method} {path}"
 

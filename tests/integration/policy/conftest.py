@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sandboxsec.ids import new_id
+from sandboxsec.policy.engine import bundled_default_policy
 from sandboxsec.services import Services
 from sandboxsec.sessions.models import AgentSession
 from tests.conftest import TenantKeys
@@ -17,6 +18,18 @@ from tests.support.sessionkeys import new_key
 
 PAYMENT = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh",
            "iban": "DE89370400440532013000"}
+
+#: The default policy with its person-signed routes opened to approver API keys: the machine
+#: path these tests exercise (person-signed approvals are tested in tests/integration/people).
+KEY_APPROVAL_POLICY = bundled_default_policy().replace(", owner, 1, passkey", ", anyone, 1, key")
+
+
+def allow_key_approvals(services: Services, tenant: TenantKeys) -> None:
+    """Install :data:`KEY_APPROVAL_POLICY` for ``tenant`` (as its admin)."""
+    from sandboxsec.principal import Principal, Role
+
+    admin = Principal(tenant.id, tenant.key_ids["admin"], Role.ADMIN)
+    services.policy.replace_policy(admin, KEY_APPROVAL_POLICY)
 
 
 def make_session(services: Services, tenant: TenantKeys, *, attested: bool = True,

@@ -17,7 +17,13 @@ from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.policy.conftest import PAYMENT, ActFn, make_session
+from tests.integration.policy.conftest import PAYMENT, ActFn, allow_key_approvals, make_session
+
+
+@pytest.fixture(autouse=True)
+def _key_approvals(services: Services, tenant: TenantKeys) -> None:
+    """These tests drive the machine path: approver API keys decide."""
+    allow_key_approvals(services, tenant)
 
 
 def _code(resp: Any) -> str:

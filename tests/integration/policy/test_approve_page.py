@@ -18,7 +18,7 @@ from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
-from tests.integration.policy.conftest import PAYMENT, make_session
+from tests.integration.policy.conftest import PAYMENT, allow_key_approvals, make_session
 from tests.support.sessionkeys import ProofAuth
 
 pytestmark = pytest.mark.browser
@@ -45,6 +45,7 @@ def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
     services = Services(settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"}),
                         db=sqlite_database)
     tenant = make_tenant(services, "browser-tenant")
+    allow_key_approvals(services, tenant)  # the page's API-key mode (machines, legacy)
     sid = make_session(services, tenant)
     server = uvicorn.Server(uvicorn.Config(create_app(services), log_level="warning",
                                            lifespan="on"))

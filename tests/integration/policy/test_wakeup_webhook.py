@@ -19,7 +19,7 @@ from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from tests.conftest import TenantKeys
-from tests.integration.policy.conftest import PAYMENT
+from tests.integration.policy.conftest import PAYMENT, allow_key_approvals
 
 
 def test_wait_wakes_across_workers(services: Services, tenant: TenantKeys,
@@ -27,6 +27,7 @@ def test_wait_wakes_across_workers(services: Services, tenant: TenantKeys,
     # Another Services on the same database stands in for another worker process: it shares
     # no memory with this one, so only the database (PostgreSQL NOTIFY, or SQLite's bounded
     # re-read) can wake it.
+    allow_key_approvals(services, tenant)
     other = Services(services.settings, clock=services.clock, db=services.db)
     agent = Principal(tenant.id, tenant.key_ids["agent"], Role.AGENT)
     approver = Principal(tenant.id, tenant.key_ids["approver"], Role.APPROVER)

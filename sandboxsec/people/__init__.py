@@ -1,0 +1,1 @@
+"""People who approve: enrolment, passkeys (WebAuthn), sign-in and passkey-signed decisions."""

@@ -1,0 +1,1 @@
+"""Per-tenant webhooks: Standard Webhooks signatures and a persistent, retrying outbox."""
