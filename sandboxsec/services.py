@@ -262,8 +262,9 @@ class Services:
     @cached_property
     def person_approvals(self) -> SignedDecisions:
         """What a signed-in person sees, and their passkey-signed decisions."""
-        return SignedDecisions(db=self.db, clock=self.clock, audit=self.audit_writer,
-                               people=self.people, approvals=self.approvals)
+        return SignedDecisions(db=self.db, clock=self.clock, audit=self._policy_audit,
+                               people=self.people, approvals=self.approvals,
+                               digester=self.key_hierarchy)
 
     @cached_property
     def webhooks(self) -> WebhookService:

@@ -128,6 +128,16 @@ class Settings(BaseSettings):
     enrolment_ttl_seconds: int = Field(default=72 * 3600, ge=60, le=30 * 86400)
     person_session_ttl_seconds: int = Field(default=1800, ge=60, le=86400)
     webauthn_challenge_ttl_seconds: int = Field(default=120, ge=10, le=600)
+    passkey_rate_limit_per_second: float = Field(
+        default=10.0, ge=0,
+        description="Requests a second one caller address may make on average to the "
+        "enrolment, sign-in and signed-in person routes (they carry no API key), per worker "
+        "process (0: no limit); over it the answer is 429 rate_limited.")
+    passkey_rate_limit_burst: int = Field(
+        default=60, ge=0, description="Such requests one address may make at once.")
+    passkey_max_body_bytes: int = Field(
+        default=64 * 1024, ge=4096, le=1024 * 1024,
+        description="Largest body of those routes (a WebAuthn response is a few kilobytes).")
     # --- webhooks: per-tenant outbox (see docs/policy.md "Notifications") ---
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_backoff_seconds: float = Field(

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from sandboxsec import __version__
 from sandboxsec.api.errors import ERROR_RESPONSES, install_error_handlers
-from sandboxsec.api.gate import KeyGate, RateLimiter
+from sandboxsec.api.gate import PERSON_COOKIE, KeyGate, PersonGate, RateLimiter
 from sandboxsec.api.middleware import Metrics, RequestGuard
 from sandboxsec.services import Services
 
@@ -71,5 +71,12 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
         gate=KeyGate(svc.tenants.authenticate,
                      RateLimiter(svc.settings.rate_limit_per_second,
                                  svc.settings.rate_limit_burst)),
+        person_gate=PersonGate(
+            svc.settings.webauthn_origins(),
+            RateLimiter(svc.settings.passkey_rate_limit_per_second,
+                        svc.settings.passkey_rate_limit_burst),
+            signed_in=svc.people.authenticate, enrolment=svc.people.check_enrolment,
+            max_body=svc.settings.passkey_max_body_bytes),
+        person_cookie=PERSON_COOKIE,
     )
     return app

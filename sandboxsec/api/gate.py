@@ -7,11 +7,19 @@ caller without a key could make every worker buffer and parse 16 MiB per request
 runs first: no key, a bad key or a key over its rate gets its answer before one byte of the
 body is read.  The principal it found is handed to the route (``deps.require``) so the key is
 looked up once per request.
+
+The people's routes carry no API key: enrolment is authorized by its one-time link, sign-in by
+a passkey, the signed-in person's calls by the sign-in cookie.  They are not simply exempt:
+:class:`PersonGate` checks, also before the body is read, what can be checked without it (the
+caller's address is within its rate, a state change comes from the configured public origin,
+the enrolment link is live, the sign-in cookie is valid) and their bodies get a small limit of
+their own (a WebAuthn response is a few kilobytes).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -20,14 +28,25 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sandboxsec.errors import RateLimitedError
+from sandboxsec.people.errors import OriginForbiddenError
 from sandboxsec.principal import Principal
 from sandboxsec.tenants.errors import ApiKeyInvalidError
 
-__all__ = ["EXEMPT_PREFIXES", "KeyGate", "RateLimiter", "bearer_token"]
+__all__ = ["EXEMPT_PREFIXES", "PERSON_COOKIE", "KeyGate", "PersonGate", "RateLimiter",
+           "bearer_token", "person_route"]
 
-#: ``/v1`` paths that take a body without an API key (none today; a route authenticating
-#: another way, a passkey sign-in say, adds its prefix here).
+#: The sign-in cookie of the approval pages (HttpOnly, SameSite=Strict).
+PERSON_COOKIE = "sandboxsec_person"
+
+#: ``/v1`` paths that take a body without any check here (none: the people's routes, which
+#: carry no API key, go through :class:`PersonGate`).
 EXEMPT_PREFIXES: tuple[str, ...] = ()
+
+# The people's routes (sandboxsec/api/routes/people.py), by how each is authorized.
+_PERSON_ROUTES = re.compile(
+    r"/v1/(?:(?P<enrol>enroll/(?P<token>[^/]{1,100})/(?:options|register))"
+    r"|(?P<signin>signin/options|signin|signout)"
+    r"|(?P<me>me(?:/.*)?))")
 _MAX_TRACKED = 100_000
 
 
@@ -75,6 +94,17 @@ class RateLimiter:
         return wait
 
 
+def person_route(path: str) -> tuple[str, str | None] | None:
+    """How a ``/v1`` path without an API key is authorized: ``("enrol", token)``,
+    ``("signin", None)`` or ``("me", None)``; ``None`` for every other path (an API key's)."""
+    m = _PERSON_ROUTES.fullmatch(path)
+    if m is None:
+        return None
+    if m.group("enrol"):
+        return "enrol", m.group("token")
+    return ("signin", None) if m.group("signin") else ("me", None)
+
+
 class Authenticate(Protocol):
     """Checks a presented key; ``remote`` (the caller's address) goes into a refusal's audit
     entry."""
@@ -98,3 +128,39 @@ class KeyGate:
             raise RateLimitedError("too many requests with this API key",
                                    retry_after=max(1, math.ceil(wait)))
         return token, principal
+
+
+@dataclass
+class PersonGate:
+    """The people's routes, before their bodies are read (see the module docstring).
+
+    ``signed_in(cookie)`` returns the signed-in person (or raises ``signin_required``);
+    ``enrolment(token)`` raises ``enrolment_invalid`` for a link that is not live.  The rate
+    is per caller address: behind a proxy every person shares its address, so size it for
+    the proxy (docs/configuration.md).
+    """
+
+    origins: tuple[str, ...]
+    limiter: RateLimiter
+    signed_in: Callable[[str | None], object]
+    enrolment: Callable[[str], None]
+    max_body: int
+
+    def admit(self, kind: str, token: str | None, *, has_body: bool, origin: str | None,
+              cookie: str | None, remote: str | None) -> object | None:
+        """The signed-in person (``me`` routes) or ``None``; raises the refusal."""
+        wait = self.limiter.take("addr:" + (remote or "?"))
+        if wait > 0:
+            raise RateLimitedError("too many passkey requests from this address",
+                                   retry_after=max(1, math.ceil(wait)))
+        if has_body and (origin is None or origin not in self.origins):
+            # A page of another site cannot enrol, sign in or decide for anyone.
+            raise OriginForbiddenError("this request must come from the approval page's "
+                                       "origin")
+        if kind == "enrol":
+            assert token is not None
+            self.enrolment(token)
+            return None
+        if kind == "me":
+            return self.signed_in(cookie)
+        return None

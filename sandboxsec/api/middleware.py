@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandboxsec.api.gate import EXEMPT_PREFIXES, KeyGate
+from sandboxsec.api.gate import EXEMPT_PREFIXES, KeyGate, PersonGate, person_route
 from sandboxsec.encoding import json_lone_surrogate
 from sandboxsec.errors import SandboxSecError
 
@@ -142,9 +143,12 @@ class RequestGuard:
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_depth: int, metrics: Metrics,
                  record_body: int | None = None, body_timeout: float = 30.0,
-                 gate: KeyGate | None = None) -> None:
+                 gate: KeyGate | None = None, person_gate: PersonGate | None = None,
+                 person_cookie: str = "") -> None:
         self.app = app
         self.gate = gate
+        self.person_gate = person_gate
+        self.person_cookie = person_cookie
         self.body_timeout = body_timeout
         self.max_body = max_body
         # Trajectory uploads carry base64 records up to the record limit; only that route
@@ -163,22 +167,49 @@ class RequestGuard:
         has_body = scope["method"] in _BODY_METHODS
         if not path.startswith("/v1/") or path.startswith(EXEMPT_PREFIXES):
             return None
-        if auth is None and not has_body:
-            return None  # a public GET, or the route answers 401 itself
         client = scope.get("client")
         remote = str(client[0]) if client else None
+        person = person_route(path) if self.person_gate is not None else None
+        if person is not None:
+            return await self._admit_person(scope, headers, send, rid, person, remote)
+        if auth is None and not has_body:
+            return None  # a public GET, or the route answers 401 itself
         try:
             token, principal = await anyio.to_thread.run_sync(
                 self.gate.admit, (auth or b"").decode("latin-1"), remote)
         except SandboxSecError as exc:
-            retry = getattr(exc, "retry_after", None)
-            if exc.status == 503:
-                retry = 1
-            await _send_error(send, exc.status, exc.reason, exc.message, rid, retry)
-            return exc.status
+            return await self._refuse(send, rid, exc)
         scope.setdefault("state", {})["principal"] = (token, principal)
         structlog.contextvars.bind_contextvars(
             tenant_id=principal.tenant_id, key_id=principal.key_id, role=str(principal.role))
+        return None
+
+    @staticmethod
+    async def _refuse(send: Send, rid: str, exc: SandboxSecError) -> int:
+        retry = getattr(exc, "retry_after", None)
+        if exc.status == 503:
+            retry = 1
+        await _send_error(send, exc.status, exc.reason, exc.message, rid, retry)
+        return exc.status
+
+    async def _admit_person(self, scope: Scope, headers: dict[bytes, bytes], send: Send,
+                            rid: str, route: tuple[str, str | None], remote: str | None
+                            ) -> int | None:
+        """The people's routes (no API key): their own checks, before the body."""
+        assert self.person_gate is not None
+        kind, token = route
+        raw_origin = headers.get(b"origin")
+        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
+        gate = self.person_gate
+        try:
+            person = await anyio.to_thread.run_sync(lambda: gate.admit(
+                kind, token, has_body=scope["method"] in _BODY_METHODS,
+                origin=None if raw_origin is None else raw_origin.decode("latin-1"),
+                cookie=cookies.get(self.person_cookie), remote=remote))
+        except SandboxSecError as exc:
+            return await self._refuse(send, rid, exc)
+        if person is not None:
+            scope.setdefault("state", {})["person"] = person
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,6 +235,8 @@ class RequestGuard:
         limit = self.max_body
         if scope["method"] == "POST" and _RECORD_PATH.match(scope.get("path", "")):
             limit = self.record_body
+        elif self.person_gate is not None and person_route(str(scope.get("path", ""))):
+            limit = min(limit, self.person_gate.max_body)
         declared = headers.get(b"content-length")
         if declared is not None:
             try:

@@ -10,7 +10,7 @@ For every ``people:credential:register`` entry it keeps the COSE public key, RP 
 origins and user handle; for every decision or vote entry signed with a passkey it:
 
 1. parses the recorded assertion bytes and challenge preimage;
-2. checks the preimage names this entry's tenant, approval id, params_hash, decision and person;
+2. checks the preimage names this entry's tenant, approval id, params_hmac, decision and person;
 3. recomputes the challenge (``SHA-256("sandboxsec/approval/v1\\0" || preimage)``);
 4. finds the credential's registration (earlier in the export) and that it is the person's;
 5. verifies the assertion against it: challenge, origin, frames, rpIdHash, UP and UV flags,
@@ -134,7 +134,7 @@ def _check(entry: dict[str, Any], credentials: dict[bytes, _Registered], first_s
     person = (entry.get("actor") or {}).get("key_id")
     expected = {"tenant_id": entry.get("tenant"),
                 "approval_id": (entry.get("object_ids") or {}).get("approval_id"),
-                "params_hash": body.get("params_hash"), "decision": decision,
+                "params_hmac": body.get("params_hmac"), "decision": decision,
                 "person_id": person}
     for name, want in expected.items():
         if not isinstance(pre, dict) or pre.get(name) != want or want is None:

@@ -47,6 +47,7 @@ from sandboxsec.people.routes import load_route, required_route, routed_people
 from sandboxsec.people.service import PERSON_ROLE, PeopleService, PersonPrincipal
 from sandboxsec.policy.approval_service import ApprovalService
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState, check_decision
+from sandboxsec.policy.keyed_audit import ParamsDigester
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.quorum import tally
 from sandboxsec.policy.views import ApprovalView, approval_view
@@ -83,7 +84,10 @@ class SignedDecisions:
     """The signed-in person's approvals: list, detail, challenge, approve and deny."""
 
     def __init__(self, *, db: Database, clock: Clock, audit: AuditSink, people: PeopleService,
-                 approvals: ApprovalService) -> None:
+                 approvals: ApprovalService, digester: ParamsDigester) -> None:
+        """``audit`` keys params hashes (the policy services' sink); ``digester`` makes the
+        keyed params digest a decision challenge commits to."""
+        self._digester = digester
         self._db = db
         self._clock = clock
         self._audit = audit
@@ -169,8 +173,9 @@ class SignedDecisions:
             creds = s.exec(select(PersonCredential.credential_id).where(
                 PersonCredential.person_id == person.person_id)).all()
             nonce = secrets.token_bytes(32)
+            keyed = self._digester.params_hmac_in(s, person.tenant_id, row.params_hash)
             preimage = decision_preimage(
-                tenant_id=person.tenant_id, approval_id=row.id, params_hash=row.params_hash,
+                tenant_id=person.tenant_id, approval_id=row.id, params_hmac=keyed,
                 decision=event.value, person_id=person.person_id, expires_at=row.expires_at,
                 nonce=nonce)
             challenge = decision_challenge(preimage)
@@ -181,7 +186,10 @@ class SignedDecisions:
         options = authentication_options(
             rp_id=self._people.rp_id, challenge=challenge, allow=list(creds),
             timeout_ms=int(max(1.0, (chal.expires_at - now).total_seconds()) * 1000))
+        # params_hash is not in the preimage (it holds the keyed value): the page compares it
+        # with the hash it computes of the params it shows before asking the authenticator.
         return {"challenge_id": chal.id, "decision": event.value,
+                "params_hash": row.params_hash,
                 "expires_at": chal.expires_at, "preimage": chal.preimage,
                 "publicKey": options}
 

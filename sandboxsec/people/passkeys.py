@@ -11,9 +11,11 @@ Built on py_webauthn (``webauthn`` 3.x), with what it leaves to the relying part
   :func:`verify_assertion`), so a refusal says what was wrong.
 
 A decision challenge is ``SHA-256("sandboxsec/approval/v1\\0" || preimage)`` where the preimage
-is the canonical JSON of the approval id, its params_hash, the decision, the person, the
-expiry and 32 random bytes: an assertion over it proves this authenticator approved (or denied)
-exactly this request with these parameters, and nothing else.  Nothing here reads the clock,
+is the canonical JSON of the approval id, its ``params_hmac`` (the params hash keyed under the
+tenant's digest key, the value the audit log holds; a plain hash of low-entropy payment params
+would let anyone with the log test guesses), the decision, the person, the expiry and 32 random
+bytes: an assertion over it proves this authenticator approved (or denied) exactly this request
+with these parameters, and nothing else.  Nothing here reads the clock,
 the database or the network.
 """
 
@@ -102,12 +104,12 @@ def b64url_decode(text: Any, what: str = "value") -> bytes:
         raise AssertionMalformedError(f"{what} is not canonical unpadded base64url") from exc
 
 
-def decision_preimage(*, tenant_id: str, approval_id: str, params_hash: str, decision: str,
+def decision_preimage(*, tenant_id: str, approval_id: str, params_hmac: str, decision: str,
                       person_id: str, expires_at: datetime, nonce: bytes) -> bytes:
     """The canonical JSON a decision challenge commits to (logged with the decision)."""
     return canonical_json({
         "approval_id": approval_id, "decision": decision, "exp": rfc3339(expires_at),
-        "nonce": b64url(nonce), "params_hash": params_hash, "person_id": person_id,
+        "nonce": b64url(nonce), "params_hmac": params_hmac, "person_id": person_id,
         "tenant_id": tenant_id, "v": 1,
     })
 

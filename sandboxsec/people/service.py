@@ -323,6 +323,12 @@ class PeopleService:
             raise EnrolmentInvalidError("this enrolment link is unknown, used or expired")
         return row, person
 
+    def check_enrolment(self, token: str) -> None:
+        """Raise ``enrolment_invalid`` unless ``token`` is a live enrolment link (read only:
+        the key gate asks before it reads a body)."""
+        with self._db.session() as s:
+            self._enrolment(s, token, self._clock.now())
+
     def enrolment_options(self, token: str) -> dict[str, Any]:
         """Registration options for the enrolment page (a fresh single-use challenge)."""
         now = self._clock.now()

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.api.gate import PERSON_COOKIE
 from sandboxsec.api.routes.approvals import _PAGE_HEADERS, ApprovalOut, _out
 from sandboxsec.people.decisions import PersonApproval
 from sandboxsec.people.errors import OriginForbiddenError
@@ -30,7 +31,7 @@ __all__ = ["page_router", "router"]
 router = APIRouter(tags=["people"])
 page_router = APIRouter(include_in_schema=False)
 
-COOKIE = "sandboxsec_person"
+COOKIE = PERSON_COOKIE
 Id = Annotated[str, Path(min_length=1, max_length=64)]
 Token = Annotated[str, Path(min_length=1, max_length=100)]
 
@@ -176,7 +177,10 @@ def signed_in(request: Request, services: ServicesDep) -> PersonPrincipal:
 
     State-changing methods also need the configured ``Origin``.
     """
-    person = services.people.authenticate(request.cookies.get(COOKIE))
+    # The person gate (api/gate.py) signed this very cookie in before the body was read.
+    admitted = request.scope.get("state", {}).get("person")
+    person = (admitted if isinstance(admitted, PersonPrincipal)
+              else services.people.authenticate(request.cookies.get(COOKIE)))
     if request.method not in ("GET", "HEAD"):
         _check_origin(request, services)
     return person

@@ -1,9 +1,9 @@
 // The approval page.  It shows the request exactly as stored, recomputes params_hash from the
 // params it displays (RFC 8785 canonical JSON, SHA-256) and decides on that hash only:
 //  * signed in with a passkey (the person's path): approve / deny are WebAuthn assertions over
-//    a single-use challenge the server made for this request, these params and this decision;
-//    the page checks the challenge's preimage names the hash it shows before asking the
-//    authenticator;
+//    a single-use challenge the server made for this request, these params (keyed: params_hmac)
+//    and this decision; the page checks the challenge is for this request, this decision and
+//    the hash it computed of the params it shows before asking the authenticator;
 //  * with an approver API key (the machine path, when the policy allows it): the hash is sent
 //    with the decision as before.
 // Every value is inserted as text, never as HTML.
@@ -140,7 +140,8 @@
     // The authenticator only shows the site and the account: check here that what it will
     // sign commits to this request, this decision and the params on this screen.
     const pre = JSON.parse(challenge.preimage);
-    if (pre.approval_id !== approvalId || pre.decision !== verb || pre.params_hash !== shown.hash) {
+    if (pre.approval_id !== approvalId || pre.decision !== verb
+        || challenge.params_hash !== shown.hash) {
       return "The challenge does not match what is shown: not signed.";
     }
     let credential;

@@ -72,9 +72,9 @@ def enrol(client: TestClient, tenant: TenantKeys, handle: str,
                     json={"name": handle.title(), "handle": handle, "groups": groups or []})
     assert r.status_code == 201, r.text
     token = r.json()["enrolment"]["enrolment_path"].rsplit("/", 1)[1]
-    opts = client.post(f"/v1/enroll/{token}/options").json()
+    opts = client.post(f"/v1/enroll/{token}/options", headers={"Origin": ORIGIN}).json()
     passkey = SoftPasskey(rp_id="localhost", origin=ORIGIN)
-    reg = client.post(f"/v1/enroll/{token}/register", json={
+    reg = client.post(f"/v1/enroll/{token}/register", headers={"Origin": ORIGIN}, json={
         "challenge_id": opts["challenge_id"], "credential": passkey.create(opts)})
     assert reg.status_code == 201, reg.text
     return Enrolled(client, r.json()["person_id"], handle, passkey)

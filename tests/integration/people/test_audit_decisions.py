@@ -76,7 +76,7 @@ def test_decision_check_catches_what_a_log_signer_could_forge(
     entry = json.loads(lines[i])
     forgeries = {
         # the same assertion claimed for other params
-        "params_hash": lines[i].replace(entry["body"]["params_hash"].encode(), b"0" * 64),
+        "params_hmac": lines[i].replace(entry["body"]["params_hmac"].encode(), b"0" * 64),
         # a denial turned into an approval of the same request is another entry kind; here
         # the preimage is edited to claim another approval id
         "approval": lines[i].replace(entry["object_ids"]["approval_id"].encode(),

@@ -20,6 +20,8 @@ from tests.integration.people.conftest import (
 )
 from tests.integration.policy.conftest import make_session
 
+_PAGE = {"Origin": ORIGIN}
+
 
 def _code(r: Any) -> str:
     return str(r.json()["error"]["code"])
@@ -60,8 +62,12 @@ def test_owner_approves_with_passkey_and_agent_gets_grant(
     assert approve["body"]["signer"] == "passkey"
     assert set(approve["body"]["webauthn"]) >= {"client_data_json", "authenticator_data",
                                                 "signature", "credential_id"}
-    assert json.loads(approve["body"]["challenge_preimage"])["params_hash"] == \
-        action["params_hash"]
+    # The challenge committed to the keyed params digest the log holds, never the plain hash
+    # (a guessable digest of payment params).
+    preimage = json.loads(approve["body"]["challenge_preimage"])
+    assert preimage["params_hmac"] == approve["body"]["params_hmac"]
+    assert "params_hash" not in preimage and "params_hash" not in approve["body"]
+    assert action["params_hash"] not in json.dumps(entries)
     created = next(e for e in entries if e["event"] == "approval:request:create")
     assert created["body"]["routed_to"] == [alice.person_id]
 
@@ -170,32 +176,32 @@ def test_enrolment_link_is_single_use_and_registration_is_checked(
     token = r.json()["enrolment"]["enrolment_path"].rsplit("/", 1)[1]
     pk = SoftPasskey(rp_id="localhost", origin=ORIGIN)
     # User verification is required at registration too; a refusal uses up the challenge.
-    opts = client.post(f"/v1/enroll/{token}/options").json()
+    opts = client.post(f"/v1/enroll/{token}/options", headers=_PAGE).json()
     assert opts["publicKey"]["authenticatorSelection"]["userVerification"] == "required"
     assert opts["publicKey"]["authenticatorSelection"]["residentKey"] == "required"
-    r = client.post(f"/v1/enroll/{token}/register", json={
+    r = client.post(f"/v1/enroll/{token}/register", headers=_PAGE, json={
         "challenge_id": opts["challenge_id"], "credential": pk.create(opts, flags=UP)})
     assert r.status_code == 422 and _code(r) == "registration_invalid"
-    r = client.post(f"/v1/enroll/{token}/register", json={
+    r = client.post(f"/v1/enroll/{token}/register", headers=_PAGE, json={
         "challenge_id": opts["challenge_id"], "credential": pk.create(opts)})
     assert r.status_code == 409 and _code(r) == "assertion_replayed"
-    opts = client.post(f"/v1/enroll/{token}/options").json()
-    r = client.post(f"/v1/enroll/{token}/register", json={
+    opts = client.post(f"/v1/enroll/{token}/options", headers=_PAGE).json()
+    r = client.post(f"/v1/enroll/{token}/register", headers=_PAGE, json={
         "challenge_id": opts["challenge_id"],
         "credential": pk.create(opts, origin="http://localhost:1")})
     assert _code(r) == "registration_invalid"
-    opts = client.post(f"/v1/enroll/{token}/options").json()
-    assert client.post(f"/v1/enroll/{token}/register", json={
+    opts = client.post(f"/v1/enroll/{token}/options", headers=_PAGE).json()
+    assert client.post(f"/v1/enroll/{token}/register", headers=_PAGE, json={
         "challenge_id": opts["challenge_id"], "credential": pk.create(opts)}).status_code == 201
     # The link is used up.
-    r = client.post(f"/v1/enroll/{token}/options")
+    r = client.post(f"/v1/enroll/{token}/options", headers=_PAGE)
     assert r.status_code == 404 and _code(r) == "enrolment_invalid"
     # The same passkey cannot be registered for someone else.
     carol = client.post("/v1/people", headers=tenant.headers("admin"),
                         json={"name": "Carol", "handle": "carol"}).json()
     token2 = carol["enrolment"]["enrolment_path"].rsplit("/", 1)[1]
-    opts = client.post(f"/v1/enroll/{token2}/options").json()
-    r = client.post(f"/v1/enroll/{token2}/register", json={
+    opts = client.post(f"/v1/enroll/{token2}/options", headers=_PAGE).json()
+    r = client.post(f"/v1/enroll/{token2}/register", headers=_PAGE, json={
         "challenge_id": opts["challenge_id"], "credential": pk.create(opts)})
     assert r.status_code == 409 and _code(r) == "credential_duplicate"
     # Handles are unique per tenant.

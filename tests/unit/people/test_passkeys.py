@@ -38,17 +38,17 @@ def _registered() -> tuple[SoftPasskey, Any, bytes]:
 
 def test_decision_challenge_is_domain_separated_and_binds_every_field() -> None:
     exp = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-    base: dict[str, Any] = {"tenant_id": "tn_1", "approval_id": "apr_1", "params_hash": "a" * 64,
+    base: dict[str, Any] = {"tenant_id": "tn_1", "approval_id": "apr_1", "params_hmac": "a" * 64,
                             "decision": "approve", "person_id": "per_1", "expires_at": exp,
                             "nonce": b"n" * 32}
     pre = decision_preimage(**base)
     assert decision_challenge(pre) == hashlib.sha256(DECISION_DOMAIN + pre).digest()
     assert pre == (b'{"approval_id":"apr_1","decision":"approve","exp":"2026-12-01T12:00:00Z",'
-                   b'"nonce":"bm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm4","params_hash":"'
+                   b'"nonce":"bm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm5ubm4","params_hmac":"'
                    + b"a" * 64 + b'","person_id":"per_1","tenant_id":"tn_1","v":1}')
     seen = {decision_challenge(pre)}
     for name, other in [("tenant_id", "tn_2"), ("approval_id", "apr_2"),
-                        ("params_hash", "b" * 64), ("decision", "deny"),
+                        ("params_hmac", "b" * 64), ("decision", "deny"),
                         ("person_id", "per_2"), ("expires_at", exp.replace(minute=1)),
                         ("nonce", b"m" * 32)]:
         seen.add(decision_challenge(decision_preimage(**{**base, name: other})))
