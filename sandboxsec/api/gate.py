@@ -153,6 +153,8 @@ class PersonGate:
         if wait > 0:
             raise RateLimitedError("too many passkey requests from this address",
                                    retry_after=max(1, math.ceil(wait)))
+        # Who first (no sign-in: 401), then where from (another site's page: 403).
+        person = self.signed_in(cookie) if kind == "me" else None
         if has_body and (origin is None or origin not in self.origins):
             # A page of another site cannot enrol, sign in or decide for anyone.
             raise OriginForbiddenError("this request must come from the approval page's "
@@ -160,7 +162,4 @@ class PersonGate:
         if kind == "enrol":
             assert token is not None
             self.enrolment(token)
-            return None
-        if kind == "me":
-            return self.signed_in(cookie)
-        return None
+        return person

@@ -587,8 +587,8 @@ class _Run:
         origin = {"Origin": self.origin}
         try:
             self.begin("Alice registers a passkey (API)")
-            options = page.call("POST", f"/v1/enroll/{token}/options")
-            cred = page.call("POST", f"/v1/enroll/{token}/register", json={
+            options = page.call("POST", f"/v1/enroll/{token}/options", headers=origin)
+            cred = page.call("POST", f"/v1/enroll/{token}/register", headers=origin, json={
                 "challenge_id": options["challenge_id"], "credential": device.create(options)})
             self.check(bool(cred["credential_id"]), "software passkey, user verified")
 

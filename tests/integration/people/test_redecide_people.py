@@ -18,6 +18,7 @@ from tests.conftest import TenantKeys
 from tests.integration.people.conftest import EnrolFn, owned_session, request_payment
 from tests.integration.people.test_quorum import QUORUM_POLICY
 
+
 def _swap(old: str, new: str) -> str:
     text = bundled_default_policy()
     assert old in text

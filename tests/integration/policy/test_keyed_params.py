@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
@@ -17,7 +18,13 @@ from sandboxsec.policy.canonical import params_hash
 from sandboxsec.policy.models import GrantRecord
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.policy.conftest import PAYMENT, ActFn
+from tests.integration.policy.conftest import PAYMENT, ActFn, allow_key_approvals
+
+
+@pytest.fixture(autouse=True)
+def _key_approvals(services: Services, tenant: TenantKeys) -> None:
+    """Approver API keys decide here (the machine path)."""
+    allow_key_approvals(services, tenant)
 
 
 def _approve_and_use(client: TestClient, tenant: TenantKeys, act: ActFn) -> str:

@@ -8,16 +8,25 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from sandboxsec.api.gate import person_route
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.service import MAX_PENDING_PER_SESSION
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.policy.conftest import ActFn
+from tests.integration.policy.conftest import ActFn, allow_key_approvals
+
+
+@pytest.fixture
+def key_approvals(services: Services, tenant: TenantKeys) -> None:
+    """These tests drive the machine path: approver API keys decide (person-signed approvals
+    are tested in tests/integration/people)."""
+    allow_key_approvals(services, tenant)
 
 
 def _code(resp: Any) -> str:
@@ -196,6 +205,8 @@ def test_duplicate_member_names_refused_on_every_route(client: TestClient,
     body = b'{"a": 1, "b": {"c": 1, "c": 2}}'
     for method, path in routes:
         url = path.replace("{", "").replace("}", "")
+        if person_route(url) is not None:
+            continue  # no API key there: tests/integration/people/test_person_gate.py
         for role in ("admin", "agent"):
             r = client.request(method, url, content=body, headers={
                 **tenant.headers(role), "content-type": "application/json"})
@@ -285,6 +296,7 @@ def _payment(i: int) -> dict[str, Any]:
 MESSAGE = {"channel": "ops", "text": "deploy done"}
 
 
+@pytest.mark.usefixtures("key_approvals")
 def test_stricter_policy_denies_pending_and_revokes_grants(
         client: TestClient, tenant: TenantKeys, act: ActFn, services: Services) -> None:
     pending = act(params=_payment(1)).json()["approval_id"]
@@ -330,7 +342,9 @@ def test_change_by_another_node_is_caught_when_approving(
     text = "p, no-acme, payment, payee:acme-gmbh, true, deny\n"
     compiled = services.policy.validate_policy(text)
     with services.db.session() as s:
-        s.add(PolicyRevision(id=new_id("pol"), tenant_id=tenant.id, version=1, text=text,
+        version = 1 + max(s.exec(select(PolicyRevision.version).where(
+            PolicyRevision.tenant_id == tenant.id)).all(), default=0)
+        s.add(PolicyRevision(id=new_id("pol"), tenant_id=tenant.id, version=version, text=text,
                              sha256=compiled.sha256, rule_count=1,
                              created_at=services.clock.now() + timedelta(seconds=1),
                              created_by=tenant.key_ids["admin"]))
@@ -342,6 +356,7 @@ def test_change_by_another_node_is_caught_when_approving(
     assert view["state"] == "denied" and "grant" not in view
 
 
+@pytest.mark.usefixtures("key_approvals")
 def test_grant_issued_without_a_person_needs_one_under_the_new_policy(
         client: TestClient, tenant: TenantKeys, act: ActFn) -> None:
     allowed = act("message", "app:slack", MESSAGE).json()
@@ -363,6 +378,7 @@ def test_grant_issued_without_a_person_needs_one_under_the_new_policy(
 
 # --------------------------------------------------------------------------- no-store
 
+@pytest.mark.usefixtures("key_approvals")
 def test_answers_carrying_secrets_are_not_cached(client: TestClient, tenant: TenantKeys,
                                                  act: ActFn) -> None:
     answers = []
