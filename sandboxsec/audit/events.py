@@ -46,6 +46,7 @@ class AuditEvent(StrEnum):
     ENROLMENT_ISSUE = "people:enrolment:issue"
     CREDENTIAL_REGISTER = "people:credential:register"
     CREDENTIAL_REFUSE = "people:credential:refuse"
+    CREDENTIAL_REVOKE = "people:credential:revoke"
     SIGNIN_CREATE = "people:signin:create"
     SIGNIN_REFUSE = "people:signin:refuse"
     SESSION_OWNER_ASSIGN = "session:owner:assign"

@@ -12,7 +12,8 @@ origins and user handle; for every decision or vote entry signed with a passkey 
 1. parses the recorded assertion bytes and challenge preimage;
 2. checks the preimage names this entry's tenant, approval id, params_hmac, decision and person;
 3. recomputes the challenge (``SHA-256("sandboxsec/approval/v1\\0" || preimage)``);
-4. finds the credential's registration (earlier in the export) and that it is the person's;
+4. finds the credential's registration (earlier in the export), that it is the person's and
+   that no ``people:credential:revoke`` entry before this one revoked it;
 5. verifies the assertion against it: challenge, origin, frames, rpIdHash, UP and UV flags,
    user handle and signature (the sign counter belongs to the online check).
 
@@ -24,7 +25,7 @@ verify every decision).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sandboxsec.audit.errors import AuditVerificationError
@@ -35,6 +36,7 @@ from sandboxsec.people.passkeys import Assertion, decision_challenge, verify_ass
 __all__ = ["AuditDecisionInvalidError", "DecisionReport", "verify_decisions"]
 
 _REGISTER = b'"event":"people:credential:register"'
+_REVOKE = b'"event":"people:credential:revoke"'
 _DECISION_EVENTS = {
     "approval:request:approve": "approve",
     "approval:request:deny": "deny",
@@ -66,6 +68,7 @@ class _Registered:
     rp_id: str
     origins: tuple[str, ...]
     user_handle: bytes
+    revoked_seq: int | None = None
 
 
 def _b64(value: Any, what: str, seq: int) -> bytes:
@@ -93,6 +96,13 @@ def verify_decisions(data: bytes, *, first_seq: int = 0) -> DecisionReport:
                 rp_id=str(body.get("rp_id")),
                 origins=tuple(str(o) for o in body.get("origins", [])),
                 user_handle=_b64(body.get("user_handle"), "user_handle", seq))
+            continue
+        if _REVOKE in line:
+            entry = json.loads(line)
+            seq = int(entry["seq"])
+            raw = _b64(entry.get("body", {}).get("credential_id"), "credential_id", seq)
+            if raw in credentials:
+                credentials[raw] = replace(credentials[raw], revoked_seq=seq)
             continue
         if _PASSKEY not in line or b'"event":"approval:request:' not in line:
             continue
@@ -153,6 +163,9 @@ def _check(entry: dict[str, Any], credentials: dict[bytes, _Registered], first_s
     if reg.person_id != person or reg.tenant_id != entry.get("tenant"):
         raise AuditDecisionInvalidError(
             f"entry {seq}: the passkey is registered to another person", seq=seq)
+    if reg.revoked_seq is not None:
+        raise AuditDecisionInvalidError(
+            f"entry {seq}: signed by a passkey revoked at entry {reg.revoked_seq}", seq=seq)
     # 5. the assertion itself
     try:
         verify_assertion(assertion, challenge=challenge, rp_id=reg.rp_id, origins=reg.origins,

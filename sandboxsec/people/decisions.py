@@ -171,7 +171,8 @@ class SignedDecisions:
                     ApprovalVote.person_id == person.person_id)).first() is not None:
                 raise ApprovalAlreadyVotedError("you decided on this request already")
             creds = s.exec(select(PersonCredential.credential_id).where(
-                PersonCredential.person_id == person.person_id)).all()
+                PersonCredential.person_id == person.person_id,
+                col(PersonCredential.revoked_at).is_(None))).all()
             nonce = secrets.token_bytes(32)
             keyed = self._digester.params_hmac_in(s, person.tenant_id, row.params_hash)
             preimage = decision_preimage(

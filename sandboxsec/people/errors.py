@@ -29,6 +29,7 @@ __all__ = [
     "AssertionUserNotVerifiedError",
     "ChallengeExpiredError",
     "CredentialDuplicateError",
+    "CredentialRevokedError",
     "CredentialUnknownError",
     "EnrolmentInvalidError",
     "OriginForbiddenError",
@@ -75,6 +76,12 @@ class CredentialUnknownError(AuthenticationError):
     """The passkey is not registered to any enabled person."""
 
     code = "credential_unknown"
+
+
+class CredentialRevokedError(AuthenticationError):
+    """The passkey was revoked by an admin (a lost or replaced device): it signs nothing."""
+
+    code = "credential_revoked"
 
 
 class SigninRequiredError(AuthenticationError):

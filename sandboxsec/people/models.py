@@ -71,6 +71,8 @@ class PersonCredential(SQLModel, table=True):
     backup_eligible: bool = Field(default=False)
     created_at: datetime = Field(sa_type=UTCDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    #: when an admin revoked it (a lost or replaced device): it signs nothing any more
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class WebauthnChallenge(SQLModel, table=True):

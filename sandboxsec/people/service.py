@@ -33,6 +33,7 @@ from sandboxsec.people.errors import (
     AssertionReplayedError,
     ChallengeExpiredError,
     CredentialDuplicateError,
+    CredentialRevokedError,
     CredentialUnknownError,
     EnrolmentInvalidError,
     PersonHandleTakenError,
@@ -93,6 +94,7 @@ class CredentialView:
     sign_count: int
     created_at: datetime
     last_used_at: datetime | None
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,34 @@ class PeopleService:
                 self._audit.append(AuditRecord.by(
                     who, AuditEvent.PERSON_DISABLE, "success",
                     object_ids={"person_id": row.id}), session=s)
+            creds = self._credentials(s, who.tenant_id, [row.id])
+        return self._view(row, creds.get(row.id, ()))
+
+    def revoke_credential(self, who: Principal, person_id: str, credential_row_id: str
+                          ) -> PersonView:
+        """Revoke one of a person's passkeys (a lost or replaced device): it can no longer
+        sign in or decide, the sign-ins made with it end, and the revocation is audited, so an
+        auditor's check refuses any decision it signs later.  The person's other passkeys are
+        untouched.  Idempotent."""
+        now = self._clock.now()
+        with self._db.session() as s:
+            row = get_scoped(s, Person, who.tenant_id, person_id, what="person")
+            cred = s.exec(select_scoped(PersonCredential, who.tenant_id).where(
+                PersonCredential.id == credential_row_id,
+                PersonCredential.person_id == row.id)).first()
+            if cred is None:
+                raise NotFoundError("no such passkey")
+            if cred.revoked_at is None:
+                cred.revoked_at = now
+                s.add(cred)
+                s.execute(update(PersonSignin)
+                          .where(col(PersonSignin.credential_row_id) == cred.id,
+                                 col(PersonSignin.ended_at).is_(None))
+                          .values(ended_at=now))
+                self._audit.append(AuditRecord.by(
+                    who, AuditEvent.CREDENTIAL_REVOKE, "success",
+                    object_ids={"person_id": row.id, "credential_row_id": cred.id},
+                    body={"credential_id": _b64(cred.credential_id)}), session=s)
             creds = self._credentials(s, who.tenant_id, [row.id])
         return self._view(row, creds.get(row.id, ()))
 
@@ -547,11 +577,14 @@ class PeopleService:
     @staticmethod
     def credential_of(s: Session, credential_id: bytes
                       ) -> tuple[PersonCredential, Person] | None:
-        """The passkey with this raw id and its enabled person, if any."""
+        """The passkey with this raw id and its enabled person, if any
+        (``credential_revoked`` for a passkey an admin revoked)."""
         cred = s.exec(select(PersonCredential).where(
             PersonCredential.credential_id == credential_id)).first()
         if cred is None:
             return None
+        if cred.revoked_at is not None:
+            raise CredentialRevokedError("this passkey was revoked: it signs nothing here")
         person = s.exec(select(Person).where(Person.id == cred.person_id,
                                              col(Person.disabled_at).is_(None))).first()
         return (cred, person) if person is not None else None
@@ -614,7 +647,7 @@ class PeopleService:
 
 def _credential_view(r: PersonCredential) -> CredentialView:
     return CredentialView(r.id, b64url(r.credential_id), r.aaguid, r.backup_eligible,
-                          r.sign_count, r.created_at, r.last_used_at)
+                          r.sign_count, r.created_at, r.last_used_at, r.revoked_at)
 
 
 def _valid_person(name: Any, handle: Any, groups: Any) -> tuple[str, str, list[str]]:

@@ -60,6 +60,7 @@ class CredentialOut(BaseModel):
     sign_count: int
     created_at: datetime
     last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
 
 
 class PersonOut(BaseModel):
@@ -151,7 +152,8 @@ class PersonApprovalOut(ApprovalOut):
 def _cred(c: CredentialView) -> CredentialOut:
     return CredentialOut(id=c.id, credential_id=c.credential_id, aaguid=c.aaguid,
                          backup_eligible=c.backup_eligible, sign_count=c.sign_count,
-                         created_at=c.created_at, last_used_at=c.last_used_at)
+                         created_at=c.created_at, last_used_at=c.last_used_at,
+                         revoked_at=c.revoked_at)
 
 
 def _person(p: PersonView) -> dict[str, Any]:
@@ -230,6 +232,16 @@ def disable_person(person_id: Id, services: ServicesDep,
                    who: Annotated[Principal, Depends(require("people:manage"))]) -> PersonOut:
     """Disable a person: they can no longer sign in or decide; their sign-ins end."""
     return PersonOut(**_person(services.people.disable_person(who, person_id)))
+
+
+@router.delete("/people/{person_id}/credentials/{credential_id}", response_model=PersonOut)
+def revoke_credential(person_id: Id, credential_id: Id, services: ServicesDep,
+                      who: Annotated[Principal, Depends(require("people:manage"))]
+                      ) -> PersonOut:
+    """Revoke one of a person's passkeys (``credential_id`` is the ``id`` listed with it): it
+    signs nothing any more and its sign-ins end; the person's other passkeys keep working."""
+    return PersonOut(**_person(services.people.revoke_credential(who, person_id,
+                                                                 credential_id)))
 
 
 @router.post("/people/{person_id}/enrolments", response_model=EnrolmentOut, status_code=201)

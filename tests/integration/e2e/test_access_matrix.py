@@ -68,6 +68,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/people/{person_id}"): {"admin"},
     ("POST", "/v1/people/{person_id}/enrolments"): {"admin"},
     ("DELETE", "/v1/people/{person_id}"): {"admin"},
+    ("DELETE", "/v1/people/{person_id}/credentials/{credential_id}"): {"admin"},
     ("PUT", "/v1/sessions/{session_id}/owner"): {"admin"},
     ("POST", "/v1/enroll/{token}/options"): ORIGIN,
     ("POST", "/v1/enroll/{token}/register"): ORIGIN,
@@ -124,7 +125,7 @@ def objects(client: TestClient, services: Services, tenant: TenantKeys) -> dict[
     assert r.status_code == 201, r.text
     return {"session_id": sid, "approval_id": approval_id, "record_id": record_id,
             "key_id": key_id, "person_id": person_id, "webhook_id": r.json()["webhook_id"],
-            "token": "enr_" + "0" * 40}
+            "token": "enr_" + "0" * 40, "credential_id": "cred_" + "0" * 32}
 
 
 def _url(path: str, ids: dict[str, str]) -> str:

@@ -5,8 +5,11 @@ member names on the people's routes (both databases)."""
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
@@ -168,3 +171,78 @@ def test_people_routes_refuse_duplicate_member_names(
                                                      "content-type": "application/json"})
         assert (r.status_code, _code(r)) == (400, "json_duplicate_key"), (path, r.text)
     assert _pending(client, tenant, aid)
+
+
+def _second_passkey(client: TestClient, tenant: TenantKeys, person_id: str) -> SoftPasskey:
+    r = client.post(f"/v1/people/{person_id}/enrolments", headers=tenant.headers("admin"))
+    assert r.status_code == 201, r.text
+    token = r.json()["enrolment_path"].rsplit("/", 1)[1]
+    opts = client.post(f"/v1/enroll/{token}/options", headers=PAGE).json()
+    device = SoftPasskey(rp_id="localhost", origin=ORIGIN)
+    reg = client.post(f"/v1/enroll/{token}/register", headers=PAGE, json={
+        "challenge_id": opts["challenge_id"], "credential": device.create(opts)})
+    assert reg.status_code == 201, reg.text
+    return device
+
+
+def _std_b64(b64url_text: str) -> bytes:
+    """The audit log's encoding (standard base64) of an id the API shows as base64url."""
+    raw = base64.urlsafe_b64decode(b64url_text + "=" * (-len(b64url_text) % 4))
+    return base64.b64encode(raw)
+
+
+def test_a_revoked_passkey_signs_nothing_and_the_other_one_still_does(
+        client: TestClient, services: Services, tenant: TenantKeys, people: EnrolFn) -> None:
+    from sandboxsec.people.audit_verify import AuditDecisionInvalidError, verify_decisions
+
+    alice = people("alice")  # signed in with her first passkey (the laptop)
+    phone = _second_passkey(client, tenant, alice.person_id)
+    creds = client.get(f"/v1/people/{alice.person_id}",
+                       headers=tenant.headers("admin")).json()["credentials"]
+    laptop_row = creds[0]["id"]
+    aid = request_payment(client, tenant, owned_session(services, client, tenant, alice)
+                          )["approval_id"]
+    shown = alice.challenge(aid).json()["params_hash"]
+    ch = alice.challenge(aid)
+    assert ch.status_code == 200
+    # The laptop is lost: the admin revokes that passkey only.
+    r = client.delete(f"/v1/people/{alice.person_id}/credentials/{laptop_row}",
+                      headers=tenant.headers("admin"))
+    assert r.status_code == 200, r.text
+    listed = {c["id"]: c for c in r.json()["credentials"]}
+    assert listed[laptop_row]["revoked_at"] is not None and len(listed) == 2
+    # The sign-in made with the laptop ended with it.
+    assert _code(alice.get("/v1/me")) == "signin_required"
+    # The laptop signs nothing: not a sign-in ...
+    opts = client.post("/v1/signin/options", headers=PAGE).json()
+    r = client.post("/v1/signin", headers=PAGE, json={
+        "challenge_id": opts["challenge_id"], "credential": alice.passkey.get(opts)})
+    assert r.status_code == 401 and _code(r) == "credential_revoked", r.text
+    # ... nor a decision, even inside a sign-in made with the phone.
+    alice.passkey, laptop = phone, alice.passkey
+    alice.signin()
+    ch = alice.challenge(aid).json()
+    allowed = {c["id"] for c in ch["publicKey"].get("allowCredentials", [])}
+    assert len(allowed) == 1  # only the phone is offered
+    r = alice.decide(aid, challenge=ch, credential=laptop.get(ch), params_hash=shown)
+    assert r.status_code == 401 and _code(r) == "credential_revoked", r.text
+    assert _pending(client, tenant, aid)
+    # The phone still decides.
+    assert alice.decide(aid).json()["state"] == "approved"
+    # Offline: a decision after the revocation entry of the passkey that signed it is named.
+    data = b"".join(services.audit.export(tenant.id))
+    assert verify_decisions(data).decisions_verified == 1
+    lines = data.splitlines()
+    revoke = next(i for i, ln in enumerate(lines) if b'"people:credential:revoke"' in ln)
+    approve = next(i for i, ln in enumerate(lines)
+                   if b'"event":"approval:request:approve"' in ln)
+    # A log edited (and re-signed by whoever holds the audit key) so that the passkey revoked
+    # before the approval is the one that signed it: the check names the approval.
+    phone_id = next(c for c in listed.values() if c["id"] != laptop_row)["credential_id"]
+    laptop_id = listed[laptop_row]["credential_id"]
+    forged = lines[revoke].replace(_std_b64(laptop_id), _std_b64(phone_id))
+    assert forged != lines[revoke]
+    bad = b"\n".join([*lines[:revoke], forged, *lines[revoke + 1:]])
+    with pytest.raises(AuditDecisionInvalidError) as err:
+        verify_decisions(bad)
+    assert err.value.seq == json.loads(lines[approve])["seq"]

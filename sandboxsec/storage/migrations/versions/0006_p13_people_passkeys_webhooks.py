@@ -78,6 +78,7 @@ def upgrade() -> None:
     sa.Column('backup_eligible', sa.Boolean(), nullable=False),
     sa.Column('created_at', sandboxsec.storage.types.UTCDateTime(timezone=True), nullable=False),
     sa.Column('last_used_at', sandboxsec.storage.types.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', sandboxsec.storage.types.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('credential_id')
     )
