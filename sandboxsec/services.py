@@ -32,7 +32,7 @@ from sandboxsec.crypto.keys import KeyProvider, build_key_provider
 from sandboxsec.crypto.signing import hsm_signer
 from sandboxsec.crypto.tenant_keys import build_tenant_key_store
 from sandboxsec.people.decisions import SignedDecisions
-from sandboxsec.people.routes import PeopleRouting
+from sandboxsec.people.routes import PeopleRouting, passkey_approvals
 from sandboxsec.people.service import PeopleService
 from sandboxsec.policy.admin import PolicyAdmin
 from sandboxsec.policy.approval_service import ApprovalService, Listener
@@ -205,7 +205,7 @@ class Services:
     @cached_property
     def _policy_in_force(self) -> PolicyInForce:
         return PolicyInForce(self._policy_repository, self._policy_engine,
-                             self.policy_admin.text)
+                             self.policy_admin.text, passkeys=passkey_approvals)
 
     @cached_property
     def grants(self) -> GrantService:

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.people.errors import ApprovalPersonRequiredError
-from sandboxsec.people.models import ApprovalRoute, Person, SessionOwner
+from sandboxsec.people.models import ApprovalRoute, ApprovalVote, Person, SessionOwner
 from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.policy.redecide import stricter_route
 from sandboxsec.policy.routing import DEFAULT_ROUTE, Route, Signer, resolve
@@ -24,6 +24,7 @@ __all__ = [
     "enabled_people",
     "key_approval_refusal",
     "load_route",
+    "passkey_approvals",
     "required_route",
     "route_new_request",
     "routed_people",
@@ -66,6 +67,14 @@ def load_route(s: Session, tenant_id: str, approval_id: str) -> ApprovalRoute | 
 def routed_people(route: ApprovalRoute | None) -> tuple[str, ...]:
     """The person ids a stored route names."""
     return tuple(json.loads(route.people_json)) if route is not None else ()
+
+
+def passkey_approvals(s: Session, tenant_id: str, approval_id: str) -> int:
+    """How many distinct people approved the request with their passkey (one vote each)."""
+    rows = s.exec(select(ApprovalVote.person_id).where(
+        ApprovalVote.tenant_id == tenant_id, ApprovalVote.approval_id == approval_id,
+        ApprovalVote.decision == "approve")).all()
+    return len(set(rows))
 
 
 def required_route(stored: ApprovalRoute | None, now: Route | None) -> tuple[int, str]:

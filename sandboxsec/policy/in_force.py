@@ -29,8 +29,13 @@ class PolicyInForce:
     """Decides pending requests and grants again under the tenant's policy in force now."""
 
     def __init__(self, repo: PolicyRepository, engine: PolicyEngine,
-                 texts: Callable[[str, int], str]) -> None:
-        """``texts(tenant_id, version)`` is the text of a policy version (policy admin)."""
+                 texts: Callable[[str, int], str],
+                 passkeys: Callable[[Tx, str, str], int] | None = None) -> None:
+        """``texts(tenant_id, version)`` is the text of a policy version (policy admin);
+        ``passkeys(tx, tenant_id, approval_id)`` counts the people who approved a request with
+        their passkey (the people domain), so a grant approved by an approver key, or by fewer
+        people than a route now asks for, is refused."""
+        self._passkeys = passkeys
         self._repo = repo
         self._engine = engine
         self._texts = texts
@@ -88,6 +93,10 @@ class PolicyInForce:
                                  resource=record.resource, params=params)
         except SandboxSecError as exc:
             return f"the granted action no longer passes the input checks ({exc.reason})"
+        passkeys = None
+        if self._passkeys is not None and record.approval_id is not None:
+            passkeys = self._passkeys(tx, record.tenant_id, record.approval_id)
         why = reconsider_grant(policy, self._login_seen(tx, ctx),
-                               approved_by_person=record.approval_id is not None)
+                               approved_by_person=record.approval_id is not None,
+                               passkeys=passkeys)
         return why.explain("grant", version) if why is not None else None

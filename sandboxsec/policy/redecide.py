@@ -9,7 +9,9 @@ first decision (:mod:`sandboxsec.policy.context`):
 
 * a pending request is refused when the policy now denies it;
 * a grant is refused when the policy now denies its action, and also when the policy now
-  requires a person's approval but the grant was issued without one (an ``allow``).
+  requires a person's approval but the grant was issued without one (an ``allow``), or with
+  fewer people's passkeys than the route of the rule now requiring approval asks for (an
+  approver key's approval counts no person).
 
 A looser policy changes nothing in flight: a pending request still waits for its person.
 
@@ -57,14 +59,22 @@ def reconsider_pending(policy: CompiledPolicy, ctx: ActionContext) -> Reconsider
     return None
 
 
-def reconsider_grant(policy: CompiledPolicy, ctx: ActionContext, *, approved_by_person: bool
-                     ) -> Reconsidered | None:
-    """``None`` when a grant may still be used under ``policy``."""
+def reconsider_grant(policy: CompiledPolicy, ctx: ActionContext, *, approved_by_person: bool,
+                     passkeys: int | None = None) -> Reconsidered | None:
+    """``None`` when a grant may still be used under ``policy``.
+
+    ``passkeys`` is how many distinct people approved it with their passkey (``None`` when
+    not known: only whether it was approved at all counts then)."""
     outcome, rule = policy.evaluate(ctx)
     if outcome is Outcome.DENY:
         return Reconsidered(outcome, _rule_id(rule))
-    if outcome is Outcome.APPROVAL_REQUIRED and not approved_by_person:
-        return Reconsidered(outcome, _rule_id(rule))
+    if outcome is Outcome.APPROVAL_REQUIRED:
+        if not approved_by_person:
+            return Reconsidered(outcome, _rule_id(rule))
+        route = policy.routes.get(_rule_id(rule), DEFAULT_ROUTE)
+        if (passkeys is not None and route.signer is Signer.PASSKEY
+                and passkeys < route.quorum):
+            return Reconsidered(outcome, _rule_id(rule))
     return None
 
 

@@ -145,3 +145,49 @@ def test_a_policy_that_now_wants_a_person_takes_a_request_from_keys(
 def _entries(services: Services, tenant: TenantKeys) -> list[dict[str, Any]]:
     data = b"".join(services.audit.export(tenant.id))
     return [json.loads(line) for line in data.splitlines() if line.startswith(b'{"v":')]
+
+
+def _grant(client: TestClient, tenant: TenantKeys, aid: str) -> str:
+    view = client.get(f"/v1/approvals/{aid}", headers=tenant.headers("agent")).json()
+    assert view["state"] == "approved", view
+    return str(view["grant"])
+
+
+def _verify(client: TestClient, tenant: TenantKeys, grant: str, params: dict[str, Any]) -> Any:
+    return client.post("/v1/grants/verify", headers=tenant.headers("auditor"),
+                       json={"grant": grant, "action": "payment", "params": params})
+
+
+PARAMS = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh"}
+
+
+def test_a_grant_approved_by_a_key_needs_a_person_once_the_policy_says_so(
+        client: TestClient, services: Services, tenant: TenantKeys, people: EnrolFn) -> None:
+    _install(client, tenant, KEYS_MAY)
+    alice = people("alice")
+    action = request_payment(client, tenant, owned_session(services, client, tenant, alice))
+    aid = action["approval_id"]
+    r = client.post(f"/v1/approvals/{aid}/approve", headers=tenant.headers("approver"),
+                    json={"params_hash": action["params_hash"]})
+    assert r.status_code == 200, r.text
+    grant = _grant(client, tenant, aid)
+    _install(client, tenant, ONE_PERSON)
+    r = _verify(client, tenant, grant, PARAMS)
+    assert (r.status_code, _code(r)) == (422, "grant_policy_denied"), r.text
+    # Refused, not spent: under a policy that lets keys approve it is valid again.
+    _install(client, tenant, KEYS_MAY)
+    assert _verify(client, tenant, grant, PARAMS).status_code == 200
+
+
+def test_a_grant_needs_the_people_a_stricter_route_asks_for(
+        client: TestClient, services: Services, tenant: TenantKeys, people: EnrolFn) -> None:
+    alice = people("alice")
+    aid = request_payment(client, tenant, owned_session(services, client, tenant, alice)
+                          )["approval_id"]
+    assert alice.decide(aid).json()["state"] == "approved"
+    grant = _grant(client, tenant, aid)
+    _install(client, tenant, TWO_PEOPLE)
+    r = _verify(client, tenant, grant, PARAMS)
+    assert (r.status_code, _code(r)) == (422, "grant_policy_denied"), r.text
+    _install(client, tenant, ONE_PERSON)
+    assert _verify(client, tenant, grant, PARAMS).status_code == 200
