@@ -153,6 +153,10 @@ class ApprovalService:
                                body={"params_hash": row.params_hash, "message": why[:500]}),
                 session=tx,
             )
+            if self._outbox is not None:
+                self._outbox.enqueue(tx, row.tenant_id, "approval.decided", {
+                    "approval_id": row.id, "state": ApprovalState.DENIED.value,
+                    "signer": POLICY_DECIDER}, now)
             self._repo.announce(tx, row.id)
             row.state, row.decided_at, row.decided_by = (ApprovalState.DENIED.value, now,
                                                          POLICY_DECIDER)
@@ -340,9 +344,11 @@ class ApprovalService:
         # One append for the decision: one lock of the log head instead of two.
         self._audit.append_many(batch, session=tx)
         if self._outbox is not None:
+            # No params hash: a hash of low-entropy payment params is guessable, and the
+            # receiver has the approval id.
             self._outbox.enqueue(tx, row.tenant_id, "approval.decided", {
                 "approval_id": row.id, "state": new_state.value,
-                "params_hash": row.params_hash, "signer": body.get("signer", "api_key")}, now)
+                "signer": body.get("signer", "api_key")}, now)
         self._repo.announce(tx, row.id)
         row.state, row.decided_at, row.decided_by = new_state.value, now, who.key_id
         row.grant_id = grant_id

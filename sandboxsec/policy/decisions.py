@@ -226,7 +226,7 @@ class DecisionService:
                 # Announced from the tenant's webhook outbox, in this same transaction.
                 self._outbox.enqueue(tx, who.tenant_id, "approval.requested", {
                     "approval_id": row.id, "action": row.action, "short_code": row.short_code,
-                    "params_hash": row.params_hash, "expires_at": rfc3339(row.expires_at),
+                    "expires_at": rfc3339(row.expires_at),
                     "routed_to": routed.get("routed_to", []),
                     "approve_path": f"/approve/{row.id}"}, now)
         elif decision.outcome is Outcome.ALLOW:

@@ -125,6 +125,8 @@ def test_delivery_is_signed_retried_visible_and_audited(
         event = json.loads(body)
         assert event["type"] == "approval.requested"
         assert event["data"]["approval_id"] == aid and event["data"]["tenant_id"] == tenant.id
+        # Nothing that binds the params leaves: no params, no (guessable) params hash.
+        assert not {"params", "params_hash", "params_hmac"} & set(event["data"])
         data = b"".join(services.audit.export(tenant.id))
         events = [json.loads(ln)["event"] for ln in data.splitlines() if ln.startswith(b'{"v":')]
         assert events.count("webhook:delivery:retry") == 2
