@@ -12,7 +12,8 @@ acts on *before* it acts; the checks, in order:
    unbound session act, as a bearer handle);
 4. the proof verifies for this request: key, signature, session, method, URL (against the
    configured external URL, never what a proxy or the Host header says), body, API key,
-   freshness (:func:`sandboxsec.sessions.dpop.verify_proof`);
+   freshness (:func:`sandboxsec.sessions.dpop.verify_proof`), and, where the deployment
+   requires them, the server nonce (:mod:`sandboxsec.sessions.nonce`);
 5. its ``jti`` was never used with this key, in any worker (``dpop_replayed``).
 
 Refusals after step 2 are audited (``session:proof:refuse`` with the reason code).
@@ -48,6 +49,7 @@ from sandboxsec.sessions.errors import (
 from sandboxsec.sessions.liveness import is_live
 from sandboxsec.sessions.lru import Lru
 from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.nonce import DpopNonces
 from sandboxsec.sessions.replay import ReplayStore
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
@@ -97,13 +99,15 @@ class SessionBinding:
 
     def __init__(self, config: BindingConfig, db: Database, clock: Clock, audit: AuditSink,
                  *, replay: ReplayStore | None = None,
-                 keys: dpop.KeyCache | None = None) -> None:
+                 keys: dpop.KeyCache | None = None,
+                 nonces: DpopNonces | None = None) -> None:
         self._config = config
         self._db = db
         self._clock = clock
         self._audit = audit
         self._replay = replay or ReplayStore(db)
         self._keys = keys or dpop.KeyCache()
+        self._nonces = nonces
         # (tenant, session) -> key thumbprint ("" for an unbound session): fixed at start.
         self._session_keys: Lru[tuple[str, str], str] = Lru(16384)
 
@@ -195,6 +199,10 @@ class SessionBinding:
         pending.claim(None)
         return pending.proof
 
+    def fresh_nonce(self) -> str | None:
+        """A ``DPoP-Nonce`` for the next proofs, or None when nonces are not required."""
+        return self._nonces.issue(self._clock.now()) if self._nonces is not None else None
+
     def _session_key(self, who: Principal, session_id: str) -> str | None:
         # The thumbprint never changes after the session starts, so a found session's is
         # kept; an unknown id is asked again every time (404, as for another tenant's).
@@ -226,6 +234,9 @@ class SessionBinding:
             skew_seconds=self._config.skew_seconds, api_key=request.api_key,
             keys=self._keys,
         )
+        # 4b. The server nonce, when this deployment hands them out (sessions/nonce.py).
+        if self._nonces is not None:
+            self._nonces.check(verified.nonce, now)
         keep_until = datetime.fromtimestamp(
             verified.iat + self._config.max_age_seconds
             + self._config.skew_seconds + 1, UTC)

@@ -157,11 +157,13 @@ def create_proof(
     now: datetime,
     api_key: str | None = None,
     jti: str | None = None,
+    nonce: str | None = None,
 ) -> str:
     """A proof for one request, signed by ``signer`` (the session key), as a compact JWS.
 
     ``url`` is the full URL the request is sent to (query and fragment are dropped);
-    ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it.
+    ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it;
+    ``nonce`` the last ``DPoP-Nonce`` the service sent (RFC 9449 section 8), if any.
     """
     header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _EC_MEMBERS}}
     claims: dict[str, Any] = {
@@ -174,6 +176,8 @@ def create_proof(
     }
     if api_key is not None:
         claims["ath"] = ath_of(api_key)
+    if nonce is not None:
+        claims["nonce"] = nonce
     signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
                      + b64url(json.dumps(claims, separators=(",", ":")).encode()))
     signature = signer(signing_input.encode("ascii"))
@@ -231,6 +235,8 @@ class VerifiedProof:
     session_id: str
     htm: str
     htu: str
+    #: the ``nonce`` claim (RFC 9449 section 8), checked by the caller when it hands them out
+    nonce: str | None = None
 
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
@@ -278,6 +284,9 @@ def verify_proof(
     jti, htm, htu = _claim(claims, "jti"), _claim(claims, "htm"), _claim(claims, "htu")
     sid, bh = _claim(claims, "sid"), _claim(claims, "bh")
     iat = claims["iat"]
+    nonce = claims.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or len(nonce) > _MAX_CLAIM):
+        raise DpopMalformedError("claim nonce is not a string of bounded length")
     # 5. Bound to this request.
     if sid != session_id:
         raise DpopSessionMismatchError("the proof was made for another session")
@@ -295,7 +304,8 @@ def verify_proof(
     t = int(now.timestamp())
     if iat < t - max_age_seconds or iat > t + skew_seconds:
         raise DpopStaleError("the proof's iat is outside the freshness window")
-    return VerifiedProof(jkt=jkt, jti=jti, iat=iat, session_id=sid, htm=htm, htu=htu)
+    return VerifiedProof(jkt=jkt, jti=jti, iat=iat, session_id=sid, htm=htm, htu=htu,
+                         nonce=nonce)
 
 
 def verify_signature(
