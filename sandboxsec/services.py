@@ -48,6 +48,7 @@ from sandboxsec.policy.service import PolicyService
 from sandboxsec.policy.signing import GrantKeyring
 from sandboxsec.policy.wakeup import PgListener, Wakeups
 from sandboxsec.sessions.binding import BindingConfig, SessionBinding
+from sandboxsec.sessions.nonce_key import dpop_nonces
 from sandboxsec.sessions.service import SessionConfig, SessionService
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
@@ -185,7 +186,9 @@ class Services:
                                require_session_key=s.require_session_key,
                                max_age_seconds=s.dpop_max_age_seconds,
                                skew_seconds=s.dpop_clock_skew_seconds)
-        return SessionBinding(config, self.db, self.clock, self.audit_writer)
+        nonces = (dpop_nonces(s.home, s.dpop_nonce_lifetime_seconds, s.dpop_clock_skew_seconds)
+                  if s.dpop_require_nonce else None)
+        return SessionBinding(config, self.db, self.clock, self.audit_writer, nonces=nonces)
 
     # ------------------------------------------------------------------ policy
 

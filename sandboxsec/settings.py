@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     )
     dpop_max_age_seconds: int = Field(default=60, ge=5, le=600)
     dpop_clock_skew_seconds: int = Field(default=5, ge=0, le=120)
+    dpop_require_nonce: bool = Field(
+        default=False,
+        description="Require a server nonce (RFC 9449 DPoP-Nonce) in every session proof, so "
+        "freshness is judged on the service's clock (docs/attestation.md).",
+    )
+    dpop_nonce_lifetime_seconds: int = Field(default=300, ge=10, le=3600)
 
     # --- policy ---
     approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)

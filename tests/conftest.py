@@ -19,6 +19,10 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.support.pgcluster import PgCluster
 
+#: Shared fixtures that live with their helpers: ``database_url`` (a server migrates it
+#: itself), ``tpm`` and ``other_tpm`` (booted swtpm devices, one per module).
+pytest_plugins = ["tests.support.serve", "tests.support.swtpm"]
+
 _counter = itertools.count()
 
 # CI runs the property tests with a fixed seed sequence, so a red build is reproducible and a

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sandboxsec.errors import RateLimitedError, SandboxSecError
+from sandboxsec.sessions.errors import DpopNonceError
 
 __all__ = ["ERROR_RESPONSES", "ErrorDetail", "ErrorResponse", "error_body",
            "install_error_handlers"]
@@ -88,6 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         if isinstance(exc, RateLimitedError):
             headers = {"Retry-After": str(exc.retry_after)}
+        if isinstance(exc, DpopNonceError):  # RFC 9449 section 9: retry with this nonce
+            headers = {"DPoP-Nonce": exc.nonce,
+                       "WWW-Authenticate": 'DPoP error="use_dpop_nonce", algs="ES256"'}
         return JSONResponse(error_body(exc.reason, exc.message), exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from sandboxsec.sessions.binding import RequestProof
 
@@ -20,8 +20,14 @@ __all__ = ["ProofDep", "request_proof"]
 _DPOP = b"dpop"
 
 
-async def request_proof(request: Request) -> RequestProof:
-    """The request as a session proof must bind it (body read once; FastAPI caches it)."""
+async def request_proof(request: Request, response: Response) -> RequestProof:
+    """The request as a session proof must bind it (body read once; FastAPI caches it).
+
+    Where the deployment requires server nonces, the answer carries the next one in
+    ``DPoP-Nonce`` (a refusal carries it too: :mod:`sandboxsec.api.errors`)."""
+    nonce = request.app.state.services.session_binding.fresh_nonce()
+    if nonce is not None:
+        response.headers["DPoP-Nonce"] = nonce
     body = await request.body()
     proofs = tuple(v.decode("latin-1") for k, v in request.headers.raw if k.lower() == _DPOP)
     scheme, _, key = request.headers.get("authorization", "").partition(" ")

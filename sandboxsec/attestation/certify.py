@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
@@ -61,27 +60,10 @@ __all__ = [
     "verify_session_key",
 ]
 
-TPM_ST_ATTEST_CERTIFY: Final = 0x8017
-_MAX_NAME: Final = 68  # TPMU_NAME
-_MAX_DATA: Final = 66  # TPMT_HA
-_ALG_ECC: Final = 0x0023
-_ALG_SHA256: Final = 0x000B
-_ALG_ECDSA: Final = 0x0018
-_ALG_NULL: Final = 0x0010
-_CURVE_P256: Final = 0x0003
-
-# TPMA_OBJECT bits.
-_FIXED_TPM: Final = 0x00000002
-_FIXED_PARENT: Final = 0x00000010
-_SENSITIVE_DATA_ORIGIN: Final = 0x00000020
-_RESTRICTED: Final = 0x00010000
-_DECRYPT: Final = 0x00020000
-_SIGN: Final = 0x00040000
+TPM_ST_ATTEST_CERTIFY: Final = quote.TPM_ST_ATTEST_CERTIFY
 #: What a session key must carry.
-SESSION_KEY_REQUIRED: Final = _FIXED_TPM | _FIXED_PARENT | _SENSITIVE_DATA_ORIGIN | _SIGN
-
-_HEAD = struct.Struct(">IHH")
-_CLOCK_FW = struct.Struct(">QIIBQ")  # TPMS_CLOCK_INFO, firmwareVersion
+SESSION_KEY_REQUIRED: Final = (quote.TPMA_FIXED_TPM | quote.TPMA_FIXED_PARENT
+                               | quote.TPMA_SENSITIVE_DATA_ORIGIN | quote.TPMA_SIGN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +106,13 @@ def parse_session_key(data: bytes) -> SessionKey:
         canonical = area.marshal()
         key_type, name_alg = int(area.type), int(area.nameAlg)
         attributes = int(area.objectAttributes)
-        curve = int(area.parameters.eccDetail.curveID) if key_type == _ALG_ECC else 0
-        scheme = int(area.parameters.eccDetail.scheme.scheme) if key_type == _ALG_ECC else 0
+        ecc = key_type == quote.ALG_ECC
+        curve = int(area.parameters.eccDetail.curveID) if ecc else 0
+        scheme = int(area.parameters.eccDetail.scheme.scheme) if ecc else 0
         scheme_hash = (int(area.parameters.eccDetail.scheme.details.ecdsa.hashAlg)
-                       if scheme == _ALG_ECDSA else 0)
-        x = bytes(area.unique.ecc.x) if key_type == _ALG_ECC else b""
-        y = bytes(area.unique.ecc.y) if key_type == _ALG_ECC else b""
+                       if scheme == quote.ALG_ECDSA else 0)
+        x = bytes(area.unique.ecc.x) if ecc else b""
+        y = bytes(area.unique.ecc.y) if ecc else b""
     except Exception as exc:  # the TSS raises TSS2_Exception, cffi TypeError/ValueError
         raise SessionKeyPublicMalformedError(
             f"TPM2B_PUBLIC does not parse: {type(exc).__name__}") from None
@@ -137,19 +120,19 @@ def parse_session_key(data: bytes) -> SessionKey:
     if used != len(data) or canonical != data[2:]:
         raise SessionKeyPublicMalformedError("TPM2B_PUBLIC is not canonically marshalled")
     # 1b. ECDSA P-256 with SHA-256 only (the proof algorithm is ES256).
-    if key_type != _ALG_ECC or curve != _CURVE_P256:
+    if key_type != quote.ALG_ECC or curve != quote.CURVE_P256:
         raise SessionKeyAlgorithmRefusedError("the session key must be an ECC P-256 key")
-    if name_alg != _ALG_SHA256:
+    if name_alg != quote.ALG_SHA256:
         raise SessionKeyAlgorithmRefusedError("the session key's name algorithm must be SHA-256")
-    if scheme not in (_ALG_NULL, _ALG_ECDSA) or (scheme == _ALG_ECDSA
-                                                 and scheme_hash != _ALG_SHA256):
+    if scheme not in (quote.ALG_NULL, quote.ALG_ECDSA) or (
+            scheme == quote.ALG_ECDSA and scheme_hash != quote.ALG_SHA256):
         raise SessionKeyAlgorithmRefusedError("the session key's scheme must be ECDSA-SHA256")
     # 1c. Non-duplicable, made inside the TPM, an unrestricted signing key.
     if attributes & SESSION_KEY_REQUIRED != SESSION_KEY_REQUIRED:
         raise SessionKeyAttributesInvalidError(
             f"attributes {attributes:#010x} lack fixedTPM, fixedParent, sensitiveDataOrigin "
             "or sign")
-    if attributes & (_RESTRICTED | _DECRYPT):
+    if attributes & (quote.TPMA_RESTRICTED | quote.TPMA_DECRYPT):
         raise SessionKeyAttributesInvalidError(
             f"attributes {attributes:#010x}: a session key is neither restricted nor decrypting")
     if len(x) != 32 or len(y) != 32:
@@ -161,7 +144,7 @@ def parse_session_key(data: bytes) -> SessionKey:
         ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
     except ValueError:
         raise SessionKeyPublicMalformedError("the session key is not a point on P-256") from None
-    name = _ALG_SHA256.to_bytes(2, "big") + hashlib.sha256(canonical).digest()
+    name = quote.ALG_SHA256.to_bytes(2, "big") + hashlib.sha256(canonical).digest()
     return SessionKey(name=name, jwk=jwk, jkt=jwk_thumbprint(jwk), attributes=attributes)
 
 
@@ -171,37 +154,28 @@ def parse_certify(data: bytes) -> Certify:
     Raises :class:`SessionKeyCertifyMalformedError` (including trailing bytes) or
     :class:`SessionKeyCertifyTypeInvalidError`.
     """
-    size = len(data)
-    if size < _HEAD.size:
-        raise SessionKeyCertifyMalformedError("truncated TPMS_ATTEST header")
-    magic, st, signer_len = _HEAD.unpack_from(data, 0)
-    if st != TPM_ST_ATTEST_CERTIFY:
-        raise SessionKeyCertifyTypeInvalidError(
-            f"attestation type {st:#06x} is not TPM_ST_ATTEST_CERTIFY")
-    pos = _HEAD.size
-
-    def tpm2b(limit: int, what: str, start: int) -> tuple[bytes, int]:
-        if start + 2 > size:
-            raise SessionKeyCertifyMalformedError(f"truncated {what}")
-        length = int.from_bytes(data[start:start + 2], "big")
-        if length > limit or start + 2 + length > size:
-            raise SessionKeyCertifyMalformedError(f"{what} is {length} bytes, over its limit "
-                                                  "or past the end")
-        return data[start + 2:start + 2 + length], start + 2 + length
-
-    if signer_len > _MAX_NAME or pos + signer_len > size:
-        raise SessionKeyCertifyMalformedError("qualifiedSigner is too long")
-    signer = data[pos:pos + signer_len]
-    extra, pos = tpm2b(_MAX_DATA, "extraData", pos + signer_len)
-    if pos + _CLOCK_FW.size > size:
-        raise SessionKeyCertifyMalformedError("truncated clockInfo")
-    pos += _CLOCK_FW.size
-    name, pos = tpm2b(_MAX_NAME, "certified name", pos)
-    qualified, pos = tpm2b(_MAX_NAME, "qualifiedName", pos)
-    if pos != size:
-        raise SessionKeyCertifyMalformedError(f"{size - pos} trailing bytes")
-    return Certify(raw=data, magic=magic, type=st, qualified_signer=signer, extra_data=extra,
+    # The common header is the quote parser's; then TPMS_CERTIFY_INFO: two TPM2B_NAMEs.
+    head, pos = quote.parse_attest_header(
+        data, TPM_ST_ATTEST_CERTIFY, malformed=SessionKeyCertifyMalformedError,
+        wrong_type=SessionKeyCertifyTypeInvalidError)
+    name, pos = _name(data, pos, "certified name")
+    qualified, pos = _name(data, pos, "qualifiedName")
+    if pos != len(data):
+        raise SessionKeyCertifyMalformedError(f"{len(data) - pos} trailing bytes")
+    return Certify(raw=data, magic=head.magic, type=head.type,
+                   qualified_signer=head.qualified_signer, extra_data=head.extra_data,
                    name=name, qualified_name=qualified)
+
+
+def _name(data: bytes, start: int, what: str) -> tuple[bytes, int]:
+    # One TPM2B_NAME at ``start``; returns it and the offset after it.
+    if start + 2 > len(data):
+        raise SessionKeyCertifyMalformedError(f"truncated {what}")
+    length = int.from_bytes(data[start:start + 2], "big")
+    if length > quote.MAX_NAME or start + 2 + length > len(data):
+        raise SessionKeyCertifyMalformedError(f"{what} is {length} bytes, over its limit "
+                                              "or past the end")
+    return data[start + 2:start + 2 + length], start + 2 + length
 
 
 def verify_session_key(
@@ -222,18 +196,13 @@ def verify_session_key(
     if attest.magic != quote.TPM_GENERATED_VALUE:
         raise SessionKeyCertifyMagicInvalidError(
             f"magic {attest.magic:#010x} is not TPM_GENERATED_VALUE")
-    # 3. Signed by the AK, algorithms pinned.  verify_signature reads only ``raw`` of the
-    #    structure it is given, so the certify is passed in a Quote shell.
+    # 3. Signed by the AK, algorithms pinned (the quote's check, over the certify's bytes).
     try:
         parsed_sig = quote.parse_signature(signature)
     except SandboxSecError as exc:
         raise SessionKeyCertifyMalformedError(f"certify signature: {exc.message}") from None
-    shell = quote.Quote(raw=attest.raw, magic=attest.magic, type=attest.type,
-                        qualified_signer=attest.qualified_signer, extra_data=attest.extra_data,
-                        clock=quote.ClockInfo(0, 0, 0, False), firmware_version=0,
-                        selections=(), pcr_digest=b"")
     try:
-        quote.verify_signature(shell, parsed_sig, ak, policy)
+        quote.verify_attest_signature(attest.raw, parsed_sig, ak, policy)
     except QuoteSignatureInvalidError:
         raise SessionKeyCertifySignatureInvalidError(
             "the certify does not verify under the attesting AK") from None

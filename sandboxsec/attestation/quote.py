@@ -45,6 +45,7 @@ from sandboxsec.attestation.errors import (
 __all__ = [
     "HASH_ALGS",
     "AkPublic",
+    "AttestHeader",
     "ClockInfo",
     "PcrSelection",
     "Quote",
@@ -55,14 +56,33 @@ __all__ = [
     "check_pcr_digest",
     "check_structure",
     "parse_ak_public",
+    "parse_attest_header",
     "parse_quote",
     "parse_signature",
     "pcr_composite_digest",
+    "verify_attest_signature",
     "verify_signature",
 ]
 
 TPM_GENERATED_VALUE: Final = 0xFF544347
 TPM_ST_ATTEST_QUOTE: Final = 0x8018
+TPM_ST_ATTEST_CERTIFY: Final = 0x8017
+
+# TPM_ALG_ID values named by more than one parser here and in certify.py.
+ALG_RSA: Final = 0x0001
+ALG_SHA256: Final = 0x000B
+ALG_NULL: Final = 0x0010
+ALG_ECDSA: Final = 0x0018
+ALG_ECC: Final = 0x0023
+CURVE_P256: Final = 0x0003
+
+# TPMA_OBJECT bits.
+TPMA_FIXED_TPM: Final = 0x00000002
+TPMA_FIXED_PARENT: Final = 0x00000010
+TPMA_SENSITIVE_DATA_ORIGIN: Final = 0x00000020
+TPMA_RESTRICTED: Final = 0x00010000
+TPMA_DECRYPT: Final = 0x00020000
+TPMA_SIGN: Final = 0x00040000
 
 #: TPM_ALG_ID -> (name, digest size) of the hash algorithms this module can compute.
 HASH_ALGS: Final[Mapping[int, tuple[str, int]]] = {
@@ -80,7 +100,7 @@ _CRYPTO_HASHES: Final[Mapping[str, hashes.HashAlgorithm]] = {
 }
 
 # Signature schemes by TPM_ALG_ID; only the first three can be verified here.
-_SIG_ECDSA: Final = 0x0018
+_SIG_ECDSA: Final = ALG_ECDSA
 _SIG_RSASSA: Final = 0x0014
 _SIG_RSAPSS: Final = 0x0016
 _SIG_NAMES: Final[Mapping[int, str]] = {
@@ -96,7 +116,7 @@ _ECC_SIGS: Final = frozenset({0x0018, 0x001A, 0x001B, 0x001C})
 _RSA_SIGS: Final = frozenset({_SIG_RSASSA, _SIG_RSAPSS})
 
 # TSS buffer limits (sizeof the union each TPM2B wraps), so oversize fields are refused.
-_MAX_NAME: Final = 68  # TPMU_NAME
+MAX_NAME: Final = 68  # TPMU_NAME
 _MAX_DATA: Final = 66  # TPMT_HA
 _MAX_DIGEST: Final = 64  # TPMU_HA
 _MAX_ECC_PARAM: Final = 128  # MAX_ECC_KEY_BYTES in the TSS headers
@@ -105,18 +125,10 @@ _MAX_PCR_SELECTIONS: Final = 16  # TPM2_NUM_PCR_BANKS
 _MAX_PCR_SELECT: Final = 4  # TPM2_PCR_SELECT_MAX
 
 _CURVES: Final[Mapping[int, ec.EllipticCurve]] = {
-    0x0003: ec.SECP256R1(),
+    CURVE_P256: ec.SECP256R1(),
     0x0004: ec.SECP384R1(),
     0x0005: ec.SECP521R1(),
 }
-
-# TPMA_OBJECT bits an AK must (and must not) carry.
-_FIXED_TPM: Final = 0x00000002
-_FIXED_PARENT: Final = 0x00000010
-_SENSITIVE_DATA_ORIGIN: Final = 0x00000020
-_RESTRICTED: Final = 0x00010000
-_DECRYPT: Final = 0x00020000
-_SIGN: Final = 0x00040000
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +258,60 @@ class _Reader:
 
 
 _HEAD = struct.Struct(">IHH")
-_CLOCK = struct.Struct(">QIIBQI")  # clockInfo, firmwareVersion, selection count
+_ATTEST_NAMES: Final = {TPM_ST_ATTEST_QUOTE: "TPM_ST_ATTEST_QUOTE",
+                        TPM_ST_ATTEST_CERTIFY: "TPM_ST_ATTEST_CERTIFY"}
+_CLOCK_FW = struct.Struct(">QIIBQ")  # TPMS_CLOCK_INFO, firmwareVersion
+
+
+@dataclass(frozen=True, slots=True)
+class AttestHeader:
+    """The fields every TPMS_ATTEST starts with, whatever its type."""
+
+    magic: int
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: ClockInfo
+    firmware_version: int
+
+
+def parse_attest_header(
+    data: bytes, expected_type: int, *, malformed: type[Exception], wrong_type: type[Exception],
+) -> tuple[AttestHeader, int]:
+    """Read magic, type, qualifiedSigner, extraData, clockInfo and firmwareVersion of a
+    marshalled TPMS_ATTEST; returns them and the offset of the type-specific part.
+
+    Raises ``wrong_type`` for a structure of another type than ``expected_type`` and
+    ``malformed`` for bytes that do not parse.  The magic is returned, not checked.
+    """
+    # Offsets are tracked by hand (no reader object): this runs once per verification.
+    size = len(data)
+    if size < _HEAD.size:
+        raise malformed("truncated TPMS_ATTEST header")
+    magic, st, signer_len = _HEAD.unpack_from(data, 0)
+    if st != expected_type:
+        want = _ATTEST_NAMES.get(expected_type, f"{expected_type:#06x}")
+        raise wrong_type(f"attestation type {st:#06x} is not {want}")
+    if signer_len > MAX_NAME:
+        raise malformed(f"qualifiedSigner is {signer_len} bytes, more than {MAX_NAME}")
+    pos = _HEAD.size + signer_len
+    if pos + 2 > size:
+        raise malformed("truncated qualifiedSigner")
+    signer = data[_HEAD.size : pos]
+    extra_len = int.from_bytes(data[pos : pos + 2], "big")
+    if extra_len > _MAX_DATA:
+        raise malformed(f"extraData is {extra_len} bytes, more than {_MAX_DATA}")
+    extra = data[pos + 2 : pos + 2 + extra_len]
+    pos += 2 + extra_len
+    if pos + _CLOCK_FW.size > size:
+        raise malformed("truncated extraData or clockInfo")
+    clk, resets, restarts, safe, firmware = _CLOCK_FW.unpack_from(data, pos)
+    header = AttestHeader(
+        magic=magic, type=st, qualified_signer=signer, extra_data=extra,
+        clock=ClockInfo(clock=clk, reset_count=resets, restart_count=restarts, safe=safe != 0),
+        firmware_version=firmware,
+    )
+    return header, pos + _CLOCK_FW.size
 
 
 def parse_quote(data: bytes) -> Quote:
@@ -256,28 +321,13 @@ def parse_quote(data: bytes) -> Quote:
     bytes) and :class:`QuoteTypeInvalidError` for a well-formed structure of another type.
     The magic is returned, not checked: :func:`check_structure` does that.
     """
-    # Offsets are tracked by hand (no reader object): this runs once per verification.
+    head, pos = parse_attest_header(data, TPM_ST_ATTEST_QUOTE, malformed=QuoteMalformedError,
+                                    wrong_type=QuoteTypeInvalidError)
     size = len(data)
-    if size < _HEAD.size:
-        raise QuoteMalformedError("truncated quote header")
-    magic, st, signer_len = _HEAD.unpack_from(data, 0)
-    if st != TPM_ST_ATTEST_QUOTE:
-        raise QuoteTypeInvalidError(f"attestation type {st:#06x} is not TPM_ST_ATTEST_QUOTE")
-    if signer_len > _MAX_NAME:
-        raise QuoteMalformedError(f"qualifiedSigner is {signer_len} bytes, more than {_MAX_NAME}")
-    pos = _HEAD.size + signer_len
-    if pos + 2 > size:
-        raise QuoteMalformedError("truncated qualifiedSigner")
-    signer = data[_HEAD.size : pos]
-    extra_len = int.from_bytes(data[pos : pos + 2], "big")
-    if extra_len > _MAX_DATA:
-        raise QuoteMalformedError(f"extraData is {extra_len} bytes, more than {_MAX_DATA}")
-    extra = data[pos + 2 : pos + 2 + extra_len]
-    pos += 2 + extra_len
-    if pos + _CLOCK.size > size:
-        raise QuoteMalformedError("truncated clockInfo or PCR selection")
-    clk, resets, restarts, safe, firmware, count = _CLOCK.unpack_from(data, pos)
-    pos += _CLOCK.size
+    if pos + 4 > size:
+        raise QuoteMalformedError("truncated PCR selection")
+    count = int.from_bytes(data[pos : pos + 4], "big")
+    pos += 4
     if count > _MAX_PCR_SELECTIONS:
         raise QuoteMalformedError(f"{count} PCR selections, more than {_MAX_PCR_SELECTIONS}")
     selections = []
@@ -310,12 +360,12 @@ def parse_quote(data: bytes) -> Quote:
         raise QuoteMalformedError("pcrDigest length does not end the structure")
     return Quote(
         raw=data,
-        magic=magic,
-        type=st,
-        qualified_signer=signer,
-        extra_data=extra,
-        clock=ClockInfo(clock=clk, reset_count=resets, restart_count=restarts, safe=safe != 0),
-        firmware_version=firmware,
+        magic=head.magic,
+        type=head.type,
+        qualified_signer=head.qualified_signer,
+        extra_data=head.extra_data,
+        clock=head.clock,
+        firmware_version=head.firmware_version,
         selections=tuple(selections),
         pcr_digest=data[pos + 2 :],
     )
@@ -371,13 +421,13 @@ def parse_ak_public(data: bytes) -> AkPublic:
         key_type = int(area.type)
         name_alg = int(area.nameAlg)
         attributes = int(area.objectAttributes)
-        if key_type == 0x0023:  # TPM_ALG_ECC
+        if key_type == ALG_ECC:
             curve_id = int(area.parameters.eccDetail.curveID)
             x = bytes(area.unique.ecc.x)
             y = bytes(area.unique.ecc.y)
             rsa_n = b""
             exponent = 0
-        elif key_type == 0x0001:  # TPM_ALG_RSA
+        elif key_type == ALG_RSA:
             curve_id = 0
             x = y = b""
             rsa_n = bytes(area.unique.rsa)
@@ -395,15 +445,16 @@ def parse_ak_public(data: bytes) -> AkPublic:
         raise AkAttributesInvalidError(f"AK name algorithm {name_alg:#06x} is not supported")
     name_alg_str = HASH_ALGS[name_alg][0]
     # 2. An AK signs only what the TPM itself produced: restricted, sign, never decrypt.
-    required = _FIXED_TPM | _FIXED_PARENT | _SENSITIVE_DATA_ORIGIN | _RESTRICTED | _SIGN
-    if attributes & required != required or attributes & _DECRYPT:
+    required = (TPMA_FIXED_TPM | TPMA_FIXED_PARENT | TPMA_SENSITIVE_DATA_ORIGIN
+                | TPMA_RESTRICTED | TPMA_SIGN)
+    if attributes & required != required or attributes & TPMA_DECRYPT:
         raise AkAttributesInvalidError(
             f"AK attributes {attributes:#010x} are not a restricted fixedTPM signing key"
         )
     # 3. The key itself.
     key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
     try:
-        if key_type == 0x0023:
+        if key_type == ALG_ECC:
             curve = _CURVES.get(curve_id)
             if curve is None:
                 raise AkPublicMalformedError(f"AK curve {curve_id:#06x} is not supported")
@@ -422,7 +473,7 @@ def parse_ak_public(data: bytes) -> AkPublic:
         raw=data,
         name=name,
         name_alg=name_alg_str,
-        key_type="ecc" if key_type == 0x0023 else "rsa",
+        key_type="ecc" if key_type == ALG_ECC else "rsa",
         attributes=attributes,
         key=key,
     )
@@ -451,6 +502,14 @@ def verify_signature(
     name algorithm outside the policy (checked before the signature, so a downgrade is
     named as such) and :class:`QuoteSignatureInvalidError` when the signature is wrong.
     """
+    verify_attest_signature(quote.raw, signature, ak, policy)
+
+
+def verify_attest_signature(
+    attest: bytes, signature: QuoteSignature, ak: AkPublic, policy: QuotePolicy
+) -> None:
+    """:func:`verify_signature` over the raw bytes of any TPMS_ATTEST the AK signed (a quote,
+    a certify); same errors."""
     # 1. Algorithms first: a downgraded signature is refused even if it verifies.
     if (signature.scheme, signature.hash_alg) not in policy.signatures:
         raise QuoteAlgorithmRefusedError(
@@ -467,7 +526,7 @@ def verify_signature(
                 raise QuoteAlgorithmRefusedError("an ECC AK must sign with ECDSA")
             if key.curve.name not in policy.curves:
                 raise QuoteAlgorithmRefusedError(f"AK curve {key.curve.name} is not allowed")
-            key.verify(signature.value, quote.raw, ec.ECDSA(chosen))
+            key.verify(signature.value, attest, ec.ECDSA(chosen))
         else:
             if signature.scheme not in ("rsassa", "rsapss"):
                 raise QuoteAlgorithmRefusedError("an RSA AK must sign with RSASSA or RSAPSS")
@@ -478,7 +537,7 @@ def verify_signature(
                 if signature.scheme == "rsassa"
                 else padding.PSS(mgf=padding.MGF1(chosen), salt_length=padding.PSS.AUTO)
             )
-            key.verify(signature.value, quote.raw, pad, chosen)
+            key.verify(signature.value, attest, pad, chosen)
     except InvalidSignature:
         msg = "the quote signature does not verify under the AK"
         raise QuoteSignatureInvalidError(msg) from None

@@ -14,12 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from sandboxsec.audit.events import AuditEvent
-from sandboxsec.audit.record import AuditRecord
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
 from sandboxsec.crypto.envelope import unwrap_secret, wrap_secret
 from sandboxsec.crypto.errors import KeyVersionInvalidError
-from sandboxsec.crypto.hierarchy import KeyHierarchy, actor_fields, dek_aad
+from sandboxsec.crypto.hierarchy import KeyHierarchy, dek_aad, key_event
 from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey, TenantKeyring
 from sandboxsec.errors import NotFoundError
 from sandboxsec.principal import Principal
@@ -143,13 +142,9 @@ class KeyAdmin:
             ring.current_version = version
             ring.updated_at = now
             s.add(ring)
-            key_id, role = actor_fields(actor)
             self._audit.append(
-                AuditRecord(
-                    event=AuditEvent.KEY_ROTATE, tenant_id=tenant_id, actor_key_id=key_id,
-                    actor_role=role, outcome="success", object_ids={"tenant_id": tenant_id},
-                    body={"version": version, "provider": self._keys.provider.provider_id},
-                ),
+                key_event(AuditEvent.KEY_ROTATE, tenant_id, actor,
+                          {"version": version, "provider": self._keys.provider.provider_id}),
                 session=s,
             )
         return version, material
@@ -161,7 +156,6 @@ class KeyAdmin:
         change, never a record.  Keys below the minimum decryption version stay as they are.
         """
         total = 0
-        key_id, role = actor_fields(actor)
         while True:
             now = self._clock.now()
             with self._db.session() as s:
@@ -191,12 +185,8 @@ class KeyAdmin:
                         row.rewrapped_at = now
                         s.add(row)
                     self._audit.append(
-                        AuditRecord(
-                            event=AuditEvent.KEY_REWRAP, tenant_id=tenant_id,
-                            actor_key_id=key_id, actor_role=role, outcome="success",
-                            object_ids={"tenant_id": tenant_id},
-                            body={"version": target_version, "data_keys": len(rows)},
-                        ),
+                        key_event(AuditEvent.KEY_REWRAP, tenant_id, actor,
+                                  {"version": target_version, "data_keys": len(rows)}),
                         session=s,
                     )
                     total += len(rows)
@@ -227,13 +217,9 @@ class KeyAdmin:
             ring.min_decryption_version = min_version
             ring.updated_at = now
             s.add(ring)
-            key_id, role = actor_fields(actor)
             self._audit.append(
-                AuditRecord(
-                    event=AuditEvent.KEY_RETIRE, tenant_id=tenant_id, actor_key_id=key_id,
-                    actor_role=role, outcome="success", object_ids={"tenant_id": tenant_id},
-                    body={"min_decryption_version": min_version, "previous": previous},
-                ),
+                key_event(AuditEvent.KEY_RETIRE, tenant_id, actor,
+                          {"min_decryption_version": min_version, "previous": previous}),
                 session=s,
             )
         return self.status(tenant_id)
@@ -262,13 +248,9 @@ class KeyAdmin:
             ring.shredded_at = ring.shredded_at or now
             ring.updated_at = now
             s.add(ring)
-            key_id, role = actor_fields(actor)
             self._audit.append(
-                AuditRecord(
-                    event=AuditEvent.KEY_SHRED, tenant_id=tenant_id, actor_key_id=key_id,
-                    actor_role=role, outcome="success", object_ids={"tenant_id": tenant_id},
-                    body={"keks_destroyed": keks, "deks_destroyed": deks},
-                ),
+                key_event(AuditEvent.KEY_SHRED, tenant_id, actor,
+                          {"keks_destroyed": keks, "deks_destroyed": deks}),
                 session=s,
             )
             shredded_at = ring.shredded_at

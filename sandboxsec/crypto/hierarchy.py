@@ -19,6 +19,7 @@ import os
 import threading
 import weakref
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -53,7 +54,7 @@ from sandboxsec.ids import new_id
 from sandboxsec.principal import Principal
 from sandboxsec.storage.db import Database, DatabaseUnavailableError
 
-__all__ = ["KeyHierarchy", "actor_fields", "dek_aad", "kek_aad"]
+__all__ = ["KeyHierarchy", "actor_fields", "dek_aad", "kek_aad", "key_event"]
 
 
 def kek_aad(tenant_id: str, version: int) -> bytes:
@@ -71,6 +72,15 @@ def actor_fields(actor: Principal | None) -> tuple[str | None, str]:
     if actor is None:
         return None, "operator"
     return actor.key_id, str(actor.role)
+
+
+def key_event(event: AuditEvent, tenant_id: str, actor: Principal | None,
+              body: dict[str, Any]) -> AuditRecord:
+    """The audit record of a successful change to a tenant's keys (create, rotate, rewrap,
+    retire, shred): every one names the tenant and the actor the same way."""
+    key_id, role = actor_fields(actor)
+    return AuditRecord(event=event, tenant_id=tenant_id, actor_key_id=key_id, actor_role=role,
+                       outcome="success", object_ids={"tenant_id": tenant_id}, body=body)
 
 
 #: Every live hierarchy, so a forked child drops the parent's write leases (``_after_fork``).
@@ -119,13 +129,9 @@ class KeyHierarchy:
         )
         self.add_kek(s, tenant_id, 1, now)
         s.add(ring)
-        key_id, role = actor_fields(actor)
         self._audit.append(
-            AuditRecord(
-                event=AuditEvent.KEY_CREATE, tenant_id=tenant_id, actor_key_id=key_id,
-                actor_role=role, outcome="success", object_ids={"tenant_id": tenant_id},
-                body={"version": 1, "provider": self.provider.provider_id},
-            ),
+            key_event(AuditEvent.KEY_CREATE, tenant_id, actor,
+                      {"version": 1, "provider": self.provider.provider_id}),
             session=s,
         )
         s.flush()

@@ -8,7 +8,7 @@ decision with the approval request or grant it creates, audited in one transacti
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -103,8 +103,13 @@ class DecisionService:
                               resource=resource, params=params)
 
     def request_action(self, who: Principal, *, session_id: str, action: str, resource: str,
-                       params: Mapping[str, Any]) -> ActionResult:
+                       params: Mapping[str, Any],
+                       claim: Callable[[Tx], None] | None = None) -> ActionResult:
         """Decide one action of an agent; approval_required opens an approval request.
+
+        ``claim`` runs last in the decision's transaction: the session proof's single-use
+        mark (:meth:`sandboxsec.sessions.binding.SessionBinding.acting`), which then commits
+        with the decision or not at all.
 
         1. the input is well formed and the params have a canonical form;
         2. the session is this tenant's and still live;
@@ -169,6 +174,8 @@ class DecisionService:
                 if refused is None:
                     result = self._record_decision(tx, who, session, ctx, decision, canonical,
                                                    p_hash, code, now, existing)
+            if claim is not None:  # last: the writer lock is not held across the decision
+                claim(tx)
         if refused is not None:
             raise refused
         assert result is not None

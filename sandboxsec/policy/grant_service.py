@@ -218,5 +218,7 @@ class GrantService:
             raise
         if record.approval_id is not None:
             self._wakeups.notify(record.approval_id)
-        return GrantVerdict(record.id, record.session_id, record.approval_id, record.action,
-                            record.resource, claims.params_hash, record.expires_at, now)
+        return GrantVerdict(grant_id=record.id, session_id=record.session_id,
+                            approval_id=record.approval_id, action=record.action,
+                            resource=record.resource, params_hash=claims.params_hash,
+                            expires_at=record.expires_at, used_at=now)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from sandboxsec.policy.approvals import ApprovalState
 from sandboxsec.policy.engine import Decision
 from sandboxsec.policy.models import ApprovalRequest
@@ -28,9 +30,13 @@ class PolicyView:
     updated_by: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class ApprovalView:
-    """An approval request as its tenant's agent or approver sees it."""
+class ApprovalView(BaseModel):
+    """An approval request as its tenant's agent or approver sees it.
+
+    A frozen pydantic model, so the HTTP answer is this view itself (``ApprovalOut`` of
+    ``api/routes/approvals.py`` only adds documentation): the fields are written once."""
+
+    model_config = ConfigDict(frozen=True)
 
     id: str
     state: ApprovalState
@@ -49,10 +55,10 @@ class ApprovalView:
     attested: bool
     created_at: datetime
     expires_at: datetime
-    decided_at: datetime | None
-    decided_by: str | None
-    grant: str | None
-    grant_expires_at: datetime | None
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    grant: str | None = None
+    grant_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +77,10 @@ class ActionResult:
     resource: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class GrantVerdict:
-    """A grant that verified (and is now used)."""
+class GrantVerdict(BaseModel):
+    """A grant that verified (and is now used); also the body of the HTTP answer."""
+
+    model_config = ConfigDict(frozen=True)
 
     grant_id: str
     session_id: str

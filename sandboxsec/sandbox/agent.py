@@ -190,6 +190,7 @@ class ApiClient:
         self.session_signer: dpop.Signer | None = None
         self.session_jwk: dict[str, str] | None = None
         self.session_id: str | None = None  # the session started last
+        self.dpop_nonce: str | None = None  # the last DPoP-Nonce the service sent
 
     def close(self) -> None:
         if self._owns_client:
@@ -222,14 +223,26 @@ class ApiClient:
         if timeout is not None:
             kwargs["timeout"] = timeout
         url = f"{self.base_url}{path}"
-        if session is not None:
+        if session is None:
+            return self._http.request(method, url, headers=headers, **kwargs)
+        sent = self.dpop_nonce
+        headers["DPoP"] = self.proof(method, url, session, body)
+        r = self._http.request(method, url, headers=headers, **kwargs)
+        self.dpop_nonce = r.headers.get("DPoP-Nonce", self.dpop_nonce)
+        if (r.status_code == 401 and _asks_for_nonce(r) and self.dpop_nonce is not None
+                and self.dpop_nonce != sent):
+            # RFC 9449 section 8: the service wants its nonce in the proof; retry once with
+            # the one it just sent (a new proof: new jti, same body).
             headers["DPoP"] = self.proof(method, url, session, body)
-        return self._http.request(method, url, headers=headers, **kwargs)
+            r = self._http.request(method, url, headers=headers, **kwargs)
+            self.dpop_nonce = r.headers.get("DPoP-Nonce", self.dpop_nonce)
+        return r
 
     def use_session(self, other: ApiClient) -> None:
         """Prove with ``other``'s session key and session (another worker of one agent)."""
         self.session_signer, self.session_jwk = other.session_signer, other.session_jwk
         self.session_id = other.session_id
+        self.dpop_nonce = other.dpop_nonce
 
     def proof(self, method: str, url: str, session: str, body: bytes) -> str:
         """A session proof for one request (needs a session key: see ``AgentClient.attest``)."""
@@ -237,7 +250,7 @@ class ApiClient:
             raise RuntimeError("no session key: attest with a TPM first")
         return dpop.create_proof(self.session_signer, self.session_jwk, method=method, url=url,
                                  session_id=session, body=body, now=self._clock.now(),
-                                 api_key=self._api_key)
+                                 api_key=self._api_key, nonce=self.dpop_nonce)
 
     def call(self, method: str, path: str, *, json: Any = None,
              params: dict[str, Any] | None = None, timeout: float | None = None,
@@ -255,6 +268,12 @@ class ApiClient:
         if r.is_success:
             return r.content
         raise _error(r)
+
+
+def _asks_for_nonce(r: httpx.Response) -> bool:
+    # RFC 9449 section 9: WWW-Authenticate: DPoP error="use_dpop_nonce".
+    challenge = r.headers.get("WWW-Authenticate", "")
+    return challenge.startswith("DPoP ") and 'error="use_dpop_nonce"' in challenge
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -12,7 +12,8 @@ acts on *before* it acts; the checks, in order:
    unbound session act, as a bearer handle);
 4. the proof verifies for this request: key, signature, session, method, URL (against the
    configured external URL, never what a proxy or the Host header says), body, API key,
-   freshness (:func:`sandboxsec.sessions.dpop.verify_proof`);
+   freshness (:func:`sandboxsec.sessions.dpop.verify_proof`), and, where the deployment
+   requires them, the server nonce (:mod:`sandboxsec.sessions.nonce`);
 5. its ``jti`` was never used with this key, in any worker (``dpop_replayed``).
 
 Refusals after step 2 are audited (``session:proof:refuse`` with the reason code).
@@ -20,10 +21,10 @@ Refusals after step 2 are audited (``session:proof:refuse`` with the reason code
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, select, update
 from sqlmodel import Session
@@ -36,6 +37,7 @@ from sandboxsec.errors import NotFoundError, SandboxSecError, is_refusal
 from sandboxsec.principal import Principal
 from sandboxsec.sessions import dpop
 from sandboxsec.sessions.errors import (
+    DpopError,
     DpopMalformedError,
     DpopMissingError,
     DpopReplayedError,
@@ -45,12 +47,16 @@ from sandboxsec.sessions.errors import (
     SessionNotBoundError,
 )
 from sandboxsec.sessions.liveness import is_live
+from sandboxsec.sessions.lru import Lru
 from sandboxsec.sessions.models import AgentSession
+from sandboxsec.sessions.nonce import DpopNonces
 from sandboxsec.sessions.replay import ReplayStore
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
-__all__ = ["BindingConfig", "RequestProof", "SessionBinding", "SessionState"]
+__all__ = ["BindingConfig", "Claim", "RequestProof", "SessionBinding", "SessionState"]
+
+T = TypeVar("T")
 
 _SESSIONS = cast(Table, AgentSession.__table__)  # type: ignore[attr-defined]
 
@@ -93,13 +99,17 @@ class SessionBinding:
 
     def __init__(self, config: BindingConfig, db: Database, clock: Clock, audit: AuditSink,
                  *, replay: ReplayStore | None = None,
-                 keys: dpop.KeyCache | None = None) -> None:
+                 keys: dpop.KeyCache | None = None,
+                 nonces: DpopNonces | None = None) -> None:
         self._config = config
         self._db = db
         self._clock = clock
         self._audit = audit
         self._replay = replay or ReplayStore(db)
         self._keys = keys or dpop.KeyCache()
+        self._nonces = nonces
+        # (tenant, session) -> key thumbprint ("" for an unbound session): fixed at start.
+        self._session_keys: Lru[tuple[str, str], str] = Lru(16384)
 
     # -- proofs ---------------------------------------------------------------------------
 
@@ -116,7 +126,7 @@ class SessionBinding:
         state: SessionState | None = None
         try:
             # One transaction for the session's row and the proof's claim: this runs before
-            # every action, so it costs one round trip (Core statements, not the ORM).
+            # every read and wait, so it costs one round trip (Core statements, not the ORM).
             with self._db.session() as s:
                 # 2. The tenant's live session (another tenant's: 404, raised below).
                 row = s.execute(
@@ -138,25 +148,80 @@ class SessionBinding:
                         raise SessionNotBoundError("the session has no TPM-held key to prove")
                     return state
                 # 4-5. The proof, then single use.
-                self._verify_and_claim(who, request, proof, session_id=session_id,
-                                       jkt=row.key_thumbprint, now=now, session=s)
+                self._verify(who.tenant_id, request, proof, session_id=session_id,
+                             jkt=row.key_thumbprint, now=now).claim(s)
         except SandboxSecError as exc:
             if state is not None and is_refusal(exc):
                 self._refused(who, session_id, exc)
             raise
         return state
 
+    def acting(self, who: Principal, request: RequestProof, session_id: str,
+               act: Callable[[Claim], T]) -> T:
+        """Run ``act`` for a request acting in ``session_id`` once its proof verified, with
+        the proof's single-use claim (check 5) folded into ``act``'s own transaction.
+
+        Checks 1, 3 and 4 run first, without a write: the session's key thumbprint (fixed
+        when the session starts) is read once and then kept in memory.  ``act`` receives a
+        :data:`Claim` and calls it inside the transaction in which it writes, so the claim
+        and the action commit together, or neither does: a proof is used up exactly when
+        the request it proves is carried out, and a replay finds the committed row in any
+        worker.  An ``act`` that returns without calling it gets the claim in a transaction
+        of its own (never skipped).  Whether the session is open is ``act``'s check (as
+        ``check_open=False`` of :meth:`require`).
+        """
+        now = self._clock.now()
+        proof = _one(request.proofs)
+        jkt = self._session_key(who, session_id)
+        try:
+            if jkt is None:
+                if self._config.require_session_key:
+                    raise SessionNotBoundError("the session has no TPM-held key to prove")
+                return act(_no_claim)
+            pending = self._verify(who.tenant_id, request, proof, session_id=session_id,
+                                   jkt=jkt, now=now)
+            result = act(pending.claim)
+            if not pending.claimed:
+                pending.claim(None)
+            return result
+        except SandboxSecError as exc:
+            if isinstance(exc, _PROOF_REFUSALS):
+                self._refused(who, session_id, exc)
+            raise
+
     def check_proof(self, who: Principal, request: RequestProof | None, *,
                     session_id: str, jkt: str, now: datetime) -> dpop.VerifiedProof:
         """Verify the request's proof for ``session_id`` under key ``jkt`` and claim its
         ``jti`` (checks 4-5; also what starting a session runs, with the attestation id)."""
         proof = _one(request.proofs) if request is not None else None
-        return self._verify_and_claim(who, request, proof, session_id=session_id, jkt=jkt,
-                                      now=now, session=None)
+        pending = self._verify(who.tenant_id, request, proof, session_id=session_id, jkt=jkt,
+                               now=now)
+        pending.claim(None)
+        return pending.proof
 
-    def _verify_and_claim(self, who: Principal, request: RequestProof | None,
-                          proof: str | None, *, session_id: str, jkt: str, now: datetime,
-                          session: Session | None) -> dpop.VerifiedProof:
+    def fresh_nonce(self) -> str | None:
+        """A ``DPoP-Nonce`` for the next proofs, or None when nonces are not required."""
+        return self._nonces.issue(self._clock.now()) if self._nonces is not None else None
+
+    def _session_key(self, who: Principal, session_id: str) -> str | None:
+        # The thumbprint never changes after the session starts, so a found session's is
+        # kept; an unknown id is asked again every time (404, as for another tenant's).
+        cache_key = (who.tenant_id, session_id)
+        cached = self._session_keys.get(cache_key)
+        if cached is not None:
+            return cached or None
+        with self._db.session() as s:
+            row = s.execute(
+                select(_SESSIONS.c.key_thumbprint)
+                .where(_SESSIONS.c.id == session_id, _SESSIONS.c.tenant_id == who.tenant_id)
+            ).first()
+        if row is None:
+            raise NotFoundError("no such session")
+        self._session_keys.put(cache_key, row.key_thumbprint or "")
+        return row.key_thumbprint or None
+
+    def _verify(self, tenant_id: str, request: RequestProof | None, proof: str | None, *,
+                session_id: str, jkt: str, now: datetime) -> _PendingClaim:
         if request is None or proof is None:
             raise DpopMissingError("send a DPoP proof signed by the session key")
         base = self._config.public_url
@@ -169,13 +234,13 @@ class SessionBinding:
             skew_seconds=self._config.skew_seconds, api_key=request.api_key,
             keys=self._keys,
         )
+        # 4b. The server nonce, when this deployment hands them out (sessions/nonce.py).
+        if self._nonces is not None:
+            self._nonces.check(verified.nonce, now)
         keep_until = datetime.fromtimestamp(
             verified.iat + self._config.max_age_seconds
             + self._config.skew_seconds + 1, UTC)
-        if not self._replay.claim(who.tenant_id, jkt, verified.jti, keep_until=keep_until,
-                                  now=now, session=session):
-            raise DpopReplayedError("this proof was already used")
-        return verified
+        return _PendingClaim(self._replay, tenant_id, verified, keep_until, now)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -213,6 +278,44 @@ class SessionBinding:
         self._audit.append(AuditRecord.by(who, AuditEvent.SESSION_PROOF_REFUSE, "failure",
                                           reason=exc.reason,
                                           object_ids={"session_id": session_id}))
+
+
+#: Claims a verified proof's ``jti`` in the transaction it is given (None: one of its own);
+#: raises :class:`DpopReplayedError` when the proof was used before.
+Claim = Callable[[Session | None], None]
+
+#: What :meth:`SessionBinding.acting` audits as a refused proof (the act's own refusals are
+#: the act's to audit).
+_PROOF_REFUSALS = (DpopError, DpopMalformedError, SessionNotBoundError)
+
+
+class _PendingClaim:
+    """A verified proof whose ``jti`` is still to be marked used, once."""
+
+    __slots__ = ("claimed", "keep_until", "now", "proof", "replay", "tenant_id")
+
+    def __init__(self, replay: ReplayStore, tenant_id: str, proof: dpop.VerifiedProof,
+                 keep_until: datetime, now: datetime) -> None:
+        self.replay = replay
+        self.tenant_id = tenant_id
+        self.proof = proof
+        self.keep_until = keep_until
+        self.now = now
+        self.claimed = False
+
+    def claim(self, session: Session | None) -> None:
+        if self.claimed:
+            return
+        won = self.replay.claim(self.tenant_id, self.proof.jkt, self.proof.jti,
+                                keep_until=self.keep_until, now=self.now, session=session)
+        self.claimed = True
+        if not won:
+            raise DpopReplayedError("this proof was already used")
+
+
+def _no_claim(_session: Session | None) -> None:
+    # An unbound session (only with require_session_key=false) has no proof to claim.
+    return None
 
 
 def _closed(ended_at: datetime | None) -> None:

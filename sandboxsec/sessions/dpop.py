@@ -30,11 +30,10 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from threading import Lock
+from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -60,6 +59,7 @@ from sandboxsec.sessions.errors import (
     DpopStaleError,
     DpopUrlMismatchError,
 )
+from sandboxsec.sessions.lru import Lru
 
 __all__ = [
     "ALG",
@@ -127,6 +127,7 @@ def der_to_raw(der: bytes, size: int = 32) -> bytes:
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
+@lru_cache(maxsize=1024)
 def normalize_url(url: str) -> str:
     """``scheme://host[:port]/path`` lower-cased where case does not matter, default port
     dropped, query and fragment removed (RFC 9449 section 4.3, RFC 3986 section 6.2.2)."""
@@ -156,11 +157,13 @@ def create_proof(
     now: datetime,
     api_key: str | None = None,
     jti: str | None = None,
+    nonce: str | None = None,
 ) -> str:
     """A proof for one request, signed by ``signer`` (the session key), as a compact JWS.
 
     ``url`` is the full URL the request is sent to (query and fragment are dropped);
-    ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it.
+    ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it;
+    ``nonce`` the last ``DPoP-Nonce`` the service sent (RFC 9449 section 8), if any.
     """
     header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _EC_MEMBERS}}
     claims: dict[str, Any] = {
@@ -173,6 +176,8 @@ def create_proof(
     }
     if api_key is not None:
         claims["ath"] = ath_of(api_key)
+    if nonce is not None:
+        claims["nonce"] = nonce
     signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
                      + b64url(json.dumps(claims, separators=(",", ":")).encode()))
     signature = signer(signing_input.encode("ascii"))
@@ -182,26 +187,31 @@ def create_proof(
 
 
 class KeyCache:
-    """Parsed session public keys by thumbprint (bounded LRU), so each key is parsed once."""
+    """Proof headers already checked, by their exact base64url text (bounded LRU).
+
+    A sandbox sends the same header (``typ``, ``alg``, its ``jwk``) with every proof, so the
+    header's JSON, its thumbprint and the parsed P-256 key are computed once per key: a hit
+    skips check 1 and the thumbprint computation of check 3.  Only headers whose proof
+    verified are kept (a forged header costs its sender a full parse every time).
+    """
 
     def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._keys: OrderedDict[str, ec.EllipticCurvePublicKey] = OrderedDict()
-        self._lock = Lock()
+        self._headers: Lru[str, _Header] = Lru(size)
 
-    def get(self, jkt: str, jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
-        """The key of ``jwk`` (whose thumbprint the caller checked is ``jkt``)."""
-        with self._lock:
-            key = self._keys.get(jkt)
-            if key is not None:
-                self._keys.move_to_end(jkt)
-                return key
-        key = _p256_key(jwk)
-        with self._lock:
-            self._keys[jkt] = key
-            while len(self._keys) > self._size:
-                self._keys.popitem(last=False)
-        return key
+    def lookup(self, head_b64: str) -> _Header | None:
+        """The checked header spelled exactly ``head_b64``, if one verified before."""
+        return self._headers.get(head_b64)
+
+    def remember(self, head_b64: str, entry: _Header) -> None:
+        """Keep a header whose proof verified."""
+        self._headers.put(head_b64, entry)
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    jwk: dict[str, Any]
+    jkt: str
+    key: ec.EllipticCurvePublicKey
 
 
 def _p256_key(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
@@ -225,6 +235,8 @@ class VerifiedProof:
     session_id: str
     htm: str
     htu: str
+    #: the ``nonce`` claim (RFC 9449 section 8), checked by the caller when it hands them out
+    nonce: str | None = None
 
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
@@ -272,12 +284,15 @@ def verify_proof(
     jti, htm, htu = _claim(claims, "jti"), _claim(claims, "htm"), _claim(claims, "htu")
     sid, bh = _claim(claims, "sid"), _claim(claims, "bh")
     iat = claims["iat"]
+    nonce = claims.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or len(nonce) > _MAX_CLAIM):
+        raise DpopMalformedError("claim nonce is not a string of bounded length")
     # 5. Bound to this request.
     if sid != session_id:
         raise DpopSessionMismatchError("the proof was made for another session")
     if htm != method.upper():
         raise DpopMethodMismatchError("the proof was made for another HTTP method")
-    if normalize_url(htu) != normalize_url(url):
+    if htu != url and normalize_url(htu) != normalize_url(url):
         raise DpopUrlMismatchError("the proof was made for another URL")
     if not _same(bh, body_hash(body)):
         raise DpopBodyMismatchError("the proof's body hash does not match the body")
@@ -289,7 +304,8 @@ def verify_proof(
     t = int(now.timestamp())
     if iat < t - max_age_seconds or iat > t + skew_seconds:
         raise DpopStaleError("the proof's iat is outside the freshness window")
-    return VerifiedProof(jkt=jkt, jti=jti, iat=iat, session_id=sid, htm=htm, htu=htu)
+    return VerifiedProof(jkt=jkt, jti=jti, iat=iat, session_id=sid, htm=htm, htu=htu,
+                         nonce=nonce)
 
 
 def verify_signature(
@@ -304,7 +320,39 @@ def verify_signature(
     if len(proof) > MAX_PROOF_CHARS or not proof.isascii() or proof.count(".") != 2:
         raise DpopMalformedError("the DPoP header is not one compact JWS of bounded size")
     head_b64, claims_b64, sig_b64 = proof.split(".")
-    # 1. Header: type, the one allowed algorithm, a public P-256 key.
+    # 1. Header: type, the one allowed algorithm, a public P-256 key (or the same header,
+    #    byte for byte, as a proof that verified before).
+    cached = keys.lookup(head_b64) if keys is not None else None
+    jwk = cached.jwk if cached is not None else _header_jwk(head_b64)
+    # 2. Claims present, with their types.
+    claims = _json_object(claims_b64, "proof claims")
+    for name in ("jti", "htm", "htu"):
+        _claim(claims, name)
+    iat = claims.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise DpopMalformedError("claim iat is missing or not an integer")
+    # 3. The key is the session's key.
+    thumbprint = cached.jkt if cached is not None else jwk_thumbprint(jwk)
+    if not _same(thumbprint, jkt):
+        raise DpopKeyMismatchError("the proof is not signed by this session's key")
+    # 4. The signature over exactly the received bytes, raw r || s.
+    signature = _unb64url(sig_b64, "proof signature")
+    if len(signature) != 64:
+        raise DpopSignatureInvalidError("an ES256 signature is 64 bytes (r || s)")
+    key = cached.key if cached is not None else _p256_key(jwk)
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                               int.from_bytes(signature[32:], "big"))
+    try:
+        key.verify(der, f"{head_b64}.{claims_b64}".encode("ascii"), _ECDSA_SHA256)
+    except InvalidSignature:
+        raise DpopSignatureInvalidError("the proof signature does not verify") from None
+    if cached is None and keys is not None:
+        keys.remember(head_b64, _Header(jwk=jwk, jkt=thumbprint, key=key))
+    return jwk, claims
+
+
+def _header_jwk(head_b64: str) -> dict[str, Any]:
+    # Check 1 of verify_proof; returns the header's public key.
     header = _json_object(head_b64, "proof header")
     if header.get("typ") != TYP or "crit" in header:
         raise DpopMalformedError("proof header typ must be dpop+jwt, without crit")
@@ -315,25 +363,4 @@ def verify_signature(
         raise DpopMalformedError("proof jwk must be a P-256 EC public key")
     if _PRIVATE_MEMBERS & jwk.keys():
         raise DpopMalformedError("proof jwk must not contain private key material")
-    # 2. Claims present, with their types.
-    claims = _json_object(claims_b64, "proof claims")
-    for name in ("jti", "htm", "htu"):
-        _claim(claims, name)
-    iat = claims.get("iat")
-    if not isinstance(iat, int) or isinstance(iat, bool):
-        raise DpopMalformedError("claim iat is missing or not an integer")
-    # 3. The key is the session's key.
-    if not _same(jwk_thumbprint(jwk), jkt):
-        raise DpopKeyMismatchError("the proof is not signed by this session's key")
-    # 4. The signature over exactly the received bytes, raw r || s.
-    signature = _unb64url(sig_b64, "proof signature")
-    if len(signature) != 64:
-        raise DpopSignatureInvalidError("an ES256 signature is 64 bytes (r || s)")
-    key = (keys or KeyCache(1)).get(jkt, jwk)
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
-                               int.from_bytes(signature[32:], "big"))
-    try:
-        key.verify(der, f"{head_b64}.{claims_b64}".encode("ascii"), _ECDSA_SHA256)
-    except InvalidSignature:
-        raise DpopSignatureInvalidError("the proof signature does not verify") from None
-    return jwk, claims
+    return jwk

@@ -23,6 +23,10 @@ __all__ = [
     "DpopMalformedError",
     "DpopMethodMismatchError",
     "DpopMissingError",
+    "DpopNonceError",
+    "DpopNonceInvalidError",
+    "DpopNonceKeyUnavailableError",
+    "DpopNonceRequiredError",
     "DpopReplayStoreUnavailableError",
     "DpopReplayedError",
     "DpopSessionMismatchError",
@@ -110,10 +114,40 @@ class DpopReplayedError(DpopError):
     code = "dpop_replayed"
 
 
+class DpopNonceError(DpopError):
+    """The proof's server nonce is missing, expired or forged; ``nonce`` is a fresh one, sent
+    back in the ``DPoP-Nonce`` header with ``WWW-Authenticate: DPoP error="use_dpop_nonce"``
+    (RFC 9449 section 9), so a client retries once with it."""
+
+    code = "use_dpop_nonce"
+
+    def __init__(self, message: str = "", *, nonce: str) -> None:
+        super().__init__(message)
+        self.nonce = nonce
+
+
+class DpopNonceRequiredError(DpopNonceError):
+    """The proof carries no server nonce, or one that expired (RFC 9449 ``use_dpop_nonce``)."""
+
+    code = "use_dpop_nonce"
+
+
+class DpopNonceInvalidError(DpopNonceError):
+    """The proof's nonce was not issued by this service (its MAC does not verify)."""
+
+    code = "dpop_nonce_invalid"
+
+
 class DpopReplayStoreUnavailableError(DependencyUnavailableError):
     """The replay store cannot record the proof: the request is refused (fail closed)."""
 
     code = "dpop_replay_store_unavailable"
+
+
+class DpopNonceKeyUnavailableError(DependencyUnavailableError):
+    """The key of the server nonces cannot be read or created: nothing is served unchecked."""
+
+    code = "dpop_nonce_key_unavailable"
 
 
 class DpopUrlUnconfiguredError(DependencyUnavailableError):

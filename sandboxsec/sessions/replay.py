@@ -14,7 +14,7 @@ import hashlib
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, delete
+from sqlalchemy import Table, bindparam, delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -36,6 +36,13 @@ class ReplayStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._claims = 0
+        # Built once: the claim runs on every proof-carrying request, and building and
+        # cache-keying a fresh statement each time costs more than executing it.
+        insert = pg_insert if db.is_postgres else sqlite_insert
+        self._insert = (insert(_PROOFS)
+                        .values(id=bindparam("id"), tenant_id=bindparam("tenant_id"),
+                                expires_at=bindparam("expires_at"))
+                        .on_conflict_do_nothing().returning(_PROOFS.c.id))
 
     def claim(self, tenant_id: str, jkt: str, jti: str, *, keep_until: datetime,
               now: datetime, session: Session | None = None) -> bool:
@@ -45,16 +52,14 @@ class ReplayStore:
         with it); otherwise in its own, and :class:`DpopReplayStoreUnavailableError` is raised
         when the claim cannot be recorded.
         """
-        key = hashlib.sha256(f"{jkt}.{jti}".encode()).hexdigest()
-        insert = pg_insert if self._db.is_postgres else sqlite_insert
-        stmt = (insert(_PROOFS).values(id=key, tenant_id=tenant_id, expires_at=keep_until)
-                .on_conflict_do_nothing().returning(_PROOFS.c.id))
+        params = {"id": hashlib.sha256(f"{jkt}.{jti}".encode()).hexdigest(),
+                  "tenant_id": tenant_id, "expires_at": keep_until}
         if session is not None:
-            won = session.execute(stmt).first()
+            won = session.connection().execute(self._insert, params).first()
         else:
             try:
                 with self._db.session() as s:
-                    won = s.execute(stmt).first()
+                    won = s.connection().execute(self._insert, params).first()
             except SandboxSecError as exc:
                 raise DpopReplayStoreUnavailableError(
                     f"the proof replay store is unavailable ({exc.reason})") from None

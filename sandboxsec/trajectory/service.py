@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -106,8 +106,12 @@ class TrajectoryService:
         kind: str,
         data: bytes,
         meta: Mapping[str, Any] | None = None,
+        claim: Callable[[Session], None] | None = None,
     ) -> StoredRecord:
         """Encrypt and store one record of ``session_id``; audited with the insert.
+
+        ``claim`` runs last in the insert's transaction: the session proof's single-use mark
+        (:meth:`sandboxsec.sessions.binding.SessionBinding.acting`), committed with the record.
 
         1. kind valid, size within the limit (else refused, audited, nothing stored);
         2. the session exists for this tenant (404 otherwise) and is open;
@@ -166,6 +170,8 @@ class TrajectoryService:
                 ),
                 session=s,
             )
+            if claim is not None:
+                claim(s)
         return StoredRecord(record_id, session_id, kind, len(data),
                             hashlib.sha256(data).hexdigest(), now, layout, digest, seq)
 

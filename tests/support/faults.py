@@ -19,15 +19,13 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sandboxsec.attestation.eventlog import EventLogBuilder
 from sandboxsec.attestation.x509chain import TCG_EK_CERTIFICATE
 from tests.support.pki import Issued, Publisher, make_ca, make_leaf, make_publisher
+from tests.support.serve import CLI, Server, free_port, serving
 from tests.support.sessionkeys import ProofAuth
 from tests.support.softtpm import (
     SoftAk,
@@ -65,18 +64,12 @@ __all__ = [
     "keep_checkpoint",
     "run_load",
     "running",
+    "server_for",
     "summary",
 ]
 
-CLI = [sys.executable, "-m", "sandboxsec.cli"]
 RECORDS_PER_SESSION = 20
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the deployment: home, trust roots, tenants ------------------------------------------------
@@ -203,70 +196,14 @@ class Deployment:
         return path
 
 
-class Server:
-    """``sandboxsec serve --workers N`` in its own process group."""
-
-    def __init__(self, deployment: Deployment, *, workers: int = 2,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        self.deployment = deployment
-        self.workers = workers
-        self.extra_args = extra_args
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = deployment.home / "server.log"
-
-    def start(self, timeout: float = 60.0) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*CLI, "serve", "--port", str(self.port), "--workers", str(self.workers),
-                 "--migrate", *self.extra_args],
-                env=self.deployment.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start: {self.log.read_text()[-3000:]}")
-
-    def kill9(self) -> None:
-        """SIGKILL the whole group (supervisor and workers): nothing gets to clean up."""
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
+def running(deployment: Deployment, **kwargs: Any) -> contextlib.AbstractContextManager[Server]:
+    """``sandboxsec serve --migrate`` on ``deployment`` (its env; output in server.log)."""
+    return serving(deployment.env, deployment.home / "server.log", **kwargs)
 
 
-@contextlib.contextmanager
-def running(deployment: Deployment, **kwargs: Any) -> Iterator[Server]:
-    server = Server(deployment, **kwargs)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def server_for(deployment: Deployment, **kwargs: Any) -> Server:
+    """A :class:`Server` of ``deployment``, not yet started."""
+    return Server(deployment.env, deployment.home / "server.log", **kwargs)
 
 
 # --- what the service acknowledged ---------------------------------------------------------

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
@@ -42,31 +41,11 @@ _ASSETS = {"approve.js": "text/javascript", "approve.css": "text/css",
            "enroll.js": "text/javascript"}
 
 
-class ApprovalOut(BaseModel):
+class ApprovalOut(ApprovalView):
     """An approval request: the exact action and params, their hash, and the state."""
 
-    id: str
-    state: ApprovalState
-    session_id: str
-    action: str
-    resource: str
-    params: dict[str, Any]
-    params_hash: str
-    short_code: str
-    requested_by: str
-    decision_id: str
-    rule_id: str
-    reason: str
-    image_name: str
-    image_digest: str
-    attested: bool
-    created_at: datetime
-    expires_at: datetime
-    decided_at: datetime | None = None
-    decided_by: str | None = None
     grant: str | None = Field(default=None,
                               description="Single-use grant: agent keys only, once approved.")
-    grant_expires_at: datetime | None = None
 
 
 class DecideIn(BaseModel):
@@ -78,15 +57,7 @@ class DecideIn(BaseModel):
 
 
 def _out(v: ApprovalView) -> ApprovalOut:
-    return ApprovalOut(
-        id=v.id, state=v.state, session_id=v.session_id, action=v.action, resource=v.resource,
-        params=v.params, params_hash=v.params_hash, short_code=v.short_code,
-        requested_by=v.requested_by, decision_id=v.decision_id, rule_id=v.rule_id,
-        reason=v.reason, image_name=v.image_name, image_digest=v.image_digest,
-        attested=v.attested, created_at=v.created_at, expires_at=v.expires_at,
-        decided_at=v.decided_at, decided_by=v.decided_by, grant=v.grant,
-        grant_expires_at=v.grant_expires_at,
-    )
+    return ApprovalOut.model_validate(v, from_attributes=True)
 
 
 @router.get("/approvals", response_model=list[ApprovalOut], response_model_exclude_none=True)

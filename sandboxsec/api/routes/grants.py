@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec import jose
 from sandboxsec.api.deps import ServicesDep, require
+from sandboxsec.policy.views import GrantVerdict
 from sandboxsec.principal import Principal
 
 __all__ = ["GrantJwks", "GrantKeys", "GrantVerifyIn", "GrantVerifyOut", "router"]
@@ -31,18 +31,10 @@ class GrantVerifyIn(BaseModel):
                                  description="Checked against the grant when given.")
 
 
-class GrantVerifyOut(BaseModel):
+class GrantVerifyOut(GrantVerdict):
     """A valid grant, now used: a second verification is refused."""
 
     valid: Literal[True] = True
-    grant_id: str
-    session_id: str
-    approval_id: str | None
-    action: str
-    resource: str
-    params_hash: str
-    expires_at: datetime
-    used_at: datetime
 
 
 class GrantKeys(BaseModel):
@@ -63,9 +55,7 @@ def verify_grant(body: GrantVerifyIn, services: ServicesDep,
     """Valid once: a used, expired, or differently-parametrised grant is refused with its reason."""
     v = services.grants.verify_grant(who, token=body.grant, action=body.action,
                                      params=body.params, resource=body.resource)
-    return GrantVerifyOut(grant_id=v.grant_id, session_id=v.session_id,
-                          approval_id=v.approval_id, action=v.action, resource=v.resource,
-                          params_hash=v.params_hash, expires_at=v.expires_at, used_at=v.used_at)
+    return GrantVerifyOut.model_validate(v, from_attributes=True)
 
 
 @router.get("/grants/keys", response_model=GrantKeys)

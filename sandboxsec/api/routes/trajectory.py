@@ -21,7 +21,8 @@ from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.encoding import b64decode_strict
 from sandboxsec.errors import InputError
 from sandboxsec.principal import Principal
-from sandboxsec.trajectory.views import RecordView
+from sandboxsec.sessions.binding import Claim
+from sandboxsec.trajectory.views import RecordView, StoredRecord
 
 __all__ = ["router"]
 
@@ -100,14 +101,18 @@ def write_record(
     """Store one record encrypted under the tenant's keys (refused, not truncated, if too big).
 
     The request carries a ``DPoP`` proof by the session's TPM-held key, checked first."""
-    services.session_binding.require(who, proof, session_id, check_open=False)
-    # Checked on the encoded length first, so an oversized body is never decoded.
-    services.trajectory.check_size(who, session_id, body.kind, len(body.data) // 4 * 3 - 2)
-    try:
-        data = b64decode_strict(body.data)
-    except ValueError:
-        raise InputError("data is not canonical base64 (standard alphabet)") from None
-    stored = services.trajectory.write(who, session_id, body.kind, data, body.meta)
+    def write(claim: Claim) -> StoredRecord:
+        # Checked on the encoded length first, so an oversized body is never decoded.
+        services.trajectory.check_size(who, session_id, body.kind, len(body.data) // 4 * 3 - 2)
+        try:
+            data = b64decode_strict(body.data)
+        except ValueError:
+            raise InputError("data is not canonical base64 (standard alphabet)") from None
+        return services.trajectory.write(who, session_id, body.kind, data, body.meta,
+                                         claim=claim)
+
+    # The proof's single-use mark commits in the record's own transaction.
+    stored = services.session_binding.acting(who, proof, session_id, write)
     return TrajectoryRecordCreated(
         record_id=stored.record_id, session_id=stored.session_id, kind=stored.kind,
         size=stored.size, content_sha256=stored.content_sha256, created_at=stored.created_at,

@@ -18,7 +18,6 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +46,7 @@ from tests.integration.attestation.test_swtpm import (
 )
 from tests.support.pki import Issued, Publisher, make_ca, make_crl, make_leaf
 from tests.support.softtpm import make_manifest
+from tests.support.swtpm import booted
 
 pytestmark = [
     pytest.mark.swtpm,
@@ -55,17 +55,6 @@ pytestmark = [
 
 EK_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 TODAY = datetime.now(UTC)
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
-    device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm")))
-    try:
-        device.measure_boot(IMAGE)
-        device.ak()
-        yield device
-    finally:
-        device.close()
 
 
 @pytest.fixture(scope="module")
@@ -259,13 +248,9 @@ def test_pcr_pinned_by_event_digests_must_be_quoted(
 def tpm384(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
     """A fresh vTPM with SHA-256 and SHA-384 banks (the test extends PCRs from their reset
     values, so one per test): the attack quotes only SHA-384."""
-    device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm384")),
-                            banks=("sha256", "sha384"))
-    try:
-        device.ak()
+    with booted(tmp_path_factory.mktemp("swtpm384"), image=None,
+                banks=("sha256", "sha384")) as device:
         yield device
-    finally:
-        device.close()
 
 
 def test_allow_list_uses_only_banks_the_quote_signed(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,29 +19,15 @@ from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys
 from tests.support.pki import Publisher, make_ca, make_publisher
 from tests.support.softtpm import make_manifest
+from tests.support.swtpm import IMAGE
 
 pytestmark = [
     pytest.mark.swtpm,
     pytest.mark.skipif(not sw.available(), reason="swtpm is not installed"),
 ]
 
-IMAGE = b"sandbox image v1 " * 4096
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
-    """One vTPM per module: manufactured, started, booted with IMAGE, with an AK."""
-    device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm")))
-    try:
-        device.measure_boot(IMAGE)
-        device.ak()
-        yield device
-    finally:
-        device.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ import pytest
 
 from sandboxsec import __version__
 from sandboxsec.cli import main
-from tests.integration.core.test_cli_serve import SANDBOXSEC, _env, _free_port
 from tests.support.pgcluster import PgCluster
+from tests.support.serve import CLI as SANDBOXSEC
+from tests.support.serve import clean_env as _env
+from tests.support.serve import free_port as _free_port
 
 _LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[")
 

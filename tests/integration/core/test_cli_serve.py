@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,59 +11,23 @@ import httpx
 import pytest
 
 from tests.conftest import TenantKeys  # noqa: F401 - fixture types
-
-SANDBOXSEC = [sys.executable, "-m", "sandboxsec.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(home: Path, db_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
-    env["SANDBOXSEC_HOME"] = str(home)
-    if db_url and db_url.startswith("postgresql"):
-        env["SANDBOXSEC_DATABASE_URL"] = db_url
-    return env
+from tests.support.serve import CLI as SANDBOXSEC
+from tests.support.serve import Server, clean_env
 
 
 @pytest.fixture
 def server(tmp_path: Path, db_url: str) -> Iterator[tuple[str, dict[str, str]]]:
-    home = tmp_path / "svc"
-    env = _env(home, db_url)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [*SANDBOXSEC, "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    env = clean_env(tmp_path / "svc", db_url)
+    server = Server(env, tmp_path / "server.log", workers=1, migrate=False)
+    server.start()
     try:
-        deadline = time.monotonic() + 90  # a loaded machine starts a Python process slowly
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read() if proc.stdout else ''}")
-        yield base, env
+        yield server.base, env
     finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        # What the server printed tells the user where it listens and how to get a key.
-        assert f"listening on {base}" in out
-        assert "tenant create" in out
+        server.stop()
+    # What the server printed tells the user where it listens and how to get a key.
+    out = server.output()
+    assert f"listening on {server.base}" in out
+    assert "tenant create" in out
 
 
 def test_new_user_creates_tenant_and_calls_api(server: tuple[str, dict[str, str]]) -> None:
@@ -102,7 +62,7 @@ def test_new_user_creates_tenant_and_calls_api(server: tuple[str, dict[str, str]
 
 
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
-    env = _env(tmp_path, None)
+    env = clean_env(tmp_path, None)
     r = subprocess.run([*SANDBOXSEC, "tenant"], env=env, capture_output=True, text=True)
     assert r.returncode == 2
     r = subprocess.run([*SANDBOXSEC, "no-such-command"], env=env, capture_output=True, text=True)

@@ -5,42 +5,21 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.core.test_cli_serve import SANDBOXSEC, _env, _free_port
+from tests.support.serve import CLI as SANDBOXSEC
+from tests.support.serve import clean_env, serving
 
 
 @pytest.fixture
 def two_workers(tmp_path: Path, db_url: str) -> Iterator[tuple[str, dict[str, str]]]:
-    env = _env(tmp_path / "svc", db_url)
-    port = _free_port()
-    proc = subprocess.Popen([*SANDBOXSEC, "serve", "--port", str(port), "--workers", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read() if proc.stdout else ''}")
-        yield base, env
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+    env = clean_env(tmp_path / "svc", db_url)
+    with serving(env, tmp_path / "server.log", workers=2, migrate=False) as server:
+        yield server.base, env
 
 
 def _fresh_get(base: str, path: str, key: str) -> int:

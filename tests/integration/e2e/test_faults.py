@@ -41,6 +41,7 @@ from tests.support.faults import (
     keep_checkpoint,
     run_load_async,
     running,
+    server_for,
     summary,
 )
 from tests.support.pgcluster import PgCluster
@@ -48,22 +49,6 @@ from tests.support.sessionkeys import ProofAuth
 
 #: Fail-closed answers while the database is down.
 DOWN_CODES = {"database_unavailable", "audit_unavailable", "dpop_replay_store_unavailable"}
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None (the embedded SQLite file) or an empty PostgreSQL database the server migrates."""
-    if request.param == "sqlite":
-        yield None
-        return
-    cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
-    if cluster is None:
-        pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    url = cluster.create_database(f"faults_{os.getpid()}_{secrets.token_hex(4)}")
-    try:
-        yield url
-    finally:
-        cluster.drop_database(url)
 
 
 def _proofs() -> ProofAuth:
@@ -90,7 +75,7 @@ def _kill9_run(tmp_path: Path, database_url: str | None, *, seconds: float,
                kill_after: float) -> None:
     deployment = Deployment(tmp_path / "home", database_url)
     deployment.create_tenants("bank-a", "bank-b")
-    server = Server(deployment, workers=2)
+    server = server_for(deployment, workers=2)
     server.start()
     try:
         cfg = LoadConfig(agents_per_tenant=3, approvers_per_tenant=2, seconds=seconds,

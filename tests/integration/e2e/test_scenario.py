@@ -8,7 +8,6 @@ verifies offline.  The assertions below are on what each party observed.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +28,12 @@ from sandboxsec.sandbox.scenario import (
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys, make_session
 from tests.support.pgcluster import PgCluster
+from tests.support.serve import empty_database
 from tests.support.sessionkeys import KEYS
 
 needs_swtpm = pytest.mark.skipif(not swtpm.available(), reason="swtpm is not installed")
 
 CHROMIUM = "/usr/bin/chromium"
-_counter = itertools.count()
 
 
 def _gone(pid: int) -> bool:
@@ -48,13 +47,8 @@ def _gone(pid: int) -> bool:
 @pytest.fixture
 def postgres_url(pg_cluster: PgCluster | None) -> Iterator[str]:
     """An empty database on the suite's cluster (the demo's server migrates it)."""
-    if pg_cluster is None:
-        pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    url = pg_cluster.create_database(f"demo_{os.getpid()}_{next(_counter)}")
-    try:
+    with empty_database(pg_cluster, "demo") as url:
         yield url
-    finally:
-        pg_cluster.drop_database(url)
 
 
 def _run(tmp_path: Path, **kw: Any) -> tuple[ScenarioResult, list[str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,12 +28,7 @@ from schemathesis.checks import (
 )
 
 from tests.integration.e2e.test_access_matrix import ALL, EXPECTED
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.serve import free_port
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def running_service(
     created = json.loads(subprocess.run([*cli, "tenant", "create", "schemathesis-tenant-7f3a"],
                                         env=env, capture_output=True, text=True,
                                         check=True).stdout)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

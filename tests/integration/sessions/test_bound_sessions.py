@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from sandboxsec.sandbox import swtpm as sw
 from sandboxsec.services import Services
 from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys, make_tenant
-from tests.integration.attestation.test_swtpm import IMAGE, bind, evidence, manifest_for, nonce
+from tests.integration.attestation.test_swtpm import bind, evidence, manifest_for, nonce
 from tests.support.pki import Publisher, make_publisher
 from tests.support.sessionkeys import SoftSessionKey
 
@@ -41,29 +39,6 @@ PAY = {"amount": "125.50", "currency": "EUR", "payee": "acme-gmbh"}
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="module")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
-    device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm")))
-    try:
-        device.measure_boot(IMAGE)
-        device.ak()
-        yield device
-    finally:
-        device.close()
-
-
-@pytest.fixture(scope="module")
-def other_tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sw.SwTpm]:
-    """A second machine's TPM (its own EK, AK and keys)."""
-    device = sw.start_swtpm(Path(tmp_path_factory.mktemp("swtpm2")))
-    try:
-        device.measure_boot(IMAGE)
-        device.ak()
-        yield device
-    finally:
-        device.close()
 
 
 @pytest.fixture(scope="module")

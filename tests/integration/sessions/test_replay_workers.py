@@ -4,10 +4,7 @@ one SQLite file and on one PostgreSQL database, the same proof sent many times a
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,27 +16,10 @@ from sandboxsec.sessions.models import AgentSession
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.support.faults import Deployment, running
-from tests.support.pgcluster import PgCluster
 from tests.support.sessionkeys import SoftSessionKey
 
 ROUNDS = 6
 CONCURRENT = 12
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None (the embedded SQLite file) or an empty PostgreSQL database the server migrates."""
-    if request.param == "sqlite":
-        yield None
-        return
-    cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
-    if cluster is None:
-        pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    url = cluster.create_database(f"replay_{os.getpid()}_{secrets.token_hex(4)}")
-    try:
-        yield url
-    finally:
-        cluster.drop_database(url)
 
 
 async def _burst(base: str, path: str, headers: dict[str, str]) -> list[httpx.Response]:

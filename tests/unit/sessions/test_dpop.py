@@ -192,3 +192,51 @@ def test_signature_must_be_64_raw_bytes() -> None:
     der = key.private.sign(f"{h}.{c}".encode(), ec.ECDSA(hashes.SHA256()))
     with pytest.raises(DpopSignatureInvalidError):
         _verify(f"{h}.{c}.{dpop.b64url(der)}", key)
+
+
+def test_header_cache_keeps_every_check_but_the_header_parse() -> None:
+    # A header that verified once is remembered by its exact text; a later proof with the
+    # same header still has its key, signature, claims and freshness checked.
+    cache = dpop.KeyCache()
+    key, other = SoftSessionKey(), SoftSessionKey()
+    first = _proof(key)
+    assert dpop.verify_signature(first, key.jkt, cache)[1]["htu"] == URL
+    assert cache.lookup(first.split(".")[0]) is not None
+    second = _proof(key)
+    head, claims, sig = second.split(".")
+    with pytest.raises(DpopKeyMismatchError):  # cached header, another session's key
+        dpop.verify_signature(second, other.jkt, cache)
+    flipped = sig[:-2] + ("AA" if not sig.endswith("AA") else "BA")
+    with pytest.raises(DpopSignatureInvalidError):
+        dpop.verify_signature(f"{head}.{claims}.{flipped}", key.jkt, cache)
+    # Claims signed by another key under the cached header: the cached key refuses them.
+    forged = _proof(other).split(".")
+    with pytest.raises(DpopSignatureInvalidError):
+        dpop.verify_signature(f"{head}.{forged[1]}.{forged[2]}", key.jkt, cache)
+    with pytest.raises(DpopStaleError):
+        dpop.verify_proof(_proof(key, now=NOW - timedelta(minutes=5)), method="POST", url=URL,
+                          body=BODY, session_id="ses_1", jkt=key.jkt, now=NOW,
+                          max_age_seconds=60, skew_seconds=5, api_key="ssk_agent", keys=cache)
+
+
+def test_header_cache_keeps_only_headers_whose_proof_verified() -> None:
+    cache = dpop.KeyCache()
+    key = SoftSessionKey()
+    head, claims, sig = _proof(key).split(".")
+    flipped = sig[:-2] + ("AA" if not sig.endswith("AA") else "BA")
+    with pytest.raises(DpopSignatureInvalidError):
+        dpop.verify_signature(f"{head}.{claims}.{flipped}", key.jkt, cache)
+    assert cache.lookup(head) is None
+
+
+def test_htu_equal_to_the_url_skips_no_check() -> None:
+    key = SoftSessionKey()
+    with pytest.raises(DpopUrlMismatchError):
+        dpop.verify_proof(_proof(key, url=URL + "x"), method="POST", url=URL, body=BODY,
+                          session_id="ses_1", jkt=key.jkt, now=NOW, max_age_seconds=60,
+                          skew_seconds=5, api_key="ssk_agent")
+    # Another spelling of the same URL is still the same URL.
+    upper = "HTTPS://SANDBOXSEC.example:443/v1/actions"
+    assert dpop.verify_proof(_proof(key, url=upper), method="POST", url=URL, body=BODY,
+                             session_id="ses_1", jkt=key.jkt, now=NOW, max_age_seconds=60,
+                             skew_seconds=5, api_key="ssk_agent").htu == URL
