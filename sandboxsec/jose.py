@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwk import OKPKey
 from joserfc.jwa import JWSAlgModel
+from joserfc.jwk import OKPKey
 from joserfc.jws import JWSRegistry
 
 from sandboxsec.encoding import b64url_encode
