@@ -115,8 +115,12 @@ class Services:
     def service_keys(self) -> ServiceKeys:
         """The service's signing and MAC keys, held once for every node (in the database
         under the root key, or in the HSM); ``serve`` establishes them before starting."""
-        return ServiceKeys(self.db, self.clock, self.keys, self.settings.home,
+        keys = ServiceKeys(self.db, self.clock, self.keys, self.settings.home,
                            hsm_key_factory(self.keys))
+        # Made now, before any transaction is open: on SQLite the first node's key creation
+        # takes the writer lock, which a caller's open transaction would hold.
+        keys.prepare()
+        return keys
 
     @cached_property
     def _audit_keys(self) -> AuditKeys:

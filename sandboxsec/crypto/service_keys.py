@@ -38,7 +38,7 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
 from sandboxsec.clock import Clock
@@ -51,6 +51,7 @@ from sandboxsec.crypto.errors import (
 from sandboxsec.crypto.keys import KeyProvider
 from sandboxsec.crypto.models import ServiceKeyRow
 from sandboxsec.crypto.signing import HsmKeyFactory
+from sandboxsec.errors import SandboxSecError
 from sandboxsec.signing import Signer
 from sandboxsec.storage.db import Database
 
@@ -164,6 +165,14 @@ class ServiceKeys:
         self.establish()
         return self._secrets[name]
 
+    def prepare(self) -> None:
+        """Establish the keys now, outside any transaction, if that works; a failure is left
+        for the first use to raise (where it fails that request closed)."""
+        try:
+            self.establish()
+        except (SandboxSecError, SQLAlchemyError):
+            return
+
     def status(self) -> list[ServiceKeyStatus]:
         """Every service key: where it is held and its public fingerprint."""
         self.establish()
@@ -196,6 +205,13 @@ class ServiceKeys:
         """
         with self._lock:
             if self._rows:
+                return []
+            # Every start but the cluster's first finds the keys: read them without the lock
+            # (a writer lock taken here could wait on the caller's own open transaction).
+            with self._db.session() as s:
+                rows = {r.name: r for r in s.exec(select(ServiceKeyRow)).all()}
+            if all(spec.name in rows for spec in SERVICE_KEYS):
+                self._load(rows)
                 return []
             imported: list[str] = []
             with self._db.session() as s:
