@@ -152,6 +152,7 @@ class ServiceKeys:
         self._signers: dict[str, Signer] = {}
         self._secrets: dict[str, bytes] = {}
         self._rows: dict[str, ServiceKeyRow] = {}
+        self._imported: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ use
 
@@ -189,7 +190,8 @@ class ServiceKeys:
     def establish(self) -> list[str]:
         """Create (first node) or load (every other node) the keys and check this node's.
 
-        Returns the names of the keys this call imported from this node's old key files.
+        Returns the names of the keys this process imported from this node's old key files
+        (the same list on every call).
         Steps, in order:
 
         1. Under a database lock (PostgreSQL advisory lock; SQLite's single writer), read the
@@ -205,7 +207,7 @@ class ServiceKeys:
         """
         with self._lock:
             if self._rows:
-                return []
+                return list(self._imported)
             # Every start but the cluster's first finds the keys: read them without the lock
             # (a writer lock taken here could wait on the caller's own open transaction).
             with self._db.session() as s:
@@ -239,6 +241,7 @@ class ServiceKeys:
             for row in fresh:
                 rows[row.name] = row
             self._load(rows)
+            self._imported = tuple(imported)
             return imported
 
     def _serialise(self, s: Session) -> None:
