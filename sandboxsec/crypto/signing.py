@@ -50,6 +50,9 @@ class HsmEd25519Signer:
             return priv, pub
         except pkcs11.NoSuchKey as exc:
             if not self._create:
+                # A session opened before the token went away finds nothing after it came
+                # back: drop it, so the next call reconnects and finds the key again.
+                self._hsm.unavailable(exc)
                 raise KeyProviderUnavailableError(
                     f"the signing key {self.label!r} is missing from the HSM"
                 ) from exc
