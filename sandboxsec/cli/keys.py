@@ -112,7 +112,8 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         # This node's service key files go into the cluster's store first (a no-op once
         # the cluster has its keys; a node whose files differ is refused).
-        imported = services.service_keys.establish()
+        services.service_keys.establish()
+        imported = [k.name for k in services.service_keys.status() if k.origin == "imported"]
         tenant_id = services.tenants.find(args.tenant).id if args.tenant else None
         moved = services.key_hierarchy.migrate_tenant_keys(tenant_id)
     finally:

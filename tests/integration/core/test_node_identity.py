@@ -360,3 +360,36 @@ def test_no_service_key_is_stored_in_clear(node_a: Services, tmp_path: Path) -> 
     for material in (*secrets, *privates):
         assert material not in stored
         assert material not in files
+
+
+def test_keys_migrate_imports_an_old_nodes_files_and_keys_service_lists_them(
+    tmp_path: Path, db_url: str,
+) -> None:
+    home = tmp_path / "cli"
+    _own_root_key(home)
+    old_pem = AuditKeys(home, "sandboxsec.local/audit").public_pem()
+    env = {**os.environ, "SANDBOXSEC_HOME": str(home), "SANDBOXSEC_DATABASE_URL": db_url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sandboxsec.cli", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    r = cli("keys", "migrate")
+    assert r.returncode == 0, r.stderr
+    # The cluster keys that came from this node's files (the audit pair it had).
+    assert sorted(json.loads(r.stdout)["service_keys_imported"]) == ["audit-checkpoint",
+                                                                     "audit-hmac"]
+    r = cli("keys", "service")
+    assert r.returncode == 0, r.stderr
+    listed = {k["name"]: k for k in json.loads(r.stdout)}
+    assert set(listed) == {s.name for s in SERVICE_KEYS}
+    assert listed["audit-checkpoint"]["origin"] == "imported"
+    assert listed["attestation-token"]["origin"] == "generated"
+    assert all(k["held"].startswith("wrapped by local:") for k in listed.values())
+    assert "PRIVATE" not in r.stdout
+    db = Database(db_url)
+    node = Services(_settings(home), db=db)
+    try:
+        assert node.audit.keys.public_pem() == old_pem
+    finally:
+        node.close()
