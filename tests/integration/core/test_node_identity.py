@@ -167,6 +167,12 @@ def test_a_node_with_another_root_key_refuses(
             stranger.attestation.public_jwks()
         with pytest.raises(NodeIdentityMismatchError):
             stranger.audit.checkpoint_now(tenant.id)
+        with _client(stranger) as c:
+            health = c.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["node_identity"] == "mismatch"
+        with _client(node_a) as a:
+            assert a.get("/healthz").json()["node_identity"] == "ok"
     finally:
         stranger.close()
     with node_a.db.session() as s:
