@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc import jws
 from joserfc.errors import JoseError
+from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import OKPKey
 from joserfc.jws import JWSRegistry
 
 from sandboxsec.encoding import b64url_encode
+from sandboxsec.signing import Signer
 
 __all__ = [
     "ALG",
@@ -105,10 +107,54 @@ def okp_jwk(public_key: Ed25519PublicKey, kid: str) -> dict[str, str]:
             "alg": ALG, "use": "sig"}
 
 
-def sign_compact(header: Mapping[str, Any], payload: bytes, key: Ed25519PrivateKey) -> str:
-    """``header`` (``alg`` is set to EdDSA) and ``payload`` signed as a compact JWS."""
+class _HookedEdDSA(JWSAlgModel):
+    """EdDSA whose private half is a :class:`Signer` (an HSM key): joserfc builds the signing
+    input and the token; the signature is made by the hook, so the key never leaves the HSM."""
+
+    name = ALG
+    description = "EdDSA through a signer hook"
+    key_type = "OKP"
+
+    def __init__(self, signer: Signer) -> None:
+        self._signer = signer
+
+    def sign(self, msg: bytes, key: Any) -> bytes:
+        return self._signer.sign(msg)
+
+    def verify(self, msg: bytes, sig: bytes, key: Any) -> bool:  # pragma: no cover - unused
+        raise JwsError("a signer hook does not verify")
+
+
+class _HookedRegistry(_PinnedRegistry):
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(algorithms=[ALG])
+        self._alg = _HookedEdDSA(signer)
+
+    def get_alg(self, name: str) -> Any:
+        super().get_alg(name)
+        return self._alg
+
+
+def sign_compact(header: Mapping[str, Any], payload: bytes,
+                 key: Ed25519PrivateKey | Signer) -> str:
+    """``header`` (``alg`` is set to EdDSA) and ``payload`` signed as a compact JWS.
+
+    ``key`` is an in-memory Ed25519 key, or any :class:`Signer` (an HSM-held key: joserfc
+    is given only its public half, the signature comes from the signer).  A signature made
+    through a signer is verified before the token is returned, so a faulty HSM answer never
+    leaves as a token that relying parties would refuse.
+    """
     protected = {**header, "alg": ALG}
-    return jws.serialize_compact(protected, payload, _private(key), registry=_REGISTRY)
+    if isinstance(key, Ed25519PrivateKey):
+        return jws.serialize_compact(protected, payload, _private(key), registry=_REGISTRY)
+    public = key.public_key()
+    token = jws.serialize_compact(protected, payload, _public(public),
+                                  registry=_HookedRegistry(key))
+    try:
+        jws.deserialize_compact(token, _public(public), registry=_REGISTRY)
+    except (JoseError, ValueError) as exc:
+        raise JwsError("the signer's signature does not verify", "signature") from exc
+    return token
 
 
 def verify_compact(

@@ -29,7 +29,14 @@ from sandboxsec.crypto.admin import KeyAdmin
 from sandboxsec.crypto.config import KeyHierarchyConfig
 from sandboxsec.crypto.hierarchy import KeyHierarchy
 from sandboxsec.crypto.keys import KeyProvider, build_key_provider
-from sandboxsec.crypto.signing import hsm_signer
+from sandboxsec.crypto.service_keys import (
+    ATTESTATION_NONCE,
+    ATTESTATION_TOKEN,
+    AUDIT_CHECKPOINT,
+    AUDIT_HMAC,
+    ServiceKeys,
+)
+from sandboxsec.crypto.signing import hsm_key_factory
 from sandboxsec.crypto.tenant_keys import build_tenant_key_store
 from sandboxsec.people.decisions import SignedDecisions
 from sandboxsec.people.routes import PeopleRouting, passkey_approvals
@@ -111,9 +118,21 @@ class Services:
         )
 
     @cached_property
+    def service_keys(self) -> ServiceKeys:
+        """The service's signing and MAC keys, held once for every node (in the database
+        under the root key, or in the HSM); ``serve`` establishes them before starting."""
+        keys = ServiceKeys(self.db, self.clock, self.keys, self.settings.home,
+                           hsm_key_factory(self.keys))
+        # Made now, before any transaction is open: on SQLite the first node's key creation
+        # takes the writer lock, which a caller's open transaction would hold.
+        keys.prepare()
+        return keys
+
+    @cached_property
     def _audit_keys(self) -> AuditKeys:
+        sk = self.service_keys
         return AuditKeys(self.settings.home, self.settings.audit_origin,
-                         hsm=lambda: hsm_signer(self.keys, "audit-checkpoint"))
+                         shared=lambda: (sk.signer(AUDIT_CHECKPOINT), sk.secret(AUDIT_HMAC)))
 
     @cached_property
     def _audit_config(self) -> AuditConfig:
@@ -167,7 +186,10 @@ class Services:
                                    nonce_ttl_seconds=s.nonce_ttl_seconds,
                                    token_ttl_seconds=s.attestation_token_ttl_seconds,
                                    max_event_log_bytes=s.max_body_bytes)
-        return AttestationService(self.db, self.clock, self.audit_writer, config)
+        sk = self.service_keys
+        return AttestationService(self.db, self.clock, self.audit_writer, config,
+                                  token_signer=lambda: sk.signer(ATTESTATION_TOKEN),
+                                  nonce_key=lambda: sk.secret(ATTESTATION_NONCE))
 
     @cached_property
     def sessions(self) -> SessionService:
@@ -213,8 +235,8 @@ class Services:
     @cached_property
     def grants(self) -> GrantService:
         """Issuing, signing and spending grants."""
-        # Grant tokens are compact JWS signed by an in-memory key: not in the HSM yet.
-        keyring = GrantKeyring(self.db, self.clock, self.keys)
+        # With an HSM the grant keys are made and used inside it.
+        keyring = GrantKeyring(self.db, self.clock, self.keys, hsm=hsm_key_factory(self.keys))
         return GrantService(self._policy_repository, self.clock, self._policy_audit, keyring,
                             self._wakeups, GrantConfig(self.settings.grant_ttl_seconds),
                             self.key_hierarchy, in_force=self._policy_in_force)

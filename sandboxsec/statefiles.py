@@ -12,7 +12,15 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["create_once", "replace_private"]
+__all__ = ["create_once", "private_dir", "replace_private"]
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` and every missing parent with mode 0700 (``mkdir(parents=True,
+    mode=...)`` applies the mode to the last component only; its parents get the umask's)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
 
 
 def create_once(path: Path, content: bytes) -> bytes:
@@ -23,7 +31,7 @@ def create_once(path: Path, content: bytes) -> bytes:
     their fail-closed "key unavailable" error.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

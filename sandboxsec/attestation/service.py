@@ -137,11 +137,14 @@ class AttestationService:
 
     def __init__(self, db: Database, clock: Clock, audit: AuditSink,
                  config: AttestationConfig,
-                 token_signer: Callable[[], Signer | None] | None = None) -> None:
-        """``token_signer`` gives the HSM's token key when the key provider is an HSM (None:
-        the key file under the home directory)."""
+                 token_signer: Callable[[], Signer | None] | None = None,
+                 nonce_key: Callable[[], bytes] | None = None) -> None:
+        """``token_signer`` and ``nonce_key`` give the cluster's token-signing key and nonce
+        MAC key (``crypto/service_keys.py``: in the database under the root key, or in the
+        HSM); None, or a signer hook answering None: key files under the home directory."""
         self._db = db
         self._token_signer = token_signer
+        self._nonce_hook = nonce_key
         self._clock = clock
         self._audit_sink = audit
         self._config = config
@@ -247,19 +250,19 @@ class AttestationService:
     def _key(self) -> Signer:
         with self._lock:
             if self._signing_key is None:
-                path = self._config.home / SIGNING_KEY_FILE
-                # With an HSM the token key is made and used inside it (unless a key file
-                # from before exists: relying parties pin that key).
-                hsm = self._token_signer() if self._token_signer and not path.exists() else None
-                self._signing_key = hsm or _load_or_create_key(path)
+                # The cluster's key when there is a hook (it imports an old key file itself:
+                # relying parties pinned that key); else this node's own file.
+                shared = self._token_signer() if self._token_signer else None
+                self._signing_key = shared or _load_or_create_key(
+                    self._config.home / SIGNING_KEY_FILE)
             return self._signing_key
 
     def _nonce_key(self) -> bytes:
         with self._lock:
             if self._nonce_secret is None:
-                self._nonce_secret = _load_or_create_secret(
-                    self._config.home / NONCE_KEY_FILE
-                )
+                self._nonce_secret = (self._nonce_hook() if self._nonce_hook is not None
+                                      else _load_or_create_secret(
+                                          self._config.home / NONCE_KEY_FILE))
             return self._nonce_secret
 
     def public_jwks(self) -> dict[str, list[dict[str, str]]]:

@@ -18,6 +18,7 @@ from sandboxsec.errors import (
 __all__ = [
     "AuditChainBrokenError",
     "AuditCheckpointInvalidError",
+    "AuditCheckpointKeyMismatchError",
     "AuditCheckpointSignatureError",
     "AuditConsistencyError",
     "AuditCosignatureInvalidError",
@@ -164,6 +165,14 @@ class AuditStateInvalidError(DependencyUnavailableError):
     """The state file holding the last signed checkpoint fails its integrity check."""
 
     code = "audit_state_invalid"
+
+
+class AuditCheckpointKeyMismatchError(DependencyUnavailableError):
+    """The log's last checkpoint was signed by another key than this service's checkpoint key:
+    a log keeps one key, so nothing is signed into it (a node with foreign keys, or a key
+    changed behind the log's back)."""
+
+    code = "audit_checkpoint_key_mismatch"
 
 
 class AuditLogAlarmedError(DependencyUnavailableError):

@@ -65,16 +65,24 @@ class AuditKeys:
     """Loads (or creates) the keys under ``<home>/audit`` once, then serves them from memory."""
 
     def __init__(self, home: Path, key_name: str,
-                 hsm: Callable[[], Signer | None] | None = None) -> None:
+                 hsm: Callable[[], Signer | None] | None = None,
+                 shared: Callable[[], tuple[Signer, bytes]] | None = None) -> None:
+        """``shared`` gives the cluster's checkpoint key and HMAC secret (the service keys in
+        the database or the HSM, ``crypto/service_keys.py``); without it the keys are the
+        files under ``<home>/audit`` (or ``hsm``'s key), as for a single embedded node."""
         self._dir = home / "audit"
         self.key_name = key_name
         self._hsm = hsm
+        self._shared = shared
         self._lock = threading.Lock()
         self._signing: Signer | None = None
         self._secret: bytes | None = None
         self._hmac: dict[str, bytes] = {}
 
     def _load(self) -> None:
+        if self._shared is not None:
+            self._signing, self._secret = self._shared()
+            return
         key_file = self._dir / "signing_key.pem"
         # With an HSM the checkpoint key is made and used inside it, unless a key file exists
         # from before (auditors pin that key: moving to the HSM is an explicit key change).

@@ -32,7 +32,7 @@ from sandboxsec.audit.errors import AuditHistoryMismatchError, AuditStateInvalid
 from sandboxsec.audit.merkle import Frontier, ProofError, leaf_hash
 from sandboxsec.clock import rfc3339
 from sandboxsec.encoding import b64decode_strict
-from sandboxsec.statefiles import replace_private
+from sandboxsec.statefiles import private_dir, replace_private
 
 __all__ = ["Alarm", "SignedState", "StateFiles", "check_extends"]
 
@@ -144,7 +144,7 @@ class StateFiles:
 
         Returns whether it was written.  Atomic (rename) and durable (fsync) before returning.
         """
-        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self._dir)
         lock = os.open(self._dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -166,7 +166,7 @@ class StateFiles:
 
     def raise_alarm(self, log_id: str, code: str, message: str, at: datetime) -> Alarm:
         """Record an alarm for ``log_id`` (the first one is kept) and return it."""
-        self._alarms.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self._alarms)
         alarm = Alarm(log_id, code, message, rfc3339(at))
         path = self._alarms / _file_name(log_id)
         if not path.exists():

@@ -32,6 +32,7 @@ from sandboxsec.audit.entry import encode_entry
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.group_commit import GroupCommit
 from sandboxsec.audit.integrity import HistoryGuard, SignedTree
+from sandboxsec.audit.key_pin import check_checkpoint_key
 from sandboxsec.audit.keys import AuditKeys
 from sandboxsec.audit.merkle import Frontier
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
@@ -200,6 +201,8 @@ class AuditWriter:
         self, conn: Connection, log_id: str, frontier: Frontier, now: Any
     ) -> SignedCheckpoint:
         cp = Checkpoint(self._config.origin_of(log_id), frontier.size, frontier.root())
+        # A log never receives a checkpoint signed by a key other than its own.
+        check_checkpoint_key(conn, log_id, self._keys.public_key, self._keys.key_name)
         signed = sign_checkpoint(cp, name=self._keys.key_name,
                                  private_key=self._keys.signing_key)
         conn.execute(

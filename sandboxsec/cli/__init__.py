@@ -7,7 +7,9 @@ Exit codes (docs/operations.md):
 * 2 usage or input error;
 * 3 a setting is invalid (bad value, unsupported database URL);
 * 4 a service the command needs failed (database unreachable, key provider);
-* 5 the database is missing or its schema is not this version's (run ``sandboxsec migrate``).
+* 5 the database is missing or its schema is not this version's (run ``sandboxsec migrate``);
+* 6 this node's keys are not the cluster's (``node_identity_mismatch``: another root key, HSM
+  or service key file than the nodes already on this database).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_CONFIGURATION = 3
 EXIT_DEPENDENCY = 4
 EXIT_SCHEMA = 5
+EXIT_NODE_IDENTITY = 6
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_code(exc: SandboxSecError) -> int:
     """The exit code of a command that failed with ``exc`` (see the module docstring)."""
+    from sandboxsec.crypto.errors import NodeIdentityMismatchError
     from sandboxsec.storage.db import DatabaseMissingError, SchemaNotCurrentError
 
     if isinstance(exc, DatabaseMissingError | SchemaNotCurrentError):
         return EXIT_SCHEMA
+    if isinstance(exc, NodeIdentityMismatchError):
+        return EXIT_NODE_IDENTITY
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIGURATION
     if exc.status >= 500:

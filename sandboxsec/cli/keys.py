@@ -13,7 +13,8 @@ __all__ = ["register"]
 
 
 def register(subs: Any) -> None:
-    """Add ``keys rotate``, ``keys rewrap``, ``keys retire`` and ``keys status``."""
+    """Add ``keys rotate``, ``keys rewrap``, ``keys retire``, ``keys status``, ``keys migrate``
+    and ``keys service``."""
     p = subs.add_parser("keys", help="manage a tenant's encryption keys")
     ks = p.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
     ks.required = True
@@ -36,6 +37,9 @@ def register(subs: Any) -> None:
                       "their tenant's own key (one-off step after upgrading)")
     m.add_argument("--tenant", help="tenant id or name (default: every tenant)")
     m.set_defaults(handler=_migrate)
+    v = ks.add_parser("service", help="show the service's own keys, held once for every node "
+                      "(creating them, or importing this node's key files, if none exist)")
+    v.set_defaults(handler=_service)
 
 
 def _status_json(status: KeyStatus) -> dict[str, Any]:
@@ -106,9 +110,25 @@ def _status(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     services = open_services()
     try:
+        # This node's service key files go into the cluster's store first (a no-op once
+        # the cluster has its keys; a node whose files differ is refused).
+        services.service_keys.establish()
+        imported = [k.name for k in services.service_keys.status() if k.origin == "imported"]
         tenant_id = services.tenants.find(args.tenant).id if args.tenant else None
         moved = services.key_hierarchy.migrate_tenant_keys(tenant_id)
     finally:
         services.close()
-    print_json({"tenant_id": tenant_id, "keks_moved": moved})
+    print_json({"tenant_id": tenant_id, "keks_moved": moved,
+                "service_keys_imported": imported})
+    return 0
+
+
+def _service(_args: argparse.Namespace) -> int:
+    services = open_services()
+    try:
+        status = services.service_keys.status()
+    finally:
+        services.close()
+    print_json([{"name": k.name, "version": k.version, "kind": k.kind, "held": k.holder,
+                 "origin": k.origin, "fingerprint": k.fingerprint} for k in status])
     return 0

@@ -39,7 +39,15 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     embedded = settings.database_url is None
     services = open_services(migrate=args.migrate or embedded)
-    services.close()
+    try:
+        # One identity for every node: create the cluster's service keys on the first start
+        # (importing this node's old key files), or refuse to start with keys that differ.
+        imported = services.service_keys.establish()
+    finally:
+        services.close()
+    if imported:
+        print(f"sandboxsec: imported this node's key files into the cluster's service keys: "
+              f"{', '.join(imported)}", file=sys.stderr)
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
     # Session proofs name the URL the client called; behind a proxy set the external one.

@@ -21,6 +21,7 @@ __all__ = [
     "KeyProviderUnavailableError",
     "KeyVersionInvalidError",
     "KeyVersionRetiredError",
+    "NodeIdentityMismatchError",
     "TenantKeyMissingError",
     "TenantKeysShreddedError",
     "TrajectoryKindInvalidError",
@@ -49,6 +50,13 @@ class KeyProviderMismatchError(DependencyUnavailableError):
     """The tenant's keys were wrapped by a different root key than the configured provider's."""
 
     code = "key_provider_mismatch"
+
+
+class NodeIdentityMismatchError(DependencyUnavailableError):
+    """This node's root key, HSM keys or service key files are not the cluster's: the node
+    refuses to start (and to sign or verify anything) rather than act with another identity."""
+
+    code = "node_identity_mismatch"
 
 
 class DecryptionFailedError(VerificationError):

@@ -17,6 +17,7 @@ from sandboxsec.storage.types import UTCDateTime
 __all__ = [
     "DataEncryptionKey",
     "KeyEncryptionKey",
+    "ServiceKeyRow",
     "TenantKeyring",
 ]
 
@@ -63,3 +64,24 @@ class DataEncryptionKey(SQLModel, table=True):
     wrapped_key: bytes = Field(sa_type=LargeBinary)
     created_at: datetime = Field(sa_type=UTCDateTime)
     rewrapped_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ServiceKeyRow(SQLModel, table=True):
+    """One of the service's own keys, held once for every node (``crypto/service_keys.py``).
+
+    ``wrapped`` is the key wrapped by the root key of ``provider_id`` (AAD binds name, kind and
+    version); for a signing key generated inside an HSM it is empty and ``provider_id`` is
+    ``pkcs11-object:<label>``.  ``public_key`` is the raw Ed25519 public key of a signing key
+    (empty for a secret); it is checked against the unwrapped private key on every load.
+    """
+
+    __tablename__ = "service_keys"
+
+    name: str = Field(primary_key=True, max_length=64)
+    version: int = Field(primary_key=True)
+    kind: str = Field(max_length=16)
+    public_key: bytes = Field(sa_type=LargeBinary)
+    wrapped: bytes = Field(sa_type=LargeBinary)
+    provider_id: str = Field(max_length=200)
+    origin: str = Field(max_length=16)
+    created_at: datetime = Field(sa_type=UTCDateTime)

@@ -35,6 +35,7 @@ class HsmEd25519Signer:
         self.label = label
         self._create = create
         self._public: Ed25519PublicKey | None = None
+        self._handle: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
 
     def _pair(self, session: Any) -> tuple[Any, Any]:
@@ -50,6 +51,9 @@ class HsmEd25519Signer:
             return priv, pub
         except pkcs11.NoSuchKey as exc:
             if not self._create:
+                # A session opened before the token went away finds nothing after it came
+                # back: drop it, so the next call reconnects and finds the key again.
+                self._hsm.unavailable(exc)
                 raise KeyProviderUnavailableError(
                     f"the signing key {self.label!r} is missing from the HSM"
                 ) from exc
@@ -70,7 +74,11 @@ class HsmEd25519Signer:
         from pkcs11 import Mechanism
 
         def op(session: Any) -> bytes:
-            sig: bytes = self._pair(session)[0].sign(data, mechanism=Mechanism.EDDSA)
+            # The private key's handle is found once per session (two object searches per
+            # signature cost more than the signature); a new session looks it up again.
+            if self._handle is None or self._handle[0] is not session:
+                self._handle = (session, self._pair(session)[0])
+            sig: bytes = self._handle[1].sign(data, mechanism=Mechanism.EDDSA)
             return sig
 
         return self._hsm.run(op)

@@ -10,7 +10,9 @@ from prometheus_client import generate_latest
 
 from sandboxsec import __version__
 from sandboxsec.api.deps import ServicesDep
+from sandboxsec.crypto.errors import NodeIdentityMismatchError
 from sandboxsec.errors import SandboxSecError
+from sandboxsec.services import Services
 
 router = APIRouter()
 page_router = APIRouter()
@@ -18,8 +20,9 @@ page_router = APIRouter()
 
 @page_router.get("/healthz", tags=["health"])
 def healthz(services: ServicesDep) -> JSONResponse:
-    """200 while the process serves, its database answers, its root key is usable and no audit
-    log is stopped by an integrity alarm; 503 (with which one failed) otherwise."""
+    """200 while the process serves, its database answers, its root key is usable, its keys
+    are the cluster's and no audit log is stopped by an integrity alarm; 503 (with which one
+    failed) otherwise."""
     db_ok = services.db.ping()
     try:
         # A fresh service has no root key until the first tenant key is made: that is ready.
@@ -28,16 +31,30 @@ def healthz(services: ServicesDep) -> JSONResponse:
         keys_ok = True
     except SandboxSecError:
         keys_ok = False
+    # This node's keys are the cluster's (cached after the first success; see
+    # crypto/service_keys.py): a node with another identity must not look healthy.
+    identity = node_identity(services)
     # Codes only: tenant ids are not for an unauthenticated caller (``audit alarm`` lists them).
     alarms = sorted({a.code for a in services.audit.guard.states.alarms()})
-    ok = db_ok and keys_ok and not alarms
+    ok = db_ok and keys_ok and identity == "ok" and not alarms
     return JSONResponse(
         {"status": "ok" if ok else "degraded", "database": "ok" if db_ok else "unavailable",
-         "key_provider": "ok" if keys_ok else "unavailable",
+         "key_provider": "ok" if keys_ok else "unavailable", "node_identity": identity,
          "audit": "alarm" if alarms else "ok", "audit_alarms": alarms,
          "version": __version__},
         status_code=200 if ok else 503,
     )
+
+
+def node_identity(services: Services) -> str:
+    """``ok``, ``mismatch`` (this node's keys are not the cluster's) or ``unavailable``."""
+    try:
+        services.service_keys.establish()
+    except NodeIdentityMismatchError:
+        return "mismatch"
+    except SandboxSecError:
+        return "unavailable"
+    return "ok"
 
 
 @page_router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
