@@ -39,12 +39,14 @@ _LINGER_SECONDS = 0.0005
 
 
 class _Pending:
-    __slots__ = ("done", "error", "receipts", "records", "state")
+    __slots__ = ("done", "error", "logs", "receipts", "records", "state")
 
     QUEUED, TAKEN, CANCELLED, DEFERRED = 0, 1, 2, 3
 
-    def __init__(self, records: list[AuditRecord]) -> None:
+    def __init__(self, records: list[AuditRecord], flush: frozenset[str]) -> None:
         self.records = records
+        #: Every log this caller touches: its records' and those it asked to sequence.
+        self.logs = frozenset(log_id_of(r) for r in records) | flush
         self.receipts: list[AuditReceipt] = []
         self.error: SandboxSecError | None = None
         # A held lock that the writer releases: cheaper than an Event (no condition inside).
@@ -65,7 +67,7 @@ class GroupCommit:
     def __init__(
         self,
         db: Database,
-        write: Callable[[Connection, Sequence[AuditRecord]], list[AuditReceipt]],
+        write: Callable[[Connection, Sequence[AuditRecord], set[str]], list[AuditReceipt]],
         sweep: Callable[[], int],
         *,
         sweep_seconds: float,
@@ -101,8 +103,12 @@ class GroupCommit:
             )
             self._thread.start()
 
-    def submit(self, records: list[AuditRecord], timeout: float) -> list[AuditReceipt]:
-        p = _Pending(records)
+    def submit(
+        self, records: list[AuditRecord], timeout: float, flush: frozenset[str] = frozenset()
+    ) -> list[AuditReceipt]:
+        """Write ``records`` (and sequence the pending intents of the logs in ``flush``) in
+        the next batch; return after its commit."""
+        p = _Pending(records, flush)
         with self._cv:
             if self._stopping:
                 raise AuditUnavailableError("the audit log is shutting down")
@@ -186,15 +192,16 @@ class GroupCommit:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
         with self._db.engine.begin() as conn:
             if not wait and self._busy is not None:
-                busy = self._busy(conn, {log_id_of(r) for p in batch for r in p.records})
+                busy = self._busy(conn, {log for p in batch for log in p.logs})
                 if busy:
                     # Another transaction holds these heads: their callers wait on their own
                     # path; everyone else commits now (their heads are locked already).
-                    stuck = [p for p in batch if any(log_id_of(r) in busy for r in p.records)]
+                    stuck = [p for p in batch if not p.logs.isdisjoint(busy)]
                     batch = [p for p in batch if p not in stuck]
                     self._defer(stuck)
             records = [r for p in batch for r in p.records]
-            receipts = self._write(conn, records) if records else []
+            logs = {log for p in batch for log in p.logs}
+            receipts = self._write(conn, records, logs) if logs else []
         if self._after_commit is not None:
             self._after_commit()
         # Acknowledge only now, after the commit returned.
@@ -209,7 +216,7 @@ class GroupCommit:
         the lock there (bounded by the database lock timeout and each caller's timeout)."""
         for p in stuck:
             p.state = _Pending.DEFERRED
-            key = frozenset(log_id_of(r) for r in p.records)
+            key = p.logs
             with self._cv:
                 queue = self._slow.get(key)
                 if queue is not None:
