@@ -74,9 +74,17 @@ class GroupCommit:
         stop_timeout: float,
         busy: Callable[[Connection, set[str]], set[str]] | None = None,
         after_commit: Callable[[], None] | None = None,
+        pending: Callable[[Connection, set[str]], set[str]] | None = None,
+        wrote: Callable[[], bool] | None = None,
     ) -> None:
         """``busy(conn, log_ids)`` locks the heads it can without waiting and returns the ids
-        another transaction holds (None: every head is waited for, as on SQLite)."""
+        another transaction holds (None: every head is waited for, as on SQLite).
+        ``pending(conn, log_ids)`` returns those of ``log_ids`` with intents waiting: a log a
+        caller only asked to sequence is not locked when there is nothing to sequence.
+        ``wrote()`` says whether the last write changed anything; a batch that changed
+        nothing rolls back (no commit to flush to disk)."""
+        self._pending = pending
+        self._wrote = wrote
         self._db = db
         self._busy = busy
         #: Pendings waiting for a head another transaction holds, by the set of their logs;
@@ -190,7 +198,15 @@ class GroupCommit:
 
     def _commit_once(self, batch: list[_Pending], *, wait: bool = False) -> None:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
-        with self._db.engine.begin() as conn:
+        with self._db.engine.connect() as conn, conn.begin() as tx:
+            if self._pending is not None:
+                only = {log for p in batch for log in p.logs}
+                only -= {log_id_of(r) for p in batch for r in p.records}
+                idle = only - self._pending(conn, only) if only else set()
+                if idle:
+                    # Another caller or node sequenced these already: nothing to lock.
+                    for p in batch:
+                        p.logs = p.logs - idle
             if not wait and self._busy is not None:
                 busy = self._busy(conn, {log for p in batch for log in p.logs})
                 if busy:
@@ -202,6 +218,8 @@ class GroupCommit:
             records = [r for p in batch for r in p.records]
             logs = {log for p in batch for log in p.logs}
             receipts = self._write(conn, records, logs) if logs else []
+            if not records and (not logs or (self._wrote is not None and not self._wrote())):
+                tx.rollback()
         if self._after_commit is not None:
             self._after_commit()
         # Acknowledge only now, after the commit returned.

@@ -45,6 +45,7 @@ __all__ = [
     "lock_free_heads",
     "lock_head",
     "log_id_of",
+    "logs_with_pending",
     "pending_logs",
     "take_pending",
     "try_lock_head",
@@ -191,6 +192,12 @@ def take_pending(conn: Connection, log_id: str) -> list[tuple[str, str]]:
         out.extend((r[1], r[2]) for r in rows)
         if len(rows) < _TAKE_CHUNK:
             return out
+
+
+def logs_with_pending(conn: Connection, log_ids: set[str]) -> set[str]:
+    """Those of ``log_ids`` that have committed append intents waiting."""
+    q = select(PENDING.c.tenant_id).where(PENDING.c.tenant_id.in_(sorted(log_ids))).distinct()
+    return {r[0] for r in conn.execute(q)}
 
 
 def pending_logs(conn: Connection) -> list[str]:

@@ -26,6 +26,7 @@ Contract (every domain service relies on it through :class:`~sandboxsec.audit.si
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,7 @@ from sandboxsec.audit.store import (
     lock_free_heads,
     lock_head,
     log_id_of,
+    logs_with_pending,
     pending_logs,
     take_pending,
     try_lock_head,
@@ -93,14 +95,17 @@ class AuditWriter:
         #: Logs whose last sequencing step failed: they take no more intents until one works,
         #: so a broken log stops actions (fail closed) instead of piling up a backlog.
         self._stalled: set[str] = set()
-        # Checkpoints signed by the group-commit transaction in progress (writer thread only).
-        self._unpublished: list[SignedTree] = []
+        # Per group-commit thread (the writer and its busy-head threads run at once): the
+        # checkpoints its transaction signed and whether it added entries.
+        self._batch = threading.local()
         self._group = GroupCommit(
             db, self._group_write, self.sign_due_checkpoints,
             sweep_seconds=config.checkpoint_seconds,
             stop_timeout=config.write_timeout_seconds,
             busy=lambda conn, logs: lock_free_heads(conn, logs, self._clock.now()),
             after_commit=self._group_committed,
+            pending=lambda conn, logs: logs_with_pending(conn, logs) if self.deferred else logs,
+            wrote=lambda: bool(getattr(self._batch, "wrote", False)),
         )
 
     def append(self, record: AuditRecord, *, session: Any | None = None) -> AuditReceipt:
@@ -183,11 +188,13 @@ class AuditWriter:
     def _group_write(
         self, conn: Connection, records: Sequence[AuditRecord], logs: set[str]
     ) -> list[AuditReceipt]:
-        self._unpublished = []
-        return self.write(conn, records, signed=self._unpublished, flush=logs)
+        self._batch.unpublished = []
+        self._batch.wrote = False
+        return self.write(conn, records, signed=self._batch.unpublished, flush=logs)
 
     def _group_committed(self) -> None:
-        trees, self._unpublished = self._unpublished, []
+        trees: list[SignedTree] = getattr(self._batch, "unpublished", [])
+        self._batch.unpublished = []
         if not trees:
             return
         try:
@@ -220,7 +227,8 @@ class AuditWriter:
         for log_id in sorted(by_log):
             self.guard.ensure_open(log_id)
             head = lock_head(conn, log_id, now)
-            self._extend(conn, log_id, head, now, records, by_log[log_id], receipts, signed)
+            if self._extend(conn, log_id, head, now, records, by_log[log_id], receipts, signed):
+                self._batch.wrote = True
         return [r for r in receipts if r is not None]
 
     def _extend(
