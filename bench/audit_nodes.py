@@ -31,6 +31,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.support.pgcluster import PgCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -188,14 +192,13 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _restart_durable(cluster: object) -> None:
+def _restart_durable(cluster: PgCluster) -> None:
+    """Restart ``cluster`` on the same data directory and port with durable settings."""
     import subprocess
 
     from tests.support.pgcluster import PG_BIN
 
-    c = cluster  # PgCluster: same data directory and port, durable settings
-    run_as = getattr(c, "_as")
-    data, root, port = getattr(c, "data"), getattr(c, "root"), getattr(c, "port")
+    run_as, data, root, port = cluster._as, cluster.data, cluster.root, cluster.port
     subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "stop", "-m", "fast"],
                    check=True, stdout=subprocess.DEVNULL, cwd=root)
     opts = (f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=on "
