@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tests.support.pgcluster import PgCluster
@@ -53,7 +53,7 @@ def _record(i: int) -> object:
     )
 
 
-def _node(url: str, home: str, deferred: bool, threads: int, start_at: float,
+def _node(url: str, home: str, deferred: bool, threads: int, go: Any,
           seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     from sandboxsec.services import Services
     from sandboxsec.settings import Settings
@@ -61,16 +61,23 @@ def _node(url: str, home: str, deferred: bool, threads: int, start_at: float,
     svc = Services(Settings(home=Path(home), database_url=url, log_level="warning",
                             audit_deferred_sequencing=deferred))
     counts = [0] * threads
+    errors: list[str] = []
     svc.audit.append(_record(-1))  # warm: keys, head row, connections
+    out.put("ready")
+    go.wait()
+    start_at = time.time()
 
     def caller(t: int) -> None:
-        while time.time() < start_at:
-            time.sleep(0.001)
         end = start_at + seconds
         n = 0
         while time.time() < end:
-            with svc.db.session() as s:
-                svc.audit.append(_record(t * 10_000_000 + n), session=s)  # type: ignore[arg-type]
+            try:
+                with svc.db.session() as s:
+                    svc.audit.append(_record(t * 10_000_000 + n),  # type: ignore[arg-type]
+                                     session=s)
+            except Exception as exc:  # counted as not done, and said once
+                errors.append(type(exc).__name__ + ": " + str(exc)[:200])
+                continue
             n += 1
         counts[t] = n
 
@@ -80,6 +87,9 @@ def _node(url: str, home: str, deferred: bool, threads: int, start_at: float,
     for th in ts:
         th.join()
     svc.close()
+    if errors:
+        print(f"node {os.getpid()}: {len(errors)} failed appends, first: {errors[0]}",
+              file=sys.stderr)
     out.put(sum(counts))
 
 
@@ -87,11 +97,15 @@ def run_nodes(url: str, home: str, nodes: int, deferred: bool, threads: int,
               seconds: float) -> tuple[float, tuple[float, float, float]]:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    start_at = time.time() + 4.0
-    procs = [ctx.Process(target=_node, args=(url, home, deferred, threads, start_at, seconds,
+    go = ctx.Event()
+    procs = [ctx.Process(target=_node, args=(url, home, deferred, threads, go, seconds,
                                                out)) for _ in range(nodes)]
     for p in procs:
         p.start()
+    # Every node started (imports, keys, connections) before the clock runs.
+    for _ in procs:
+        assert out.get(timeout=300) == "ready"
+    go.set()
     total = sum(out.get(timeout=seconds + 120) for _ in procs)
     load = os.getloadavg()
     for p in procs:
