@@ -139,7 +139,8 @@ class Services:
         s = self.settings
         return AuditConfig(origin=s.audit_origin, checkpoint_every=s.audit_checkpoint_every,
                            checkpoint_seconds=s.audit_checkpoint_seconds,
-                           write_timeout_seconds=s.audit_write_timeout_seconds)
+                           write_timeout_seconds=s.audit_write_timeout_seconds,
+                           deferred=s.audit_deferred_sequencing)
 
     # ------------------------------------------------------------------ tenants and keys
 

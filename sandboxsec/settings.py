@@ -189,6 +189,11 @@ class Settings(BaseSettings):
     audit_checkpoint_every: int = Field(default=1000, ge=1)
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0)
     audit_write_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    audit_deferred_sequencing: bool | None = Field(
+        default=None,
+        description="Appends in a caller's transaction leave intents sequenced in batches "
+        "(no head lock held by callers); unset: on PostgreSQL only.",
+    )
     audit_origin: str = "sandboxsec.local/audit"
     auth_failure_audit_per_window: int = Field(
         default=60, ge=1,

@@ -16,6 +16,9 @@ class AuditConfig:
     checkpoint_every: int
     checkpoint_seconds: float
     write_timeout_seconds: float
+    #: Appends inside a caller's transaction leave intents sequenced in batches afterwards
+    #: (no head lock held by callers); None: on PostgreSQL, where several nodes share a log.
+    deferred: bool | None = None
 
     @property
     def checkpoint_period(self) -> timedelta:

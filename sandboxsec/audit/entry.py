@@ -38,6 +38,8 @@ __all__ = [
     "EncodedEntry",
     "canonical_json",
     "encode_entry",
+    "encode_tail",
+    "entry_line",
     "entry_prefix",
     "hmac_value",
 ]
@@ -119,23 +121,44 @@ def encode_entry(
     ``prev`` is the previous entry's leaf hash (None for the first entry).  ``hmac_key`` is the
     log's audit key; every ``record.sensitive`` value is replaced by its MAC.
     """
-    if seq < 0:
-        raise ValueError("sequence numbers start at 0")
-    prev_hex = GENESIS_PREV if prev is None else prev.hex()
+    line = entry_line(log_id=log_id, seq=seq, prev=prev, now=now,
+                      tail=encode_tail(record, hmac_key=hmac_key))
+    return EncodedEntry(log_id=log_id, seq=seq, line=line, leaf_hash=leaf_hash(line))
+
+
+def encode_tail(record: AuditRecord, *, hmac_key: bytes) -> str:
+    """Everything of ``record``'s entry line after ``"time":…,``: what does not depend on
+    where the entry lands in its log.
+
+    An append intent stores this text, so the record's content and MACs are fixed when the
+    caller's transaction commits; :func:`entry_line` later puts it at its sequence number.
+    """
     macs = {name: hmac_value(hmac_key, value) for name, value in record.sensitive.items()}
     q = _quote
     # Fixed top-level order (documented in docs/audit.md); nested objects sorted.  Plain
     # strings are quoted directly: the same bytes canonical_json gives, without its dispatch.
-    text = (
-        f'{{"v":{ENTRY_VERSION},"log":{q(log_id)},"seq":{seq},"prev":"{prev_hex}",'
-        f'"time":"{_time_text(now)}","tenant":{q(record.tenant_id)},'
+    return (
+        f'"tenant":{q(record.tenant_id)},'
         f'"actor":{{"key_id":{q(record.actor_key_id)},"role":{q(record.actor_role)}}},'
         f'"event":{q(record.event)},"outcome":{q(record.outcome)},"reason":{q(record.reason)},'
         f'"object_ids":{canonical_json(_str_map(record.object_ids))},'
         f'"body":{_body_json(record.body)},"hmac":{canonical_json(macs)}}}'
     )
-    line = text.encode("ascii")
-    return EncodedEntry(log_id=log_id, seq=seq, line=line, leaf_hash=leaf_hash(line))
+
+
+def entry_line(
+    *, log_id: str, seq: int, prev: bytes | None, now: datetime, tail: str
+) -> bytes:
+    """The canonical line of the entry ``seq`` of ``log_id`` whose record encodes to ``tail``
+    (:func:`encode_tail`); ``prev`` is the previous entry's leaf hash (None for the first)."""
+    if seq < 0:
+        raise ValueError("sequence numbers start at 0")
+    prev_hex = GENESIS_PREV if prev is None else prev.hex()
+    text = (
+        f'{{"v":{ENTRY_VERSION},"log":{_quote(log_id)},"seq":{seq},"prev":"{prev_hex}",'
+        f'"time":"{_time_text(now)}",{tail}'
+    )
+    return text.encode("ascii")
 
 
 @functools.lru_cache(maxsize=64)

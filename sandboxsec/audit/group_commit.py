@@ -39,12 +39,14 @@ _LINGER_SECONDS = 0.0005
 
 
 class _Pending:
-    __slots__ = ("done", "error", "receipts", "records", "state")
+    __slots__ = ("done", "error", "logs", "receipts", "records", "state")
 
     QUEUED, TAKEN, CANCELLED, DEFERRED = 0, 1, 2, 3
 
-    def __init__(self, records: list[AuditRecord]) -> None:
+    def __init__(self, records: list[AuditRecord], flush: frozenset[str]) -> None:
         self.records = records
+        #: Every log this caller touches: its records' and those it asked to sequence.
+        self.logs = frozenset(log_id_of(r) for r in records) | flush
         self.receipts: list[AuditReceipt] = []
         self.error: SandboxSecError | None = None
         # A held lock that the writer releases: cheaper than an Event (no condition inside).
@@ -65,16 +67,24 @@ class GroupCommit:
     def __init__(
         self,
         db: Database,
-        write: Callable[[Connection, Sequence[AuditRecord]], list[AuditReceipt]],
+        write: Callable[[Connection, Sequence[AuditRecord], set[str]], list[AuditReceipt]],
         sweep: Callable[[], int],
         *,
         sweep_seconds: float,
         stop_timeout: float,
         busy: Callable[[Connection, set[str]], set[str]] | None = None,
         after_commit: Callable[[], None] | None = None,
+        pending: Callable[[Connection, set[str]], set[str]] | None = None,
+        wrote: Callable[[], bool] | None = None,
     ) -> None:
         """``busy(conn, log_ids)`` locks the heads it can without waiting and returns the ids
-        another transaction holds (None: every head is waited for, as on SQLite)."""
+        another transaction holds (None: every head is waited for, as on SQLite).
+        ``pending(conn, log_ids)`` returns those of ``log_ids`` with intents waiting: a log a
+        caller only asked to sequence is not locked when there is nothing to sequence.
+        ``wrote()`` says whether the last write changed anything; a batch that changed
+        nothing rolls back (no commit to flush to disk)."""
+        self._pending = pending
+        self._wrote = wrote
         self._db = db
         self._busy = busy
         #: Pendings waiting for a head another transaction holds, by the set of their logs;
@@ -101,8 +111,12 @@ class GroupCommit:
             )
             self._thread.start()
 
-    def submit(self, records: list[AuditRecord], timeout: float) -> list[AuditReceipt]:
-        p = _Pending(records)
+    def submit(
+        self, records: list[AuditRecord], timeout: float, flush: frozenset[str] = frozenset()
+    ) -> list[AuditReceipt]:
+        """Write ``records`` (and sequence the pending intents of the logs in ``flush``) in
+        the next batch; return after its commit."""
+        p = _Pending(records, flush)
         with self._cv:
             if self._stopping:
                 raise AuditUnavailableError("the audit log is shutting down")
@@ -184,17 +198,28 @@ class GroupCommit:
 
     def _commit_once(self, batch: list[_Pending], *, wait: bool = False) -> None:
         # A bare Core transaction: the ORM session adds nothing here but per-commit overhead.
-        with self._db.engine.begin() as conn:
+        with self._db.engine.connect() as conn, conn.begin() as tx:
+            if self._pending is not None:
+                only = {log for p in batch for log in p.logs}
+                only -= {log_id_of(r) for p in batch for r in p.records}
+                idle = only - self._pending(conn, only) if only else set()
+                if idle:
+                    # Another caller or node sequenced these already: nothing to lock.
+                    for p in batch:
+                        p.logs = p.logs - idle
             if not wait and self._busy is not None:
-                busy = self._busy(conn, {log_id_of(r) for p in batch for r in p.records})
+                busy = self._busy(conn, {log for p in batch for log in p.logs})
                 if busy:
                     # Another transaction holds these heads: their callers wait on their own
                     # path; everyone else commits now (their heads are locked already).
-                    stuck = [p for p in batch if any(log_id_of(r) in busy for r in p.records)]
+                    stuck = [p for p in batch if not p.logs.isdisjoint(busy)]
                     batch = [p for p in batch if p not in stuck]
                     self._defer(stuck)
             records = [r for p in batch for r in p.records]
-            receipts = self._write(conn, records) if records else []
+            logs = {log for p in batch for log in p.logs}
+            receipts = self._write(conn, records, logs) if logs else []
+            if not records and (not logs or (self._wrote is not None and not self._wrote())):
+                tx.rollback()
         if self._after_commit is not None:
             self._after_commit()
         # Acknowledge only now, after the commit returned.
@@ -209,7 +234,7 @@ class GroupCommit:
         the lock there (bounded by the database lock timeout and each caller's timeout)."""
         for p in stuck:
             p.state = _Pending.DEFERRED
-            key = frozenset(log_id_of(r) for r in p.records)
+            key = p.logs
             with self._cv:
                 queue = self._slow.get(key)
                 if queue is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from sandboxsec.storage.types import UTCDateTime
@@ -20,6 +20,7 @@ __all__ = [
     "AuditEntryRow",
     "AuditHeadRow",
     "AuditNodeRow",
+    "AuditPendingRow",
 ]
 
 
@@ -110,3 +111,27 @@ class AuditCosignatureRow(SQLModel, table=True):
     witness: str = Field(max_length=200)
     line: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class AuditPendingRow(SQLModel, table=True):
+    """An append intent: a record committed with its caller's change, not yet in the log.
+
+    Inserting one takes no lock on the log's head, so a tenant's callers on every node commit
+    in parallel; a short sequencing transaction, holding the head once for a whole batch, moves
+    the intents of a log into ``audit_entries`` in ``id`` order and deletes them.  An intent is
+    durable from the caller's commit on: whoever next holds the head (any node) sequences it.
+    """
+
+    __tablename__ = "audit_pending"
+
+    # 64-bit: ids are never reused and a busy service would exhaust 2^31 in days.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                         autoincrement=True),
+    )
+    tenant_id: str = Field(index=True, max_length=64)
+    event: str = Field(max_length=64)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    #: The entry line after ``"time":…,`` (:func:`sandboxsec.audit.entry.encode_tail`).
+    tail: str = Field(sa_column=Column(Text, nullable=False))

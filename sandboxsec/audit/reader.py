@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import select
 
@@ -46,6 +46,15 @@ class Checkpointer(Protocol):
         ...
 
 
+@runtime_checkable
+class Sequencer(Protocol):
+    """Moves a log's committed append intents into the log (the writer does)."""
+
+    def sequence(self, log_id: str) -> None:
+        """Sequence the committed intents of ``log_id`` now."""
+        ...
+
+
 class AuditReader:
     """Reads the logs of one service: checkpoints, entries, exports, inclusion and consistency."""
 
@@ -55,6 +64,14 @@ class AuditReader:
         self._keys = keys
         self._config = config
         self._checkpoints = checkpoints
+        # Reads first sequence the intents committed so far, so they see every acknowledged
+        # record; the writer is both, when it is one.
+        self._sequencer: Sequencer | None = (
+            checkpoints if isinstance(checkpoints, Sequencer) else None)
+
+    def _sequence(self, log_id: str) -> None:
+        if self._sequencer is not None:
+            self._sequencer.sequence(log_id)
 
     def origin(self, log_id: str) -> str:
         """The checkpoint origin line of a log: ``<audit_origin>/<log id>``."""
@@ -93,6 +110,7 @@ class AuditReader:
         self, log_id: str, *, event: str | None = None, start: int = 0, end: int | None = None
     ) -> list[dict[str, Any]]:
         """Parsed entries of a log (optionally one event type), oldest first."""
+        self._sequence(log_id)
         q = select(ENTRIES.c.entry).where(ENTRIES.c.tenant_id == log_id, ENTRIES.c.seq >= start)
         if end is not None:
             q = q.where(ENTRIES.c.seq < end)
@@ -108,6 +126,7 @@ class AuditReader:
 
     def size(self, log_id: str) -> int:
         """The number of entries of a log."""
+        self._sequence(log_id)
         with ReadConn(self._db) as conn:
             row = conn.execute(select(HEADS.c.size).where(HEADS.c.id == log_id)).first()
         return int(row[0]) if row else 0

@@ -66,10 +66,15 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class AuditReceipt:
-    """Proof of a durable append: the log it went to and its sequence number there."""
+    """Proof of a durable append: the log it went to and its sequence number there.
+
+    ``pending``: the record was committed as an append intent with the caller's transaction
+    and gets its sequence number when sequenced (``seq`` is then -1).
+    """
 
     log_id: str
     seq: int
+    pending: bool = False
 
 
 class AuditSink(Protocol):

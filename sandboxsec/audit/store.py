@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -23,6 +23,7 @@ from sandboxsec.audit.models import (
     AuditEntryRow,
     AuditHeadRow,
     AuditNodeRow,
+    AuditPendingRow,
 )
 from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
 from sandboxsec.storage.db import Database, DatabaseUnavailableError
@@ -31,8 +32,10 @@ __all__ = [
     "CHECKPOINTS",
     "ENTRIES",
     "HEADS",
+    "INSERT_PENDING",
     "NODES",
     "NODE_MIN_HEIGHT",
+    "PENDING",
     "Head",
     "ReadConn",
     "StoredCheckpoint",
@@ -42,12 +45,17 @@ __all__ = [
     "lock_free_heads",
     "lock_head",
     "log_id_of",
+    "logs_with_pending",
+    "pending_logs",
+    "take_pending",
+    "try_lock_head",
 ]
 
 ENTRIES = AuditEntryRow.__table__  # type: ignore[attr-defined]
 HEADS = AuditHeadRow.__table__  # type: ignore[attr-defined]
 CHECKPOINTS = AuditCheckpointRow.__table__  # type: ignore[attr-defined]
 NODES = AuditNodeRow.__table__  # type: ignore[attr-defined]
+PENDING = AuditPendingRow.__table__  # type: ignore[attr-defined]
 
 #: Completed subtrees of at least this height (256 leaves) are stored as nodes.
 NODE_MIN_HEIGHT = 8
@@ -66,6 +74,22 @@ _TOUCH_HEAD = update(HEADS).where(HEADS.c.id == bindparam("log_id")).values(size
 INSERT_ENTRIES = insert(ENTRIES)
 INSERT_CHECKPOINT = insert(CHECKPOINTS)
 INSERT_NODES = insert(NODES)
+INSERT_PENDING = insert(PENDING)
+#: Intents moved per statement while sequencing (a transaction drains all it sees).
+_TAKE_CHUNK = 4096
+_TAKE_PENDING = (
+    delete(PENDING)
+    .where(
+        PENDING.c.id.in_(
+            select(PENDING.c.id)
+            .where(PENDING.c.tenant_id == bindparam("log_id"))
+            .order_by(PENDING.c.id)
+            .limit(_TAKE_CHUNK)
+            .scalar_subquery()
+        )
+    )
+    .returning(PENDING.c.id, PENDING.c.event, PENDING.c.tail)
+)
 ADVANCE_HEAD = (
     update(HEADS)
     .where(HEADS.c.id == bindparam("log_id"))
@@ -146,6 +170,39 @@ def lock_head(conn: Connection, log_id: str, now: datetime) -> Head:
         checkpoint_size=row[3],
         checkpoint_at=aware(row[4]),
     )
+
+
+def try_lock_head(conn: Connection, log_id: str, now: datetime) -> Head | None:
+    """Like :func:`lock_head`, but None at once when another transaction holds the head
+    (PostgreSQL ``SKIP LOCKED``; SQLite has one writer, so there it waits as usual)."""
+    if conn.dialect.name != "postgresql":
+        return lock_head(conn, log_id, now)
+    if lock_free_heads(conn, {log_id}, now):
+        return None
+    return lock_head(conn, log_id, now)  # already ours: returns without waiting
+
+
+def take_pending(conn: Connection, log_id: str) -> list[tuple[str, str]]:
+    """Remove and return every committed append intent of ``log_id`` visible to ``conn``, as
+    ``(event, tail)`` in intent order.  Call only with the log's head locked."""
+    out: list[tuple[str, str]] = []
+    while True:
+        rows = sorted(conn.execute(_TAKE_PENDING, {"log_id": log_id}).all(),
+                      key=lambda r: int(r[0]))
+        out.extend((r[1], r[2]) for r in rows)
+        if len(rows) < _TAKE_CHUNK:
+            return out
+
+
+def logs_with_pending(conn: Connection, log_ids: set[str]) -> set[str]:
+    """Those of ``log_ids`` that have committed append intents waiting."""
+    q = select(PENDING.c.tenant_id).where(PENDING.c.tenant_id.in_(sorted(log_ids))).distinct()
+    return {r[0] for r in conn.execute(q)}
+
+
+def pending_logs(conn: Connection) -> list[str]:
+    """Logs that have append intents waiting to be sequenced."""
+    return sorted(r[0] for r in conn.execute(select(PENDING.c.tenant_id).distinct()))
 
 
 def has_checkpoint(conn: Connection, log_id: str) -> bool:

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,13 @@ from sandboxsec.errors import DependencyUnavailableError
 if TYPE_CHECKING:
     from sandboxsec.storage.migrate import SchemaStatus
 
-__all__ = ["Database", "DatabaseMissingError", "DatabaseUnavailableError",
-           "SchemaNotCurrentError"]
+__all__ = [
+    "Database",
+    "DatabaseMissingError",
+    "DatabaseUnavailableError",
+    "SchemaNotCurrentError",
+    "after_commit",
+]
 
 
 class DatabaseUnavailableError(DependencyUnavailableError):
@@ -50,6 +55,15 @@ def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | PoolTimeout):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+_AFTER_COMMIT = "sandboxsec.after_commit"
+
+
+def after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once ``session`` (from :meth:`Database.session`) committed and returned its
+    connection; never after a rollback.  ``fn`` must not raise."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(fn)
 
 
 class Database:
@@ -105,6 +119,9 @@ class Database:
                 except BaseException:
                     s.rollback()
                     raise
+            # Committed and the connection is back in the pool (so these may use another).
+            for fn in s.info.pop(_AFTER_COMMIT, ()):
+                fn()
         except (OperationalError, DBAPIError, PoolTimeout) as exc:
             if _is_unavailable(exc):
                 raise DatabaseUnavailableError(

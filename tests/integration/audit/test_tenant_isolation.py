@@ -83,3 +83,49 @@ def test_a_locked_head_of_one_tenant_does_not_delay_another(pg_services: Service
     finally:
         trans.rollback()
         holder.close()
+
+
+def test_in_transaction_appends_of_other_tenants_pass_a_locked_head(
+    pg_services: Services,
+) -> None:
+    """Deferred sequencing (the PostgreSQL default): no caller's transaction waits for any
+    head; tenant B's records are sequenced at once, tenant A's once its head is free."""
+    svc = pg_services
+    assert svc.audit.writer.deferred
+    for t in ("tn_a", "tn_b"):
+        svc.audit.append(decision(t, 0))
+
+    def in_tx(tenant: str, i: int) -> None:
+        with svc.db.session() as s:
+            svc.audit.append(decision(tenant, i), session=s)
+
+    holder = svc.db.engine.connect()
+    trans = holder.begin()
+    try:
+        holder.execute(text("SELECT * FROM audit_heads WHERE id = 'tn_a' FOR UPDATE"))
+        a = _Call(lambda: in_tx("tn_a", 1))
+        a.start()
+        bs = [_Call(lambda i=i: in_tx("tn_b", i)) for i in range(1, 9)]
+        for c in bs:
+            c.start()
+        for c in bs:
+            c.join(DONE_WITHIN)
+            assert not c.is_alive(), "tenant B waited on tenant A's locked head"
+            assert c.error is None, c.error
+        assert svc.audit.size("tn_b") == 9
+        # A's own transaction committed without the head: its record waits as an intent,
+        # and the sweep skips the busy head instead of stalling.
+        with svc.db.engine.connect() as c:
+            waiting = c.execute(text(
+                "SELECT count(*) FROM audit_pending WHERE tenant_id = 'tn_a'")).scalar_one()
+        assert waiting == 1
+        sweep = _Call(svc.audit.sign_due_checkpoints)
+        sweep.start()
+        sweep.join(DONE_WITHIN)
+        assert not sweep.is_alive() and sweep.error is None
+    finally:
+        trans.rollback()
+        holder.close()
+    a.join(DONE_WITHIN)
+    assert not a.is_alive() and a.error is None, a.error
+    assert [e["body"]["i"] for e in svc.audit.entries("tn_a")] == [0, 1]
