@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from sandboxsec.attestation.config import AttestationConfig
-from sandboxsec.attestation.service import AttestationService
+from sandboxsec.attestation.service import AttestationService, nonce_key_file
 from sandboxsec.audit.config import AuditConfig
 from sandboxsec.audit.integrity import HistoryGuard
 from sandboxsec.audit.keys import AuditKeys
@@ -161,7 +161,10 @@ class Services:
                                    nonce_ttl_seconds=s.nonce_ttl_seconds,
                                    token_ttl_seconds=s.attestation_token_ttl_seconds,
                                    max_event_log_bytes=s.max_body_bytes)
-        return AttestationService(self.db, self.clock, self.audit_writer, config)
+        # The nonce MAC key: the key file under the home today; a key held elsewhere (the
+        # database, the HSM) plugs in by handing another callable here.
+        return AttestationService(self.db, self.clock, self.audit_writer, config,
+                                  nonce_key=lambda: nonce_key_file(s.home))
 
     @cached_property
     def sessions(self) -> SessionService:
