@@ -26,8 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy.engine import Connection
 
 from sandboxsec.attestation import quote
 from sandboxsec.attestation.models import BoundAk
@@ -77,17 +77,34 @@ def _clock_of(reset: int | None, restart: int | None, clock: str | None) -> quot
                            safe=True)
 
 
-def load_binding(s: Session, tenant_id: str, ak_name: str, *, lock: bool,
+_T = _BOUND_AKS.c
+# Statements built once (building them per call cost more than running them).
+_SELECT = select(_T.id, _T.ek_fingerprint, _T.ek_certificate, _T.last_reset_count,
+                 _T.last_restart_count, _T.last_clock).where(
+    _T.tenant_id == bindparam("tenant_id"), _T.ak_name == bindparam("ak_name"))
+_SELECT_LOCKED = _SELECT.with_for_update()
+_NEW_CLOCK: dict[str, Any] = {"last_reset_count": bindparam("reset"),
+                              "last_restart_count": bindparam("restart"),
+                              "last_clock": bindparam("clock")}
+_ADVANCE = update(_BOUND_AKS).where(_T.id == bindparam("row_id")).values(_NEW_CLOCK)
+_ADVANCE_FROM_NONE = update(_BOUND_AKS).where(
+    _T.id == bindparam("row_id"),
+    or_(_T.last_reset_count.is_(None), _T.last_restart_count.is_(None)),
+).values(_NEW_CLOCK)
+_ADVANCE_FROM = update(_BOUND_AKS).where(
+    _T.id == bindparam("row_id"),
+    and_(_T.last_reset_count == bindparam("was_reset"),
+         _T.last_restart_count == bindparam("was_restart"),
+         _T.last_clock == bindparam("was_clock")),
+).values(_NEW_CLOCK)
+
+
+def load_binding(conn: Connection, tenant_id: str, ak_name: str, *, lock: bool,
                  postgres: bool) -> BindingSnapshot | None:
     """The stored binding of ``ak_name`` in ``tenant_id``, or None; ``lock`` takes the row
     lock on PostgreSQL (SQLite's writer lock already serialises writers)."""
-    t = _BOUND_AKS.c
-    stmt: Any = select(t.id, t.ek_fingerprint, t.ek_certificate, t.last_reset_count,
-                       t.last_restart_count, t.last_clock).where(
-        t.tenant_id == tenant_id, t.ak_name == ak_name)
-    if lock and postgres:
-        stmt = stmt.with_for_update()
-    row = s.execute(stmt).first()
+    stmt = _SELECT_LOCKED if lock and postgres else _SELECT
+    row = conn.execute(stmt, {"tenant_id": tenant_id, "ak_name": ak_name}).first()
     if row is None:
         return None
     chain = tuple(b64decode_strict(c) for c in row.ek_certificate.split(","))
@@ -107,7 +124,7 @@ def advances(snapshot: BindingSnapshot, clock: quote.ClockInfo) -> bool:
         previous.reset_count, previous.restart_count, previous.clock)
 
 
-def advance_clock(s: Session, snapshot: BindingSnapshot, clock: quote.ClockInfo, *,
+def advance_clock(conn: Connection, snapshot: BindingSnapshot, clock: quote.ClockInfo, *,
                   conditional: bool) -> bool:
     """Store ``clock`` as the AK's last clock.
 
@@ -115,23 +132,18 @@ def advance_clock(s: Session, snapshot: BindingSnapshot, clock: quote.ClockInfo,
     when it is not, and nothing was written.  Unconditional writes are for a caller that read
     the row under the lock in this transaction.
     """
-    t = _BOUND_AKS.c
-    where: list[Any] = [t.id == snapshot.id]
+    params: dict[str, Any] = {"row_id": snapshot.id, "reset": clock.reset_count,
+                              "restart": clock.restart_count, "clock": str(clock.clock)}
+    stmt: Any = _ADVANCE
     if conditional:
         last = snapshot.clock
         if last is None:
-            where.append(or_(t.last_reset_count.is_(None), t.last_restart_count.is_(None)))
+            stmt = _ADVANCE_FROM_NONE
         else:
-            where.append(and_(t.last_reset_count == last.reset_count,
-                              t.last_restart_count == last.restart_count,
-                              t.last_clock == str(last.clock)))
-    done = s.execute(
-        update(_BOUND_AKS).where(*where).values(
-            last_reset_count=clock.reset_count,
-            last_restart_count=clock.restart_count,
-            last_clock=str(clock.clock),
-        )
-    )
+            stmt = _ADVANCE_FROM
+            params.update(was_reset=last.reset_count, was_restart=last.restart_count,
+                          was_clock=str(last.clock))
+    done = conn.execute(stmt, params)
     return int(getattr(done, "rowcount", 0)) == 1
 
 

@@ -96,7 +96,10 @@ __all__ = [
 CREDENTIAL_BYTES: Final = 32
 SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
 _NONCES = cast(Table, AttestationNonce.__table__)  # type: ignore[attr-defined]
+_CONSUME_PG = pg_insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.id)
+_CONSUME_SQLITE = sqlite_insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.id)
 _RECORDS = cast(Table, AttestationRecord.__table__)  # type: ignore[attr-defined]
+_INSERT_RECORD = insert(_RECORDS)
 NONCE_KEY_FILE: Final = "attestation-nonce-key"
 _EK_CACHE_MAX: Final = 4096
 _PURGE_EVERY: Final = 512
@@ -327,13 +330,11 @@ class AttestationService:
             "consumed_at": now,
             "expires_at": nonces.nonce_expiry(nonce),
         }
-        insert = pg_insert if self._db.is_postgres else sqlite_insert
         # RETURNING says whether this statement inserted the row (rowcount is not reliable
-        # for ON CONFLICT DO NOTHING across drivers).  Core tables, not ORM classes: the ORM
-        # bulk path costs more than the statement on this hot path.
-        won = s.execute(
-            insert(_NONCES).values(**values).on_conflict_do_nothing().returning(_NONCES.c.id)
-        ).first()
+        # for ON CONFLICT DO NOTHING across drivers).  Core statements built once, on the
+        # session's connection: the ORM path costs more than the statement here.
+        stmt = _CONSUME_PG if self._db.is_postgres else _CONSUME_SQLITE
+        won = s.connection().execute(stmt, values).first()
         return NonceState.FRESH if won is not None else NonceState.REPLAYED
 
     def _purge_nonces(self, now: datetime) -> None:
@@ -519,8 +520,9 @@ class AttestationService:
             if stored is not None:
                 result, snapshot = stored
             # 3. Record and audit the verdict in the same transaction.
-            s.execute(
-                insert(_RECORDS).values(
+            s.connection().execute(
+                _INSERT_RECORD,
+                dict(
                     id=attestation_id,
                     tenant_id=who.tenant_id,
                     status=result.status,
@@ -586,8 +588,8 @@ class AttestationService:
         cached = self._bindings.get(tenant_id, ak_name)
         if cached is not None:
             return cached
-        with self._db.session() as s:
-            loaded = load_binding(s, tenant_id, ak_name, lock=False,
+        with self._db.connection() as conn:
+            loaded = load_binding(conn, tenant_id, ak_name, lock=False,
                                   postgres=self._db.is_postgres)
         if loaded is not None:
             self._bindings.put(loaded)
@@ -612,11 +614,11 @@ class AttestationService:
         """
         if (result.affirming and snapshot is not None and result.clock is not None
                 and advances(snapshot, result.clock)
-                and advance_clock(s, snapshot, result.clock, conditional=True)):
+                and advance_clock(s.connection(), snapshot, result.clock, conditional=True)):
             return result, snapshot.advanced(result.clock)
         if ak_name is None:
             return None
-        locked = load_binding(s, who.tenant_id, ak_name, lock=True,
+        locked = load_binding(s.connection(), who.tenant_id, ak_name, lock=True,
                               postgres=self._db.is_postgres)
         if (locked.state() if locked else None) == (snapshot.state() if snapshot else None) \
                 and not result.affirming:
@@ -624,7 +626,7 @@ class AttestationService:
         result = self._judge(who, evidence, now, manifest, state, locked)
         if (result.affirming and locked is not None and result.clock is not None
                 and advances(locked, result.clock)):
-            advance_clock(s, locked, result.clock, conditional=False)
+            advance_clock(s.connection(), locked, result.clock, conditional=False)
             return result, locked.advanced(result.clock)
         return result, locked
 
@@ -669,8 +671,8 @@ class AttestationService:
         now = self._clock.now()
         if image_digest in self._manifest_verifier().trust.revocations.image_digests:
             raise ImageDigestRevokedError("the attested image has been revoked")
-        with self._db.session() as s:
-            bound = load_binding(s, tenant_id, ak_name, lock=False,
+        with self._db.connection() as conn:
+            bound = load_binding(conn, tenant_id, ak_name, lock=False,
                                  postgres=self._db.is_postgres)
         if bound is None:
             self._bindings.forget(tenant_id, ak_name)

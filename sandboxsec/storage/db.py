@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool
@@ -105,6 +105,21 @@ class Database:
                 except BaseException:
                     s.rollback()
                     raise
+        except (OperationalError, DBAPIError, PoolTimeout) as exc:
+            if _is_unavailable(exc):
+                raise DatabaseUnavailableError(
+                    "the database is unavailable; the request was not carried out"
+                ) from exc
+            raise
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core transaction (no ORM session): commit on success, roll back on error, fail
+        closed on outages exactly like :meth:`session`.  For hot-path statements built once
+        (an ORM session and its unit of work cost more than a primary-key read)."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         except (OperationalError, DBAPIError, PoolTimeout) as exc:
             if _is_unavailable(exc):
                 raise DatabaseUnavailableError(
