@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -168,6 +169,8 @@ class AttestationService:
         self._ek_cache: OrderedDict[str, VerifiedChain] = OrderedDict()
         self._nonce_secret: bytes | None = None
         self._verifications = 0
+        self._trust_pinned = False
+        self._trust_stamp: tuple[tuple[object, ...], ...] | None = None
 
     # -- trust configuration ---------------------------------------------------------------
 
@@ -178,8 +181,13 @@ class AttestationService:
         ek_roots: Sequence[x509.Certificate] | None = None,
         ek_intermediates: Sequence[x509.Certificate] = (),
     ) -> None:
-        """Replace the trust configuration in code (embedding, tests); clears the caches."""
+        """Replace the trust configuration in code (embedding, tests); clears the caches.
+
+        Trust set in code is kept until :meth:`reload_trust`: the trust directory is no
+        longer watched.
+        """
         with self._lock:
+            self._trust_pinned = True
             if publishers is not None:
                 self._publishers = ManifestVerifier(publishers)
             if ek_roots is not None:
@@ -192,6 +200,29 @@ class AttestationService:
     def reload_trust(self) -> None:
         """Forget the trust configuration; the next use reads the trust directory again."""
         with self._lock:
+            self._trust_pinned = False
+            self._trust_stamp = None
+            self._publishers = None
+            self._ek_roots = None
+            self._ek_intermediates = ()
+            self._ek_cache.clear()
+
+    def _watch_trust_files(self) -> None:
+        """Reload the trust configuration when a file of the trust directory changed.
+
+        Called once at the start of every operation that relies on trust.  Each worker process
+        compares the directory's listing (names, sizes, modification times, inodes) with the
+        one it loaded: a revocation list, CRL or root an operator adds, edits or removes takes
+        effect on the next request in every worker, without a restart or a signal.  A listing
+        costs a few ``stat`` calls, far below one verification.
+        """
+        if self._trust_pinned:
+            return
+        stamp = _trust_stamp(self._config.trust_dir)
+        with self._lock:
+            if stamp == self._trust_stamp:
+                return
+            self._trust_stamp = stamp
             self._publishers = None
             self._ek_roots = None
             self._ek_intermediates = ()
@@ -362,6 +393,7 @@ class AttestationService:
         Refusals raise typed errors and are audited with their reason code.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         try:
             # 1. The AK is a restricted fixedTPM signing key; its name is what gets bound.
             ak = quote.parse_ak_public(ak_public)
@@ -489,6 +521,7 @@ class AttestationService:
         locked state, so the outcome is exactly as if everything had run under the lock.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         signing_key = self._key()  # fail closed before anything is consumed
         nonce_key = self._nonce_key()
         # Pure, cacheable work happens before the transaction to keep row locks short.
@@ -669,6 +702,7 @@ class AttestationService:
         stops sessions from tokens issued before it.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         if image_digest in self._manifest_verifier().trust.revocations.image_digests:
             raise ImageDigestRevokedError("the attested image has been revoked")
         with self._db.connection() as conn:
@@ -718,6 +752,28 @@ class AttestationService:
     def _refuse(self, who: Principal, event: AuditEvent, exc: SandboxSecError) -> None:
         # A refusal is recorded too; if even that cannot be written the caller gets a 503.
         self._audit(None, who, event, "failure", reason=exc.reason)
+
+
+_TRUST_SUBDIRS: Final = ("trust-roots/publishers", "trust-roots/tpm-manufacturers",
+                          "trust-roots/tpm-intermediates", "revocations")
+
+
+def _trust_stamp(base: Path) -> tuple[tuple[object, ...], ...]:
+    """What the trust directory's files look like now (name, size, mtime, inode each)."""
+    out: list[tuple[object, ...]] = []
+    for sub in _TRUST_SUBDIRS:
+        try:
+            entries = list(os.scandir(base / sub))
+        except OSError:
+            out.append((sub,))
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            out.append((sub, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(out, key=repr))
 
 
 def _pem_dir(directory: Path) -> tuple[x509.Certificate, ...]:

@@ -1,11 +1,13 @@
 """The lean attestation path on a real `sandboxsec serve --workers 2`, on one SQLite file and on
-one PostgreSQL database: a stateless nonce is consumed once across workers, and an AK unbound
-behind the workers' backs is refused at once by both, whatever they have cached."""
+one PostgreSQL database: a stateless nonce is consumed once across workers; an AK unbound
+behind the workers' backs, and an EK revoked by editing the trust directory, are refused at
+once by both workers, whatever they have cached."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -139,3 +141,49 @@ def test_nonce_consumed_once_and_unbinding_seen_by_both_workers(
                 out = r.json()
                 refused[",".join(f["code"] for f in out["failures"]) or out["status"]] += 1
         assert refused == {"ak_not_bound": 16}, refused
+
+
+def _verdicts(base: str, c: httpx.Client, tenant: Tenant, trust: Trust, aks: list[SoftAk],
+              tick: int) -> Counter[str]:
+    """One verdict per AK, sent at once over separate connections (both workers); each AK
+    quotes once per call, so no two of its quotes race (a late clock is rightly refused)."""
+    bodies = [_body(trust, ak, _nonce(c, tenant), tick) for ak in aks]
+
+    async def each() -> list[httpx.Response]:
+        lists = await asyncio.gather(*(_burst(base, tenant.h("agent"), b, 1) for b in bodies))
+        return [r for rs in lists for r in rs]
+
+    seen: Counter[str] = Counter()
+    for r in asyncio.run(each()):
+        out = r.json()
+        seen[",".join(f["code"] for f in out["failures"]) or out["status"]] += 1
+    return seen
+
+
+@pytest.mark.timeout(240)
+def test_a_revocation_file_takes_effect_at_once_on_both_workers(
+    tmp_path: Path, database_url: str | None,
+) -> None:
+    deployment = Deployment(tmp_path / "home", database_url=database_url)
+    (tenant,) = deployment.create_tenants("revoke-bank")
+    trust = deployment.trust
+    aks = [SoftAk() for _ in range(6)]
+    revoked = deployment.home / "trust" / "revocations" / "revoked.txt"
+    with running(deployment, workers=2) as server, \
+            httpx.Client(base_url=server.base, timeout=30) as c:
+        for ak in aks:
+            _bind(c, tenant, trust, ak)
+
+        def phase(first_tick: int) -> Counter[str]:
+            return (_verdicts(server.base, c, tenant, trust, aks, first_tick)
+                    + _verdicts(server.base, c, tenant, trust, aks, first_tick + 1))
+
+        # Both workers have verified (EK chain and binding cached).
+        assert phase(20_000) == {"affirming": 12}
+        # The operator revokes the EK certificate by editing a file: no restart, no signal.
+        revoked.parent.mkdir(parents=True, exist_ok=True)
+        revoked.write_text(f"cert-sha256:{hashlib.sha256(trust.ek.der).hexdigest()}\n")
+        assert phase(20_100) == {"cert_revoked": 12}
+        # Lifting the revocation takes effect the same way.
+        revoked.write_text("# nothing revoked\n")
+        assert phase(20_200) == {"affirming": 12}
