@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -31,6 +32,13 @@ from sqlmodel import Session, select
 
 from sandboxsec.attestation import akbind, quote, token
 from sandboxsec.attestation import nonce as nonces
+from sandboxsec.attestation.bindings import (
+    BindingCache,
+    BindingSnapshot,
+    advance_clock,
+    advances,
+    load_binding,
+)
 from sandboxsec.attestation.config import AttestationConfig
 from sandboxsec.attestation.errors import (
     AkCredentialExpiredError,
@@ -52,7 +60,6 @@ from sandboxsec.attestation.models import (
 from sandboxsec.attestation.trust import TrustStore
 from sandboxsec.attestation.verifier import (
     AttestationResult,
-    Binding,
     Evidence,
     NonceState,
     VerifierContext,
@@ -89,8 +96,10 @@ __all__ = [
 CREDENTIAL_BYTES: Final = 32
 SIGNING_KEY_FILE: Final = "attestation-token-key.pem"
 _NONCES = cast(Table, AttestationNonce.__table__)  # type: ignore[attr-defined]
-_BOUND_AKS = cast(Table, BoundAk.__table__)  # type: ignore[attr-defined]
+_CONSUME_PG = pg_insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.id)
+_CONSUME_SQLITE = sqlite_insert(_NONCES).on_conflict_do_nothing().returning(_NONCES.c.id)
 _RECORDS = cast(Table, AttestationRecord.__table__)  # type: ignore[attr-defined]
+_INSERT_RECORD = insert(_RECORDS)
 NONCE_KEY_FILE: Final = "attestation-nonce-key"
 _EK_CACHE_MAX: Final = 4096
 _PURGE_EVERY: Final = 512
@@ -138,13 +147,15 @@ class AttestationService:
     def __init__(self, db: Database, clock: Clock, audit: AuditSink,
                  config: AttestationConfig,
                  token_signer: Callable[[], Signer | None] | None = None,
-                 nonce_key: Callable[[], bytes] | None = None) -> None:
-        """``token_signer`` and ``nonce_key`` give the cluster's token-signing key and nonce
-        MAC key (``crypto/service_keys.py``: in the database under the root key, or in the
-        HSM); None, or a signer hook answering None: key files under the home directory."""
+                 *, nonce_key: Callable[[], bytes] | None = None) -> None:
+        """``token_signer`` and ``nonce_key`` give the cluster's token-signing key and 32-byte
+        nonce MAC key (``crypto/service_keys.py``: in the database under the root key, or in
+        the HSM); None, or a signer hook answering None: key files under the home directory.
+        The nonce key is asked once per process."""
         self._db = db
+        self._nonce_key_source = nonce_key
+        self._bindings = BindingCache()
         self._token_signer = token_signer
-        self._nonce_hook = nonce_key
         self._clock = clock
         self._audit_sink = audit
         self._config = config
@@ -157,6 +168,8 @@ class AttestationService:
         self._ek_cache: OrderedDict[str, VerifiedChain] = OrderedDict()
         self._nonce_secret: bytes | None = None
         self._verifications = 0
+        self._trust_pinned = False
+        self._trust_stamp: tuple[tuple[object, ...], ...] | None = None
 
     # -- trust configuration ---------------------------------------------------------------
 
@@ -167,8 +180,13 @@ class AttestationService:
         ek_roots: Sequence[x509.Certificate] | None = None,
         ek_intermediates: Sequence[x509.Certificate] = (),
     ) -> None:
-        """Replace the trust configuration in code (embedding, tests); clears the caches."""
+        """Replace the trust configuration in code (embedding, tests); clears the caches.
+
+        Trust set in code is kept until :meth:`reload_trust`: the trust directory is no
+        longer watched.
+        """
         with self._lock:
+            self._trust_pinned = True
             if publishers is not None:
                 self._publishers = ManifestVerifier(publishers)
             if ek_roots is not None:
@@ -181,6 +199,29 @@ class AttestationService:
     def reload_trust(self) -> None:
         """Forget the trust configuration; the next use reads the trust directory again."""
         with self._lock:
+            self._trust_pinned = False
+            self._trust_stamp = None
+            self._publishers = None
+            self._ek_roots = None
+            self._ek_intermediates = ()
+            self._ek_cache.clear()
+
+    def _watch_trust_files(self) -> None:
+        """Reload the trust configuration when a file of the trust directory changed.
+
+        Called once at the start of every operation that relies on trust.  Each worker process
+        compares the directory's listing (names, sizes, modification times, inodes) with the
+        one it loaded: a revocation list, CRL or root an operator adds, edits or removes takes
+        effect on the next request in every worker, without a restart or a signal.  A listing
+        costs a few ``stat`` calls, far below one verification.
+        """
+        if self._trust_pinned:
+            return
+        stamp = _trust_stamp(self._config.trust_dir)
+        with self._lock:
+            if stamp == self._trust_stamp:
+                return
+            self._trust_stamp = stamp
             self._publishers = None
             self._ek_roots = None
             self._ek_intermediates = ()
@@ -260,9 +301,16 @@ class AttestationService:
     def _nonce_key(self) -> bytes:
         with self._lock:
             if self._nonce_secret is None:
-                self._nonce_secret = (self._nonce_hook() if self._nonce_hook is not None
-                                      else _load_or_create_secret(
-                                          self._config.home / NONCE_KEY_FILE))
+                if self._nonce_key_source is not None:
+                    secret = self._nonce_key_source()
+                    if len(secret) != 32:
+                        raise AttestationKeyUnavailableError(
+                            "the attestation nonce key is not 32 bytes")
+                    self._nonce_secret = secret
+                else:
+                    self._nonce_secret = _load_or_create_secret(
+                        self._config.home / NONCE_KEY_FILE
+                    )
             return self._nonce_secret
 
     def public_jwks(self) -> dict[str, list[dict[str, str]]]:
@@ -281,25 +329,28 @@ class AttestationService:
 
     # -- nonces ----------------------------------------------------------------------------
 
-    def issue_nonce(self, who: Principal) -> IssuedNonce:
-        """A fresh single-use nonce for ``who``'s tenant, audited.
+    def issue_nonce(self, who: Principal, *, ak_name: bytes | None = None) -> IssuedNonce:
+        """A fresh single-use 32-byte nonce for ``who``'s tenant (and, given ``ak_name``, for
+        that AK only).
 
-        Nothing is stored: the nonce authenticates its tenant and expiry itself (see
-        :mod:`sandboxsec.attestation.nonce`), and the audit entry goes through the log's
-        group commit, so concurrent challenges share one transaction.
+        Nothing is stored and nothing is audited here: the nonce authenticates its tenant, AK
+        and expiry itself (see :mod:`sandboxsec.attestation.nonce`), and the verdict that
+        consumes it records it, in its audit entry, in the same transaction.  A nonce that is
+        never answered changes no state, so there is nothing of it to audit.
         """
         now = self._clock.now()
         expires = now + timedelta(seconds=self._config.nonce_ttl_seconds)
-        value = nonces.mint_nonce(self._nonce_key(), who.tenant_id, expires)
-        self._audit(None, who, AuditEvent.ATTESTATION_CHALLENGE, "success",
-                    object_ids={"nonce": value.hex()})
+        value = nonces.mint_nonce(self._nonce_key(), who.tenant_id, expires, ak_name=ak_name)
         return IssuedNonce(nonce=value, expires_at=nonces.nonce_expiry(value))
 
     def _consume_nonce(
-        self, s: Session, who: Principal, nonce: bytes, now: datetime
+        self, s: Session, who: Principal, nonce: bytes, state: NonceState, now: datetime
     ) -> NonceState:
-        """Authenticate the nonce, then consume it atomically (first insert wins)."""
-        state = nonces.check_nonce(self._nonce_key(), who.tenant_id, nonce, now)
+        """Consume an authenticated nonce atomically (the first insert wins).
+
+        ``state`` is what :func:`~sandboxsec.attestation.nonce.check_nonce` said; only a
+        ``FRESH`` nonce is recorded (anything else was never this service's to consume).
+        """
         if state is not NonceState.FRESH:
             return state
         values = {
@@ -309,13 +360,11 @@ class AttestationService:
             "consumed_at": now,
             "expires_at": nonces.nonce_expiry(nonce),
         }
-        insert = pg_insert if self._db.is_postgres else sqlite_insert
         # RETURNING says whether this statement inserted the row (rowcount is not reliable
-        # for ON CONFLICT DO NOTHING across drivers).  Core tables, not ORM classes: the ORM
-        # bulk path costs more than the statement on this hot path.
-        won = s.execute(
-            insert(_NONCES).values(**values).on_conflict_do_nothing().returning(_NONCES.c.id)
-        ).first()
+        # for ON CONFLICT DO NOTHING across drivers).  Core statements built once, on the
+        # session's connection: the ORM path costs more than the statement here.
+        stmt = _CONSUME_PG if self._db.is_postgres else _CONSUME_SQLITE
+        won = s.connection().execute(stmt, values).first()
         return NonceState.FRESH if won is not None else NonceState.REPLAYED
 
     def _purge_nonces(self, now: datetime) -> None:
@@ -343,6 +392,7 @@ class AttestationService:
         Refusals raise typed errors and are audited with their reason code.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         try:
             # 1. The AK is a restricted fixedTPM signing key; its name is what gets bound.
             ak = quote.parse_ak_public(ak_public)
@@ -461,9 +511,18 @@ class AttestationService:
 
         The nonce is consumed by this submission whatever the verdict.  The clock state of a
         bound AK advances only on a fully valid (affirming) quote.
+
+        One transaction per verdict: the nonce's consumption, the AK's clock, the verdict's
+        record and its audit entry commit together or not at all.  The checks run before it,
+        on the nonce as its MAC says and on this process's snapshot of the AK's binding
+        (:mod:`sandboxsec.attestation.bindings`); the transaction then proves both still hold
+        (the nonce insert wins, the clock update matches the snapshot) or judges again on the
+        locked state, so the outcome is exactly as if everything had run under the lock.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         signing_key = self._key()  # fail closed before anything is consumed
+        nonce_key = self._nonce_key()
         # Pure, cacheable work happens before the transaction to keep row locks short.
         manifest: VerifiedManifest | SandboxSecError
         try:
@@ -471,44 +530,31 @@ class AttestationService:
         except SandboxSecError as exc:
             manifest = exc
         try:
-            ak_name = quote.parse_ak_public(evidence.ak_public).name_hex
+            ak_name_bytes: bytes | None = quote.parse_ak_public(evidence.ak_public).name
         except SandboxSecError:
-            ak_name = None
+            ak_name_bytes = None
+        ak_name = ak_name_bytes.hex() if ak_name_bytes is not None else None
         attestation_id = new_id("att")
         token_expires = now + timedelta(seconds=self._config.token_ttl_seconds)
-        # The checks run before the write transaction, on what the nonce and the AK's binding
-        # look like now, so the writer lock (SQLite) or row lock (PostgreSQL) is held only for
-        # the writes.  Inside the transaction both are read again under the lock; if either
-        # changed meanwhile (a replayed nonce, a concurrent quote of the same AK) the verdict
-        # is computed again on the locked state, so the outcome is exactly as if everything
-        # had run under the lock.
-        with self._db.session() as s:
-            early_bound = self._load_binding(s, who.tenant_id, ak_name, lock=False)
-        early_state = nonces.check_nonce(self._nonce_key(), who.tenant_id, evidence.nonce, now)
-        result = self._judge(who, evidence, now, manifest, early_state, early_bound)
+        checked = nonces.check_nonce(nonce_key, who.tenant_id, evidence.nonce, now,
+                                     ak_name=ak_name_bytes)
+        snapshot = self._snapshot(who.tenant_id, ak_name)
+        result = self._judge(who, evidence, now, manifest, checked, snapshot)
         with self._db.session() as s:
             # 1. Consume the nonce (atomic; a replay loses here even across processes).
-            state = self._consume_nonce(s, who, evidence.nonce, now)
-            # 2. The AK's binding and last clock, locked so concurrent quotes serialise.
-            bound = self._load_binding(s, who.tenant_id, ak_name)
-            # 3. The pure verifier's result stands unless what it saw has changed.
-            if state is not early_state or _clock_state(bound) != _clock_state(early_bound):
-                result = self._judge(who, evidence, now, manifest, state, bound)
-            # 4. Advance the AK's clock state on a signed, non-stale clock.
-            #    (Core statements, not ORM units of work: this is the hot path.)
-            if bound is not None and result.clock is not None and _advances(bound, result.clock):
-                s.execute(
-                    update(_BOUND_AKS)
-                    .where(_BOUND_AKS.c.id == bound.id)
-                    .values(
-                        last_reset_count=result.clock.reset_count,
-                        last_restart_count=result.clock.restart_count,
-                        last_clock=str(result.clock.clock),
-                    )
-                )
-            # 5. Record and audit the verdict in the same transaction.
-            s.execute(
-                insert(_RECORDS).values(
+            state = self._consume_nonce(s, who, evidence.nonce, checked, now)
+            if state is not checked:
+                result = self._judge(who, evidence, now, manifest, state, snapshot)
+            # 2. The AK's clock: an affirming quote advances it if the row is still what the
+            #    snapshot says (one statement); otherwise judge again on the locked row.
+            stored = self._settle_binding(s, who, evidence, now, manifest, state, snapshot,
+                                          ak_name, result)
+            if stored is not None:
+                result, snapshot = stored
+            # 3. Record and audit the verdict in the same transaction.
+            s.connection().execute(
+                _INSERT_RECORD,
+                dict(
                     id=attestation_id,
                     tenant_id=who.tenant_id,
                     status=result.status,
@@ -531,26 +577,36 @@ class AttestationService:
                       "image_digest": result.image_digest,
                       "unknown_event_types": list(result.unknown_event_types)},
             )
-            # 6. Sign the token last: if anything above fails, no token exists.
-            issued: str | None = None
-            if result.affirming:
-                issued = token.sign_token(
-                    token.TokenClaims(
-                        attestation_id=attestation_id,
-                        tenant_id=who.tenant_id,
-                        status=result.status,
-                        trust_vector=result.trust_vector,
-                        image_name=result.image_name,
-                        image_digest=result.image_digest,
-                        ak_name=result.ak_name,
-                        nonce=result.nonce,
-                        issued_at=now,
-                        expires_at=token_expires,
-                        kid="",
-                        jkt=result.session_key_jkt,
-                    ),
-                    signing_key,
-                )
+        # 4. Sign the token once the verdict committed: no token exists for a verdict that
+        #    was not recorded, and the signature is not made while holding the writer lock
+        #    (SQLite) or the AK's row lock (PostgreSQL).  The key was loaded before anything
+        #    was consumed; if signing still fails, the recorded verdict has no token and the
+        #    caller asks again with a new nonce.
+        issued: str | None = None
+        if result.affirming:
+            issued = token.sign_token(
+                token.TokenClaims(
+                    attestation_id=attestation_id,
+                    tenant_id=who.tenant_id,
+                    status=result.status,
+                    trust_vector=result.trust_vector,
+                    image_name=result.image_name,
+                    image_digest=result.image_digest,
+                    ak_name=result.ak_name,
+                    nonce=result.nonce,
+                    issued_at=now,
+                    expires_at=token_expires,
+                    kid="",
+                    jkt=result.session_key_jkt,
+                ),
+                signing_key,
+            )
+        # Committed: the snapshot is the stored state now (or the row is gone).
+        if ak_name is not None:
+            if snapshot is None:
+                self._bindings.forget(who.tenant_id, ak_name)
+            else:
+                self._bindings.put(snapshot)
         self._verifications += 1
         if self._verifications % _PURGE_EVERY == 0:
             self._purge_nonces(now)
@@ -561,6 +617,55 @@ class AttestationService:
             token_expires_at=token_expires if issued else None,
         )
 
+    def _snapshot(self, tenant_id: str, ak_name: str | None) -> BindingSnapshot | None:
+        """This process's snapshot of the AK's binding, read (without a lock) on a miss."""
+        if ak_name is None:
+            return None
+        cached = self._bindings.get(tenant_id, ak_name)
+        if cached is not None:
+            return cached
+        with self._db.connection() as conn:
+            loaded = load_binding(conn, tenant_id, ak_name, lock=False,
+                                  postgres=self._db.is_postgres)
+        if loaded is not None:
+            self._bindings.put(loaded)
+        return loaded
+
+    def _settle_binding(
+        self,
+        s: Session,
+        who: Principal,
+        evidence: Evidence,
+        now: datetime,
+        manifest: VerifiedManifest | SandboxSecError,
+        state: NonceState,
+        snapshot: BindingSnapshot | None,
+        ak_name: str | None,
+        result: AttestationResult,
+    ) -> tuple[AttestationResult, BindingSnapshot | None] | None:
+        """Make the verdict agree with the stored binding, inside the verdict's transaction.
+
+        None when the snapshot was current (and, for an affirming verdict, the clock was
+        advanced); else the verdict judged again on the locked row, and that row.
+        """
+        if (result.affirming and snapshot is not None and result.clock is not None
+                and advances(snapshot, result.clock)
+                and advance_clock(s.connection(), snapshot, result.clock, conditional=True)):
+            return result, snapshot.advanced(result.clock)
+        if ak_name is None:
+            return None
+        locked = load_binding(s.connection(), who.tenant_id, ak_name, lock=True,
+                              postgres=self._db.is_postgres)
+        if (locked.state() if locked else None) == (snapshot.state() if snapshot else None) \
+                and not result.affirming:
+            return None
+        result = self._judge(who, evidence, now, manifest, state, locked)
+        if (result.affirming and locked is not None and result.clock is not None
+                and advances(locked, result.clock)):
+            advance_clock(s.connection(), locked, result.clock, conditional=False)
+            return result, locked.advanced(result.clock)
+        return result, locked
+
     def _judge(
         self,
         who: Principal,
@@ -568,20 +673,14 @@ class AttestationService:
         now: datetime,
         manifest: VerifiedManifest | SandboxSecError,
         state: NonceState,
-        bound: BoundAk | None,
+        bound: BindingSnapshot | None,
     ) -> AttestationResult:
         """Every check of the pure verifier, on one view of the nonce and the AK binding."""
         binding, ek_error = None, None
         if bound is not None:
-            binding = Binding(
-                ak_name=bytes.fromhex(bound.ak_name),
-                ek_fingerprint=bound.ek_fingerprint,
-                last_clock=_clock_of(bound),
-            )
+            binding = bound.binding()
             try:
-                self._verify_ek(
-                    [b64decode_strict(c) for c in bound.ek_certificate.split(",")], now
-                )
+                self._verify_ek(bound.ek_chain, now)
             except SandboxSecError as exc:
                 ek_error = exc
         return verify_evidence(
@@ -598,17 +697,6 @@ class AttestationService:
             ),
         )
 
-    def _load_binding(
-        self, s: Session, tenant_id: str, ak_name: str | None, *, lock: bool = True
-    ) -> BoundAk | None:
-        if ak_name is None:
-            return None
-        table: Any = BoundAk
-        stmt = select(BoundAk).where(table.tenant_id == tenant_id, table.ak_name == ak_name)
-        if lock and self._db.is_postgres:
-            stmt = stmt.with_for_update()
-        return s.exec(stmt).first()
-
     def check_standing(self, tenant_id: str, ak_name: str, image_digest: str) -> None:
         """Raise if what a token was issued on has since been revoked.
 
@@ -617,13 +705,16 @@ class AttestationService:
         stops sessions from tokens issued before it.
         """
         now = self._clock.now()
+        self._watch_trust_files()
         if image_digest in self._manifest_verifier().trust.revocations.image_digests:
             raise ImageDigestRevokedError("the attested image has been revoked")
-        with self._db.session() as s:
-            bound = self._load_binding(s, tenant_id, ak_name, lock=False)
+        with self._db.connection() as conn:
+            bound = load_binding(conn, tenant_id, ak_name, lock=False,
+                                 postgres=self._db.is_postgres)
         if bound is None:
+            self._bindings.forget(tenant_id, ak_name)
             raise AkNotBoundError("the attested AK is no longer bound")
-        self._verify_ek([b64decode_strict(c) for c in bound.ek_certificate.split(",")], now)
+        self._verify_ek(bound.ek_chain, now)
 
     def claim_for_session(
         self, s: Session, tenant_id: str, attestation_id: str, session_id: str
@@ -666,32 +757,26 @@ class AttestationService:
         self._audit(None, who, event, "failure", reason=exc.reason)
 
 
-def _clock_state(bound: BoundAk | None) -> tuple[object, ...] | None:
-    # What the verifier's outcome depends on in a binding row.
-    if bound is None:
-        return None
-    return (bound.id, bound.ek_fingerprint, bound.last_reset_count, bound.last_restart_count,
-            bound.last_clock)
+_TRUST_SUBDIRS: Final = ("trust-roots/publishers", "trust-roots/tpm-manufacturers",
+                          "trust-roots/tpm-intermediates", "revocations")
 
 
-def _clock_of(bound: BoundAk) -> quote.ClockInfo | None:
-    if bound.last_reset_count is None or bound.last_restart_count is None:
-        return None
-    return quote.ClockInfo(
-        clock=int(bound.last_clock or 0),
-        reset_count=bound.last_reset_count,
-        restart_count=bound.last_restart_count,
-        safe=True,
-    )
-
-
-def _advances(bound: BoundAk, clock: quote.ClockInfo) -> bool:
-    previous = _clock_of(bound)
-    if previous is None:
-        return True
-    return (clock.reset_count, clock.restart_count, clock.clock) > (
-        previous.reset_count, previous.restart_count, previous.clock
-    )
+def _trust_stamp(base: Path) -> tuple[tuple[object, ...], ...]:
+    """What the trust directory's files look like now (name, size, mtime, inode each)."""
+    out: list[tuple[object, ...]] = []
+    for sub in _TRUST_SUBDIRS:
+        try:
+            entries = list(os.scandir(base / sub))
+        except OSError:
+            out.append((sub,))
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            out.append((sub, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(out, key=repr))
 
 
 def _pem_dir(directory: Path) -> tuple[x509.Certificate, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool
@@ -122,6 +122,21 @@ class Database:
             # Committed and the connection is back in the pool (so these may use another).
             for fn in s.info.pop(_AFTER_COMMIT, ()):
                 fn()
+        except (OperationalError, DBAPIError, PoolTimeout) as exc:
+            if _is_unavailable(exc):
+                raise DatabaseUnavailableError(
+                    "the database is unavailable; the request was not carried out"
+                ) from exc
+            raise
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core transaction (no ORM session): commit on success, roll back on error, fail
+        closed on outages exactly like :meth:`session`.  For hot-path statements built once
+        (an ORM session and its unit of work cost more than a primary-key read)."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         except (OperationalError, DBAPIError, PoolTimeout) as exc:
             if _is_unavailable(exc):
                 raise DatabaseUnavailableError(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
+from sqlalchemy import bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -40,6 +41,16 @@ __all__ = [
 ]
 
 
+
+
+# Built once: every request authenticates, and building the statement cost more than running
+# it.  A Core connection, not an ORM session, for the same reason.
+_KEY_LOOKUP = (
+    sa_select(col(ApiKey.tenant_id), col(ApiKey.role), col(ApiKey.secret_sha256),
+              col(ApiKey.revoked_at), col(Tenant.deleted_at))
+    .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+    .where(col(ApiKey.id) == bindparam("key_id"))
+)
 
 @dataclass(frozen=True)
 class IssuedKey:
@@ -239,13 +250,8 @@ class TenantService:
         except Exception as exc:
             self._refused(None, None, "malformed", remote)
             raise ApiKeyInvalidError("invalid API key") from exc
-        with self._db.session() as s:
-            row = s.execute(
-                sa_select(col(ApiKey.tenant_id), col(ApiKey.role), col(ApiKey.secret_sha256),
-                          col(ApiKey.revoked_at), col(Tenant.deleted_at))
-                .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
-                .where(col(ApiKey.id) == parsed.key_id)
-            ).first()
+        with self._db.connection() as conn:
+            row = conn.execute(_KEY_LOOKUP, {"key_id": parsed.key_id}).first()
         if row is None:
             self._refused(parsed.key_id, None, "unknown", remote)
             raise ApiKeyInvalidError("invalid API key")

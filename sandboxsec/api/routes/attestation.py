@@ -24,7 +24,9 @@ _LOG_LIMIT = 8 * 1024 * 1024
 
 
 class ChallengeIn(BaseModel):
-    pass
+    ak_name: str | None = Field(
+        default=None, max_length=140,
+        description="hex TPM name of a bound AK: only a quote by that AK can use the nonce")
 
 
 class ChallengeOut(BaseModel):
@@ -136,13 +138,26 @@ def _manifest(value: dict[str, Any] | str) -> bytes:
 
 
 @router.post("/attestation/challenge", response_model=ChallengeOut)
-def challenge(
+async def challenge(
     services: ServicesDep,
     who: Annotated[Principal, Depends(require("attestation:challenge"))],
     body: ChallengeIn | None = None,
 ) -> ChallengeOut:
-    """A single-use nonce for the next quote; it expires after ``nonce_ttl_seconds``."""
-    issued = services.attestation.issue_nonce(who)
+    """A single-use 32-byte nonce for the next quote; it expires after
+    ``nonce_ttl_seconds``.
+
+    Async on purpose: minting is an HMAC, with no database or file access once the nonce key
+    is loaded, so the event loop answers it without a hop to the thread pool.
+    """
+    ak_name = None
+    if body is not None and body.ak_name is not None:
+        try:
+            ak_name = hex_decode_strict(body.ak_name)
+        except ValueError:
+            raise EvidenceMalformedError("ak_name is not hex") from None
+        if not 2 < len(ak_name) <= 66:
+            raise EvidenceMalformedError("ak_name is not a TPM name")
+    issued = services.attestation.issue_nonce(who, ak_name=ak_name)
     return ChallengeOut(nonce=_enc(issued.nonce), expires_at=issued.expires_at)
 
 

@@ -207,8 +207,14 @@ def test_audit_failure_means_no_token(
     r = client.post("/v1/attestation/verify", headers=tenant.headers("agent"),
                     json=bound.evidence(nonce))
     assert r.status_code == 503 and "token" not in r.json()
+    # A challenge is stateless and writes nothing (the verdict records its nonce), so it is
+    # answered; the verdict made with it still fails closed.
     r = client.post("/v1/attestation/challenge", headers=tenant.headers("agent"), json={})
-    assert r.status_code == 503
+    assert r.status_code == 200
+    spare = base64.b64decode(r.json()["nonce"])
+    r = client.post("/v1/attestation/verify", headers=tenant.headers("agent"),
+                    json=bound.evidence(spare))
+    assert r.status_code == 503 and "token" not in r.json()
     monkeypatch.undo()
     # Nothing was consumed by the refused attempt: the nonce still works once.
     r = client.post("/v1/attestation/verify", headers=tenant.headers("agent"),

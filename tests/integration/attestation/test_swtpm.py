@@ -307,3 +307,28 @@ def test_real_tpm_event_digest_allow_list(env: sw.SwTpm, client: TestClient,
     only_image = manifest_for(env, publisher, event_digests={9: (image_event,)})
     verdict = verify(client, tenant, evidence(env, nonce(client, tenant), only_image))
     assert codes(verdict) == ["eventlog_digest_not_allowed"]
+
+
+def test_real_tpm_32_byte_nonce_and_ak_bound_nonce(env: sw.SwTpm, client: TestClient,
+                                                   tenant: TenantKeys,
+                                                   publisher: Publisher) -> None:
+    """The nonce fits the qualifying data of a TPM with only SHA-256 banks (32 bytes); the
+    TPM signs it whole (extraData equals it byte for byte), and a nonce bound to an AK is
+    answered by that AK's quote only."""
+    bind(client, tenant, env)
+    manifest = manifest_for(env, publisher)
+    n = nonce(client, tenant)
+    assert len(n) == 32
+    assert verify(client, tenant, evidence(env, n, manifest))["status"] == "affirming"
+    h = tenant.headers("agent")
+    r = client.post("/v1/attestation/challenge", headers=h,
+                    json={"ak_name": env.ak_name().hex()})
+    assert r.status_code == 200, r.text
+    mine = base64.b64decode(r.json()["nonce"])
+    assert len(mine) == 32
+    assert verify(client, tenant, evidence(env, mine, manifest))["status"] == "affirming"
+    other_name = b"\x00\x0b" + hashlib.sha256(b"another TPM's AK").digest()
+    r = client.post("/v1/attestation/challenge", headers=h, json={"ak_name": other_name.hex()})
+    theirs = base64.b64decode(r.json()["nonce"])
+    assert codes(verify(client, tenant, evidence(env, theirs, manifest))) == [
+        "attestation_nonce_unknown"]

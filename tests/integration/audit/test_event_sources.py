@@ -42,9 +42,13 @@ def test_tenant_and_api_key_changes(services: Services, tenant: TenantKeys) -> N
     _verifies(services, tenant.id)
 
 
-def test_attestation_challenges(services: Services, tenant: TenantKeys) -> None:
+def test_attestation_challenges_write_nothing(services: Services, tenant: TenantKeys) -> None:
+    # A nonce is stateless: issuing one changes nothing, so nothing is audited; the verdict
+    # that consumes it records it (tests/integration/attestation/test_lean_nonce.py).
+    before = services.audit.entries(tenant.id)
     services.attestation.issue_nonce(_who(tenant, Role.AGENT))
-    assert AuditEvent.ATTESTATION_CHALLENGE in _events(services, tenant.id)
+    assert services.audit.entries(tenant.id) == before
+    assert AuditEvent.ATTESTATION_CHALLENGE not in _events(services, tenant.id)
     _verifies(services, tenant.id)
 
 
