@@ -167,7 +167,7 @@ def bench_http(seconds: float, clients: int, workers: int, postgres: bool) -> No
     if postgres:
         from tests.support.pgcluster import PgCluster
 
-        cluster = PgCluster()
+        cluster = PgCluster(fsync=True)  # a bench measures a durable server
         database_url = cluster.start()
     try:
         # 1. Trust: a publisher and a TPM manufacturer, written where the service reads them.

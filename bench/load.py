@@ -79,7 +79,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> bool:
     if backend == "postgres":
         from tests.support.pgcluster import PgCluster
 
-        cluster = PgCluster()
+        cluster = PgCluster(fsync=True)  # a bench measures a durable server
         url = cluster.start()
     try:
         deployment = Deployment(home / "home", url)

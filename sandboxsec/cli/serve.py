@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
     # migrated on start, so `sandboxsec serve` works on a fresh machine.
     settings = load_settings()
     embedded = settings.database_url is None
-    services = open_services(migrate=args.migrate or embedded)
+    as_json = settings.log_format == "json"
+    if as_json:
+        # One stream of JSON lines from here on: these messages, the server's and the workers'.
+        from sandboxsec.logging import configure_logging
+
+        configure_logging(args.log_level or settings.log_level, settings.log_format)
+    services = open_services(migrate=args.migrate or embedded, announce=not as_json)
     services.close()
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
@@ -48,25 +55,62 @@ def _serve(args: argparse.Namespace) -> int:
     env = f"SANDBOXSEC_HOME={settings.home}"
     if not embedded:
         env += " SANDBOXSEC_DATABASE_URL=<the same URL as this server>"
-    print(
-        f"sandboxsec listening on {url}  (API {url}/v1, OpenAPI {url}/openapi.json)\n"
-        f"  state: {settings.home}  database: {describe_database(settings)}  "
-        f"key provider: {settings.key_provider}\n"
-        f"  first admin key: run  `{env} {prog} tenant create NAME`  (the same settings "
-        f"as this server) and keep the printed keys",
-        file=sys.stderr,
-        flush=True,
-    )
+    first_key = f"{env} {prog} tenant create NAME"
+    if as_json:
+        from sandboxsec.logging import get_logger
+
+        get_logger("sandboxsec.serve").info(
+            "listening", url=url, openapi=f"{url}/openapi.json", home=str(settings.home),
+            database=describe_database(settings), key_provider=settings.key_provider,
+            next_step=f"first admin key: run `{first_key}` (the same settings as this server)")
+    else:
+        print(
+            f"sandboxsec listening on {url}  (API {url}/v1, OpenAPI {url}/openapi.json)\n"
+            f"  state: {settings.home}  database: {describe_database(settings)}  "
+            f"key provider: {settings.key_provider}\n"
+            f"  first admin key: run  `{first_key}`  (the same settings "
+            f"as this server) and keep the printed keys",
+            file=sys.stderr,
+            flush=True,
+        )
     from sandboxsec.api.protocol import GuardedHttpToolsProtocol
 
+    workers = max(1, args.workers)
+    own_dir = None
+    if workers > 1:
+        # Several workers: every worker writes its metrics to files in one directory and
+        # /metrics sums them.  Emptied first: files of an earlier run would be summed in.
+        from sandboxsec.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+        given = os.environ.get(MULTIPROC_ENV)
+        if given:
+            prepare_multiprocess_dir(Path(given))
+        else:
+            own_dir = prepare_multiprocess_dir(
+                Path(tempfile.mkdtemp(prefix="sandboxsec-metrics-")))
+    try:
+        _run(uvicorn, GuardedHttpToolsProtocol, args, workers, settings.log_level,
+             settings.log_format)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+    return 0
+
+
+def _run(uvicorn: Any, protocol: Any, args: argparse.Namespace, workers: int,
+         log_level: str, log_format: str) -> None:
+    from sandboxsec.logging import stdlib_logging_config
+
+    level = args.log_level or log_level
     uvicorn.run(
         "sandboxsec.api.asgi:app",
-        http=GuardedHttpToolsProtocol,
+        http=protocol,
         host=args.host,
         port=args.port,
-        workers=max(1, args.workers),
-        log_level=args.log_level or settings.log_level,
+        workers=workers,
+        log_level=level,
+        # The server's own messages in the same format (and stream) as ours.
+        log_config=stdlib_logging_config(level, log_format),
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    return 0
