@@ -23,6 +23,7 @@ __all__ = [
     "get_logger",
     "redact",
     "redact_text",
+    "standalone_logger",
     "stdlib_logging_config",
 ]
 
@@ -124,10 +125,8 @@ def stdlib_logging_config(level: str = "info", fmt: str = "json") -> dict[str, A
     }
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Configure structlog (and the stdlib root logger) for JSON output with redaction."""
-    out = stream or sys.stderr
-    processors: list[Any] = [
+def _processors(fmt: str) -> list[Any]:
+    return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -135,8 +134,13 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         redact,
         _renderer(fmt),
     ]
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the stdlib root logger) for JSON output with redaction."""
+    out = stream or sys.stderr
     structlog.configure(
-        processors=processors,
+        processors=_processors(fmt),
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
@@ -146,6 +150,15 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     if stream is None:
         # Records of libraries and of the server go to the same stream, rendered the same way.
         logging.config.dictConfig(stdlib_logging_config(level, fmt))
+
+
+def standalone_logger(name: str, fmt: str = "json", stream: TextIO | None = None) -> Any:
+    """A logger that renders as :func:`configure_logging` would, without touching the global
+    configuration (``serve`` before its workers start, inside a process that may be a test)."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(stream or sys.stderr), processors=_processors(fmt),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    ).bind(logger=name)
 
 
 def get_logger(name: str) -> Any:

@@ -40,13 +40,22 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     embedded = settings.database_url is None
     as_json = settings.log_format == "json"
+    log = None
     if as_json:
-        # One stream of JSON lines from here on: these messages, the server's and the workers'.
-        from sandboxsec.logging import configure_logging
+        # One stream of JSON lines: these messages, then the server's and the workers'.  (A
+        # refusal to start stays the CLI's one `error: <reason>: <message>` line.)
+        from sandboxsec.logging import standalone_logger
 
-        configure_logging(args.log_level or settings.log_level, settings.log_format)
+        log = standalone_logger("sandboxsec.serve")
+        log.info("database", database=describe_database(settings))
     services = open_services(migrate=args.migrate or embedded, announce=not as_json)
-    services.close()
+    try:
+        # A key provider that cannot answer at all (PKCS#11 module missing, token absent,
+        # wrong PIN) stops the start with its own exit code, as an unreachable database
+        # does; a root key not made yet is fine (the first tenant key makes it).
+        services.keys.has_root_key()
+    finally:
+        services.close()
     os.environ.setdefault("SANDBOXSEC_HOME", str(settings.home))
     url = f"http://{args.host}:{args.port}"
     # Session proofs name the URL the client called; behind a proxy set the external one.
@@ -56,11 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not embedded:
         env += " SANDBOXSEC_DATABASE_URL=<the same URL as this server>"
     first_key = f"{env} {prog} tenant create NAME"
-    if as_json:
-        from sandboxsec.logging import get_logger
-
-        get_logger("sandboxsec.serve").info(
-            "listening", url=url, openapi=f"{url}/openapi.json", home=str(settings.home),
+    if log is not None:
+        log.info(
+            f"sandboxsec listening on {url}", url=url, openapi=f"{url}/openapi.json",
+            home=str(settings.home),
             database=describe_database(settings), key_provider=settings.key_provider,
             next_step=f"first admin key: run `{first_key}` (the same settings as this server)")
     else:

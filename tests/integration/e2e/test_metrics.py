@@ -197,7 +197,8 @@ def test_server_and_workers_write_one_json_log_stream(tmp_path: Path) -> None:
             obj = json.loads(line)  # a plain-text line fails here
             assert isinstance(obj, dict) and "event" in obj and "level" in obj, line
             events.append(obj)
-    assert any(e["event"] == "listening" and e.get("database") for e in events), events
+    assert any(e["event"] == f"sandboxsec listening on {server.base}" and e.get("database")
+               for e in events), events
     # Both workers started and stopped, and said so in the same format.
     assert sum(1 for e in events if e["event"] == "Application startup complete.") == 2
     assert any(e["event"].startswith("Finished server process") for e in events)
