@@ -181,6 +181,10 @@ def bench_http(seconds: float, clients: int, workers: int, postgres: bool) -> No
             env["SANDBOXSEC_DATABASE_URL"] = database_url
         # 2. A tenant (the service's own code path, same home and database).
         services = Services(Settings(home=home, database_url=database_url))
+        from tests.support.benchconfig import describe
+
+        print("  " + describe(services.settings, database="PostgreSQL 15, fsync on" if postgres
+                              else "SQLite WAL, synchronous=NORMAL (shipped)"))
         services.db.migrate()
         created = services.tenants.create("bench")
         agent = created.keys[next(r for r in created.keys if str(r) == "agent")].key

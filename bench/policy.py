@@ -217,6 +217,11 @@ def _setup(url: str, home: Path) -> tuple[Services, Principal, Principal, str]:
     db = Database(url)
     db.migrate()
     services = Services(Settings(home=home), db=db)
+    from tests.support.benchconfig import describe
+
+    print("  " + describe(services.settings, database="PostgreSQL 15, fsync on"
+                          if url.startswith("postgresql") else
+                          "SQLite WAL, synchronous=NORMAL (shipped)"))
     created = services.tenants.create(f"bench-{time.time_ns()}")
     tenant = created.tenant_id
     agent = Principal(tenant, created.keys[Role.AGENT].key_id, Role.AGENT)
