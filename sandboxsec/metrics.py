@@ -108,10 +108,10 @@ class _Forward(Collector):
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time: pending approvals, the age of the stalest log's newest
-    checkpoint, audit alarms by code, whether the key provider answers.  Each database
-    reader returns None when it cannot tell (database down): the gauge is then left out
-    rather than reported as zero."""
+    """Gauges read at scrape time: pending approvals, how long the longest-waiting log's
+    uncovered entries have waited for a checkpoint, audit alarms by code, whether the key
+    provider answers.  Each database reader returns None when it cannot tell (database
+    down): the gauge is then left out rather than reported as zero."""
 
     def __init__(self, pending: Callable[[], int | None],
                  newest_checkpoints: Callable[[], list[datetime] | None],
@@ -133,7 +133,8 @@ class StateCollector(Collector):
             age = max(((now - t).total_seconds() for t in newest), default=0.0)
             yield GaugeMetricFamily(
                 "sandboxsec_audit_checkpoint_age_seconds",
-                "Age of the newest signed checkpoint of the log that has waited longest",
+                "Seconds since the last checkpoint of the log that has waited longest with "
+                "entries no checkpoint covers yet (0: every entry is covered)",
                 value=max(0.0, age))
         alarms = GaugeMetricFamily("sandboxsec_audit_alarms",
                                    "Audit logs stopped by an integrity alarm", labels=["code"])

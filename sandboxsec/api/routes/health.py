@@ -12,7 +12,7 @@ from sqlmodel import col, func, select
 
 from sandboxsec import __version__
 from sandboxsec.api.deps import ServicesDep
-from sandboxsec.audit.models import AuditCheckpointRow
+from sandboxsec.audit.models import AuditHeadRow
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.metrics import StateCollector, scrape_registry
 from sandboxsec.policy.models import ApprovalRequest
@@ -69,11 +69,13 @@ def _pending(db: Database) -> int | None:
 
 
 def _newest(db: Database) -> list[datetime] | None:
-    """The newest checkpoint time of every log."""
+    """When each log with entries not yet covered by a checkpoint last had one (a log whose
+    every entry is covered is not waiting, however old its checkpoint: quiet tenants do not
+    age)."""
     try:
         with db.session() as s:
-            rows = s.exec(select(func.max(AuditCheckpointRow.created_at))
-                          .group_by(col(AuditCheckpointRow.tenant_id))).all()
+            rows = s.exec(select(AuditHeadRow.checkpoint_at)
+                          .where(col(AuditHeadRow.size) > col(AuditHeadRow.checkpoint_size))).all()
     except SandboxSecError:
         return None
     return [t if t.tzinfo else t.replace(tzinfo=UTC) for t in rows if t is not None]
