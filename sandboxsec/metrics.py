@@ -15,16 +15,15 @@ answers and need no per-process bookkeeping.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from sandboxsec.multiproc import MULTIPROC_ENV, multiprocess_dir, prepare_multiprocess_dir
 
 __all__ = [
     "APPROVAL_SECONDS",
@@ -38,8 +37,6 @@ __all__ = [
     "prepare_multiprocess_dir",
     "scrape_registry",
 ]
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 DOMAIN = CollectorRegistry(auto_describe=True)
 
@@ -63,22 +60,6 @@ AUDIT_APPEND_SECONDS = Histogram(
     registry=DOMAIN,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-
-
-def multiprocess_dir() -> Path | None:
-    """The shared metrics directory when the server runs several workers, else None."""
-    value = os.environ.get(MULTIPROC_ENV)
-    return Path(value) if value else None
-
-
-def prepare_multiprocess_dir(path: Path) -> Path:
-    """Create ``path`` empty (0700) and point :data:`MULTIPROC_ENV` at it, for the workers
-    about to be started (they inherit the environment and read it when they import
-    prometheus_client)."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, mode=0o700)
-    os.environ[MULTIPROC_ENV] = str(path)
-    return path
 
 
 def scrape_registry(per_app: CollectorRegistry, *extra: Collector) -> CollectorRegistry:

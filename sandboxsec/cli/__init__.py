@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns (and, as a script, exits with) its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        from sandboxsec.multiproc import leave_multiprocess_mode
+
+        leave_multiprocess_mode()
     audited = _audited(args)
     try:
         if audited:

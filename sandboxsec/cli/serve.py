@@ -30,6 +30,26 @@ def register(subs: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sandboxsec.multiproc import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    workers = max(1, args.workers)
+    own_dir = None
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        # A directory the operator chose (the systemd unit's): every worker writes its
+        # metrics there and /metrics sums them.  Made and emptied first, before anything
+        # imports prometheus_client: files of an earlier run would be summed in.
+        prepare_multiprocess_dir(Path(given))
+    elif workers > 1:
+        own_dir = prepare_multiprocess_dir(Path(tempfile.mkdtemp(prefix="sandboxsec-metrics-")))
+    try:
+        return _start(args, workers)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _start(args: argparse.Namespace, workers: int) -> int:
     import uvicorn
 
     # The schema is checked (or migrated) once, before any worker starts.  A configured
@@ -37,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     # `sandboxsec migrate`): a node must never upgrade a shared schema by surprise.  The
     # embedded default (an SQLite file under SANDBOXSEC_HOME, one machine) is created and
     # migrated on start, so `sandboxsec serve` works on a fresh machine.
+
     settings = load_settings()
     embedded = settings.database_url is None
     as_json = settings.log_format == "json"
@@ -83,25 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     from sandboxsec.api.protocol import GuardedHttpToolsProtocol
 
-    workers = max(1, args.workers)
-    own_dir = None
-    if workers > 1:
-        # Several workers: every worker writes its metrics to files in one directory and
-        # /metrics sums them.  Emptied first: files of an earlier run would be summed in.
-        from sandboxsec.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
-
-        given = os.environ.get(MULTIPROC_ENV)
-        if given:
-            prepare_multiprocess_dir(Path(given))
-        else:
-            own_dir = prepare_multiprocess_dir(
-                Path(tempfile.mkdtemp(prefix="sandboxsec-metrics-")))
-    try:
-        _run(uvicorn, GuardedHttpToolsProtocol, args, workers, settings.log_level,
-             settings.log_format)
-    finally:
-        if own_dir is not None:
-            shutil.rmtree(own_dir, ignore_errors=True)
+    _run(uvicorn, GuardedHttpToolsProtocol, args, workers, settings.log_level,
+         settings.log_format)
     return 0
 
 

@@ -202,3 +202,21 @@ def test_server_and_workers_write_one_json_log_stream(tmp_path: Path) -> None:
     # Both workers started and stopped, and said so in the same format.
     assert sum(1 for e in events if e["event"] == "Application startup complete.") == 2
     assert any(e["event"].startswith("Finished server process") for e in events)
+
+
+def test_one_worker_uses_the_operators_metrics_directory(tmp_path: Path) -> None:
+    """``PROMETHEUS_MULTIPROC_DIR`` set (as the systemd unit does) with a single worker: the
+    directory is made at start (it need not exist) and the counters still count."""
+    chosen = tmp_path / "run" / "metrics"
+    deployment = Deployment(tmp_path / "home",
+                            extra_env={"PROMETHEUS_MULTIPROC_DIR": str(chosen)})
+    server = Server(deployment, workers=1)
+    server.start()
+    try:
+        for _ in range(3):
+            httpx.get(f"{server.base}/healthz", timeout=30)
+        assert total(scrape(server.base), "sandboxsec_http_requests_total",
+                     route="/healthz") >= 3
+        assert list(chosen.glob("*.db"))
+    finally:
+        server.stop()
