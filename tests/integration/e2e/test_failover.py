@@ -160,7 +160,8 @@ def _failover_run(tmp_path: Path, formation: PgFormation, *, seconds: float,
         for answer in ledger.outage_answers:
             status, _, code = answer.partition(" ")
             assert status == "503" and code in DOWN_CODES | {"(read)"}, ledger.outage_answers
-        assert ledger.sessions and ledger.records and any(g.used for g in ledger.grants.values())
+        assert ledger.verdicts and ledger.sessions and ledger.records
+        assert any(g.used for g in ledger.grants.values())
         # Nothing acknowledged was lost; the logs verify offline — checked through each node.
         for n in nodes:
             problems = check_ledger(deployment, n.base, ledger)
@@ -169,7 +170,8 @@ def _failover_run(tmp_path: Path, formation: PgFormation, *, seconds: float,
             window_seconds=[round(s["back"] - s["killed_at"], 1) for s in seen],
             answers_503=sum(v for k, v in ledger.errors.items() if " 503 " in k),
             requests=sum(len(v) for v in ledger.latencies.values()),
-            sessions=len(ledger.sessions), records=len(ledger.records),
+            verdicts=len(ledger.verdicts), sessions=len(ledger.sessions),
+            records=len(ledger.records),
             approvals=sum(1 for a in ledger.approvals.values() if a.decided),
             grants_used=sum(g.used for g in ledger.grants.values()), losses=0)
         print(f"\nfailover figures: {figures}\n{summary(ledger)}")
