@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Needed to build and run the service (tpm2-pytss links libtss2), plus the vTPM and HSM.
 APT_RUN := libtss2-dev pkg-config swtpm swtpm-tools softhsm2
-# Needed by the test suite only: the database server, a browser, TPM tools.
-APT_TEST := postgresql-15 chromium tpm2-tools
+# Needed by the test suite only: the database server (and pg_auto_failover for the failover
+# soak), a browser, TPM tools.
+APT_TEST := postgresql-15 postgresql-15-auto-failover pg-auto-failover-cli chromium tpm2-tools
 HOST ?= 127.0.0.1
 PORT ?= 8000
 

@@ -383,7 +383,7 @@ def bench_http(seconds: float, clients: int, procs: int, workers: int,
         from tests.support.pgcluster import PgCluster
 
         # The shipped configuration: a durable cluster (tests run theirs with fsync off).
-        cluster = PgCluster(durable=True)
+        cluster = PgCluster(fsync=True)
         database_url = cluster.start()
         pg_pids = [int((cluster.data / "postmaster.pid").read_text().split()[0])]
     try:
@@ -398,6 +398,10 @@ def bench_http(seconds: float, clients: int, procs: int, workers: int,
             env["SANDBOXSEC_DATABASE_URL"] = database_url
         # 2. A tenant (the service's own code path, same home and database).
         services = Services(Settings(home=home, database_url=database_url))
+        from tests.support.benchconfig import describe
+
+        print("  " + describe(services.settings, database="PostgreSQL 15, fsync on" if postgres
+                              else "SQLite WAL, synchronous=NORMAL (shipped)"))
         services.db.migrate()
         created = services.tenants.create("bench")
         agent = created.keys[next(r for r in created.keys if str(r) == "agent")].key

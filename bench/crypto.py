@@ -12,6 +12,7 @@ memory < 64 MiB for the 256 MiB stream.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -61,6 +62,10 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         services = Services(Settings(home=Path(tmp)))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+        from tests.support.benchconfig import describe
+
+        print(describe(services.settings, database="SQLite WAL, synchronous=NORMAL (shipped)"))
         services.settings.ensure_home()
         services.db.migrate()
         svc = services.trajectory

@@ -129,6 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     args = parser.parse_args()
+    from tests.support.benchconfig import describe
+
+    print(describe(database="no database: the digest and manifest code, as the service runs it"))
     bench_digest(args.size_mib * MIB)
     bench_manifest()
 

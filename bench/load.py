@@ -79,7 +79,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> bool:
     if backend == "postgres":
         from tests.support.pgcluster import PgCluster
 
-        cluster = PgCluster()
+        cluster = PgCluster(fsync=True)  # a bench measures a durable server
         url = cluster.start()
     try:
         deployment = Deployment(home / "home", url)
@@ -90,6 +90,12 @@ def run_backend(backend: str, args: argparse.Namespace) -> bool:
             print(f"== {backend}: {args.workers} workers, {args.tenants} tenants, "
                   f"{args.agents} agents, {args.approvers} approvers per tenant, "
                   f"{args.seconds:.0f} s")
+            from sandboxsec.settings import Settings
+            from tests.support.benchconfig import describe
+
+            print("  " + describe(Settings(home=deployment.home, database_url=url),
+                                  database="PostgreSQL 15, fsync on" if url
+                                  else "SQLite WAL, synchronous=NORMAL (shipped)"))
             print(f"  baseline GET /healthz ({clients} clients): {rate:.0f} req/s, "
                   f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
             per_tenant = max(1, args.agents // args.tenants)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -105,6 +106,12 @@ def latency(raw_verify: float, n: int = 400) -> None:
         db = Database(settings.resolved_database_url())
         db.migrate()
         services = Services(settings, db=db)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+        from tests.support.benchconfig import describe
+
+        # Says require_session_key=False: the unbound baseline needs it (bound sessions are
+        # checked exactly as shipped).
+        print("  " + describe(settings, database="SQLite WAL, synchronous=NORMAL (shipped)"))
         tenant = services.tenants.create("bench")
         agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")]
         key = Key()

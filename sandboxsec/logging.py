@@ -9,6 +9,7 @@ are rendered without local variables so a key held in a local never reaches the 
 from __future__ import annotations
 
 import logging
+import logging.config
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -16,7 +17,15 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["REDACTED", "configure_logging", "get_logger", "redact", "redact_text"]
+__all__ = [
+    "REDACTED",
+    "configure_logging",
+    "get_logger",
+    "redact",
+    "redact_text",
+    "standalone_logger",
+    "stdlib_logging_config",
+]
 
 REDACTED = "[redacted]"
 
@@ -67,32 +76,89 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return {k: _redact_value(k, v) for k, v in event_dict.items()}
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Configure structlog (and the stdlib root logger) for JSON output with redaction."""
-    out = stream or sys.stderr
-    renderer: Any
+def _renderer(fmt: str) -> Any:
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-    else:
-        renderer = structlog.processors.JSONRenderer()
-    processors: list[Any] = [
+        return structlog.dev.ConsoleRenderer(colors=False)
+    return structlog.processors.JSONRenderer()
+
+
+def _exceptions() -> Any:
+    return structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    )
+
+
+def stdlib_logging_config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
+    """A :func:`logging.config.dictConfig` that renders every standard-library record (the
+    server's own ``uvicorn`` messages, SQLAlchemy, alembic, ...) the way structlog renders
+    ours: one stream of JSON lines on stderr, with the same redaction."""
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "foreign_pre_chain": [
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        "processors": [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _exceptions(),
+            redact,
+            _renderer(fmt),
+        ],
+    }
+    handler = {"class": "logging.StreamHandler", "formatter": "sandboxsec",
+               "stream": "ext://sys.stderr"}
+    lvl = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"sandboxsec": formatter},
+        "handlers": {"stderr": handler},
+        "root": {"handlers": ["stderr"], "level": lvl},
+        # The server's loggers come with handlers of their own: replace them by ours.  Its
+        # per-request access lines stay off, as `serve` always had them (access_log=False).
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": lvl, "propagate": False},
+            "uvicorn.error": {"handlers": ["stderr"], "level": lvl, "propagate": False},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+    }
+
+
+def _processors(fmt: str) -> list[Any]:
+    return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ),
+        _exceptions(),
         redact,
-        renderer,
+        _renderer(fmt),
     ]
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the stdlib root logger) for JSON output with redaction."""
+    out = stream or sys.stderr
     structlog.configure(
-        processors=processors,
+        processors=_processors(fmt),
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    if stream is None:
+        # Records of libraries and of the server go to the same stream, rendered the same way.
+        logging.config.dictConfig(stdlib_logging_config(level, fmt))
+
+
+def standalone_logger(name: str, fmt: str = "json", stream: TextIO | None = None) -> Any:
+    """A logger that renders as :func:`configure_logging` would, without touching the global
+    configuration (``serve`` before its workers start, inside a process that may be a test)."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(stream or sys.stderr), processors=_processors(fmt),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    ).bind(logger=name)
 
 
 def get_logger(name: str) -> Any:

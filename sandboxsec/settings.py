@@ -276,7 +276,7 @@ class Settings(BaseSettings):
             url = self.database_url
             if url.startswith("postgresql://") or url.startswith("postgres://"):
                 url = "postgresql+psycopg://" + url.split("://", 1)[1]
-            return url
+            return _hosts_in_query(url) if url.startswith("postgresql") else url
         return f"sqlite:///{self.home / 'sandboxsec.db'}"
 
     def resolved_trust_dir(self) -> Path:
@@ -287,3 +287,17 @@ class Settings(BaseSettings):
         """Create ``home`` (mode 0700) if missing and return it."""
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.home
+
+
+def _hosts_in_query(url: str) -> str:
+    """Rewrite libpq's multi-host form ``user@h1:p1,h2:p2/db`` (what operators copy from
+    PostgreSQL's documentation for failover) into the ``/db?host=h1:p1&host=h2:p2`` form
+    SQLAlchemy parses; single-host URLs are returned unchanged."""
+    scheme, rest = url.split("://", 1)
+    netloc, _, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return url
+    path, qsep, query = tail.partition("?")
+    params = "&".join(f"host={h}" for h in hosts.split(",") if h)
+    return f"{scheme}://{userinfo}{at}/{path}?{params}" + (f"&{query}" if qsep and query else "")

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,11 +37,8 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.audit_alarms = Gauge(
-            "sandboxsec_audit_alarms", "Audit logs stopped by an integrity alarm", ["code"],
-            registry=self.registry,
-        )
-        self.audit_alarm_codes: set[str] = set()
+        # Audit alarms are read at scrape time (sandboxsec.metrics.StateCollector): they live
+        # in files every worker shares, so no per-process gauge.
 
 
 def _json_too_deep(body: bytes, limit: int) -> bool:

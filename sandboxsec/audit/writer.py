@@ -68,6 +68,7 @@ from sandboxsec.audit.store import (
 )
 from sandboxsec.clock import Clock
 from sandboxsec.errors import SandboxSecError
+from sandboxsec.metrics import AUDIT_APPEND_SECONDS
 from sandboxsec.storage.db import Database, DatabaseUnavailableError, after_commit
 
 __all__ = ["AuditWriter"]
@@ -113,6 +114,7 @@ class AuditWriter:
         """Durably append one record; raises :class:`AuditUnavailableError` when it cannot."""
         return self.append_many([record], session=session)[0]
 
+    @AUDIT_APPEND_SECONDS.time()
     def append_many(
         self, records: Sequence[AuditRecord], *, session: Any | None = None
     ) -> list[AuditReceipt]:

@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns (and, as a script, exits with) its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        from sandboxsec.multiproc import leave_multiprocess_mode
+
+        leave_multiprocess_mode()
     audited = _audited(args)
     try:
         if audited:
@@ -95,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly instead of printing a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except Exception as exc:
         from sqlalchemy.exc import DBAPIError
 
@@ -104,11 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: database_unavailable: the database failed ({type(exc.orig).__name__})",
               file=sys.stderr)
         return EXIT_DEPENDENCY
-    except BrokenPipeError:
-        # The reader went away (``| head``): stop quietly instead of printing a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
     if audited:
         try:
             _operator_record(args, "success" if code == 0 else "failure")

@@ -70,7 +70,8 @@ def describe_database(settings: Settings) -> str:
     return f"PostgreSQL {shown}"
 
 
-def open_services(*, migrate: bool = False, check_schema: bool = True) -> Services:
+def open_services(*, migrate: bool = False, check_schema: bool = True,
+                  announce: bool = True) -> Services:
     """Services on the configured database, which must exist with the current schema.
 
     Nothing is created unless ``migrate`` (``sandboxsec migrate``, ``serve``): a command run
@@ -81,7 +82,8 @@ def open_services(*, migrate: bool = False, check_schema: bool = True) -> Servic
     from sandboxsec.storage.db import DatabaseMissingError
 
     settings = load_settings()
-    print(f"sandboxsec: database {describe_database(settings)}", file=sys.stderr)
+    if announce:  # (``serve`` with JSON logs says it in its first log line instead)
+        print(f"sandboxsec: database {describe_database(settings)}", file=sys.stderr)
     path = sqlite_path(settings.resolved_database_url())
     if not migrate and path is not None and not path.exists():
         raise DatabaseMissingError(

@@ -20,12 +20,14 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sandboxsec.crypto.envelope import KEY_BYTES, unwrap_secret, wrap_secret
 from sandboxsec.crypto.errors import DecryptionFailedError, KeyProviderUnavailableError
+from sandboxsec.crypto.hsm_objects import CreationLock, default_lock_dir, find_or_create_secret_keys
 from sandboxsec.statefiles import create_once
 
 __all__ = [
@@ -34,11 +36,14 @@ __all__ = [
     "Pkcs11KeyProvider",
     "build_key_provider",
     "gcm",
+    "gcm_open_any",
 ]
 
 _NONCE_BYTES = 12
 _TAG_BITS = 128
 _WRAP_FORMAT_HSM = 0x02
+#: Tries at opening the token before the provider reports it unavailable.
+_OPEN_ATTEMPTS = 4
 
 T = TypeVar("T")
 
@@ -51,6 +56,21 @@ def gcm(key: Any, fn: str, data: bytes, nonce: bytes, aad: bytes) -> bytes:
         data, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
     )
     return out
+
+
+def gcm_open_any(keys: list[Any], data: bytes, nonce: bytes, aad: bytes) -> bytes:
+    """Decrypt with the first of ``keys`` (duplicates under one label, in their deterministic
+    order) whose GCM tag verifies.  The last key's PKCS#11 error is raised as is, for the
+    caller to map (a failed tag, or a lost token)."""
+    import pkcs11
+
+    for key in keys[:-1]:
+        try:
+            return gcm(key, "decrypt", data, nonce, aad)
+        except (pkcs11.exceptions.EncryptedDataInvalid, pkcs11.exceptions.EncryptedDataLenRange,
+                pkcs11.exceptions.GeneralError):
+            continue  # not this one (SoftHSM reports a failed tag as a general error)
+    return gcm(keys[-1], "decrypt", data, nonce, aad)
 
 
 class KeyProvider(Protocol):
@@ -165,6 +185,11 @@ class Pkcs11KeyProvider:
     One logged-in session is kept open and shared under a lock.  After any PKCS#11 failure
     the session is dropped and the library re-initialised on the next call, so the provider
     recovers when the token comes back.
+
+    Key objects are made on first use under a lock file in ``lock_dir`` shared by every
+    process of the host (the workers of one server), so two processes never both make the
+    same key; duplicates made anyway are used in one deterministic order
+    (:mod:`sandboxsec.crypto.hsm_objects`).
     """
 
     def __init__(
@@ -175,16 +200,19 @@ class Pkcs11KeyProvider:
         key_label: str = "sandboxsec-root",
         *,
         create_key: bool = True,
+        lock_dir: Path | None = None,
     ) -> None:
         self._module = module
         self._token_label = token_label
         self._pin = pin
         self._key_label = key_label
         self._create_key = create_key
+        self._lock_dir = lock_dir
+        self._creation_lock: CreationLock | None = None
         self._lock = threading.RLock()
         self._lib: Any = None
         self._session: Any = None
-        self._key: Any = None
+        self._keys: list[Any] = []
         self._needs_reinit = False
 
     @property
@@ -209,7 +237,7 @@ class Pkcs11KeyProvider:
         return self._unavailable(exc)
 
     def _drop(self) -> None:
-        session, self._session, self._key = self._session, None, None
+        session, self._session, self._keys = self._session, None, []
         if session is not None:
             try:
                 session.close()
@@ -227,52 +255,104 @@ class Pkcs11KeyProvider:
         elif self._needs_reinit:
             self._lib.reinitialize()
         self._needs_reinit = False
-        token = self._lib.get_token(token_label=self._token_label)
-        try:
-            self._session = token.open(rw=True, user_pin=self._pin)
-        except pkcs11.exceptions.UserAlreadyLoggedIn:
-            # PKCS#11 logs in per application: another session of this process already did.
-            self._session = token.open(rw=True)
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                self._session = self._open_session()
+                break
+            except (pkcs11.exceptions.GeneralError, pkcs11.exceptions.NoSuchToken):
+                # A file-backed token being rewritten by another process (several workers
+                # opening it at once, or a token just re-inserted) reads as absent or broken
+                # for a moment; a token that is really gone still fails after the retries.
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+                self._lib.reinitialize()
         return self._session
 
-    def _root_key(self, *, create: bool = False) -> Any:
-        """The root key handle, opening the library, token and session as needed."""
+    def _open_session(self) -> Any:
         import pkcs11
+
+        token = self._lib.get_token(token_label=self._token_label)
+        try:
+            return token.open(rw=True, user_pin=self._pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # PKCS#11 logs in per application: another session of this process already did.
+            return token.open(rw=True)
+
+    @property
+    def creation_lock(self) -> CreationLock:
+        """The lock every find-or-create of a key object in this token runs under."""
+        if self._creation_lock is None:
+            directory = self._lock_dir if self._lock_dir is not None else default_lock_dir()
+            self._creation_lock = CreationLock(directory, self._module, self._token_label)
+        return self._creation_lock
+
+    def _generate_root(self) -> Any:
         from pkcs11 import Attribute, KeyType
 
-        if self._key is not None:
-            return self._key
+        return self._session.generate_key(
+            KeyType.AES,
+            KEY_BYTES * 8,
+            label=self._key_label,
+            store=True,
+            template={
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.TOKEN: True,
+            },
+        )
+
+    def _root_keys(self, *, create: bool = False, refresh: bool = False) -> list[Any]:
+        """The root key objects, the one to wrap with first (several only if duplicates were
+        made, see :mod:`sandboxsec.crypto.hsm_objects`); ``pkcs11.NoSuchKey`` if none."""
+        import pkcs11
+
+        if self._keys and not refresh:
+            return self._keys
         self._ensure_session()
-        try:
-            self._key = self._session.get_key(label=self._key_label, key_type=KeyType.AES)
-        except pkcs11.NoSuchKey:
-            if not (create and self._create_key):
-                raise
-            self._key = self._session.generate_key(
-                KeyType.AES,
-                KEY_BYTES * 8,
-                label=self._key_label,
-                store=True,
-                template={
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.TOKEN: True,
-                },
-            )
-        return self._key
+        maker = self._generate_root if create and self._create_key else None
+        keys = find_or_create_secret_keys(self._session, self._key_label, self.creation_lock,
+                                          maker)
+        if not keys:
+            raise pkcs11.NoSuchKey(f"no key labelled {self._key_label!r}")
+        self._keys = keys
+        return keys
+
+    def _root_key(self, *, create: bool = False) -> Any:
+        """The root key to wrap with, opening the library, token and session as needed."""
+        return self._root_keys(create=create)[0]
 
     def root_key_handle(self, *, create: bool = False) -> Any:
         """The root key object (made if ``create``); call inside :meth:`run` only."""
         return self._root_key(create=create)
 
+    def _open(self, data: bytes, nonce: bytes, aad: bytes) -> bytes:
+        import pkcs11
+
+        cached = bool(self._keys)
+        keys = self._root_keys()
+        try:
+            return gcm_open_any(keys, data, nonce, aad)
+        except (pkcs11.exceptions.EncryptedDataInvalid, pkcs11.exceptions.GeneralError):
+            if not cached:
+                raise
+            # Another host may have added a duplicate since the keys were cached: look again
+            # once, and try what is new.
+            fresh = self._root_keys(refresh=True)
+            if len(fresh) <= len(keys):
+                raise
+            return gcm_open_any(fresh, data, nonce, aad)
+
     def _call(self, fn: str, data: bytes, nonce: bytes, aad: bytes) -> bytes:
         import pkcs11
 
+        def op(_session: Any) -> bytes:
+            if fn == "decrypt":
+                return self._open(data, nonce, aad)
+            return gcm(self._root_key(create=True), fn, data, nonce, aad)
+
         try:
-            return self.run(
-                lambda _s: gcm(self._root_key(create=fn == "encrypt"), fn, data, nonce, aad),
-                decrypting=fn == "decrypt",
-            )
+            return self.run(op, decrypting=fn == "decrypt")
         except pkcs11.NoSuchKey as exc:
             with self._lock:
                 raise self._unavailable(exc) from None
@@ -368,5 +448,7 @@ def build_key_provider(settings: Any) -> KeyProvider:
             str(token),
             str(pin),
             str(getattr(settings, "pkcs11_key_label", None) or "sandboxsec-root"),
+            # The workers of one server share their home: one lock for their key creation.
+            lock_dir=Path(settings.home) / "locks",
         )
     raise KeyProviderUnavailableError(f"unknown key provider {kind!r} (use local or pkcs11)")

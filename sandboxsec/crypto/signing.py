@@ -10,6 +10,7 @@ the service's files or database holds no signing key.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -38,36 +39,66 @@ class HsmEd25519Signer:
         self._handle: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
 
+    def _find(self, session: Any) -> tuple[Any, Any] | None:
+        """The (private, public) pair labelled :attr:`label`, None if there is none.
+
+        Duplicates (made before key creation was locked, or by nodes on different hosts
+        sharing one HSM) are resolved the same way in every process: the public keys in order
+        of their point, each paired with the private key of the same ``CKA_ID``.
+        """
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        def objects(cls: ObjectClass) -> list[Any]:
+            return list(session.get_objects({Attribute.CLASS: cls,
+                                             Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+                                             Attribute.LABEL: self.label}))
+
+        privs, pubs = objects(ObjectClass.PRIVATE_KEY), objects(ObjectClass.PUBLIC_KEY)
+        if not privs and not pubs:
+            return None
+        if len(privs) == 1 and len(pubs) == 1:
+            return privs[0], pubs[0]
+        for pub in sorted(pubs, key=lambda k: bytes(k[Attribute.EC_POINT])):
+            ident = bytes(pub[Attribute.ID] or b"")
+            match = [p for p in privs if ident and bytes(p[Attribute.ID] or b"") == ident]
+            if len(match) == 1:
+                return match[0], pub
+        raise KeyProviderUnavailableError(
+            f"the HSM holds {len(privs)} private and {len(pubs)} public keys labelled "
+            f"{self.label!r} that cannot be paired; keep one complete pair"
+        )
+
     def _pair(self, session: Any) -> tuple[Any, Any]:
-        import pkcs11
-        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+        from pkcs11 import Attribute, KeyType, Mechanism
         from pkcs11.util.ec import encode_named_curve_parameters
 
-        try:
-            priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
-                                   key_type=KeyType.EC_EDWARDS, label=self.label)
-            pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY,
-                                  key_type=KeyType.EC_EDWARDS, label=self.label)
-            return priv, pub
-        except pkcs11.NoSuchKey as exc:
-            if not self._create:
-                # A session opened before the token went away finds nothing after it came
-                # back: drop it, so the next call reconnects and finds the key again.
-                self._hsm.unavailable(exc)
-                raise KeyProviderUnavailableError(
-                    f"the signing key {self.label!r} is missing from the HSM"
-                ) from exc
-        params = session.create_domain_parameters(
-            KeyType.EC_EDWARDS,
-            {Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID)},
-            local=True,
-        )
-        pub, priv = params.generate_keypair(
-            store=True, label=self.label, mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-            private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                              Attribute.TOKEN: True},
-            public_template={Attribute.TOKEN: True},
-        )
+        found = self._find(session)
+        if found is not None:
+            return found
+        if not self._create:
+            # A session opened before the token went away finds nothing after it came back:
+            # drop it, so the next call reconnects and finds the key again.
+            missing = KeyProviderUnavailableError(
+                f"the signing key {self.label!r} is missing from the HSM")
+            self._hsm.unavailable(missing)
+            raise missing
+        with self._hsm.creation_lock.held():
+            # Another process may have made it while this one waited for the lock.
+            found = self._find(session)
+            if found is not None:
+                return found
+            params = session.create_domain_parameters(
+                KeyType.EC_EDWARDS,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID)},
+                local=True,
+            )
+            pub, priv = params.generate_keypair(
+                store=True, label=self.label, id=os.urandom(16),  # pairs the two halves
+                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.TOKEN: True},
+                public_template={Attribute.TOKEN: True},
+            )
         return priv, pub
 
     def sign(self, data: bytes) -> bytes:

@@ -40,7 +40,14 @@ from sandboxsec.crypto.errors import (
     KeyProviderUnavailableError,
     TenantKeyMissingError,
 )
-from sandboxsec.crypto.keys import KeyProvider, LocalKeyProvider, Pkcs11KeyProvider, gcm
+from sandboxsec.crypto.hsm_objects import find_or_create_secret_keys
+from sandboxsec.crypto.keys import (
+    KeyProvider,
+    LocalKeyProvider,
+    Pkcs11KeyProvider,
+    gcm,
+    gcm_open_any,
+)
 from sandboxsec.statefiles import create_once
 
 __all__ = [
@@ -209,34 +216,42 @@ class Pkcs11TenantKeyStore:
         """The HSM object label of a tenant's key."""
         return self._prefix + _check_id(tenant_id)
 
-    def _get(self, session: Any, tenant_id: str, *, create: bool) -> Any:
+    def _get(self, session: Any, tenant_id: str, *, create: bool) -> list[Any]:
+        """The tenant's key objects, the one to wrap with first (several only if duplicates
+        were made: :mod:`sandboxsec.crypto.hsm_objects`)."""
         import pkcs11
         from pkcs11 import Attribute, KeyType
 
         label = self.label(tenant_id)
+
+        def make() -> Any:
+            # The root key exists beside every tenant key: health checks and the "root key
+            # lost" guard rely on it, and tenants from before per-tenant keys are wrapped by it.
+            self._hsm.root_key_handle(create=True)
+            return session.generate_key(
+                KeyType.AES, KEY_BYTES * 8, label=label, store=True,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.TOKEN: True},
+            )
+
+        keys = find_or_create_secret_keys(session, label, self._hsm.creation_lock,
+                                          make if create else None)
+        if keys:
+            return keys
         try:
-            return session.get_key(label=label, key_type=KeyType.AES)
+            session.get_key(label=self._hsm.key_label, key_type=KeyType.AES)
         except pkcs11.NoSuchKey as exc:
-            if not create:
-                try:
-                    session.get_key(label=self._hsm.key_label, key_type=KeyType.AES)
-                except pkcs11.NoSuchKey:
-                    # Not even the root key: the token is gone, not the tenant's key.
-                    raise self._hsm.unavailable(exc) from None
-                raise TenantKeyMissingError() from None
-        # The root key exists beside every tenant key: health checks and the "root key lost"
-        # guard rely on it, and tenants from before per-tenant keys are wrapped by it.
-        self._hsm.root_key_handle(create=True)
-        return session.generate_key(
-            KeyType.AES, KEY_BYTES * 8, label=label, store=True,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                      Attribute.TOKEN: True},
-        )
+            # Not even the root key: the token is gone, not the tenant's key.
+            raise self._hsm.unavailable(exc) from None
+        except pkcs11.MultipleObjectsReturned:
+            pass  # the root key is there (twice): it is the tenant's key that is missing
+        raise TenantKeyMissingError() from None
 
     def wrap(self, tenant_id: str, secret: bytes, aad: bytes, *, create: bool) -> bytes:
         nonce = os.urandom(_NONCE)
         out = self._hsm.run(
-            lambda s: gcm(self._get(s, tenant_id, create=create), "encrypt", secret, nonce, aad)
+            lambda s: gcm(self._get(s, tenant_id, create=create)[0], "encrypt", secret, nonce,
+                          aad)
         )
         return bytes([FORMAT_TENANT_HSM]) + nonce + out
 
@@ -245,7 +260,7 @@ class Pkcs11TenantKeyStore:
             raise DecryptionFailedError()
         nonce, body = wrapped[1 : 1 + _NONCE], wrapped[1 + _NONCE :]
         return self._hsm.run(
-            lambda s: gcm(self._get(s, tenant_id, create=False), "decrypt", body, nonce, aad),
+            lambda s: gcm_open_any(self._get(s, tenant_id, create=False), body, nonce, aad),
             decrypting=True,
         )
 

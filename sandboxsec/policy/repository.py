@@ -154,8 +154,7 @@ class SqlPolicyRepository:
 
     def listen_url(self) -> str:
         """The libpq connection string a LISTEN connection uses."""
-        url = self._db.engine.url.set(drivername="postgresql")
-        return url.render_as_string(hide_password=False)
+        return self._db.conninfo()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

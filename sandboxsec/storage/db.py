@@ -180,6 +180,16 @@ class Database:
         except Exception:
             return False
 
+    def conninfo(self) -> str:
+        """The libpq connection string of this engine's URL (PostgreSQL only), for a raw
+        connection of our own (LISTEN): every host of a multi-host URL and options such as
+        ``target_session_attrs`` are kept, so it follows a failover like the pool does."""
+        from psycopg.conninfo import make_conninfo
+
+        _, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+        kwargs.pop("context", None)
+        return make_conninfo("", **{k: v for k, v in kwargs.items() if isinstance(v, str | int)})
+
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()

@@ -235,6 +235,8 @@ class Ledger:
     """Every acknowledged write, plus latencies and error answers of the run."""
 
     sessions: dict[str, str] = field(default_factory=dict)  # session id -> tenant id
+    #: attestation id -> (tenant id, verdict status) of every verdict the service answered.
+    verdicts: dict[str, tuple[str, str]] = field(default_factory=dict)
     records: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id -> t, s, sha
     decisions: Counter[str] = field(default_factory=Counter)
     decided_by_tenant: Counter[str] = field(default_factory=Counter)
@@ -346,6 +348,8 @@ class Sandbox:
             "image_manifest": self.trust.manifest,
             **soft_session_evidence(self.ak, nonce)[0],
         })
+        if status == 200 and isinstance(out, dict) and out.get("attestation_id"):
+            api.ledger.verdicts[str(out["attestation_id"])] = (tenant.id, str(out["status"]))
         if status != 200 or out.get("status") != "affirming":
             return None
         token = out.get("token")
@@ -622,6 +626,10 @@ def _check_audit(tenant: Tenant, entries: list[dict[str, Any]], ledger: Ledger,
     for rid, (tid, _, _) in ledger.records.items():
         if tid == tenant.id and not writes[rid]:
             problems.append(f"record {rid} acknowledged but its write is not in the audit log")
+    verdicts = _ids(entries, "attestation:quote:verdict", "attestation_id")
+    for att, (tid, status) in ledger.verdicts.items():
+        if tid == tenant.id and not verdicts[att]:
+            problems.append(f"verdict {att} ({status}) acknowledged but not in the audit log")
     starts = _ids(entries, "session:session:start", "session_id")
     for sid, tid in ledger.sessions.items():
         if tid == tenant.id and not starts[sid]:

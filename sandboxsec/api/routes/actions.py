@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
+from sandboxsec.metrics import DECISIONS
 from sandboxsec.policy.canonical import canonical_json
 from sandboxsec.policy.engine import Outcome
 from sandboxsec.principal import Principal
@@ -72,6 +73,7 @@ def request_action(body: ActionIn, services: ServicesDep,
             params=body.params, claim=claim))
     d = result.decision
     approval = result.approval
+    DECISIONS.labels(str(d.outcome)).inc()
     return ActionOut(
         decision=d.outcome, reason=d.explanation, rule_id=d.rule_id, decision_id=d.decision_id,
         policy_version=d.policy_version, params_hash=result.params_hash,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandboxsec.api.deps import ServicesDep, require
 from sandboxsec.api.session_proof import ProofDep
 from sandboxsec.errors import NotFoundError
+from sandboxsec.metrics import APPROVAL_SECONDS
 from sandboxsec.policy.approvals import ApprovalEvent, ApprovalState
 from sandboxsec.policy.views import ApprovalView
 from sandboxsec.principal import Principal, Role
@@ -58,6 +59,14 @@ class DecideIn(BaseModel):
 
 def _out(v: ApprovalView) -> ApprovalOut:
     return ApprovalOut.model_validate(v, from_attributes=True)
+
+
+def _decided(v: ApprovalView) -> ApprovalOut:
+    # How long the human took: creation to decision, by outcome.
+    if v.decided_at is not None:
+        APPROVAL_SECONDS.labels(str(v.state)).observe(
+            max(0.0, (v.decided_at - v.created_at).total_seconds()))
+    return _out(v)
 
 
 @router.get("/approvals", response_model=list[ApprovalOut], response_model_exclude_none=True)
@@ -119,7 +128,7 @@ async def wait_approval(
 def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
             who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Approve exactly what was shown; the agent then gets a single-use grant."""
-    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.APPROVE,
+    return _decided(services.approvals.decide(who, approval_id, ApprovalEvent.APPROVE,
                                           body.params_hash))
 
 
@@ -128,7 +137,8 @@ def approve(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
 def deny(approval_id: ApprovalId, body: DecideIn, services: ServicesDep,
          who: Annotated[Principal, Depends(require("approval:decide"))]) -> ApprovalOut:
     """Deny the request."""
-    return _out(services.approvals.decide(who, approval_id, ApprovalEvent.DENY, body.params_hash))
+    return _decided(services.approvals.decide(who, approval_id, ApprovalEvent.DENY,
+                                              body.params_hash))
 
 
 def _static(name: str) -> bytes:

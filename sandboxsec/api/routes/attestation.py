@@ -15,6 +15,7 @@ from sandboxsec.attestation.errors import EvidenceMalformedError
 from sandboxsec.attestation.service import decode_evidence_field
 from sandboxsec.attestation.verifier import Evidence
 from sandboxsec.encoding import ascii_int, hex_decode_strict
+from sandboxsec.metrics import VERDICTS
 from sandboxsec.principal import Principal
 
 router = APIRouter(tags=["attestation"])
@@ -185,6 +186,8 @@ def verify(
     )
     verdict = services.attestation.verify(who, evidence)
     result = verdict.result
+    VERDICTS.labels(str(result.status),
+                    result.failures[0].code if result.failures else "none").inc()
     return VerifyOut(
         status=result.status,
         failures=[FailureOut(code=f.code, message=f.message) for f in result.failures],

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
+from sqlmodel import col, func, select
 
 from sandboxsec import __version__
 from sandboxsec.api.deps import ServicesDep
+from sandboxsec.audit.models import AuditHeadRow
 from sandboxsec.crypto.errors import NodeIdentityMismatchError
 from sandboxsec.errors import SandboxSecError
+from sandboxsec.metrics import StateCollector, scrape_registry
+from sandboxsec.policy.models import ApprovalRequest
 from sandboxsec.services import Services
+from sandboxsec.storage.db import Database
 
 router = APIRouter()
 page_router = APIRouter()
@@ -59,12 +65,42 @@ def node_identity(services: Services) -> str:
 
 @page_router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
 def metrics(request: Request, services: ServicesDep) -> PlainTextResponse:
-    """Prometheus text exposition of this worker's counters."""
-    m = request.app.state.metrics
-    # Alarms live in files shared by every worker: read them at scrape time.
-    by_code = Counter(a.code for a in services.audit.guard.states.alarms())
-    for code in {*by_code, *m.audit_alarm_codes}:
-        m.audit_alarms.labels(code).set(by_code.get(code, 0))
-    m.audit_alarm_codes.update(by_code)
-    data = generate_latest(m.registry)
+    """Prometheus text exposition: HTTP and domain counters (summed over every worker when
+    the server runs several) and gauges read at scrape time (database, key provider, and the
+    audit alarms, which live in files shared by every worker)."""
+    state = StateCollector(lambda: _pending(services.db), lambda: _newest(services.db),
+                           lambda: _keys_ok(services),
+                           lambda: Counter(a.code for a in services.audit.guard.states.alarms()))
+    data = generate_latest(scrape_registry(request.app.state.metrics.registry, state))
     return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
+
+
+def _pending(db: Database) -> int | None:
+    try:
+        with db.session() as s:
+            return int(s.exec(select(func.count()).select_from(ApprovalRequest)
+                              .where(col(ApprovalRequest.state) == "pending")).one())
+    except SandboxSecError:
+        return None
+
+
+def _newest(db: Database) -> list[datetime] | None:
+    """When each log with entries not yet covered by a checkpoint last had one (a log whose
+    every entry is covered is not waiting, however old its checkpoint: quiet tenants do not
+    age)."""
+    try:
+        with db.session() as s:
+            rows = s.exec(select(AuditHeadRow.checkpoint_at)
+                          .where(col(AuditHeadRow.size) > col(AuditHeadRow.checkpoint_size))).all()
+    except SandboxSecError:
+        return None
+    return [t if t.tzinfo else t.replace(tzinfo=UTC) for t in rows if t is not None]
+
+
+def _keys_ok(services: Services) -> bool:
+    try:
+        if services.keys.has_root_key():
+            services.keys.check()
+        return True
+    except SandboxSecError:
+        return False

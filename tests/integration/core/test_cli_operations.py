@@ -207,3 +207,18 @@ def test_two_nodes_migrate_one_postgres_at_once(pg_cluster: PgCluster | None,
         assert _subprocess(env, "migrate", "--check").returncode == 0
     finally:
         pg_cluster.drop_database(url)
+
+
+def test_unusable_key_provider_stops_serve_with_the_dependency_code(tmp_path: Path,
+                                                                   _run: _Cli) -> None:
+    """An HSM the server cannot open at all is a failed dependency (exit 4, one line), like an
+    unreachable database: not a server that starts and answers 503 to everything, and not the
+    usage code."""
+    env = {**_env(tmp_path, None), "SANDBOXSEC_KEY_PROVIDER": "pkcs11",
+           "SANDBOXSEC_PKCS11_MODULE": str(tmp_path / "no-such-module.so"),
+           "SANDBOXSEC_PKCS11_TOKEN_LABEL": "sandboxsec", "SANDBOXSEC_PKCS11_PIN": "hunter2"}
+    r = _run(env, "serve", "--port", str(_free_port()))
+    assert r.returncode == 4, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith("error: key_provider_unavailable: "), r.stderr
+    assert "Traceback" not in r.stderr and "hunter2" not in r.stderr

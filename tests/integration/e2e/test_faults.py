@@ -370,11 +370,6 @@ class _Token:
         shutil.move(self.root / "unplugged", self.tokens)
 
 
-# In `make soak` until a known race is fixed: two workers that find no root-key object in a
-# freshly re-inserted token can both create one, and the next lookup then sees two objects
-# with the same label (MultipleObjectsReturned) and fails closed. Key creation needs a lock
-# shared by the workers (or creation before the workers start).
-@pytest.mark.slow
 @pytest.mark.softhsm
 @pytest.mark.timeout(120)
 def test_key_provider_outage_fails_closed_and_loses_nothing(tmp_path: Path) -> None:

@@ -32,3 +32,31 @@ def test_out_of_range_settings_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SANDBOXSEC_MAX_BODY_BYTES", "10")
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.parametrize(("given", "resolved", "conninfo"), [
+    ("postgresql://u:pw@10.0.0.1:5432,10.0.0.2:5433/db?target_session_attrs=read-write",
+     "postgresql+psycopg://u:pw@/db?host=10.0.0.1:5432&host=10.0.0.2:5433"
+     "&target_session_attrs=read-write",
+     {"host": "10.0.0.1,10.0.0.2", "port": "5432,5433", "dbname": "db", "user": "u",
+      "password": "pw", "target_session_attrs": "read-write"}),
+    ("postgres://u@a,b/db", "postgresql+psycopg://u@/db?host=a&host=b",
+     {"host": "a,b", "port": ",", "dbname": "db", "user": "u"}),  # libpq: default ports
+    ("postgresql://u@db:5432/x", "postgresql+psycopg://u@db:5432/x",
+     {"host": "db", "port": "5432", "dbname": "x", "user": "u"}),
+])
+def test_multi_host_urls_keep_every_host(given: str, resolved: str,
+                                         conninfo: dict[str, str]) -> None:
+    """libpq's failover form (several host:port, target_session_attrs) is what operators copy
+    from PostgreSQL's documentation: the engine and the LISTEN connection both get every host."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from sandboxsec.storage.db import Database
+
+    url = Settings(database_url=given).resolved_database_url()
+    assert url == resolved
+    db = Database(url)
+    try:
+        assert conninfo_to_dict(db.conninfo()) == conninfo
+    finally:
+        db.dispose()
