@@ -17,6 +17,10 @@ acts on *before* it acts; the checks, in order:
 5. its ``jti`` was never used with this key, in any worker (``dpop_replayed``).
 
 Refusals after step 2 are audited (``session:proof:refuse`` with the reason code).
+
+Routes that write (``POST /v1/actions``, trajectory writes) call :meth:`SessionBinding.acting`
+instead: checks 1, 3 and 4 first without a write, and step 5 inside the route's own
+transaction, so the proof is used up exactly when the request is carried out.
 """
 
 from __future__ import annotations
