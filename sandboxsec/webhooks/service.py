@@ -42,6 +42,8 @@ __all__ = ["DeliveryView", "WebhookService", "WebhookView"]
 
 log = structlog.get_logger("sandboxsec.webhooks")
 _BATCH = 20
+#: How long stopping waits for the delivery thread (it is a daemon thread).
+_JOIN_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,11 @@ class WebhookService:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._stop.set()
-            thread.join(timeout=self._settings.webhook_timeout_seconds + 5)
+            # Briefly: a serving process must stop within its supervisor's grace period (a
+            # worker that overstays is killed, and a killed supervisor leaves it orphaned).
+            # A delivery cut short is not lost: its lease expires and another process sends
+            # it again with the same webhook-id (receivers drop duplicates).
+            thread.join(timeout=_JOIN_SECONDS)
 
     def _run(self) -> None:
         with httpx.Client(timeout=self._settings.webhook_timeout_seconds,
