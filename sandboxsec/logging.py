@@ -109,12 +109,17 @@ def stdlib_logging_config(level: str = "info", fmt: str = "json") -> dict[str, A
     handler = {"class": "logging.StreamHandler", "formatter": "sandboxsec",
                "stream": "ext://sys.stderr"}
     lvl = level.upper()
+    # Libraries log every HTTP call or connection at INFO; only their warnings and errors are
+    # the service's business (as before this configuration, when Python dropped the rest).
+    named = logging.getLevelName(lvl)
+    number = named if isinstance(named, int) else logging.INFO
+    root = logging.getLevelName(max(logging.WARNING, number))
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"sandboxsec": formatter},
         "handlers": {"stderr": handler},
-        "root": {"handlers": ["stderr"], "level": lvl},
+        "root": {"handlers": ["stderr"], "level": root},
         # The server's loggers come with handlers of their own: replace them by ours.  Its
         # per-request access lines stay off, as `serve` always had them (access_log=False).
         "loggers": {
