@@ -330,24 +330,29 @@ class Sandbox:
         self.bound = status == 200
         return self.bound
 
-    async def attest(self, api: Api, tenant: Tenant) -> str | None:
-        status, ch = await api.call("POST /v1/attestation/challenge", "POST",
-                                    "/v1/attestation/challenge", tenant.h("agent"), {})
-        if status != 200:
-            return None
-        nonce = base64.b64decode(ch["nonce"])
+    def evidence(self, nonce_b64: str) -> dict[str, Any]:
+        """The verify body of a quote over ``nonce_b64`` (the TPM clock moves on by one)."""
+        nonce = base64.b64decode(nonce_b64)
         self.tick += 1
         quote = marshal_quote(nonce, {"sha256": self.trust.pcrs}, clock=self.tick)
-        status, out = await api.call("POST /v1/attestation/verify", "POST",
-                                     "/v1/attestation/verify", tenant.h("agent"), {
-            "nonce": ch["nonce"], "quote": base64.b64encode(quote).decode(),
+        return {
+            "nonce": nonce_b64, "quote": base64.b64encode(quote).decode(),
             "signature": base64.b64encode(sign_quote(self.ak, quote)).decode(),
             "ak_public": base64.b64encode(self.ak.public).decode(),
             "pcrs": {"sha256": {str(i): v.hex() for i, v in self.trust.pcrs.items()}},
             "event_log": base64.b64encode(self.trust.event_log).decode(),
             "image_manifest": self.trust.manifest,
             **soft_session_evidence(self.ak, nonce)[0],
-        })
+        }
+
+    async def attest(self, api: Api, tenant: Tenant) -> str | None:
+        status, ch = await api.call("POST /v1/attestation/challenge", "POST",
+                                    "/v1/attestation/challenge", tenant.h("agent"), {})
+        if status != 200:
+            return None
+        status, out = await api.call("POST /v1/attestation/verify", "POST",
+                                     "/v1/attestation/verify", tenant.h("agent"),
+                                     self.evidence(ch["nonce"]))
         if status == 200 and isinstance(out, dict) and out.get("attestation_id"):
             api.ledger.verdicts[str(out["attestation_id"])] = (tenant.id, str(out["status"]))
         if status != 200 or out.get("status") != "affirming":

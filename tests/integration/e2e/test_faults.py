@@ -203,14 +203,22 @@ async def _prepare(api: Api, tenant: Tenant, deployment: Deployment,
         "session_id": sid, "action": "message", "resource": "app:chat", "params": {"n": 1}})
     assert status == 200 and d["decision"] == "allow"
     ledger.decided_by_tenant[tenant.id] += 1
-    return {"box": box, "spare_token": spare, "session_id": sid, "grant": d["grant"]}
+    # A verdict to submit during the outage: its nonce is stateless (issuing it wrote
+    # nothing), so only the verdict is a write.
+    status, ch = await api.call("POST /v1/attestation/challenge", "POST",
+                                "/v1/attestation/challenge", tenant.h("agent"), {})
+    assert status == 200
+    return {"box": box, "spare_token": spare, "session_id": sid, "grant": d["grant"],
+            "verdict": box.evidence(ch["nonce"])}
 
 
 def _probes(tenant: Tenant, prep: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
-    """One request of each kind that must not succeed while the database is down."""
+    """One request of each kind that must not succeed while the database is down (a
+    challenge writes nothing: it is refused only when the key cannot be read either)."""
     sid = prep["session_id"]
     return [
         ("challenge", "POST", "/v1/attestation/challenge", {}),
+        ("verdict", "POST", "/v1/attestation/verify", prep["verdict"]),
         ("session", "POST", "/v1/sessions", {"attestation_token": prep["spare_token"]}),
         ("action", "POST", "/v1/actions", {"session_id": sid, "action": "message",
                                            "resource": "app:chat", "params": {"n": 2}}),
@@ -305,8 +313,13 @@ def _outage_run(outage_setup: tuple[Deployment, _Outage], *, seconds: float,
                         break
                     await asyncio.sleep(0.2)
                 assert status == 200, "the service did not recover once the database was back"
-                # 3. What was refused during the outage was not used up: the spare token
-                #    starts a session now, the grant verifies (once).
+                # 3. What was refused during the outage was not used up: the verdict's nonce
+                #    still affirms once, the spare token starts a session now, the grant
+                #    verifies (once).
+                status, v = await api.call("POST /v1/attestation/verify", "POST",
+                                           "/v1/attestation/verify", tenant.h("agent"),
+                                           prep["verdict"])
+                assert status == 200 and v["status"] == "affirming", v
                 status, s = await api.call("POST /v1/sessions", "POST", "/v1/sessions",
                                            tenant.h("agent"),
                                            {"attestation_token": prep["spare_token"]})
@@ -327,6 +340,11 @@ def _outage_run(outage_setup: tuple[Deployment, _Outage], *, seconds: float,
         after = asyncio.run(scenario())
         assert server.proc is not None and server.proc.pid == pid and server.proc.poll() is None
         for name, (status, code) in answers.items():
+            if name == "challenge" and not deployment.database_url:
+                # Under an SQLite write lock the key is still read and a nonce is minted
+                # without a write: a challenge is answered; the verdict (probed) is not.
+                assert status == 200, (outage.name, name, status, code)
+                continue
             assert status == 503 and code in DOWN_CODES, (outage.name, name, status, code)
         assert ledger.violations == [], ledger.violations
         if deployment.database_url:
