@@ -1,7 +1,7 @@
 """audit: append intents, sequenced into the log in batches (one tenant scales with nodes)
 
 Revision ID: 0006_log15
-Revises: 0005_r14b
+Revises: 0006_id15
 Create Date: 2026-12-01 11:20:00
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 
 
 revision = '0006_log15'
-down_revision = '0005_r14b'
+down_revision = '0006_id15'
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """the service's own keys, held once for every node (service_keys)
 
 Revision ID: 0006_id15
-Revises: 0005_r14b
+Revises: 0006_p13
 Create Date: 2026-12-01 11:20:00
 """
 
@@ -14,7 +14,7 @@ import sandboxsec.storage.types
 from alembic import op
 
 revision = "0006_id15"
-down_revision = "0005_r14b"
+down_revision = "0006_p13"
 branch_labels = None
 depends_on = None
 
