@@ -25,6 +25,7 @@ from sandboxsec.services import Services
 from sandboxsec.sessions import dpop
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.attestation.test_swtpm import bind, evidence, manifest_for, nonce
+from tests.integration.policy.conftest import allow_key_approvals
 from tests.support.pki import Publisher, make_publisher
 from tests.support.sessionkeys import SoftSessionKey
 
@@ -142,7 +143,8 @@ def act(agent: Agent, sid: str, **kw: Any) -> Any:
 
 
 def test_bound_session_flow_and_end(agent: Agent, client: TestClient,
-                                    tenant: TenantKeys) -> None:
+                                    tenant: TenantKeys, services: Services) -> None:
+    allow_key_approvals(services, tenant)  # this flow's approver is a machine key
     sid = agent.start()
     r = act(agent, sid)
     assert r.status_code == 200, r.text
