@@ -6,12 +6,18 @@ same refusal would have on the API, for consistency of the hierarchy.
 
 from __future__ import annotations
 
-from sandboxsec.errors import ForbiddenError, InputError, SandboxSecError
+from sandboxsec.errors import (
+    DependencyUnavailableError,
+    ForbiddenError,
+    InputError,
+    SandboxSecError,
+)
 
 __all__ = [
     "GatewayArgumentsInvalidError",
     "GatewayMappingInvalidError",
     "GatewayOutcomeUnknownError",
+    "GatewaySessionKeyUnavailableError",
     "GatewayToolUnmappedError",
 ]
 
@@ -40,3 +46,10 @@ class GatewayOutcomeUnknownError(SandboxSecError):
 
     code = "gateway_outcome_unknown"
     status = 502
+
+
+class GatewaySessionKeyUnavailableError(DependencyUnavailableError):
+    """The session key could not be reached in the sandbox's TPM (no TPM at the TCTI, no key
+    at the persistent handle, a saved context from another TPM or boot): nothing is served."""
+
+    code = "gateway_session_key_unavailable"

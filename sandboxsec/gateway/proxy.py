@@ -46,7 +46,8 @@ from sandboxsec_client import (
     AsyncAgentClient,
     AsyncDownstreamClient,
     ClientError,
-    ProofSigner,
+    SessionKeySigner,
+    SessionProver,
 )
 
 from sandboxsec.errors import SandboxSecError
@@ -80,8 +81,10 @@ class GatewayConfig:
     #: Store every forwarded call's result in the session's trajectory.
     record: bool = False
     timeout: float = 30.0
-    #: Signs the ``DPoP`` proof of each request when sessions are bound to the TPM.
-    proof: ProofSigner | None = None
+    #: The session's TPM-held key (:class:`sandboxsec_client.TpmSessionKey`): it signs the
+    #: ``DPoP`` proof of every request acting in the session.  ``None`` only for a session
+    #: that is not bound to a key (the service refuses those where binding is required).
+    session_key: SessionKeySigner | None = None
 
 
 def _error(text: str) -> types.CallToolResult:
@@ -108,11 +111,14 @@ class Gateway:
         self.mapping = mapping
         self.config = config
         self._stack = AsyncExitStack()
+        # One prover for both clients: proofs by the session key, for this session.
+        prover = SessionProver(config.agent_key, config.session_key,
+                               session_id=config.session_id)
         self._agent = agent or AsyncAgentClient(config.service_url, config.agent_key,
-                                                timeout=config.timeout, proof=config.proof)
+                                                timeout=config.timeout, proof=prover)
         # Any key may use a grant up; the gateway uses the sandbox's own.
         self._downstream = downstream or AsyncDownstreamClient(
-            config.service_url, config.agent_key, timeout=config.timeout, proof=config.proof)
+            config.service_url, config.agent_key, timeout=config.timeout, proof=prover)
         self._upstream: Client | None = None
         self._tools: dict[str, tuple[types.Tool, str, jsonschema.protocols.Validator]] = {}
         self._pending: OrderedDict[str, str] = OrderedDict()

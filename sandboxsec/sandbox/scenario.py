@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -55,6 +56,8 @@ from sandboxsec_client import (
     ApproverClient,
     AuditorClient,
     DownstreamClient,
+    InsecureSignerWarning,
+    SoftwareP256Signer,
 )
 
 from sandboxsec.clock import SystemClock
@@ -394,7 +397,7 @@ class _Run:
         with AgentClient(self.base, other.key) as thief:
             for signer in (None, _software_key()):
                 if signer is not None:
-                    thief.prover.attach(*signer)
+                    thief.prover.attach(signer)
                 try:
                     thief.ask(session_id, "login", LOGIN_RESOURCE, LOGIN)
                     refusals.append("accepted")
@@ -722,17 +725,11 @@ class _Run:
         self.check(True, f"{self.base} ({db}, pid {self.server.pid})")
 
 
-def _software_key() -> tuple[Any, dict[str, str]]:
-    """A key the second machine made in software: its signer and JWK."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from sandboxsec.sessions import dpop
-
-    private = ec.generate_private_key(ec.SECP256R1())
-    numbers = private.public_key().public_numbers()
-    jwk = dpop.ec_jwk(numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big"))
-    return (lambda m: dpop.der_to_raw(private.sign(m, ec.ECDSA(hashes.SHA256())))), jwk
+def _software_key() -> SoftwareP256Signer:
+    """A key the second machine made in software (on purpose: it is the thief's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureSignerWarning)
+        return SoftwareP256Signer()
 
 
 class _Waiter:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from sandboxsec_client import AgentClient
 
+from sandboxsec.sandbox import swtpm as sw
 from tests.support.faults import (
     Deployment,
     Server,
@@ -64,6 +65,11 @@ class SoftSandbox:
         certify = marshal_certify(nonce, self.session_key_public)
         return certify, sign_quote(self.soft, certify)
 
+    def sign_session(self, message: bytes) -> bytes:
+        assert self.session_key is not None
+        return self.session_key.sign(message)
+
+
     def ak(self) -> bytes:
         return self.soft.public
 
@@ -87,6 +93,36 @@ class SoftSandbox:
 
     def event_log(self) -> bytes | None:
         return self.trust.event_log
+
+
+class SwtpmKeySandbox(SoftSandbox):
+    """The sandbox whose session key lives in a real TPM (swtpm), made persistent at
+    ``handle`` so another process (``sandboxsec gateway``) can sign with it; the AK that
+    certifies it is the software one the service trusts."""
+
+    HANDLE = 0x81000100
+
+    def __init__(self, base: SoftSandbox, tpm: sw.SwTpm) -> None:
+        super().__init__(base.trust)
+        self.base, self.soft, self.tpm = base, base.soft, tpm  # the AK the service bound
+
+    def quote(self, nonce: bytes) -> tuple[bytes, bytes]:
+        return self.base.quote(nonce)  # one AK, one clock that only moves forward
+
+    def new_session_key(self) -> bytes:
+        from tpm2_pytss.constants import ESYS_TR
+
+        public = self.tpm.new_session_key()
+        with contextlib.suppress(Exception):  # a key of an earlier session, if any
+            old = self.tpm.esapi.tr_from_tpmpublic(self.HANDLE)
+            self.tpm.esapi.evict_control(ESYS_TR.OWNER, old, self.HANDLE)
+        assert self.tpm.session_key_handle is not None
+        self.tpm.esapi.evict_control(ESYS_TR.OWNER, self.tpm.session_key_handle, self.HANDLE)
+        self.session_key, self.session_key_public = None, public
+        return public
+
+    def sign_session(self, message: bytes) -> bytes:
+        return self.tpm.sign_session(message)
 
 
 @dataclass
@@ -115,16 +151,18 @@ class Live:
         """:meth:`proof` for this tenant's ``role`` key."""
         return self.proof(self.key(role))
 
-    def new_session(self) -> str:
-        """A session started from a fresh affirming attestation (through the client), bound
-        to a fresh session key certified by the sandbox's AK."""
-        key = self.key("agent")
-        with AgentClient(self.base, key, proof=self.proof(key)) as agent:
-            verdict = agent.attest(self.sandbox, self.deployment.trust.manifest.encode())
+    def new_session(self, sandbox: SoftSandbox | None = None) -> str:
+        """A session started from a fresh affirming attestation through the client and its
+        built-in prover, bound to a fresh session key certified by the sandbox's AK (the
+        proofs of the session start are signed by that key, as a runtime's are)."""
+        sandbox = sandbox or self.sandbox
+        with AgentClient(self.base, self.key("agent")) as agent:
+            verdict = agent.attest(sandbox, self.deployment.trust.manifest.encode())
             assert verdict.affirming, verdict.failures
-            assert verdict.token is not None and self.sandbox.session_key is not None
+            assert verdict.token is not None
             sid = agent.start_session(verdict.token).session_id
-        KEYS[sid] = self.sandbox.session_key
+        if sandbox.session_key is not None:
+            KEYS[sid] = sandbox.session_key
         self.last_session = sid
         return sid
 

@@ -8,11 +8,13 @@ the service nothing is forwarded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ from sandboxsec_client import AdminClient, AsyncApproverClient
 
 from sandboxsec.gateway.mapping import ServerMapping
 from sandboxsec.gateway.proxy import Gateway, GatewayConfig
-from tests.integration.clients.conftest import Live
+from sandboxsec.sandbox import swtpm as sw
+from tests.integration.clients.conftest import Live, SwtpmKeySandbox
+from tests.support.sessionkeys import KEYS
 
 TOOL_SERVER = Path(__file__).with_name("tool_server.py")
 MAPPING = """
@@ -90,7 +94,7 @@ def test_gateway_gates_every_tool_call(reads_allowed: Live,
     params, executed = upstream
     sid = live.new_session()
     config = GatewayConfig(live.base, live.key("agent"), sid, record=True,
-                           proof=live.prove("agent"))
+                           session_key=KEYS[sid])
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -181,7 +185,7 @@ def test_gateway_forwards_nothing_without_the_service(
     sid = live.new_session()
     # a closed port: the policy service cannot be asked
     config = GatewayConfig("http://127.0.0.1:9", live.key("agent"), sid, timeout=2,
-                           proof=live.prove("agent"))
+                           session_key=KEYS[sid])
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -193,11 +197,39 @@ def test_gateway_forwards_nothing_without_the_service(
     assert executed.calls() == []
 
 
-def test_gateway_command_on_stdio(reads_allowed: Live, tmp_path: Path) -> None:
+@pytest.fixture
+def tpm_sandbox(live: Live, tmp_path: Path) -> Iterator[SwtpmKeySandbox]:
+    """A sandbox whose session key is in a real TPM (swtpm), persistent for other processes.
+    swtpm serves one connection at a time: the test lets go of its own before the gateway
+    process connects (:meth:`_release`)."""
+    if not sw.available():
+        pytest.skip("swtpm is not installed")
+    (tmp_path / "swtpm").mkdir()
+    device = sw.start_swtpm(tmp_path / "swtpm")
+    try:
+        yield SwtpmKeySandbox(live.sandbox, device)
+    finally:
+        with contextlib.suppress(Exception):
+            device.esapi.close()
+        device.process.terminate()
+        device.process.wait(timeout=10)
+
+
+def _release(sandbox: SwtpmKeySandbox) -> str:
+    """Close this process's connection to the TPM; the TCTI another process connects with."""
+    sandbox.tpm.esapi.close()
+    return f"swtpm:host=127.0.0.1,port={sandbox.tpm.port}"
+
+
+def test_gateway_command_on_stdio(reads_allowed: Live, tpm_sandbox: SwtpmKeySandbox,
+                                  tmp_path: Path) -> None:
     """``sandboxsec gateway`` as a runtime starts it: a subprocess speaking MCP on stdio,
-    starting the tool server itself; the agent key never reaches the tool server."""
+    starting the tool server itself, signing every proof with the session key it reaches in
+    the sandbox's TPM (TCTI and persistent handle); the agent key never reaches the tool
+    server."""
     live = reads_allowed
-    sid = live.new_session()
+    sid = live.new_session(tpm_sandbox)
+    tcti = _release(tpm_sandbox)
     mapping = tmp_path / "payments.toml"
     mapping.write_text(MAPPING)
     executed = ToolLog(tmp_path / "executed.jsonl")
@@ -207,6 +239,7 @@ def test_gateway_command_on_stdio(reads_allowed: Live, tmp_path: Path) -> None:
     command = StdioServerParameters(
         command=sys.executable,
         args=["-m", "sandboxsec.cli", "gateway", "--service", live.base, "--session", sid,
+              "--tpm-tcti", tcti, "--session-key-handle", hex(SwtpmKeySandbox.HANDLE),
               "--mapping", str(mapping), "--", sys.executable, str(TOOL_SERVER)],
         env=env)
 
@@ -223,6 +256,48 @@ def test_gateway_command_on_stdio(reads_allowed: Live, tmp_path: Path) -> None:
     assert executed.calls() == [{"tool": "get_balance", "arguments": {"account": "main"}}]
 
 
+def test_gateway_command_without_the_session_key(reads_allowed: Live,
+                                                 tpm_sandbox: SwtpmKeySandbox,
+                                                 tmp_path: Path) -> None:
+    """A gateway that cannot reach the session's key serves nothing (exit 4, its reason);
+    one that signs with another key of the same TPM is refused by the service."""
+    live = reads_allowed
+    sid = live.new_session(tpm_sandbox)
+    # another key in the same TPM, persistent at another handle: not the session's key
+    from tpm2_pytss.constants import ESYS_TR
+
+    tpm_sandbox.tpm.new_session_key()
+    assert tpm_sandbox.tpm.session_key_handle is not None
+    tpm_sandbox.tpm.esapi.evict_control(ESYS_TR.OWNER, tpm_sandbox.tpm.session_key_handle,
+                                        SwtpmKeySandbox.HANDLE + 1)
+    tcti = _release(tpm_sandbox)
+    mapping = tmp_path / "payments.toml"
+    mapping.write_text(MAPPING)
+    executed = ToolLog(tmp_path / "executed.jsonl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
+    env.update({"TOOL_LOG": str(executed.path), "SANDBOXSEC_AGENT_KEY": live.key("agent"),
+                "SANDBOXSEC_LOG_LEVEL": "warning"})
+    base = [sys.executable, "-m", "sandboxsec.cli", "gateway", "--service", live.base,
+            "--session", sid, "--tpm-tcti", tcti, "--mapping", str(mapping)]
+    upstream = ["--", sys.executable, str(TOOL_SERVER)]
+    out = subprocess.run([*base, "--session-key-handle", "0x81000999", *upstream], env=env,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 4 and "gateway_session_key_unavailable" in out.stderr, out.stderr
+
+    command = StdioServerParameters(
+        command=sys.executable,
+        args=[*base[1:], "--session-key-handle", hex(SwtpmKeySandbox.HANDLE + 1), *upstream],
+        env=env)
+
+    async def run() -> None:
+        async with Client(command) as runtime:
+            r = await runtime.call_tool("get_balance", {"account": "main"})
+            assert r.is_error and "dpop_key_mismatch" in _text(r), _text(r)
+
+    anyio.run(run)
+    assert executed.calls() == []
+
+
 def test_gateway_command_usage_errors(tmp_path: Path) -> None:
     mapping = tmp_path / "m.toml"
     mapping.write_text(MAPPING)
@@ -231,6 +306,9 @@ def test_gateway_command_usage_errors(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
     for argv, extra, needle in (
         (base, {"SANDBOXSEC_AGENT_KEY": "k"}, "tool server"),           # no upstream
+        ([*base, "--", "true"], {"SANDBOXSEC_AGENT_KEY": "k"}, "--session-key-handle"),
+        ([*base, "--session-key-handle", "0x1234", "--", "true"], {"SANDBOXSEC_AGENT_KEY": "k"},
+         "persistent handle"),
         ([*base, "--", "true"], {}, "SANDBOXSEC_AGENT_KEY"),            # no key
         ([*base, "--approval-wait", "120", "--", "true"], {"SANDBOXSEC_AGENT_KEY": "k"},
          "approval-wait"),
@@ -251,7 +329,7 @@ def test_approved_call_runs_once_even_when_sent_twice_at_once(
     live = reads_allowed
     params, executed = upstream
     sid = live.new_session()
-    config = GatewayConfig(live.base, live.key("agent"), sid, proof=live.prove("agent"))
+    config = GatewayConfig(live.base, live.key("agent"), sid, session_key=KEYS[sid])
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \
@@ -278,7 +356,7 @@ def test_a_tool_changed_after_approval_is_not_run(
     live = reads_allowed
     params, executed = upstream
     sid = live.new_session()
-    config = GatewayConfig(live.base, live.key("agent"), sid, proof=live.prove("agent"))
+    config = GatewayConfig(live.base, live.key("agent"), sid, session_key=KEYS[sid])
 
     async def run() -> None:
         async with Gateway(params, ServerMapping.from_toml(MAPPING), config) as gw, \

@@ -4,6 +4,7 @@ auditors and administrators, in blocking (:mod:`.sync`) and async (:mod:`.aio`) 
     from sandboxsec_client import AgentClient
 
     with AgentClient("https://sandboxsec.example", agent_key) as agent:
+        # the TPM certifies a fresh session key; every session call is then signed by it
         verdict = agent.attest(tpm, manifest)
         session = agent.start_session(verdict.token)
         decision = agent.ask(session.session_id, "payment", "payee:acme", params)
@@ -12,7 +13,7 @@ auditors and administrators, in blocking (:mod:`.sync`) and async (:mod:`.aio`) 
 """
 
 from sandboxsec_client._core import ProofSigner, RetryPolicy
-from sandboxsec_client._flows import Attester, SessionKeyAttester
+from sandboxsec_client._flows import Attester, AttesterSigner, SessionKeyAttester
 from sandboxsec_client.aio import (
     AsyncAdminClient,
     AsyncAgentClient,
@@ -61,6 +62,12 @@ from sandboxsec_client.models import (
     Verdict,
     WhoAmI,
 )
+from sandboxsec_client.proofs import (
+    InsecureSignerWarning,
+    SessionKeySigner,
+    SessionProver,
+    SoftwareP256Signer,
+)
 from sandboxsec_client.sync import (
     AdminClient,
     AgentClient,
@@ -68,6 +75,7 @@ from sandboxsec_client.sync import (
     AuditorClient,
     DownstreamClient,
 )
+from sandboxsec_client.tpm import TpmSessionKey
 
 __version__ = "0.1.0"
 
@@ -85,6 +93,7 @@ __all__ = [
     "AsyncAuditorClient",
     "AsyncDownstreamClient",
     "Attester",
+    "AttesterSigner",
     "AuditInvalid",
     "AuditKey",
     "AuditorClient",
@@ -99,6 +108,7 @@ __all__ = [
     "GrantClaims",
     "GrantInvalid",
     "InputError",
+    "InsecureSignerWarning",
     "KeyStatus",
     "NotFoundError",
     "OutcomeUnknownError",
@@ -112,6 +122,10 @@ __all__ = [
     "ServerError",
     "SessionInfo",
     "SessionKeyAttester",
+    "SessionKeySigner",
+    "SessionProver",
+    "SoftwareP256Signer",
+    "TpmSessionKey",
     "TrajectoryRecord",
     "TransportError",
     "UnavailableError",

@@ -32,8 +32,9 @@ from sandboxsec_client.models import (
     Verdict,
     WhoAmI,
 )
+from sandboxsec_client.proofs import session_key_jwk
 
-__all__ = ["Attester", "SessionKeyAttester"]
+__all__ = ["Attester", "AttesterSigner", "SessionKeyAttester"]
 
 
 class Attester(Protocol):
@@ -82,6 +83,29 @@ class SessionKeyAttester(Attester, Protocol):
         """TPM2_Certify of the session key by the AK over ``nonce``."""
         ...
 
+    def sign_session(self, message: bytes) -> bytes:
+        """ES256 by the session key over SHA-256(``message``): raw ``r || s``."""
+        ...
+
+
+class AttesterSigner:
+    """The session key of a :class:`SessionKeyAttester` as a
+    :class:`~sandboxsec_client.proofs.SessionKeySigner` (its public key from the
+    ``TPM2B_PUBLIC`` the TPM returned)."""
+
+    def __init__(self, tpm: SessionKeyAttester, public: bytes) -> None:
+        self._tpm = tpm
+        self._jwk = session_key_jwk(public)
+
+    @property
+    def jwk(self) -> Mapping[str, str]:
+        """The session key's public JWK."""
+        return dict(self._jwk)
+
+    def sign(self, message: bytes) -> bytes:
+        """Signed by the TPM."""
+        return self._tpm.sign_session(message)
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -113,7 +137,8 @@ def bind_ak(tpm: Attester) -> Flow[str]:
     return str(out["ak_name"])
 
 
-def attest(tpm: Attester, manifest: bytes) -> Flow[Verdict]:
+def attest(tpm: Attester, manifest: bytes) -> Flow[tuple[Verdict, bytes | None]]:
+    """The verdict, and the ``TPM2B_PUBLIC`` of the session key it certified (if any)."""
     challenge = yield from _json(Call("POST", "/v1/attestation/challenge", {}))
     nonce = base64.b64decode(challenge["nonce"])
     quote_, signature = tpm.quote(nonce)
@@ -123,6 +148,7 @@ def attest(tpm: Attester, manifest: bytes) -> Flow[Verdict]:
         "pcrs": {"sha256": {str(i): v.hex() for i, v in tpm.read_pcrs().items()}},
         "image_manifest": manifest.decode("utf-8"),
     }
+    session_key: bytes | None = None
     if isinstance(tpm, SessionKeyAttester):
         # A fresh session key, certified by the AK over the same nonce.
         session_key = tpm.new_session_key()
@@ -133,7 +159,9 @@ def attest(tpm: Attester, manifest: bytes) -> Flow[Verdict]:
     if log is not None:
         body["event_log"] = _b64(log)
     # The nonce is single use: a lost answer cannot be repeated, only re-attested.
-    return Verdict.from_json((yield from _json(Call("POST", "/v1/attestation/verify", body))))
+    verdict = Verdict.from_json((yield from _json(Call("POST", "/v1/attestation/verify",
+                                                       body))))
+    return verdict, session_key
 
 
 def start_session(attestation_token: str) -> Flow[SessionInfo]:

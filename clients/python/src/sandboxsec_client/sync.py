@@ -8,14 +8,17 @@ own ``httpx.Client``: proxies, TLS settings; then you close it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sandboxsec_client import _flows as f
-from sandboxsec_client._flows import Attester
+from sandboxsec_client._core import ProofSigner, RetryPolicy
+from sandboxsec_client._flows import Attester, AttesterSigner, SessionKeyAttester
 from sandboxsec_client._transport import SyncTransport
 from sandboxsec_client.audit import VerifiedCheckpoint, verify_inclusion
 from sandboxsec_client.grants import GrantDecoder, parse_published_keys, verify_offline
@@ -37,6 +40,7 @@ from sandboxsec_client.models import (
     Verdict,
     WhoAmI,
 )
+from sandboxsec_client.proofs import SessionKeySigner, SessionProver
 
 __all__ = ["AdminClient", "AgentClient", "ApproverClient", "AuditorClient",
            "DownstreamClient"]
@@ -50,13 +54,46 @@ class AgentClient(SyncTransport):
         """Bind the TPM's AK to its certified EK (once per tenant and AK); the AK name."""
         return self.run(f.bind_ak(tpm))
 
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, proof: ProofSigner | None = None,
+                 session_key: SessionKeySigner | None = None, session_id: str | None = None,
+                 htu_base: str | None = None, http: httpx.Client | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 ) -> None:
+        #: The built-in ``DPoP`` prover (``None`` when ``proof`` replaces it): it signs with
+        #: ``session_key``, or with the key a :class:`SessionKeyAttester` had certified when
+        #: :meth:`attest` ran, for ``session_id`` or the session :meth:`start_session` started.
+        self.prover: SessionProver | None = None
+        if proof is None:
+            self.prover = SessionProver(api_key, session_key, session_id=session_id,
+                                        htu_base=htu_base)
+            proof = self.prover
+        super().__init__(base_url, api_key, timeout=timeout, retry=retry, proof=proof,
+                         http=http, sleep=sleep)
+
     def attest(self, tpm: Attester, manifest: bytes) -> Verdict:
-        """Challenge, quote, verify: the verdict (check ``verdict.affirming``)."""
-        return self.run(f.attest(tpm, manifest))
+        """Challenge, quote (and certify a fresh session key when the TPM holds one),
+        verify: the verdict (check ``verdict.affirming``).  With a session key, this client's
+        session calls are then signed by it."""
+        verdict, session_key = self.run(f.attest(tpm, manifest))
+        if (session_key is not None and self.prover is not None
+                and isinstance(tpm, SessionKeyAttester)):
+            self.prover.attach(AttesterSigner(tpm, session_key))
+        return verdict
 
     def start_session(self, attestation_token: str) -> SessionInfo:
-        """A session from an affirming attestation token (one token, one session)."""
-        return self.run(f.start_session(attestation_token))
+        """A session from an affirming attestation token (one token, one session); approval
+        reads then prove for it."""
+        session = self.run(f.start_session(attestation_token))
+        if self.prover is not None:
+            self.prover.session_id = session.session_id
+        return session
+
+    def use_session(self, other: AgentClient) -> None:
+        """Prove with ``other``'s session key and session (another worker of one agent)."""
+        if self.prover is None or other.prover is None:
+            raise ValueError("both clients must use the built-in prover")
+        self.prover.share(other.prover)
 
     def session(self, session_id: str) -> SessionInfo:
         """The session as the service sees it."""
