@@ -83,10 +83,10 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here: the MCP SDK takes seconds to import, and every other command would pay.
     import anyio
     from mcp import StdioServerParameters
-    from mcp.server.stdio import stdio_server
 
     from sandboxsec.gateway.mapping import load_mapping
     from sandboxsec.gateway.proxy import Gateway, GatewayConfig
+    from sandboxsec.gateway.stdio import strict_stdio_server
     from sandboxsec.logging import configure_logging
 
     command = args.upstream[1:] if args.upstream[:1] == ["--"] else args.upstream
@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with Gateway(upstream, mapping, config) as gateway, \
-                stdio_server() as (read, write):
+                strict_stdio_server() as (read, write):
             await gateway.server.run(read, write,
                                      gateway.server.create_initialization_options())
 

@@ -146,13 +146,23 @@ class Gateway:
     # -- tools --------------------------------------------------------------------------------
 
     async def refresh_tools(self) -> None:
-        """Re-read the upstream's tools (every page); keep only mapped ones."""
+        """Re-read the upstream's tools (every page); keep only mapped ones.
+
+        What an upstream could use to lie is refused, not guessed at: a tool listed twice
+        (which definition would the person have approved?) is offered under neither, and a
+        list that does not end within ``_MAX_TOOL_PAGES`` pages offers nothing.
+        """
         assert self._upstream is not None
         tools: dict[str, tuple[types.Tool, str, jsonschema.protocols.Validator]] = {}
+        seen: set[str] = set()
+        twice: set[str] = set()
         cursor: str | None = None
         for _ in range(_MAX_TOOL_PAGES):
             page = await self._upstream.list_tools(cursor=cursor)
             for tool in page.tools:
+                if tool.name in seen:
+                    twice.add(tool.name)
+                seen.add(tool.name)
                 if tool.name not in self.mapping.tools:
                     continue
                 definition = tool.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -167,6 +177,12 @@ class Gateway:
             cursor = page.next_cursor
             if not cursor:
                 break
+        else:
+            log.warning("gateway_tool_list_endless", pages=_MAX_TOOL_PAGES)
+            tools = {}
+        for name in twice:
+            log.warning("gateway_tool_listed_twice", tool=name[:64])
+            tools.pop(name, None)
         self._tools = tools
 
     async def _on_list_tools(self, _ctx: ServerRequestContext[Any],

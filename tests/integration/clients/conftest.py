@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sandboxsec_client import AgentClient
+from sandboxsec_client import AdminClient, AgentClient
 
 from sandboxsec.sandbox import swtpm as sw
 from tests.support.faults import (
@@ -284,3 +284,37 @@ class DroppingProxy:
         self._closed = True
         self.listener.close()
         self.drop_all()
+
+
+@pytest.fixture(scope="module")
+def reads_allowed(live: Live) -> Live:
+    with AdminClient(live.base, live.key("admin")) as admin:
+        policy = admin.policy()
+        if "mcp-read" not in policy.text:
+            admin.replace_policy(policy.text + "\np, mcp-read, read, *, attested == true, allow\n",
+                                 base_version=policy.version)
+    return live
+
+
+@pytest.fixture
+def tpm_sandbox(live: Live, tmp_path: Path) -> Iterator[SwtpmKeySandbox]:
+    """A sandbox whose session key is in a real TPM (swtpm), persistent for other processes.
+    swtpm serves one connection at a time: the test lets go of its own before the gateway
+    process connects (:func:`release_tpm`)."""
+    if not sw.available():
+        pytest.skip("swtpm is not installed")
+    (tmp_path / "swtpm").mkdir()
+    device = sw.start_swtpm(tmp_path / "swtpm")
+    try:
+        yield SwtpmKeySandbox(live.sandbox, device)
+    finally:
+        with contextlib.suppress(Exception):
+            device.esapi.close()
+        device.process.terminate()
+        device.process.wait(timeout=10)
+
+
+def release_tpm(sandbox: SwtpmKeySandbox) -> str:
+    """Close this process's connection to the TPM; the TCTI another process connects with."""
+    sandbox.tpm.esapi.close()
+    return f"swtpm:host=127.0.0.1,port={sandbox.tpm.port}"

@@ -8,13 +8,11 @@ the service nothing is forwarded."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,8 @@ from sandboxsec_client import AdminClient, AsyncApproverClient
 
 from sandboxsec.gateway.mapping import ServerMapping
 from sandboxsec.gateway.proxy import Gateway, GatewayConfig
-from sandboxsec.sandbox import swtpm as sw
 from tests.integration.clients.conftest import Live, SwtpmKeySandbox
+from tests.integration.clients.conftest import release_tpm as _release
 from tests.support.sessionkeys import KEYS
 
 TOOL_SERVER = Path(__file__).with_name("tool_server.py")
@@ -76,16 +74,6 @@ def upstream(tmp_path: Path) -> tuple[StdioServerParameters, ToolLog]:
     params = StdioServerParameters(command=sys.executable, args=[str(TOOL_SERVER)],
                                    env={**env, "TOOL_LOG": str(log)})
     return params, ToolLog(log)
-
-
-@pytest.fixture(scope="module")
-def reads_allowed(live: Live) -> Live:
-    with AdminClient(live.base, live.key("admin")) as admin:
-        policy = admin.policy()
-        if "mcp-read" not in policy.text:
-            admin.replace_policy(policy.text + "\np, mcp-read, read, *, attested == true, allow\n",
-                                 base_version=policy.version)
-    return live
 
 
 def test_gateway_gates_every_tool_call(reads_allowed: Live,
@@ -195,30 +183,6 @@ def test_gateway_forwards_nothing_without_the_service(
 
     anyio.run(run)
     assert executed.calls() == []
-
-
-@pytest.fixture
-def tpm_sandbox(live: Live, tmp_path: Path) -> Iterator[SwtpmKeySandbox]:
-    """A sandbox whose session key is in a real TPM (swtpm), persistent for other processes.
-    swtpm serves one connection at a time: the test lets go of its own before the gateway
-    process connects (:meth:`_release`)."""
-    if not sw.available():
-        pytest.skip("swtpm is not installed")
-    (tmp_path / "swtpm").mkdir()
-    device = sw.start_swtpm(tmp_path / "swtpm")
-    try:
-        yield SwtpmKeySandbox(live.sandbox, device)
-    finally:
-        with contextlib.suppress(Exception):
-            device.esapi.close()
-        device.process.terminate()
-        device.process.wait(timeout=10)
-
-
-def _release(sandbox: SwtpmKeySandbox) -> str:
-    """Close this process's connection to the TPM; the TCTI another process connects with."""
-    sandbox.tpm.esapi.close()
-    return f"swtpm:host=127.0.0.1,port={sandbox.tpm.port}"
 
 
 def test_gateway_command_on_stdio(reads_allowed: Live, tpm_sandbox: SwtpmKeySandbox,
