@@ -6,7 +6,7 @@ Only metadata changes here, never a path, field or status the API answers with:
   the route's ``require(...)`` dependency) and explicitly absent from public ones;
 * readable, unique operation ids (``request_action``, ``approve_request``...), so generated
   clients get method names people can read;
-* per-route error statuses: 401/403 only where a key is checked, 404 only where an object is
+* per-route error statuses: 401/403/429 only where a key is checked, 404 only where an object is
   looked up, 409 and 422 only where a state or a verification can refuse;
 * descriptions in plain text (reStructuredText literals become Markdown code spans);
 * ``/docs``: Swagger UI from the files of the ``swagger-ui-bundle`` package, so the page works
@@ -63,6 +63,7 @@ _EXTRA_STATUSES: dict[tuple[str, str], set[int]] = {
     ("POST", "/v1/attestation/ak/challenge"): {422},
     ("POST", "/v1/sessions"): {409, 422},
     ("POST", "/v1/actions"): {404, 409},  # the session named in the body
+    ("GET", "/v1/approvals"): {404},  # the session named in the query
     ("POST", "/v1/approvals/{approval_id}/approve"): {409},
     ("POST", "/v1/approvals/{approval_id}/deny"): {409},
     ("PUT", "/v1/policy"): {409},
@@ -124,7 +125,8 @@ def _plain(text: str) -> str:
 def _statuses(method: str, path: str, authenticated: bool) -> set[int]:
     out = {400, 413, 503}
     if authenticated:
-        out |= {401, 403}
+        # the key gate answers 401 and, over a key's rate, 429 before the route runs
+        out |= {401, 403, 429}
     if _LOOKUP_PATHS.search(path) or (method != "GET" and (method, path) not in _NO_LOOKUP):
         # writes name objects in their bodies (a session, a credential, a grant...)
         out.add(404)

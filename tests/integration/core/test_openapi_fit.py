@@ -48,6 +48,9 @@ def test_error_statuses_are_per_route(client: TestClient) -> None:
     assert "404" in responses[("get", "/v1/approvals/{approval_id}")]
     assert "422" in responses[("post", "/v1/grants/verify")]
     assert "422" not in responses[("get", "/v1/policy")]
+    # the key gate: a key over its rate is 429, only where a key is checked
+    assert "429" in responses[("post", "/v1/actions")]
+    assert "429" not in responses[("get", "/v1/grants/jwks")]
     # every documented error has the error document's schema
     for (_m, _p), codes in responses.items():
         assert all(c.isdigit() for c in codes)
