@@ -28,10 +28,12 @@ from sandboxsec_client import (
     ForbiddenError,
     GrantInvalid,
     InputError,
+    InsecureSignerWarning,
     NotFoundError,
     OutcomeUnknownError,
     ParamsHashMismatchError,
     RetryPolicy,
+    SoftwareP256Signer,
     UnavailableError,
     verify_inclusion,
 )
@@ -319,3 +321,42 @@ def test_lost_answer_of_a_write_is_reported_not_repeated(live: Live) -> None:
     with AdminClient(live.base, live.key("admin")) as admin:
         # it did run: a blind repeat would have stored it twice
         assert len(admin.trajectory(sid)[0]) == 1
+
+
+def test_built_in_prover_signs_with_the_attested_key_sync_and_async(live: Live) -> None:
+    """No ``proof=``: the async agent attests (its TPM certifies a fresh session key), starts
+    the session and acts, every proof signed by that key through the attester; a second
+    process holding the key (``session_key=``, ``session_id=``) waits on the approval; a client
+    with a key the AK never certified is refused."""
+    manifest = live.deployment.trust.manifest.encode()
+
+    async def run() -> tuple[str, str]:
+        async with AsyncAgentClient(live.base, live.key("agent")) as agent:
+            verdict = await agent.attest(live.sandbox, manifest)
+            assert verdict.affirming and verdict.token is not None
+            session = await agent.start_session(verdict.token)
+            assert agent.prover is not None
+            assert agent.prover.session_id == session.session_id
+            d = await agent.ask(session.session_id, "payment", RESOURCE, PAY)
+            assert d.approval_id is not None
+            assert (await agent.approval(d.approval_id)).state == "pending"
+            return session.session_id, d.approval_id
+
+    sid, aid = anyio.run(run)
+    held = live.sandbox.session_key
+    assert held is not None
+    with ApproverClient(live.base, live.key("approver")) as approver:
+        approver.approve(approver.get(aid))
+    with AgentClient(live.base, live.key("agent"), session_key=held, session_id=sid) as other:
+        assert other.wait(aid, timeout=10).state == "approved"
+        other.record(sid, "observation", b"by the second process")
+    with pytest.warns(InsecureSignerWarning):
+        stranger = SoftwareP256Signer()
+    with AgentClient(live.base, live.key("agent"), session_key=stranger,
+                     session_id=sid) as thief, pytest.raises(AuthenticationError) as refused:
+        thief.ask(sid, "payment", RESOURCE, PAY)
+    assert refused.value.code == "dpop_key_mismatch"
+    with AgentClient(live.base, live.key("agent")) as unbound, \
+            pytest.raises(AuthenticationError) as missing:
+        unbound.ask(sid, "payment", RESOURCE, PAY)
+    assert missing.value.code == "dpop_proof_missing"
