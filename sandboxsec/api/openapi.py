@@ -75,6 +75,21 @@ _EXTRA_STATUSES: dict[tuple[str, str], set[int]] = {
     ("DELETE", "/v1/tenant"): {409},
     ("GET", "/v1/audit/proof"): {409},
     ("GET", "/v1/audit/consistency"): {409},
+    # People and their passkeys: the page's routes pass a gate of their own (origin 403,
+    # address rate 429, live link or challenge 404, sign-in cookie 401) before their bodies.
+    ("POST", "/v1/people"): {409},
+    ("PUT", "/v1/sessions/{session_id}/owner"): {409},
+    ("POST", "/v1/enroll/{token}/options"): {403, 404, 429},
+    ("POST", "/v1/enroll/{token}/register"): {403, 404, 409, 422, 429},
+    ("POST", "/v1/signin/options"): {403, 429},
+    ("POST", "/v1/signin"): {401, 403, 404, 409, 422, 429},
+    ("POST", "/v1/signout"): {403, 429},
+    ("GET", "/v1/me"): {401, 403, 429},
+    ("GET", "/v1/me/approvals"): {401, 403, 429},
+    ("GET", "/v1/me/approvals/{approval_id}"): {401, 403, 404, 429},
+    ("POST", "/v1/me/approvals/{approval_id}/challenge"): {401, 403, 404, 409, 429},
+    ("POST", "/v1/me/approvals/{approval_id}/approve"): {401, 403, 404, 409, 422, 429},
+    ("POST", "/v1/me/approvals/{approval_id}/deny"): {401, 403, 404, 409, 422, 429},
 }
 
 #: Writes that name no stored object, so never answer 404.

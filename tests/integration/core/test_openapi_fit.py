@@ -11,6 +11,8 @@ from tests.conftest import TenantKeys
 
 PUBLIC = {("get", "/v1/grants/keys"), ("get", "/v1/grants/jwks"), ("get", "/v1/attestation/keys"),
           ("get", "/healthz"), ("get", "/metrics")}
+#: A person's routes: an enrolment link, a passkey sign-in and its cookie instead of an API key.
+PERSON_PREFIXES = ("/v1/enroll/", "/v1/signin", "/v1/signout", "/v1/me")
 
 
 def _operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -33,6 +35,8 @@ def test_security_scheme_and_operation_ids(client: TestClient) -> None:
     for method, path, op in _operations(spec):
         if (method, path) in PUBLIC:
             assert op["security"] == [] and "401" not in op["responses"], path
+        elif path.startswith(PERSON_PREFIXES):
+            assert op["security"] == [] and "403" in op["responses"], path
         else:
             assert op["security"] == [{"bearerAuth": []}], path
             assert {"401", "403"} <= set(op["responses"]), path
