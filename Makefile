@@ -31,9 +31,11 @@ apt-test: .stamp-apt-test
 	@touch $@
 
 venv: $(BIN)/.installed
-$(BIN)/.installed: pyproject.toml | .stamp-apt-run
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml | .stamp-apt-run
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
+	@# The client first, from this tree: the service depends on it by name.
+	@$(BIN)/python -m pip install -q -e clients/python
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
@@ -41,8 +43,8 @@ run: deps
 	@$(BIN)/sandboxsec serve --host $(HOST) --port $(PORT)
 
 lint: venv
-	$(BIN)/ruff check sandboxsec tests bench
-	$(BIN)/mypy sandboxsec
+	$(BIN)/ruff check sandboxsec tests bench clients
+	$(BIN)/mypy sandboxsec clients/python/src
 
 test: test-deps
 	@bash scripts/test.sh

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-echo "== ruff"; $BIN/ruff check sandboxsec tests bench
-echo "== mypy --strict sandboxsec"; $BIN/mypy sandboxsec
+echo "== ruff"; $BIN/ruff check sandboxsec tests bench clients
+echo "== mypy --strict sandboxsec"; $BIN/mypy sandboxsec clients/python/src
 echo "== import contracts"; $BIN/lint-imports --no-logo
 echo "== pytest"
 set +e

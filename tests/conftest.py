@@ -122,11 +122,11 @@ def services(settings: Settings, database: Database, clock: FixedClock) -> Itera
 def client(services: Services) -> Iterator[TestClient]:
     """An HTTP client for the app on ``services`` (no network: ASGI in process)."""
     from sandboxsec.api.app import create_app
-    from tests.support.sessionkeys import ProofAuth
+    from tests.support.sessionkeys import proof_auth_for
 
     with TestClient(create_app(services), raise_server_exceptions=False) as c:
         # Requests acting in a test session carry its proof, as the agent client sends them.
-        c.auth = ProofAuth(services.clock.now)
+        c.auth = proof_auth_for(c, services.clock.now)
         yield c
 
 

@@ -12,6 +12,7 @@ from sandboxsec import __version__
 from sandboxsec.api.errors import ERROR_RESPONSES, install_error_handlers
 from sandboxsec.api.gate import PERSON_COOKIE, KeyGate, PersonGate, RateLimiter
 from sandboxsec.api.middleware import Metrics, RequestGuard
+from sandboxsec.api.openapi import install_openapi, operation_id
 from sandboxsec.services import Services
 
 __all__ = ["ROUTE_MODULES", "create_app"]
@@ -49,10 +50,14 @@ def create_app(services: Services | None = None, *, own_services: bool | None = 
         description="Attested sandboxes, human approval for sensitive agent actions, "
         "encrypted trajectories and a verifiable audit log.",
         lifespan=lifespan,
+        # /docs is served from local files by install_openapi (no CDN).
+        docs_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.services = svc
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    install_openapi(app, ROUTE_MODULES)
     for name in ROUTE_MODULES:
         module = importlib.import_module(f"sandboxsec.api.routes.{name}")
         router = getattr(module, "router", None)

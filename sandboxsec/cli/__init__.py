@@ -27,7 +27,7 @@ __all__ = ["GROUPS", "main"]
 
 #: Command-group modules under ``sandboxsec.cli``; each has ``register(subparsers)``.
 GROUPS = ("serve", "migrate", "tenant", "apikey", "policy", "image", "audit", "keys", "demo",
-          "witness")
+          "witness", "gateway")
 
 EXIT_OK = 0
 EXIT_VERIFICATION = 1

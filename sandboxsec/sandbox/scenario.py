@@ -24,7 +24,6 @@ events of the tenant, for tests and callers that want more than the printout.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -38,9 +37,11 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sandboxsec_client import (
+    AdminClient,
+    ApiError,
+    Approval,
+    ApproverClient,
+    AuditorClient,
+    DownstreamClient,
+    InsecureSignerWarning,
+    SoftwareP256Signer,
+)
 
 from sandboxsec.clock import SystemClock
 from sandboxsec.policy.canonical import params_hash
-from sandboxsec.sandbox.agent import AgentClient, ApiClient, ApiError, Approval
+from sandboxsec.sandbox.agent import AgentClient
 from sandboxsec.sandbox.swtpm import QUOTED_PCRS, SwTpm, start_swtpm
 
 __all__ = [
@@ -213,9 +224,10 @@ class _Parties:
     """Clients of the service, one per role."""
 
     agent: AgentClient
-    approver: ApiClient
-    admin: ApiClient
-    auditor: ApiClient
+    downstream: DownstreamClient
+    approver: ApproverClient
+    admin: AdminClient
+    auditor: AuditorClient
 
 
 @dataclass
@@ -332,9 +344,12 @@ class _Run:
         self.agent_key = tenant["keys"]["agent"]
         p = _Parties(
             agent=stack.enter_context(AgentClient(self.base, tenant["keys"]["agent"])),
-            approver=stack.enter_context(ApiClient(self.base, tenant["keys"]["approver"])),
-            admin=stack.enter_context(ApiClient(self.base, tenant["keys"]["admin"])),
-            auditor=stack.enter_context(ApiClient(self.base, tenant["keys"]["auditor"])),
+            # Any key may verify a grant; the downstream here holds the agent's.
+            downstream=stack.enter_context(DownstreamClient(self.base,
+                                                            tenant["keys"]["agent"])),
+            approver=stack.enter_context(ApproverClient(self.base, tenant["keys"]["approver"])),
+            admin=stack.enter_context(AdminClient(self.base, tenant["keys"]["admin"])),
+            auditor=stack.enter_context(AuditorClient(self.base, tenant["keys"]["auditor"])),
         )
         enrol_path = self._enrol_person(p)
         session_id = self._attest(p, tpm, manifest.read_bytes())
@@ -411,17 +426,14 @@ class _Run:
         self.begin("a second agent key with the session id is refused")
         # Another agent key of the same tenant, on a machine that never attested, takes the
         # session id: without the session's TPM-held key its requests prove nothing.
-        other = p.admin.call("POST", "/v1/api-keys", json={"role": "agent", "label": "second"})
+        other = p.admin.create_api_key("agent", "second")
         refusals: list[str] = []
-        with AgentClient(self.base, other["key"]) as thief:
+        with AgentClient(self.base, other.key) as thief:
             for signer in (None, _software_key()):
                 if signer is not None:
-                    thief.session_signer, thief.session_jwk = signer
+                    thief.prover.attach(signer)
                 try:
-                    thief.call("POST", "/v1/actions", json={
-                        "session_id": session_id, "action": "login",
-                        "resource": LOGIN_RESOURCE, "params": LOGIN},
-                        session=session_id if signer is not None else None)
+                    thief.ask(session_id, "login", LOGIN_RESOURCE, LOGIN)
                     refusals.append("accepted")
                 except ApiError as exc:
                     refusals.append(exc.code)
@@ -445,7 +457,7 @@ class _Run:
         ]
         ids: dict[str, tuple[str, bytes]] = {}
         for kind, data, meta in steps:
-            ids[kind] = (p.agent.record(session_id, kind, data, meta), data)
+            ids[kind] = (p.agent.record(session_id, kind, data, meta).record_id, data)
         self.facts["records_written"] = len(steps)
         self.check(True, f"{len(steps)} records ({', '.join(k for k, _, _ in steps)}; "
                          f"screenshot {len(screenshot) // 1024} KiB)")
@@ -453,14 +465,14 @@ class _Run:
 
     def _ask(self, p: _Parties, session_id: str) -> tuple[str, str]:
         self.begin("agent asks to log in to a new domain")
-        login = p.agent.request_action(session_id, "login", LOGIN_RESOURCE, LOGIN)
+        login = p.agent.ask(session_id, "login", LOGIN_RESOURCE, LOGIN)
         self.facts["login_decision"] = login.decision
         self.check(login.decision == "approval_required" and login.approval_id is not None,
                    f"{login.decision} (rule {login.rule_id}), approval "
                    f"{_short(login.approval_id or '-')}, code {login.short_code}")
 
         self.begin("agent asks to pay 120.00 EUR to acme-gmbh")
-        pay = p.agent.request_action(session_id, "payment", PAYMENT_RESOURCE, PAYMENT)
+        pay = p.agent.ask(session_id, "payment", PAYMENT_RESOURCE, PAYMENT)
         self.facts["payment_decision"] = pay.decision
         self.check(pay.decision == "approval_required" and pay.approval_id is not None,
                    f"{pay.decision} (rule {pay.rule_id}), approval "
@@ -582,7 +594,8 @@ class _Run:
         from sandboxsec.sandbox.passkey import SoftPasskey
 
         device = SoftPasskey(rp_id="localhost", origin=self.origin)
-        page = ApiClient(self.base, None)
+        # The approval page's calls: no API key, the page's Origin, then her sign-in cookie.
+        page = ApproverClient(self.base, None)
         token = enrol_path.rsplit("/", 1)[1]
         origin = {"Origin": self.origin}
         try:
@@ -594,10 +607,12 @@ class _Run:
 
             self.begin("Alice signs in with it and sees her pending requests (API)")
             options = page.call("POST", "/v1/signin/options", headers=origin)
-            signin = page.response("POST", "/v1/signin", headers=origin, json={
+            signin = page.request("POST", "/v1/signin", headers=origin, json={
                 "challenge_id": options["challenge_id"], "credential": device.get(options)})
-            cookie = {"Cookie": f"sandboxsec_person={signin.cookies['sandboxsec_person']}",
-                      **origin}
+            if not signin.ok:
+                self.check(False, f"sign-in refused: {signin.status}")
+            cookie = {"Cookie": _cookie(signin.headers.get("set-cookie", ""),
+                                        "sandboxsec_person"), **origin}
             listed = [a["id"] for a in page.call("GET", "/v1/me/approvals", headers=cookie)]
             self.check(listed == [decisions[1][0], decisions[0][0]],
                        "the payment, then the login (newest first)")
@@ -634,8 +649,7 @@ class _Run:
 
         self.begin("the denied payment cannot be approved afterwards")
         try:
-            p.approver.call("POST", f"/v1/approvals/{payment.id}/approve",
-                            json={"params_hash": payment.params_hash})
+            p.approver.approve(payment.id, payment.params_hash)
             late = "approved"
         except ApiError as exc:
             late = exc.code
@@ -645,18 +659,18 @@ class _Run:
         assert login.grant is not None
         self.begin("downstream checks the login grant with other params")
         other = dict(LOGIN, domain="evil.example")
-        tampered = p.agent.verify_grant(login.grant, "login", other)
+        tampered = p.downstream.verify_grant(login.grant, "login", other)
         self.facts["grant_other_params"] = tampered.code
         self.check(not tampered.valid and tampered.code == "grant_params_mismatch",
                    f"refused: {tampered.code} (the grant is not used up)")
 
         self.begin("downstream verifies the login grant")
-        first = p.agent.verify_grant(login.grant, "login", LOGIN, LOGIN_RESOURCE)
+        first = p.downstream.verify_grant(login.grant, "login", LOGIN, LOGIN_RESOURCE)
         self.facts["grant_first_use"] = first.valid
         self.check(first.valid, f"valid, grant {_short(first.grant_id or '-')} now used")
 
         self.begin("the same grant replayed")
-        replay = p.agent.verify_grant(login.grant, "login", LOGIN, LOGIN_RESOURCE)
+        replay = p.downstream.verify_grant(login.grant, "login", LOGIN, LOGIN_RESOURCE)
         self.facts["grant_replay"] = replay.code
         self.check(not replay.valid and replay.code == "grant_already_used",
                    f"refused: {replay.code}")
@@ -666,20 +680,19 @@ class _Run:
                    records: dict[str, tuple[str, bytes]]) -> None:
         self.begin("admin reads the screenshot back (decrypted)")
         record_id, data = records["screenshot"]
-        got = p.admin.call("GET", f"/v1/sessions/{session_id}/trajectory/{record_id}")
-        back = base64.b64decode(got["data"])
-        same = back == data and got["content_sha256"] == hashlib.sha256(data).hexdigest()
+        got = p.admin.read_record(session_id, record_id)
+        back = got.data
+        same = back == data and got.raw["content_sha256"] == hashlib.sha256(data).hexdigest()
         self.facts["trajectory_read_back"] = same
         self.check(same, f"{_short(record_id)}: {len(back) // 1024} KiB, SHA-256 "
                          f"{'matches' if same else 'DIFFERS'}")
 
     def _audit(self, p: _Parties, tenant_id: str) -> None:
         self.begin("auditor exports the tenant's audit log")
-        keys = p.auditor.call("GET", "/v1/audit/keys")
         pub = self.workdir / "audit.pub"
-        pub.write_text(keys["public_key_pem"])
+        pub.write_text(p.auditor.key().public_key_pem)
         export = self.workdir / "audit-export.jsonl"
-        data = p.auditor.get_bytes("/v1/audit/export")
+        data = p.auditor.export()
         export.write_bytes(data)
         for line in data.splitlines():
             if line.startswith(b'{"v":'):
@@ -805,17 +818,19 @@ class _Run:
         self.check(True, f"{self.base} ({db}, pid {self.server.pid})")
 
 
-def _software_key() -> tuple[Any, dict[str, str]]:
-    """A key the second machine made in software: its signer and JWK."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+def _cookie(set_cookie: str, name: str) -> str:
+    """``name=value`` of the cookie ``name`` in a ``Set-Cookie`` header (empty if absent)."""
+    jar: SimpleCookie = SimpleCookie()
+    jar.load(set_cookie)
+    morsel = jar.get(name)
+    return f"{name}={morsel.value}" if morsel is not None else ""
 
-    from sandboxsec.sessions import dpop
 
-    private = ec.generate_private_key(ec.SECP256R1())
-    numbers = private.public_key().public_numbers()
-    jwk = dpop.ec_jwk(numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big"))
-    return (lambda m: dpop.der_to_raw(private.sign(m, ec.ECDSA(hashes.SHA256())))), jwk
+def _software_key() -> SoftwareP256Signer:
+    """A key the second machine made in software (on purpose: it is the thief's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureSignerWarning)
+        return SoftwareP256Signer()
 
 
 class _Waiter:

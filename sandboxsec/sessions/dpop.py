@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from sandboxsec_client.proofs import create_proof as _client_proof
 
 from sandboxsec.attestation.jwk import b64url, ec_jwk
 from sandboxsec.attestation.jwk import jwk_thumbprint as _thumbprint
@@ -164,26 +164,16 @@ def create_proof(
     ``url`` is the full URL the request is sent to (query and fragment are dropped);
     ``body`` the exact bytes sent (``b""`` for none); ``api_key`` the bearer key sent with it;
     ``nonce`` the last ``DPoP-Nonce`` the service sent (RFC 9449 section 8), if any.
+    The bytes are made by the client distribution (:func:`sandboxsec_client.proofs.
+    create_proof`), so what the service verifies is what every client sends.
     """
-    header = {"typ": TYP, "alg": ALG, "jwk": {k: jwk[k] for k in _EC_MEMBERS}}
-    claims: dict[str, Any] = {
-        "jti": jti or b64url(secrets.token_bytes(18)),
-        "htm": method.upper(),
-        "htu": normalize_url(url),
-        "iat": int(now.timestamp()),
-        "sid": session_id,
-        "bh": body_hash(body),
-    }
-    if api_key is not None:
-        claims["ath"] = ath_of(api_key)
-    if nonce is not None:
-        claims["nonce"] = nonce
-    signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
-                     + b64url(json.dumps(claims, separators=(",", ":")).encode()))
-    signature = signer(signing_input.encode("ascii"))
-    if len(signature) != 64:
-        raise ValueError("an ES256 signer must return 64 bytes (r || s)")
-    return signing_input + "." + b64url(signature)
+    try:
+        normalize_url(url)
+    except DpopMalformedError as exc:
+        raise ValueError(str(exc)) from None
+    return _client_proof(signer, jwk, method=method, url=url, session_id=session_id,
+                         body=body, iat=int(now.timestamp()), api_key=api_key, jti=jti,
+                         nonce=nonce)
 
 
 class KeyCache:

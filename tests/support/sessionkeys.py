@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sandboxsec.sessions import dpop
 
-__all__ = ["BY_JKT", "KEYS", "ProofAuth", "SoftSessionKey", "new_key", "register"]
+__all__ = ["BY_JKT", "KEYS", "ProofAuth", "RegistryProof", "SoftSessionKey", "new_key",
+           "register"]
 
 
 @dataclass
@@ -116,27 +117,77 @@ class ProofAuth(httpx.Auth):
             KEYS[str(response.json()["session_id"])] = starting
 
     def _session_of(self, request: httpx.Request) -> tuple[str | None, SoftSessionKey | None]:
-        path = request.url.path
-        m = _SESSION_PATH.match(path + "/")
-        body: object = None
-        if request.content and request.headers.get("content-type", "").startswith(
-                "application/json"):
-            try:
-                body = json.loads(request.content)
-            except (ValueError, RecursionError):
-                body = None
-        sid: str | None = None
-        if m is not None:
-            sid = m.group(1)
-        elif path == "/v1/sessions" and isinstance(body, dict):
-            # Starting a session: the proof names the attestation id, by the token's key.
-            claims = _token_claims(body.get("attestation_token"))
-            cnf = claims.get("cnf")
-            jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
-            if isinstance(jkt, str) and jkt in BY_JKT:
-                return str(claims.get("jti")), BY_JKT[jkt]
-        elif isinstance(body, dict) and isinstance(body.get("session_id"), str):
-            sid = str(body["session_id"])
-        elif path.startswith("/v1/approvals"):
-            sid = request.url.params.get("session_id") or self.last
-        return sid, KEYS.get(sid) if sid is not None else None
+        json_body = request.headers.get("content-type", "").startswith("application/json")
+        return _session_of(request.url, request.content if json_body else b"", self.last)
+
+
+class RegistryProof:
+    """The client's ``proof=`` hook over the same registry: a proof by the registered key of
+    the session a request names (as :class:`ProofAuth` finds it), ``None`` for the others."""
+
+    def __init__(self, api_key: str | None, now: Callable[[], datetime],
+                 session_id: str | None = None, external_url: str | None = None) -> None:
+        self._api_key = api_key
+        self._now = now
+        # The service's URL as it is configured (a TCP proxy in between changes the port).
+        self._external = httpx.URL(external_url) if external_url else None
+        self.last: str | None = session_id  # approval reads name no session: this one
+
+    def __call__(self, method: str, url: str, body: bytes) -> str | None:
+        sid, key = _session_of(httpx.URL(url), body, self.last)
+        if sid is None or key is None:
+            return None
+        if sid in KEYS:  # not a session start (its sid is the attestation id)
+            self.last = sid
+        if self._external is not None:
+            url = str(httpx.URL(url).copy_with(scheme=self._external.scheme,
+                                               host=self._external.host,
+                                               port=self._external.port))
+        return key.proof(method, url, sid, body, self._now(), self._api_key)
+
+
+def _session_of(url: httpx.URL, content: bytes,
+                last: str | None) -> tuple[str | None, SoftSessionKey | None]:
+    path = url.path
+    m = _SESSION_PATH.match(path + "/")
+    body: object = None
+    if content:
+        try:
+            body = json.loads(content)
+        except (ValueError, RecursionError):
+            body = None
+    sid: str | None = None
+    if m is not None:
+        sid = m.group(1)
+    elif path == "/v1/sessions" and isinstance(body, dict):
+        # Starting a session: the proof names the attestation id, by the token's key.
+        claims = _token_claims(body.get("attestation_token"))
+        cnf = claims.get("cnf")
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        if isinstance(jkt, str) and jkt in BY_JKT:
+            return str(claims.get("jti")), BY_JKT[jkt]
+    elif isinstance(body, dict) and isinstance(body.get("session_id"), str):
+        sid = str(body["session_id"])
+    elif path.startswith("/v1/approvals"):
+        sid = url.params.get("session_id") or last
+    return sid, KEYS.get(sid) if sid is not None else None
+
+
+def proof_auth_for(client: object, now: Callable[[], datetime]) -> object:
+    """A :class:`ProofAuth` for ``client``: Starlette's test client is built on ``httpx2``
+    when that is installed (the MCP SDK brings it), whose ``auth`` must be its own kind."""
+    try:
+        import httpx2
+    except ImportError:
+        return ProofAuth(now)
+    if not isinstance(client, httpx2.Client):
+        return ProofAuth(now)
+
+    class _ProofAuth2(httpx2.Auth):  # type: ignore[misc]
+        requires_request_body = True
+        requires_response_body = True
+        __init__ = ProofAuth.__init__
+        auth_flow = ProofAuth.auth_flow
+        _session_of = ProofAuth._session_of
+
+    return _ProofAuth2(now)

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sandboxsec_client import AgentClient, ApiError, DownstreamClient
 
 from sandboxsec.cli import main
 from sandboxsec.sandbox import swtpm
-from sandboxsec.sandbox.agent import AgentClient, ApiError
 from sandboxsec.sandbox.scenario import (
     EXPECTED_EVENTS,
     ScenarioOptions,
@@ -29,7 +29,6 @@ from sandboxsec.services import Services
 from tests.conftest import TenantKeys, make_session
 from tests.support.pgcluster import PgCluster
 from tests.support.serve import empty_database
-from tests.support.sessionkeys import KEYS
 
 needs_swtpm = pytest.mark.skipif(not swtpm.available(), reason="swtpm is not installed")
 
@@ -192,32 +191,28 @@ def test_agent_client_bounded_wait_and_refusals(client: TestClient, services: Se
                                                 tenant: TenantKeys,
                                                 other_tenant: TenantKeys) -> None:
     sid = make_session(services, tenant)
-    key = KEYS[sid]  # the session's key (software here; swtpm in tests/integration/sessions)
-
-    def client_for(api_key: str) -> AgentClient:
-        c = AgentClient(str(client.base_url), api_key, client=client, clock=services.clock)
-        c.session_signer, c.session_jwk, c.session_id = key.sign, key.jwk, sid
-        return c
-
-    agent = client_for(tenant.keys["agent"])
-    assert agent.record(sid, "observation", b"page loaded", {"step": 1}).startswith("tr_")
+    agent = AgentClient(str(client.base_url), tenant.keys["agent"], http=client)
+    assert agent.record(sid, "observation", b"page loaded",
+                        {"step": 1}).record_id.startswith("tr_")
     params = {"amount": "120.00", "currency": "EUR", "payee": "acme-gmbh"}
-    d = agent.request_action(sid, "payment", "payee:acme-gmbh", params)
+    d = agent.ask(sid, "payment", "payee:acme-gmbh", params)
     assert d.decision == "approval_required" and d.approval_id is not None
     # Waiting is bounded: at the timeout the request comes back still pending, with no grant.
     waited = agent.wait(d.approval_id, timeout=0.3, poll=0.1)
     assert (waited.state, waited.grant, waited.params) == ("pending", None, params)
     # Another tenant's agent gets 404 for this tenant's approval and session, like a missing id.
-    foreign = client_for(other_tenant.keys["agent"])
+    foreign = AgentClient(str(client.base_url), other_tenant.keys["agent"], http=client)
     for call in (lambda: foreign.approval(d.approval_id or ""),
                  lambda: foreign.record(sid, "observation", b"x")):
         with pytest.raises(ApiError) as refused:
             call()
         assert (refused.value.status, refused.value.code) == (404, "not_found")
     # A forged grant is an answer (valid=False with its reason), not an exception.
-    check = agent.verify_grant("sgr1.e30.AAAA", "payment", params)
+    downstream = DownstreamClient(str(client.base_url), tenant.keys["agent"], http=client)
+    check = downstream.verify_grant("sgr1.e30.AAAA", "payment", params)
     assert not check.valid and check.code in {"grant_malformed", "grant_signature_invalid"}
     # A key the service does not know: 401 with a reason code.
     with pytest.raises(ApiError) as unknown:
-        client_for("ssk_0000000000000000_" + "A" * 43).approval(d.approval_id)
+        AgentClient(str(client.base_url), "ssk_0000000000000000_" + "A" * 43,
+                    http=client).approval(d.approval_id)
     assert unknown.value.status == 401

@@ -3,7 +3,9 @@
 With ``dpop_require_nonce`` the service answers a proof without its nonce with 401
 ``use_dpop_nonce``, a fresh ``DPoP-Nonce`` and ``WWW-Authenticate: DPoP
 error="use_dpop_nonce"``; a nonce it never issued is ``dpop_nonce_invalid``; an expired one is
-``use_dpop_nonce`` again.  The reference agent client retries once with the nonce it is sent.
+``use_dpop_nonce`` again.  The client distribution (sync and async, and the reference
+sandbox's agent built on it) keeps the last nonce, puts it in its proofs and, asked for a new
+one, retries once with it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sandboxsec_client import ApiError, AsyncAgentClient
 
 from sandboxsec.api.app import create_app
 from sandboxsec.audit.events import AuditEvent
@@ -23,9 +27,12 @@ from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_session, make_tenant
-from tests.support.sessionkeys import KEYS
+from tests.support.sessionkeys import KEYS, SoftSessionKey
 
 BASE = "http://testserver"
+# The client sends its per-request timeout; starlette's test client warns about it (in process,
+# there is nothing to time out).
+_TIMEOUT_WARNING = "ignore:You should not use the 'timeout' argument"
 LIFETIME = 120
 
 
@@ -100,17 +107,97 @@ def test_expired_nonce_asks_for_a_new_one(
     assert _act(raw, nonce_services, agent, sid, nonce=fresh).status_code == 200
 
 
-def test_reference_client_retries_once_with_the_nonce_it_is_sent(
-        raw: TestClient, nonce_services: Services, agent: TenantKeys) -> None:
-    sid = make_session(nonce_services, agent)
+def _counting(raw: TestClient) -> list[int]:
     sent: list[int] = []
     raw.event_hooks["response"].append(lambda r: sent.append(r.status_code))
-    client = AgentClient(BASE, agent.keys["agent"], client=raw, clock=nonce_services.clock)
-    client.session_signer, client.session_jwk = KEYS[sid].sign, KEYS[sid].jwk
-    assert client.request_action(sid, "message", "app:chat", {}).decision == "allow"
+    return sent
+
+
+@pytest.mark.filterwarnings(_TIMEOUT_WARNING)
+def test_client_retries_once_with_the_nonce_it_is_sent(
+        raw: TestClient, nonce_services: Services, agent: TenantKeys) -> None:
+    sid = make_session(nonce_services, agent)
+    sent = _counting(raw)
+    client = AgentClient(BASE, agent.keys["agent"], http=raw, clock=nonce_services.clock)
+    client.prover.attach(KEYS[sid], sid)
+    assert client.ask(sid, "message", "app:chat", {}).decision == "allow"
     assert sent == [401, 200]
-    assert client.request_action(sid, "message", "app:chat", {}).decision == "allow"
+    assert client.ask(sid, "message", "app:chat", {}).decision == "allow"
     assert sent == [401, 200, 200]  # the nonce of the last answer is used: no retry
+    # Every session-scoped route carries it: a trajectory write and an approval read.
+    assert client.record(sid, "observation", b"x").record_id.startswith("tr_")
+    assert sent == [401, 200, 200, 201]
+
+
+@pytest.mark.filterwarnings(_TIMEOUT_WARNING)
+def test_client_asks_again_when_its_nonce_expired_and_shares_it_with_a_worker(
+        raw: TestClient, nonce_services: Services, agent: TenantKeys,
+        clock: FixedClock) -> None:
+    sid = make_session(nonce_services, agent)
+    sent = _counting(raw)
+    client = AgentClient(BASE, agent.keys["agent"], http=raw, clock=nonce_services.clock)
+    client.prover.attach(KEYS[sid], sid)
+    assert client.ask(sid, "message", "app:chat", {}).decision == "allow"
+    old = client.prover.nonce
+    clock.advance(LIFETIME + 1)
+    assert client.ask(sid, "message", "app:chat", {}).decision == "allow"
+    assert sent == [401, 200, 401, 200] and client.prover.nonce != old
+    # Another worker of the same agent starts from the nonce it is handed: no refusal.
+    worker = AgentClient(BASE, agent.keys["agent"], http=raw, clock=nonce_services.clock)
+    worker.use_session(client)
+    assert worker.ask(sid, "message", "app:chat", {}).decision == "allow"
+    assert sent[4:] == [200]
+
+
+@pytest.mark.filterwarnings(_TIMEOUT_WARNING)
+def test_client_recovers_from_a_forged_nonce_but_not_from_another_refusal(
+        raw: TestClient, nonce_services: Services, agent: TenantKeys) -> None:
+    sid = make_session(nonce_services, agent)
+    sent = _counting(raw)
+    client = AgentClient(BASE, agent.keys["agent"], http=raw, clock=nonce_services.clock)
+    client.prover.attach(KEYS[sid], sid)
+    client.prover.nonce = "A" * 32  # a nonce this service never issued
+    # dpop_nonce_invalid comes with the use_dpop_nonce challenge and a fresh nonce: one resend.
+    assert client.ask(sid, "message", "app:chat", {}).decision == "allow"
+    assert sent == [401, 200]
+    refusals = nonce_services.audit.entries(agent.id, event=AuditEvent.SESSION_PROOF_REFUSE)
+    assert "dpop_nonce_invalid" in json.dumps(refusals)
+    # A stranger's key is refused on the key (checked before the nonce): not resent.
+    thief = AgentClient(BASE, agent.keys["agent"], http=raw, clock=nonce_services.clock)
+    thief.prover.attach(SoftSessionKey(), sid)
+    with pytest.raises(ApiError) as stolen:
+        thief.ask(sid, "message", "app:chat", {})
+    assert stolen.value.code == "dpop_key_mismatch"
+    assert sent[2:] == [401]
+    # Given a valid nonce, the stranger's proof is still refused on the key, with no resend.
+    thief.prover.nonce = client.prover.nonce
+    with pytest.raises(ApiError) as again:
+        thief.ask(sid, "message", "app:chat", {})
+    assert again.value.code == "dpop_key_mismatch" and sent[3:] == [401]
+
+
+def test_async_client_retries_once_with_the_nonce_it_is_sent(
+        nonce_services: Services, agent: TenantKeys) -> None:
+    sid = make_session(nonce_services, agent)
+    sent: list[int] = []
+
+    async def count(r: httpx.Response) -> None:
+        sent.append(r.status_code)
+
+    async def run() -> None:
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(nonce_services)),
+            event_hooks={"response": [count]})
+        async with AsyncAgentClient(BASE, agent.keys["agent"], http=http,
+                                    session_key=KEYS[sid], session_id=sid) as client:
+            assert client.prover is not None
+            client.prover.now = lambda: nonce_services.clock.now().timestamp()
+            assert (await client.ask(sid, "message", "app:chat", {})).decision == "allow"
+            assert (await client.ask(sid, "message", "app:chat", {})).decision == "allow"
+        await http.aclose()
+
+    anyio.run(run)
+    assert sent == [401, 200, 200]
 
 
 def test_nonces_are_off_by_default(client: TestClient, services: Services,
