@@ -53,3 +53,12 @@ def test_containerfile_copies_what_exists_and_runs_unprivileged() -> None:
             assert (ROOT / part).exists(), part
     assert re.search(r"^USER sandboxsec$", text, re.M)
     assert "SANDBOXSEC_HOME=/var/lib/sandboxsec" in text
+
+
+def test_containerfile_installs_the_client_distribution_before_the_service() -> None:
+    """The service depends on ``sandboxsec-client``, which is not on any index: the image
+    build must install it from this repository first, or ``pip install .`` fails."""
+    text = CONTAINERFILE.read_text()
+    client = text.find("pip install --no-cache-dir ./clients/python")
+    service = text.find("pip install --no-cache-dir .\n")
+    assert 0 <= client < service, "the client must be installed before the service"
