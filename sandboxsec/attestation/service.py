@@ -577,30 +577,28 @@ class AttestationService:
                       "image_digest": result.image_digest,
                       "unknown_event_types": list(result.unknown_event_types)},
             )
-        # 4. Sign the token once the verdict committed: no token exists for a verdict that
-        #    was not recorded, and the signature is not made while holding the writer lock
-        #    (SQLite) or the AK's row lock (PostgreSQL).  The key was loaded before anything
-        #    was consumed; if signing still fails, the recorded verdict has no token and the
-        #    caller asks again with a new nonce.
-        issued: str | None = None
-        if result.affirming:
-            issued = token.sign_token(
-                token.TokenClaims(
-                    attestation_id=attestation_id,
-                    tenant_id=who.tenant_id,
-                    status=result.status,
-                    trust_vector=result.trust_vector,
-                    image_name=result.image_name,
-                    image_digest=result.image_digest,
-                    ak_name=result.ak_name,
-                    nonce=result.nonce,
-                    issued_at=now,
-                    expires_at=token_expires,
-                    kid="",
-                    jkt=result.session_key_jkt,
-                ),
-                signing_key,
-            )
+            # 4. Sign the token before the verdict commits: if the key (an HSM) fails now, the
+            #    transaction rolls back and nothing is consumed or recorded, so the caller
+            #    retries with the same nonce.  The cost is one signature inside the lock.
+            issued: str | None = None
+            if result.affirming:
+                issued = token.sign_token(
+                    token.TokenClaims(
+                        attestation_id=attestation_id,
+                        tenant_id=who.tenant_id,
+                        status=result.status,
+                        trust_vector=result.trust_vector,
+                        image_name=result.image_name,
+                        image_digest=result.image_digest,
+                        ak_name=result.ak_name,
+                        nonce=result.nonce,
+                        issued_at=now,
+                        expires_at=token_expires,
+                        kid="",
+                        jkt=result.session_key_jkt,
+                    ),
+                    signing_key,
+                )
         # Committed: the snapshot is the stored state now (or the row is gone).
         if ak_name is not None:
             if snapshot is None:
