@@ -268,6 +268,14 @@ class KeyHierarchy:
             )
         ).first()
         if row is None:
+            # Shredded since the caller read the keyring: say so, not "tampered".  (A fresh
+            # read: the session may hold the keyring as it was before the shredding.)
+            ring = s.exec(
+                select(TenantKeyring).where(TenantKeyring.id == tenant_id)
+                .execution_options(populate_existing=True)
+            ).first()
+            if ring is not None and ring.shredded_at is not None:
+                raise TenantKeysShreddedError()
             raise DecryptionFailedError()
         provider = self.provider
         if row.provider_id != provider.provider_id:

@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.models import AuditEntryRow
 from sandboxsec.crypto.digests import params_hmac
+from sandboxsec.crypto.errors import TenantKeysShreddedError
 from sandboxsec.crypto.models import KeyEncryptionKey, TenantKeyring
 from sandboxsec.errors import NotFoundError
 from sandboxsec.principal import Role
@@ -160,3 +161,37 @@ def test_concurrent_rotations_each_make_one_version(
     sid = make_session(tenant.id)
     w = services.trajectory.write(agent, sid, "action", b"after")
     assert services.trajectory.read(admin, sid, w.record_id).data == b"after"
+
+
+def test_shredding_while_first_keys_are_made(
+    services: Services, racers: list[Services], tenant: TenantKeys,
+    make_session: Callable[[str], str],
+) -> None:
+    """Crypto-shredding at the same moment as the tenant's first writes: each writer either
+    writes or is refused ``tenant_keys_shredded``, never an error of the database, and no key
+    survives the shredding."""
+    sessions = [make_session(tenant.id) for _ in racers]
+    agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
+    start = threading.Barrier(len(racers))
+
+    def act(i: int) -> str:
+        start.wait()
+        if i == 0:
+            racers[i].key_admin.shred_tenant(tenant.id, admin)
+            return "shredded"
+        try:
+            racers[i].trajectory.write(agent, sessions[i], "action", b"r")
+        except TenantKeysShreddedError:
+            return "refused"
+        return "written"
+
+    with ThreadPoolExecutor(len(racers)) as pool:
+        outcomes = list(pool.map(act, range(len(racers))))
+    assert outcomes[0] == "shredded"
+    assert set(outcomes[1:]) <= {"refused", "written"}
+    with services.db.session() as s:
+        ring = s.get(TenantKeyring, tenant.id)
+        keks = s.exec(select(KeyEncryptionKey).where(KeyEncryptionKey.tenant_id == tenant.id))
+        assert ring is not None and ring.shredded_at is not None
+        assert keks.all() == []
+    assert not services.key_hierarchy.tenant_keys.exists(tenant.id)
