@@ -8,6 +8,7 @@ version 1 wrapped by its one tenant key, and one ``key.create`` audit entry.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,10 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
 from tests.integration.crypto.conftest import SMALL, principal
+from tests.support.keyrace import first_digest
 
 RACERS = 6
+PROCESSES = 3
 PARAMS_HASH = "ab" * 32
 
 
@@ -195,3 +198,26 @@ def test_shredding_while_first_keys_are_made(
         assert ring is not None and ring.shredded_at is not None
         assert keks.all() == []
     assert not services.key_hierarchy.tenant_keys.exists(tenant.id)
+
+
+def test_worker_processes_make_first_keys_at_once(
+    services: Services, settings: Settings, db_url: str, tenant: TenantKeys,
+) -> None:
+    """Separate processes (as a server's workers are), each keying a digest in its own
+    transaction at the same moment: one set of keys, one digest, no error."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(PROCESSES), ctx.Queue()
+    procs = [ctx.Process(target=first_digest, args=(str(settings.home), db_url, tenant.id,
+                                                     PARAMS_HASH, barrier, out))
+             for _ in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    # A process that dies before reporting fails the test at the timeout, not by hanging it.
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [err for _, err in results if err] == []
+    assert _key_state(services, tenant.id) == (1, [1], 1)
+    assert services.key_hierarchy.tenant_keys.count() == 1
+    expected = params_hmac(services.key_hierarchy.digest_key(tenant.id), PARAMS_HASH)
+    assert {digest for digest, _ in results} == {expected}
