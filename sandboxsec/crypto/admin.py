@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.sink import AuditSink
 from sandboxsec.clock import Clock
 from sandboxsec.crypto.envelope import unwrap_secret, wrap_secret
-from sandboxsec.crypto.errors import KeyVersionInvalidError
+from sandboxsec.crypto.errors import KeyVersionConflictError, KeyVersionInvalidError
 from sandboxsec.crypto.hierarchy import KeyHierarchy, dek_aad, key_event
 from sandboxsec.crypto.models import DataEncryptionKey, KeyEncryptionKey, TenantKeyring
 from sandboxsec.errors import NotFoundError
@@ -123,8 +122,9 @@ class KeyAdmin:
             try:
                 version, material = self._rotate_once(tenant_id, actor)
                 break
-            except IntegrityError:
-                # A concurrent rotation took this version number (SQLite has no row locks).
+            except KeyVersionConflictError:
+                # A concurrent change took this version number; the keyring lock makes that
+                # unexpected, but a retry is the right answer to it.  The last one is a 409.
                 if attempt == 2:
                     raise
         self._keys.rotated(tenant_id, version, material)
@@ -233,12 +233,7 @@ class KeyAdmin:
         """
         now = self._clock.now()
         with self._db.session() as s:
-            ring = s.exec(
-                select(TenantKeyring).where(TenantKeyring.id == tenant_id).with_for_update()
-            ).first()
-            if ring is None:
-                ring = TenantKeyring(id=tenant_id, tenant_id=tenant_id, current_version=0,
-                                     min_decryption_version=0, created_at=now, updated_at=now)
+            ring = self._keys.keyring_for_shredding(s, tenant_id)
             keks = s.exec(
                 delete(KeyEncryptionKey).where(col(KeyEncryptionKey.tenant_id) == tenant_id)
             ).rowcount

@@ -19,6 +19,7 @@ __all__ = [
     "DecryptionFailedError",
     "KeyProviderMismatchError",
     "KeyProviderUnavailableError",
+    "KeyVersionConflictError",
     "KeyVersionInvalidError",
     "KeyVersionRetiredError",
     "NodeIdentityMismatchError",
@@ -75,6 +76,12 @@ class KeyVersionRetiredError(ConflictError):
     """The data is wrapped by a key version below the tenant's minimum decryption version."""
 
     code = "key_version_retired"
+
+
+class KeyVersionConflictError(ConflictError):
+    """A concurrent key change made this key version first; nothing was changed (retry)."""
+
+    code = "key_version_conflict"
 
 
 class KeyVersionInvalidError(InputError):

@@ -19,9 +19,11 @@ import os
 import threading
 import weakref
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func
+from sqlalchemy import Table, func, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
@@ -42,6 +44,7 @@ from sandboxsec.crypto.errors import (
     DecryptionFailedError,
     KeyProviderMismatchError,
     KeyProviderUnavailableError,
+    KeyVersionConflictError,
     KeyVersionRetiredError,
     TenantKeysShreddedError,
 )
@@ -83,6 +86,9 @@ def key_event(event: AuditEvent, tenant_id: str, actor: Principal | None,
                        outcome="success", object_ids={"tenant_id": tenant_id}, body=body)
 
 
+_KEYRINGS = cast(Table, TenantKeyring.__table__)  # type: ignore[attr-defined]
+_KEKS = cast(Table, KeyEncryptionKey.__table__)  # type: ignore[attr-defined]
+
 #: Every live hierarchy, so a forked child drops the parent's write leases (``_after_fork``).
 _LIVE: weakref.WeakSet[KeyHierarchy] = weakref.WeakSet()
 
@@ -120,25 +126,48 @@ class KeyHierarchy:
 
     # ------------------------------------------------------------------ keyrings and KEKs
 
-    def _create_keyring(self, s: Session, tenant_id: str, actor: Principal | None
-                        ) -> TenantKeyring:
+    def _create_keyring(self, s: Session, tenant_id: str, actor: Principal | None, *,
+                        for_update: bool = False) -> TenantKeyring:
+        """Make the tenant's keyring and KEK version 1, or use those a concurrent transaction
+        made first.
+
+        Several processes or threads may make a tenant's first keys at the same moment, each
+        inside its caller's transaction.  The keyring row is inserted first with ``ON CONFLICT
+        DO NOTHING``: PostgreSQL makes a second inserter wait on the unique key until the first
+        commits (then inserts nothing) or rolls back (then inserts); on SQLite the writer lock
+        taken by the insert orders the transactions the same way.  Only the transaction whose
+        insert took makes the tenant key, KEK version 1 and the ``key.create`` audit entry; the
+        others re-read and use the committed ones.  No savepoint is needed, so the caller's
+        transaction stays usable whichever way it goes.
+        """
         now = self._clock.now()
-        ring = TenantKeyring(
-            id=tenant_id, tenant_id=tenant_id, current_version=1, min_decryption_version=1,
-            created_at=now, updated_at=now,
-        )
+        made = s.execute(
+            self._insert(_KEYRINGS).values(
+                id=tenant_id, tenant_id=tenant_id, current_version=1, min_decryption_version=1,
+                created_at=now, updated_at=now,
+            ).on_conflict_do_nothing().returning(_KEYRINGS.c.id)
+        ).first()
+        if made is None:
+            # Another transaction made (and committed) the tenant's first keys: use them.
+            return self.keyring(s, tenant_id, for_update=for_update)
         self.add_kek(s, tenant_id, 1, now)
-        s.add(ring)
         self._audit.append(
             key_event(AuditEvent.KEY_CREATE, tenant_id, actor,
                       {"version": 1, "provider": self.provider.provider_id}),
             session=s,
         )
-        s.flush()
-        return ring
+        return self.keyring(s, tenant_id, for_update=for_update)
+
+    def _insert(self, table: Table) -> Any:
+        """``INSERT`` in the database's dialect (for ``ON CONFLICT DO NOTHING``)."""
+        return pg_insert(table) if self._db.is_postgres else sqlite_insert(table)
 
     def add_kek(self, s: Session, tenant_id: str, version: int, now: datetime) -> bytes:
-        """Make, wrap and add KEK ``version`` of the tenant; returns its material."""
+        """Make, wrap and add KEK ``version`` of the tenant; returns its material.
+
+        Raises :class:`KeyVersionConflictError` if the version exists already (the caller
+        holds the keyring, so only a caller that did not lock it can hit that).
+        """
         provider = self.provider
         if not provider.has_root_key():
             # A provider makes its root key on first use.  If keys wrapped by a root key exist
@@ -152,25 +181,57 @@ class KeyHierarchy:
         material = os.urandom(KEY_BYTES)
         wrapped = self.tenant_keys.wrap(tenant_id, material, kek_aad(tenant_id, version),
                                         create=self._may_create_tenant_key(s, tenant_id))
-        s.add(
-            KeyEncryptionKey(
+        made = s.execute(
+            self._insert(_KEKS).values(
                 id=new_id("kek"), tenant_id=tenant_id, version=version,
                 provider_id=provider.provider_id, wrapped_key=wrapped, created_at=now,
+            ).on_conflict_do_nothing().returning(_KEKS.c.id)
+        ).first()
+        if made is None:
+            raise KeyVersionConflictError(
+                f"key version {version} of this tenant was made by a concurrent change"
             )
-        )
         return material
 
     def keyring(self, s: Session, tenant_id: str, *, for_update: bool = False) -> TenantKeyring:
         """The tenant's keyring; ``NotFoundError`` before its first key, refused if shredded."""
-        stmt = select(TenantKeyring).where(TenantKeyring.id == tenant_id)
-        if for_update:
-            stmt = stmt.with_for_update()
-        ring = s.exec(stmt).first()
+        ring = self._read_keyring(s, tenant_id, for_update=for_update)
         if ring is None:
             raise NotFoundError("no keys for this tenant yet")
         if ring.shredded_at is not None:
             raise TenantKeysShreddedError()
         return ring
+
+    def keyring_for_shredding(self, s: Session, tenant_id: str) -> TenantKeyring:
+        """The tenant's keyring, locked, shredded or not; made empty (version 0) if it has
+        none, so that a tenant's first keys made at the same moment wait for the shredding
+        and then find it shredded instead of colliding with it."""
+        now = self._clock.now()
+        s.execute(
+            self._insert(_KEYRINGS).values(
+                id=tenant_id, tenant_id=tenant_id, current_version=0, min_decryption_version=0,
+                created_at=now, updated_at=now,
+            ).on_conflict_do_nothing()
+        )
+        ring = self._read_keyring(s, tenant_id, for_update=True)
+        if ring is None:
+            raise AssertionError("the keyring row was just inserted or found")
+        return ring
+
+    def _read_keyring(self, s: Session, tenant_id: str, *, for_update: bool
+                      ) -> TenantKeyring | None:
+        stmt = select(TenantKeyring).where(TenantKeyring.id == tenant_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+            if not self._db.is_postgres:
+                # SQLite has no row locks: a write first takes its writer lock (held until
+                # the commit), so the read below is current and no other writer changes the
+                # keyring before this transaction ends.
+                s.execute(
+                    update(_KEYRINGS).where(_KEYRINGS.c.id == tenant_id)
+                    .values(updated_at=_KEYRINGS.c.updated_at)
+                )
+        return s.exec(stmt).first()
 
     def ensure_keyring(
         self, s: Session, tenant_id: str, actor: Principal | None, *, for_update: bool = False
@@ -179,7 +240,7 @@ class KeyHierarchy:
         try:
             return self.keyring(s, tenant_id, for_update=for_update)
         except NotFoundError:
-            return self._create_keyring(s, tenant_id, actor)
+            return self._create_keyring(s, tenant_id, actor, for_update=for_update)
 
     def keyring_for_read(self, s: Session, tenant_id: str) -> TenantKeyring:
         """The keyring for opening data: a tenant without keys has nothing to decrypt."""
@@ -207,6 +268,14 @@ class KeyHierarchy:
             )
         ).first()
         if row is None:
+            # Shredded since the caller read the keyring: say so, not "tampered".  (A fresh
+            # read: the session may hold the keyring as it was before the shredding.)
+            ring = s.exec(
+                select(TenantKeyring).where(TenantKeyring.id == tenant_id)
+                .execution_options(populate_existing=True)
+            ).first()
+            if ring is not None and ring.shredded_at is not None:
+                raise TenantKeysShreddedError()
             raise DecryptionFailedError()
         provider = self.provider
         if row.provider_id != provider.provider_id:
