@@ -34,7 +34,7 @@ from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.attestation.conftest import bind, make_machine, nonce_for
 from tests.integration.policy.conftest import make_session
-from tests.support.sessionkeys import ProofAuth
+from tests.support.sessionkeys import proof_auth_for
 
 REPO = Path(__file__).resolve().parents[3]
 MESSAGE = {"channel": "ops", "text": "deploy done"}
@@ -84,7 +84,7 @@ def node_b(tmp_path: Path, db_url: str, clock: FixedClock, node_a: Services) -> 
 
 def _client(services: Services) -> TestClient:
     c = TestClient(create_app(services), raise_server_exceptions=False)
-    c.auth = ProofAuth(services.clock.now)
+    c.auth = proof_auth_for(c, services.clock.now)
     return c
 
 

@@ -31,9 +31,9 @@ from tests.support.faults import (
     Deployment,
     Ledger,
     LoadConfig,
-    Server,
     check_ledger,
     run_load_async,
+    server_for,
     summary,
 )
 from tests.support.pgfailover import PgFormation
@@ -103,7 +103,7 @@ def _failover_run(tmp_path: Path, formation: PgFormation, *, seconds: float,
     # Both nodes share one home (keys, trust roots), as nodes sharing one identity do.
     deployment = Deployment(tmp_path / "home", formation.url, extra_env=fast)
     deployment.create_tenants("bank-a", "bank-b")
-    nodes = [Server(deployment, workers=workers), Server(deployment, workers=workers)]
+    nodes = [server_for(deployment, workers=workers), server_for(deployment, workers=workers)]
     for n in nodes:
         n.start()
     try:

@@ -21,7 +21,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.faults import Api, Deployment, Ledger, LoadConfig, Sandbox, Server, Tenant
+from tests.support.faults import (
+    Api,
+    Deployment,
+    Ledger,
+    LoadConfig,
+    Sandbox,
+    Server,
+    Tenant,
+    server_for,
+)
 from tests.support.sessionkeys import ProofAuth
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -52,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, T
                                                                         Deployment]]:
     deployment = Deployment(tmp_path_factory.mktemp("metrics") / "home")
     (tenant,) = deployment.create_tenants("bank-a")
-    server = Server(deployment, workers=2)
+    server = server_for(deployment, workers=2)
     server.start()
     try:
         yield server, tenant, deployment
@@ -169,7 +178,7 @@ def test_a_previous_runs_metric_files_are_not_summed_in(tmp_path: Path) -> None:
     assert list(stale.glob("*.db"))
     deployment = Deployment(tmp_path / "home",
                             extra_env={"PROMETHEUS_MULTIPROC_DIR": str(stale)})
-    server = Server(deployment, workers=2)
+    server = server_for(deployment, workers=2)
     server.start()
     try:
         got = total(scrape(server.base), "sandboxsec_http_requests_total", route="/healthz")
@@ -185,7 +194,7 @@ def test_server_and_workers_write_one_json_log_stream(tmp_path: Path) -> None:
     import json
 
     deployment = Deployment(tmp_path / "home", extra_env={"SANDBOXSEC_LOG_LEVEL": "info"})
-    server = Server(deployment, workers=2)
+    server = server_for(deployment, workers=2)
     server.start()
     try:
         httpx.get(f"{server.base}/healthz", timeout=30)
@@ -210,7 +219,7 @@ def test_one_worker_uses_the_operators_metrics_directory(tmp_path: Path) -> None
     chosen = tmp_path / "run" / "metrics"
     deployment = Deployment(tmp_path / "home",
                             extra_env={"PROMETHEUS_MULTIPROC_DIR": str(chosen)})
-    server = Server(deployment, workers=1)
+    server = server_for(deployment, workers=1)
     server.start()
     try:
         for _ in range(3):
