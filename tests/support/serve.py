@@ -25,7 +25,8 @@ import pytest
 
 from tests.support.pgcluster import PgCluster
 
-__all__ = ["CLI", "Server", "clean_env", "database_url", "empty_database", "free_port", "serving"]
+__all__ = ["CLI", "Server", "bound_socket", "clean_env", "database_url", "empty_database",
+           "free_port", "in_thread", "serving"]
 
 #: The command line, as an operator runs it.
 CLI = [sys.executable, "-m", "sandboxsec.cli"]
@@ -36,6 +37,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def bound_socket() -> tuple[socket.socket, int]:
+    """A socket bound to a free port on 127.0.0.1 (held, so no other test takes the port
+    before the server listens), and that port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def in_thread(app: Any, sock: socket.socket, *, lifespan: str = "auto") -> Iterator[None]:
+    """The ASGI ``app`` served by uvicorn on ``sock`` in a daemon thread of this process,
+    for tests that need a real socket (raw HTTP, a browser) but not worker processes.
+    Started before the block (or the test fails), stopped after it; the socket is closed."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert server.started, "the in-process server did not start within 15 s"
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def clean_env(home: Path, db_url: str | None) -> dict[str, str]:

@@ -7,16 +7,13 @@ pending list, approve, deny, and refusals of assertions that are wrong in each w
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sandboxsec.api.app import create_app
 from sandboxsec.api.routes.people import COOKIE
@@ -25,6 +22,7 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.policy.conftest import make_session
+from tests.support.serve import bound_socket, in_thread
 from tests.support.sessionkeys import ProofAuth
 
 pytestmark = pytest.mark.browser
@@ -32,15 +30,6 @@ pytestmark = pytest.mark.browser
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--host-resolver-rules=MAP localhost 127.0.0.1"]
-
-
-def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, socket.socket, int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    return server, thread, sock, port
 
 
 @dataclass
@@ -62,10 +51,8 @@ class Live:
 @pytest.fixture
 def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
     """The service on a free port, and the same service on a second port (another origin)."""
-    servers = []
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    sock, port = bound_socket()
+    other_sock, other_port = bound_socket()
     origin = f"http://localhost:{port}"
     # Session proofs name the URL the agent calls: the same origin the pages are on.
     services = Services(settings.model_copy(update={"public_origin": origin,
@@ -73,24 +60,10 @@ def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
                         db=sqlite_database)
     tenant = make_tenant(services, "browser-people")
     app = create_app(services, own_services=False)
-    for s in (sock, None):
-        if s is None:
-            server, thread, s, other_port = _serve(app)
-        else:
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-            thread = threading.Thread(target=server.run, kwargs={"sockets": [s]}, daemon=True)
-        thread.start()
-        servers.append((server, thread, s))
-    deadline = time.monotonic() + 15
-    while not all(srv.started for srv, _, _ in servers) and time.monotonic() < deadline:
-        time.sleep(0.02)
     try:
-        yield Live(origin, f"http://localhost:{other_port}", services, tenant)
+        with in_thread(app, sock, lifespan="on"), in_thread(app, other_sock, lifespan="on"):
+            yield Live(origin, f"http://localhost:{other_port}", services, tenant)
     finally:
-        for server, thread, s in servers:
-            server.should_exit = True
-            thread.join(10)
-            s.close()
         services.close()
 
 

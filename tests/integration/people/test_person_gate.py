@@ -6,12 +6,9 @@ a small limit of their own."""
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from sandboxsec.api.app import create_app
@@ -22,6 +19,7 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.people.conftest import ORIGIN
+from tests.support.serve import bound_socket, in_thread
 
 ELSEWHERE = "https://evil.example"
 
@@ -45,21 +43,11 @@ def test_which_paths_the_person_gate_takes() -> None:
 def live(settings: Settings, sqlite_database: Database) -> Iterator[tuple[int, TenantKeys]]:
     services = Services(settings, db=sqlite_database)
     tenant = make_tenant(services, "gate")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(services), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    sock, port = bound_socket()
     try:
-        yield port, tenant
+        with in_thread(create_app(services), sock):
+            yield port, tenant
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         services.close()
 
 

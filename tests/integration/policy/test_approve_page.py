@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sandboxsec.api.app import create_app
 from sandboxsec.services import Services
@@ -19,6 +16,7 @@ from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys, make_tenant
 from tests.integration.policy.conftest import PAYMENT, allow_key_approvals, make_session
+from tests.support.serve import bound_socket, in_thread
 from tests.support.sessionkeys import ProofAuth
 
 pytestmark = pytest.mark.browser
@@ -38,29 +36,17 @@ class Live:
 @pytest.fixture
 def live(settings: Settings, sqlite_database: Database) -> Iterator[Live]:
     """uvicorn serving the app on a free port of 127.0.0.1, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    sock, port = bound_socket()
     # Session proofs name the URL the agent calls.
     services = Services(settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"}),
                         db=sqlite_database)
     tenant = make_tenant(services, "browser-tenant")
     allow_key_approvals(services, tenant)  # the page's API-key mode (machines, legacy)
     sid = make_session(services, tenant)
-    server = uvicorn.Server(uvicorn.Config(create_app(services), log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
     try:
-        yield Live(f"http://127.0.0.1:{port}", services, tenant, sid)
+        with in_thread(create_app(services), sock, lifespan="on"):
+            yield Live(f"http://127.0.0.1:{port}", services, tenant, sid)
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         services.close()
 
 
