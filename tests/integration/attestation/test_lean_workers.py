@@ -9,10 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
-import secrets
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +21,9 @@ from sandboxsec.attestation.models import BoundAk
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.support.faults import Deployment, Tenant, Trust, running
-from tests.support.pgcluster import PgCluster
 from tests.support.softtpm import SoftAk, marshal_quote, sign_quote, soft_activate
 
 CONCURRENT = 12
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None (the embedded SQLite file) or an empty PostgreSQL database the server migrates."""
-    if request.param == "sqlite":
-        yield None
-        return
-    cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
-    if cluster is None:
-        pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    url = cluster.create_database(f"lean_{os.getpid()}_{secrets.token_hex(4)}")
-    try:
-        yield url
-    finally:
-        cluster.drop_database(url)
 
 
 def _b64(data: bytes) -> str:

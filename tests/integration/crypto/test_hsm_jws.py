@@ -8,13 +8,11 @@ import json
 import warnings
 from pathlib import Path
 
-import pkcs11
 import pytest
 from fastapi.testclient import TestClient
 from joserfc import jws
 from joserfc.errors import BadSignatureError, SecurityWarning
 from joserfc.jwk import KeySet
-from pkcs11 import Attribute, KeyType, ObjectClass
 from sqlmodel import select
 
 from sandboxsec.attestation.models import AttestationRecord
@@ -25,7 +23,8 @@ from sandboxsec.policy.models import GrantRecord, GrantSigningKey
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
 from tests.integration.attestation.conftest import SoftMachine, bind, make_machine, nonce_for
-from tests.integration.crypto.conftest import SOFTHSM_MODULE, SoftHsm
+from tests.integration.crypto.conftest import SoftHsm
+from tests.integration.crypto.test_hsm_signing import _assert_private_key_stays_inside
 from tests.integration.policy.conftest import make_session
 
 pytestmark = pytest.mark.softhsm
@@ -60,15 +59,6 @@ def _stock_verify(token: str, jwks: dict[str, object]) -> dict[str, object]:
     return payload
 
 
-def _in_hsm(softhsm: SoftHsm, label: str) -> None:
-    lib = pkcs11.lib(SOFTHSM_MODULE)
-    with lib.get_token(token_label=softhsm.label).open() as session:
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
-                              key_type=KeyType.EC_EDWARDS, label=label)
-        assert key[Attribute.SENSITIVE] is True
-        assert key[Attribute.EXTRACTABLE] is False
-
-
 def _act(client: TestClient, tenant: TenantKeys, sid: str) -> object:
     return client.post("/v1/actions", headers=tenant.headers("agent"),
                        json={"session_id": sid, "action": "message", "resource": "app:slack",
@@ -88,7 +78,7 @@ def test_tokens_and_grants_are_signed_in_the_hsm_and_verify_with_stock_joserfc(
     assert claims["sandboxsec.tenant"] == tenant.id
     token_signer = services.service_keys.signer("attestation-token")
     assert isinstance(token_signer, HsmEd25519Signer)
-    _in_hsm(softhsm, token_signer.label)
+    _assert_private_key_stays_inside(softhsm, token_signer.label)
     # The grant.
     r = _act(client, tenant, make_session(services, tenant))
     assert r.status_code == 200 and r.json()["decision"] == "allow", r.text  # type: ignore[attr-defined]
@@ -97,7 +87,7 @@ def test_tokens_and_grants_are_signed_in_the_hsm_and_verify_with_stock_joserfc(
     assert payload["tid"] == tenant.id and payload["act"] == "message"
     _, grant_signer = services.grants._signer.signing_key()  # type: ignore[attr-defined]
     assert isinstance(grant_signer, HsmEd25519Signer)
-    _in_hsm(softhsm, grant_signer.label)
+    _assert_private_key_stays_inside(softhsm, grant_signer.label)
     # A token whose signature was altered fails stock verification.
     head, body, sig = grant.split(".")
     forged = f"{head}.{body}.{'A' if sig[0] != 'A' else 'B'}{sig[1:]}"
