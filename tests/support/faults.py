@@ -251,6 +251,11 @@ class Ledger:
     finished: float = 0.0
 
 
+#: POSTs that write nothing: a challenge's nonce is stateless (minted from a key that may
+#: still be readable while writes are refused), so answering one during an outage is fine.
+STATELESS_POSTS = frozenset({"/v1/attestation/challenge"})
+
+
 @dataclass
 class LoadConfig:
     agents_per_tenant: int = 2
@@ -293,9 +298,10 @@ class Api:
             self.ledger.errors[f"{label} {r.status_code} {code}"] += 1
             if down_at_send and down_at_answer:
                 self.ledger.outage_answers[f"{r.status_code} {code}"] += 1
-        elif down_at_send and down_at_answer and method == "POST":
-            # Every POST changes state or decides something: none may succeed while the
-            # store it must record that in is down.  (Reads of committed state may.)
+        elif (down_at_send and down_at_answer and method == "POST"
+              and url not in STATELESS_POSTS):
+            # Every other POST changes state or decides something: none may succeed while
+            # the store it must record that in is down.  (Reads of committed state may.)
             self.ledger.violations.append(f"{label} {r.status_code} {str(data)[:200]}")
         elif down_at_send and down_at_answer:
             self.ledger.outage_answers[f"{r.status_code} (read)"] += 1
