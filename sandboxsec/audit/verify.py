@@ -392,11 +392,12 @@ def _heads_and_links_hold(
 ) -> bool:
     """Whether every line starts ``{"v":1,"log":<log>,"seq":<next>,"prev":"<hex of the
     previous leaf>`` (heads and links in one pass; the caller names a failure)."""
-    hexes = [prev_hex]
-    hexes.extend(map(binascii.hexlify, leaves[:-1]))
+    # Lazily, at C level: each expected head is made, compared and dropped in turn, so no
+    # list of half a million heads (and hex strings) is built beside the entries.
+    hexes = itertools.chain((prev_hex,), map(binascii.hexlify, leaves))
     fmt = prefix.replace(b"%", b"%%") + b'%d,"prev":"%b'
-    # hexes is one longer than entries only when there are none.
-    heads = [fmt % sh for sh in zip(range(start, start + len(entries)), hexes, strict=False)]
+    # zip stops with the sequence numbers: one per entry (the last leaf's hex is never made).
+    heads = map(fmt.__mod__, zip(range(start, start + len(entries)), hexes, strict=False))
     return all(map(bytes.startswith, entries, heads))
 
 
