@@ -15,7 +15,7 @@ Pure functions over hashes: nothing here reads a database, a file or the clock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "consistency_proof",
     "inclusion_proof",
     "leaf_hash",
+    "leaf_hashes",
     "node_hash",
     "perfect_root",
     "root_from_leaves",
@@ -53,6 +54,23 @@ def leaf_hash(entry: bytes) -> bytes:
     return _sha256(_LEAF + entry).digest()
 
 
+def leaf_hashes(entries: Iterable[bytes]) -> list[bytes]:
+    """``leaf_hash`` of every entry, in order: the bulk form verifiers use.
+
+    Each hash continues a copy of one hash object that has already absorbed the 0x00 prefix,
+    so neither a prefixed copy of the entry nor a fresh hash set-up is made per entry (about
+    a tenth cheaper than calling ``leaf_hash`` on ~600-byte entries).
+    """
+    seeded = _sha256(_LEAF)  # copied per entry, never updated itself
+    out: list[bytes] = []
+    append = out.append
+    for entry in entries:
+        h = seeded.copy()
+        h.update(entry)
+        append(h.digest())
+    return out
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """``SHA-256(0x01 || left || right)``."""
     return _sha256(_NODE + left + right).digest()
@@ -66,10 +84,17 @@ def _largest_power_of_two_below(n: int) -> int:
 def _reduce(level: Sequence[bytes]) -> list[bytes]:
     """One level up: hash neighbours pairwise (an odd last node is left for the caller)."""
     it = iter(level)
-    sha, node = _sha256, _NODE
+    seeded = _sha256(_NODE)  # copied per node, never updated itself
+    out: list[bytes] = []
+    append = out.append
     # zip(it, it) walks the list two at a time without index arithmetic: the hot loop of
-    # tree building and of export verification.
-    return [sha(node + a + b).digest() for a, b in zip(it, it, strict=False)]
+    # tree building and of export verification.  Copying a hash object that has already
+    # absorbed the 0x01 prefix is cheaper than setting up a new one for every node.
+    for a, b in zip(it, it, strict=False):
+        h = seeded.copy()
+        h.update(a + b)
+        append(h.digest())
+    return out
 
 
 def _subtree_root(leaves: Sequence[bytes], lo: int, hi: int) -> bytes:

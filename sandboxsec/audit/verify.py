@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sandboxsec.audit.checkpoint import (
     Checkpoint,
-    parse_signed_checkpoint,
     verify_signed_checkpoint,
 )
 from sandboxsec.audit.cosignature import (
@@ -53,6 +52,7 @@ from sandboxsec.audit.merkle import (
     Frontier,
     ProofError,
     leaf_hash,
+    leaf_hashes,
     verify_consistency,
     verify_inclusion,
 )
@@ -213,9 +213,15 @@ def verify_export(
 
     # 3. Every checkpoint must carry a valid signature by the trusted key for this log.
     by_size: dict[int, Checkpoint] = {}
+    # Each note is parsed and its signature checked once; the witness step reuses the result.
+    admitted: dict[str, Checkpoint] = {}
 
     def admit(note: str) -> None:
-        cp = verify_signed_checkpoint(note, public_key, origin=origin, name=key_name)
+        cp = admitted.get(note)
+        if cp is None:
+            cp = admitted[note] = verify_signed_checkpoint(
+                note, public_key, origin=origin, name=key_name
+            )
         seen = by_size.get(cp.size)
         # 4. Two signed checkpoints of one size with different roots are a fork.
         if seen is not None and seen.root_hash != cp.root_hash:
@@ -231,7 +237,7 @@ def verify_export(
     cosigned: dict[int, list[Cosignature]] = {}
     if witnesses:
         for note, extra in zip(notes, cosig_lines, strict=True):
-            cp = parse_signed_checkpoint(note)[0]
+            cp = admitted[note]
             sig_lines = signature_lines(note.partition("\n\n")[2]) + list(extra)
             for c in verify_cosignatures(cp, sig_lines, witnesses, not_after=now):
                 have = cosigned.setdefault(cp.size, [])
@@ -249,8 +255,7 @@ def verify_export(
             seq=start,
         )
     # Every leaf hash, in one pass over the exact line bytes (the one unavoidable cost).
-    sha256 = hashlib.sha256
-    leaves = [sha256(b"\x00" + line).digest() for line in entries]
+    leaves = leaf_hashes(entries)
     # Every entry's sequence number and prev link, always, in one pass: a checkpoint signed
     # over a broken chain (a past rewritten before the service signed it) is still named.
     linked = _heads_and_links_hold(entries, leaves, prefix, start, prev_hex)
@@ -387,11 +392,12 @@ def _heads_and_links_hold(
 ) -> bool:
     """Whether every line starts ``{"v":1,"log":<log>,"seq":<next>,"prev":"<hex of the
     previous leaf>`` (heads and links in one pass; the caller names a failure)."""
-    hexes = [prev_hex]
-    hexes.extend(map(binascii.hexlify, leaves[:-1]))
+    # Lazily, at C level: each expected head is made, compared and dropped in turn, so no
+    # list of half a million heads (and hex strings) is built beside the entries.
+    hexes = itertools.chain((prev_hex,), map(binascii.hexlify, leaves))
     fmt = prefix.replace(b"%", b"%%") + b'%d,"prev":"%b'
-    # hexes is one longer than entries only when there are none.
-    heads = [fmt % sh for sh in zip(range(start, start + len(entries)), hexes, strict=False)]
+    # zip stops with the sequence numbers: one per entry (the last leaf's hex is never made).
+    heads = map(fmt.__mod__, zip(range(start, start + len(entries)), hexes, strict=False))
     return all(map(bytes.startswith, entries, heads))
 
 

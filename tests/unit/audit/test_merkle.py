@@ -16,6 +16,7 @@ from sandboxsec.audit.merkle import (
     consistency_proof,
     inclusion_proof,
     leaf_hash,
+    leaf_hashes,
     node_hash,
     root_from_leaves,
     verify_consistency,
@@ -106,6 +107,18 @@ def test_domain_separation_and_empty_tree() -> None:
     assert node_hash(b"a" * 32, b"b" * 32) == _sha(b"\x01" + b"a" * 32 + b"b" * 32)
     assert Frontier().root() == EMPTY_ROOT
     assert MerkleTree([]).root() == EMPTY_ROOT
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=700), max_size=40))
+def test_bulk_leaf_hashes_are_the_rfc_leaf_hashes(entries: list[bytes]) -> None:
+    # The bulk form copies one seeded hash object: every digest must still be exactly
+    # SHA-256(0x00 || entry), whatever the bytes (NUL, newline, empty), and a second call must
+    # not see anything left over from the first.
+    expected = [_sha(b"\x00" + e) for e in entries]
+    assert leaf_hashes(entries) == expected
+    assert leaf_hashes(iter(entries)) == expected
+    assert leaf_hashes(entries[::-1]) == expected[::-1]
 
 
 @settings(max_examples=60, deadline=None)
