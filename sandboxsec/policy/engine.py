@@ -42,6 +42,7 @@ from sandboxsec.policy.routing import Route, is_route_line, parse_routes
 from sandboxsec.policy.rulevalues import check_line, check_resource_pattern, check_str_value
 
 __all__ = [
+    "DEFAULT_CACHE_BYTES",
     "DEFAULT_RULE_ID",
     "MAX_POLICY_BYTES",
     "MAX_RULES",
@@ -479,7 +480,8 @@ class CompiledPolicy:
     collector does not track.
     """
 
-    __slots__ = ("__weakref__", "_by_id", "_plan", "_rows", "routes", "rules", "sha256", "text")
+    __slots__ = ("__weakref__", "_by_id", "_plan", "_rows", "routes", "rules", "sha256", "text",
+                 "weight")
 
     def __init__(self, text: str, model_text: str) -> None:
         self.text = text
@@ -495,6 +497,10 @@ class CompiledPolicy:
         # The rows casbin would hold for this policy (add_named_policies), in decision order.
         self._rows = tuple((r.rule_id, r.action, r.resource, r.condition, r.outcome.value)
                            for r in self.rules)
+        #: what holding it costs, estimated in bytes (an upper bound of what tracemalloc
+        #: measures for rules not shared with other policies): the engine's caches are bounded
+        #: by it as well as by their number of entries
+        self.weight = 1024 + 2 * len(text) + 1024 * len(self.rules)
 
     @property
     def casbin_rows(self) -> list[list[str]]:
@@ -528,6 +534,44 @@ class Decision:
     policy_sha256: str
 
 
+#: What each of the engine's two caches may hold, in estimated bytes (``CompiledPolicy.weight``).
+#: 16384 tenants with distinct ten-rule policies take about 70 MiB; the bound stops a few
+#: tenants with maximal policies (or an admin validating many distinct ones) from growing a
+#: worker without limit.  The newest entry is always kept.
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+class _Lru:
+    """An LRU of compiled policies bounded in entries and in estimated bytes.  Not locked:
+    the engine holds its lock around every call."""
+
+    def __init__(self, entries: int, max_bytes: int) -> None:
+        self._items: OrderedDict[str, tuple[int, CompiledPolicy]] = OrderedDict()
+        self._entries = entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> tuple[int, CompiledPolicy] | None:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: str, value: tuple[int, CompiledPolicy]) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1].weight
+        self._items[key] = value
+        self.bytes += value[1].weight
+        while len(self._items) > 1 and (len(self._items) > self._entries
+                                        or self.bytes > self._max_bytes):
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= dropped[1].weight
+
+
 class PolicyEngine:
     """Decides actions against per-tenant compiled policies held in bounded LRU caches.
 
@@ -536,12 +580,15 @@ class PolicyEngine:
     loader for the text, called only when the cached version differs.
     """
 
-    def __init__(self, *, model_text: str | None = None, cache_size: int = 4096) -> None:
+    def __init__(self, *, model_text: str | None = None, cache_size: int = 16384,
+                 max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._model_text = model_text if model_text is not None else bundled_model()
         _plan(self._model_text)  # a model the engine cannot decide with is refused here
         self._cache_size = cache_size
-        self._tenants: OrderedDict[str, tuple[int, CompiledPolicy]] = OrderedDict()
-        self._compiled: OrderedDict[str, CompiledPolicy] = OrderedDict()
+        #: tenant id -> (policy version, compiled policy)
+        self._tenants = _Lru(cache_size, max_bytes)
+        #: sha256 of a policy text -> (0, compiled policy)
+        self._compiled = _Lru(cache_size, max_bytes)
         self._lock = threading.Lock()
 
     def compile(self, text: str) -> CompiledPolicy:
@@ -550,13 +597,10 @@ class PolicyEngine:
         with self._lock:
             hit = self._compiled.get(digest)
             if hit is not None:
-                self._compiled.move_to_end(digest)
-                return hit
+                return hit[1]
         compiled = CompiledPolicy(text, self._model_text)
         with self._lock:
-            self._compiled[digest] = compiled
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
+            self._compiled.put(digest, (0, compiled))
         return compiled
 
     def policy_for(self, tenant_id: str, version: int, load_text: Callable[[], str]
@@ -565,14 +609,10 @@ class PolicyEngine:
         with self._lock:
             hit = self._tenants.get(tenant_id)
             if hit is not None and hit[0] == version:
-                self._tenants.move_to_end(tenant_id)
                 return hit[1]
         compiled = self.compile(load_text())
         with self._lock:
-            self._tenants[tenant_id] = (version, compiled)
-            self._tenants.move_to_end(tenant_id)
-            while len(self._tenants) > self._cache_size:
-                self._tenants.popitem(last=False)
+            self._tenants.put(tenant_id, (version, compiled))
         return compiled
 
     def decide(
