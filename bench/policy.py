@@ -231,8 +231,8 @@ class _CompiledMatcherEnforcer(casbin.Enforcer):  # type: ignore[misc]
 
 
 def bench_decisions() -> None:
-    print("== policy decisions (in process); load average %.2f %.2f %.2f on %d CPUs"
-          % (*os.getloadavg(), os.cpu_count() or 0))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"== policy decisions (in process); load average {load} on {os.cpu_count()} CPUs")
     rnd = random.Random(7)
     texts = [tenant_policy(i) for i in range(TENANTS)]
     shipped_cache = int(Settings.model_fields["policy_cache_size"].default)
