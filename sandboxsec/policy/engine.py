@@ -426,9 +426,10 @@ class _ModelPlan:
     the priority effect and no ``p_eft`` column the first row it holds for decides.  A model
     of another shape (another effect, a ``p_eft`` column, roles, ``eval()``) is refused here
     rather than decided differently.  Sharing the plan is what keeps a tenant's compiled
-    policy small: a casbin enforcer per tenant held hundreds of objects in reference cycles,
-    which only the cyclic garbage collector could free and which every full collection
-    rescanned (``tests/unit/policy/test_engine_casbin_differential.py`` checks the decisions
+    policy small and quick to build: a casbin enforcer per tenant cost about 66 objects the
+    cyclic garbage collector tracks (rescanned by every full collection) and several hundred
+    microseconds to build on a cache miss, against about 9 objects and tens of microseconds
+    now (``tests/unit/policy/test_engine_casbin_differential.py`` checks the decisions
     against stock casbin).
     """
 

@@ -158,7 +158,7 @@ def test_a_model_of_another_shape_is_refused_not_decided_differently(
 
 def test_an_evicted_policy_is_freed_without_the_cycle_collector() -> None:
     # A compiled policy holds no reference cycle: when the cache drops it, reference counting
-    # frees it at once (a casbin enforcer per tenant needed a full collection).
+    # frees it at once, with the cyclic collector off.
     engine = PolicyEngine(cache_size=16)
     refs: list[weakref.ref[Any]] = []
     gc.disable()
