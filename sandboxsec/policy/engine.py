@@ -543,11 +543,13 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
 class _Lru:
-    """An LRU of compiled policies bounded in entries and in estimated bytes.  Not locked:
-    the engine holds its lock around every call."""
+    """An LRU of compiled policies bounded in entries and in the estimated bytes of the
+    distinct policies it holds (many tenants on one policy text share one compiled policy,
+    counted once).  Not locked: the engine holds its lock around every call."""
 
     def __init__(self, entries: int, max_bytes: int) -> None:
         self._items: OrderedDict[str, tuple[int, CompiledPolicy]] = OrderedDict()
+        self._holders: dict[int, int] = {}  # id of a held compiled policy -> entries holding it
         self._entries = entries
         self._max_bytes = max_bytes
         self.bytes = 0
@@ -561,16 +563,29 @@ class _Lru:
             self._items.move_to_end(key)
         return hit
 
+    def _hold(self, policy: CompiledPolicy) -> None:
+        count = self._holders.get(id(policy), 0)
+        if count == 0:
+            self.bytes += policy.weight
+        self._holders[id(policy)] = count + 1
+
+    def _release(self, policy: CompiledPolicy) -> None:
+        count = self._holders.pop(id(policy))
+        if count == 1:
+            self.bytes -= policy.weight
+        else:
+            self._holders[id(policy)] = count - 1
+
     def put(self, key: str, value: tuple[int, CompiledPolicy]) -> None:
+        self._hold(value[1])  # before releasing the old one: they may be the same policy
         old = self._items.pop(key, None)
         if old is not None:
-            self.bytes -= old[1].weight
+            self._release(old[1])
         self._items[key] = value
-        self.bytes += value[1].weight
         while len(self._items) > 1 and (len(self._items) > self._entries
                                         or self.bytes > self._max_bytes):
             _, dropped = self._items.popitem(last=False)
-            self.bytes -= dropped[1].weight
+            self._release(dropped[1])
 
 
 class PolicyEngine:

@@ -250,3 +250,20 @@ def test_cache_is_bounded_in_bytes_as_well_as_entries() -> None:
     first = tiny.policy_for("tn_a", 1, big.strip)
     assert tiny.policy_for("tn_a", 1, lambda: loads.append(2) or "") is first
     assert loads == []
+
+
+def test_tenants_sharing_a_policy_count_its_size_once() -> None:
+    # Most tenants keep the default policy: one compiled policy, whatever their number, so
+    # the size bound must not evict them as if each held its own copy.
+    text = bundled_default_policy()
+    weight = compile_policy(text).weight
+    engine = PolicyEngine(cache_size=1000, max_bytes=2 * weight)
+    for i in range(500):
+        engine.policy_for(f"tn_{i}", 1, lambda: text)
+    assert len(engine._tenants) == 500 and engine._tenants.bytes == weight
+    for i in range(500):  # the same tenants move to another version of the same text
+        engine.policy_for(f"tn_{i}", 2, lambda: text)
+    assert len(engine._tenants) == 500 and engine._tenants.bytes == weight
+    other = "p, only, *, *, true, deny\n"
+    engine.policy_for("tn_0", 3, lambda: other)
+    assert engine._tenants.bytes == weight + compile_policy(other).weight
