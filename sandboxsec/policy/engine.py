@@ -452,7 +452,12 @@ class _ModelPlan:
 
     def first_match(self, rows: tuple[tuple[str, ...], ...], *rvals: Any
                     ) -> tuple[str, ...] | None:
-        """The first row the matcher holds for (``None``: none does, casbin's default deny)."""
+        """The first row the matcher holds for (``None``: none does, casbin's default deny).
+
+        With no rows at all casbin evaluates the matcher once on blank policy fields; for this
+        model that can only hold for an empty action, which no request carries (actions are
+        validated), so no rows is a deny here without asking.
+        """
         if len(rvals) != len(self.r_tokens):
             raise RuntimeError("invalid request size")
         names = dict(zip(self.r_tokens, rvals, strict=True))
