@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)
     grant_ttl_seconds: int = Field(default=300, ge=10, le=3600)
     approval_wait_max_seconds: float = Field(default=60.0, gt=0, le=600)
-    policy_cache_size: int = Field(default=4096, ge=16)
+    policy_cache_size: int = Field(default=16384, ge=16)
     # --- policy: approval webhook (optional; see docs/policy.md) ---
     approval_webhook_url: str | None = Field(
         default=None, description="POSTed (HMAC-signed) when an approval request is created."

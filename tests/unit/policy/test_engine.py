@@ -230,3 +230,40 @@ def test_condition_clauses_parse_or_name_their_line(attr: str, op: str, value: s
     # A rule that compiled can be evaluated against any context without errors.
     policy.evaluate(BASE)
     policy.evaluate(replace(BASE, amount=None, currency=None, payee=None))
+
+
+def test_cache_is_bounded_in_bytes_as_well_as_entries() -> None:
+    # A few tenants with maximal policies (or an admin validating many distinct ones) cannot
+    # grow a worker without limit: both caches evict by estimated size too.
+    big = "".join(f"p, r{j}, payment, *, amount > {j}, deny\n" for j in range(300))
+    budget = 3 * compile_policy(big).weight
+    engine = PolicyEngine(cache_size=1000, max_bytes=budget)
+    for i in range(12):
+        engine.policy_for(f"tn_{i}", 1, (big + f"p, last{i}, *, *, true, allow\n").strip)
+        engine.compile(big + f"# validated only {i}\n")
+    assert 1 <= len(engine._tenants) < 3 and 1 <= len(engine._compiled) < 3
+    assert engine._tenants.bytes <= budget and engine._compiled.bytes <= budget
+    # the newest stays cached (no reload), even when one entry alone is over the budget
+    loads: list[int] = []
+    assert engine.policy_for("tn_11", 1, lambda: loads.append(1) or "") is not None
+    tiny = PolicyEngine(cache_size=16, max_bytes=1)
+    first = tiny.policy_for("tn_a", 1, big.strip)
+    assert tiny.policy_for("tn_a", 1, lambda: loads.append(2) or "") is first
+    assert loads == []
+
+
+def test_tenants_sharing_a_policy_count_its_size_once() -> None:
+    # Most tenants keep the default policy: one compiled policy, whatever their number, so
+    # the size bound must not evict them as if each held its own copy.
+    text = bundled_default_policy()
+    weight = compile_policy(text).weight
+    engine = PolicyEngine(cache_size=1000, max_bytes=2 * weight)
+    for i in range(500):
+        engine.policy_for(f"tn_{i}", 1, lambda: text)
+    assert len(engine._tenants) == 500 and engine._tenants.bytes == weight
+    for i in range(500):  # the same tenants move to another version of the same text
+        engine.policy_for(f"tn_{i}", 2, lambda: text)
+    assert len(engine._tenants) == 500 and engine._tenants.bytes == weight
+    other = "p, only, *, *, true, deny\n"
+    engine.policy_for("tn_0", 3, lambda: other)
+    assert engine._tenants.bytes == weight + compile_policy(other).weight
