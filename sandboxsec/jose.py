@@ -1,4 +1,4 @@
-"""Compact JWS with Ed25519, through joserfc, with the algorithm pinned.
+"""Compact JWS with Ed25519, joserfc-compatible, with the algorithm pinned.
 
 Attestation tokens and grants are both compact JWS (RFC 7515 section 7.1:
 ``base64url(header).base64url(payload).base64url(signature)``, unpadded) signed with Ed25519
@@ -10,22 +10,24 @@ that one algorithm and nothing else (no ``none``, no HMAC, no RSA), whatever the
 
 joserfc's base64url decoder refuses padding, foreign characters and non-zero unused bits, so a
 token has exactly one spelling; this module adds the size bound, the ``kid`` lookup and
-``crit`` refusal.  Pure functions; no I/O.
+``crit`` refusal.  Verification runs through joserfc; signing writes exactly joserfc's bytes
+with one signature call (see :func:`sign_compact`).  Pure functions; no I/O.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Final
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import OKPKey
 from joserfc.jws import JWSRegistry
 
@@ -72,11 +74,6 @@ class _PinnedRegistry(JWSRegistry):
 _REGISTRY: Final = _PinnedRegistry(algorithms=[ALG])
 
 
-@lru_cache(maxsize=64)
-def _private(key: Ed25519PrivateKey) -> OKPKey:
-    return OKPKey(key, key)
-
-
 def _public(key: Ed25519PublicKey) -> OKPKey:
     # Public keys are not hashable: cache by their raw bytes.
     return _public_raw(_raw(key))
@@ -94,8 +91,14 @@ def _raw(public_key: Ed25519PublicKey) -> bytes:
 
 def rfc7638_thumbprint(public_key: Ed25519PublicKey) -> str:
     """RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order."""
+    return _thumbprint_raw(_raw(public_key))
+
+
+@lru_cache(maxsize=256)
+def _thumbprint_raw(raw: bytes) -> str:
+    # Computed on every token signed and every token verified: cached by the key's bytes.
     members = json.dumps(
-        {"crv": "Ed25519", "kty": "OKP", "x": b64url_encode(_raw(public_key))},
+        {"crv": "Ed25519", "kty": "OKP", "x": b64url_encode(raw)},
         separators=(",", ":"), sort_keys=True,
     )
     return b64url_encode(hashlib.sha256(members.encode()).digest())
@@ -107,54 +110,49 @@ def okp_jwk(public_key: Ed25519PublicKey, kid: str) -> dict[str, str]:
             "alg": ALG, "use": "sig"}
 
 
-class _HookedEdDSA(JWSAlgModel):
-    """EdDSA whose private half is a :class:`Signer` (an HSM key): joserfc builds the signing
-    input and the token; the signature is made by the hook, so the key never leaves the HSM."""
-
-    name = ALG
-    description = "EdDSA through a signer hook"
-    key_type = "OKP"
-
-    def __init__(self, signer: Signer) -> None:
-        self._signer = signer
-
-    def sign(self, msg: bytes, key: Any) -> bytes:
-        return self._signer.sign(msg)
-
-    def verify(self, msg: bytes, sig: bytes, key: Any) -> bool:  # pragma: no cover - unused
-        raise JwsError("a signer hook does not verify")
-
-
-class _HookedRegistry(_PinnedRegistry):
-    def __init__(self, signer: Signer) -> None:
-        super().__init__(algorithms=[ALG])
-        self._alg = _HookedEdDSA(signer)
-
-    def get_alg(self, name: str) -> Any:
-        super().get_alg(name)
-        return self._alg
-
-
 def sign_compact(header: Mapping[str, Any], payload: bytes,
                  key: Ed25519PrivateKey | Signer) -> str:
     """``header`` (``alg`` is set to EdDSA) and ``payload`` signed as a compact JWS.
 
-    ``key`` is an in-memory Ed25519 key, or any :class:`Signer` (an HSM-held key: joserfc
-    is given only its public half, the signature comes from the signer).  A signature made
+    ``key`` is an in-memory Ed25519 key, or any :class:`Signer` (an HSM-held key: only its
+    public half is ever read here, the signature comes from the signer).  A signature made
     through a signer is verified before the token is returned, so a faulty HSM answer never
     leaves as a token that relying parties would refuse.
+
+    The output is byte for byte what ``joserfc.jws.serialize_compact`` writes for the same
+    header, payload and key (Ed25519 is deterministic; a test compares the two): the header
+    is checked by joserfc's registry and encoded the way joserfc encodes it, once per distinct
+    header, and the signature is one Ed25519 signature over the signing input.  Building the
+    token through joserfc on every call cost three times the signature itself.
     """
-    protected = {**header, "alg": ALG}
-    if isinstance(key, Ed25519PrivateKey):
-        return jws.serialize_compact(protected, payload, _private(key), registry=_REGISTRY)
-    public = key.public_key()
-    token = jws.serialize_compact(protected, payload, _public(public),
-                                  registry=_HookedRegistry(key))
+    items = tuple({**header, "alg": ALG}.items())  # joserfc's member order
+    segment = (_header_segment(items) if all(isinstance(v, str) for _, v in items)
+               else _header_segment.__wrapped__(items))
+    signing_input = segment + b"." + _b64url(payload)
+    signature = key.sign(signing_input)
+    if not isinstance(key, Ed25519PrivateKey):
+        try:
+            key.public_key().verify(signature, signing_input)
+        except InvalidSignature as exc:
+            raise JwsError("the signer's signature does not verify", "signature") from exc
+    return (signing_input + b"." + _b64url(signature)).decode("ascii")
+
+
+@lru_cache(maxsize=64)
+def _header_segment(items: tuple[tuple[str, Any], ...]) -> bytes:
+    """The protected header's base64url segment, checked by joserfc's registry (the header
+    members of the tokens and grants this service signs are few and fixed per key)."""
+    protected = dict(items)
     try:
-        jws.deserialize_compact(token, _public(public), registry=_REGISTRY)
-    except (JoseError, ValueError) as exc:
-        raise JwsError("the signer's signature does not verify", "signature") from exc
-    return token
+        _REGISTRY.check_header(protected)
+    except JoseError as exc:
+        raise JwsError(f"the JWS header is invalid ({exc.error})") from None
+    text = json.dumps(protected, ensure_ascii=True, separators=(",", ":"))
+    return _b64url(text.encode("ascii"))
+
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def verify_compact(

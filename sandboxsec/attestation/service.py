@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -760,11 +761,16 @@ _TRUST_SUBDIRS: Final = ("trust-roots/publishers", "trust-roots/tpm-manufacturer
 
 
 def _trust_stamp(base: Path) -> tuple[tuple[object, ...], ...]:
-    """What the trust directory's files look like now (name, size, mtime, inode each)."""
+    """What the trust directory's files look like now (name, size, mtime, inode each).
+
+    On every verification: plain ``str`` paths and ``os.scandir`` (one ``stat`` per file),
+    no ``pathlib``, so the watch costs a few system calls and little Python.
+    """
     out: list[tuple[object, ...]] = []
-    for sub in _TRUST_SUBDIRS:
+    for sub, directory in _trust_dirs(str(base)):
         try:
-            entries = list(os.scandir(base / sub))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=_entry_name)
         except OSError:
             out.append((sub,))
             continue
@@ -774,7 +780,16 @@ def _trust_stamp(base: Path) -> tuple[tuple[object, ...], ...]:
             except OSError:
                 continue
             out.append((sub, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(sorted(out, key=repr))
+    return tuple(out)
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+@lru_cache(maxsize=16)
+def _trust_dirs(base: str) -> tuple[tuple[str, str], ...]:
+    return tuple((sub, os.path.join(base, sub)) for sub in _TRUST_SUBDIRS)
 
 
 def _pem_dir(directory: Path) -> tuple[x509.Certificate, ...]:
