@@ -23,6 +23,7 @@ from sandboxsec.policy.approvals import ApprovalState, effective_state
 from sandboxsec.policy.errors import GrantSignatureInvalidError, PolicyVersionConflictError
 from sandboxsec.policy.grants import key_id
 from sandboxsec.policy.models import ApprovalRequest, GrantRecord, PolicyRevision
+from sandboxsec.policy.repository import DecidingSession
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
 
@@ -122,6 +123,14 @@ class InMemoryPolicyRepository:
         if found is None or found.tenant_id != tenant_id:
             raise NotFoundError("no such session")
         return found
+
+    def deciding_session(self, tx: FakeTx, tenant_id: str, session_id: str
+                         ) -> tuple[DecidingSession, int]:
+        s = self.session(tx, tenant_id, session_id)
+        return (DecidingSession(id=s.id, attested=bool(s.attested), image_name=s.image_name,
+                                image_digest=s.image_digest, expires_at=s.expires_at,
+                                ended_at=s.ended_at),
+                self.current_version(tx, tenant_id))
 
     def domain_seen(self, tx: FakeTx, tenant_id: str, domain: str) -> bool:
         return (tenant_id, domain) in self.domains
