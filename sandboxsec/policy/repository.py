@@ -33,7 +33,7 @@ from sandboxsec.storage.db import Database
 from sandboxsec.storage.locks import lock_row
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
 
-__all__ = ["DecidingSession", "PolicyRepository", "SqlPolicyRepository", "Tx"]
+__all__ = ["DecidingSession", "IssuedGrant", "PolicyRepository", "SqlPolicyRepository", "Tx"]
 
 #: An open transaction of the repository (a database session for the SQL implementation);
 #: the audit sink writes its entries into the same one.
@@ -50,6 +50,26 @@ class DecidingSession:
     image_digest: str
     expires_at: datetime
     ended_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedGrant:
+    """A grant being issued: the columns of its new ``grants`` row (not used yet).
+
+    A plain value rather than a :class:`GrantRecord`: the row is inserted with one Core
+    statement, and setting up an ORM instance per decision cost more than the insert."""
+
+    id: str
+    tenant_id: str
+    session_id: str
+    approval_id: str | None
+    decision_id: str
+    action: str
+    resource: str
+    params_hash: str
+    key_id: str
+    issued_at: datetime
+    expires_at: datetime
 
 
 class PolicyRepository(Protocol):
@@ -139,7 +159,7 @@ class PolicyRepository(Protocol):
         ...
 
     # -- grants
-    def add_grant(self, tx: Tx, record: GrantRecord) -> None:
+    def add_grant(self, tx: Tx, record: IssuedGrant) -> None:
         """Store an issued grant."""
         ...
 
@@ -172,7 +192,7 @@ _DECIDING_SESSION = core_select(
 ).where(_SESSIONS.c.id == bindparam("session_id"),
         _SESSIONS.c.tenant_id == bindparam("tenant_id"))
 _INSERT_GRANT = insert(_GRANTS)
-_GRANT_COLUMNS = tuple(c.name for c in _GRANTS.columns)
+_ISSUED_COLUMNS = IssuedGrant.__slots__
 
 
 def _rowcount(result: Any) -> int:
@@ -359,10 +379,10 @@ class SqlPolicyRepository:
             tx.execute(text("SELECT pg_notify(:channel, :payload)"),
                        {"channel": CHANNEL, "payload": approval_id})
 
-    def add_grant(self, tx: Session, record: GrantRecord) -> None:
-        """Store an issued grant (a Core insert: the record is not tracked by the session)."""
-        tx.connection().execute(_INSERT_GRANT,
-                                {name: getattr(record, name) for name in _GRANT_COLUMNS})
+    def add_grant(self, tx: Session, record: IssuedGrant) -> None:
+        """Store an issued grant (one Core insert; ``used_at``/``used_by`` start empty)."""
+        values = {name: getattr(record, name) for name in _ISSUED_COLUMNS}
+        tx.connection().execute(_INSERT_GRANT, {**values, "used_at": None, "used_by": None})
 
     def grant(self, tx: Session, tenant_id: str, grant_id: str) -> GrantRecord:
         """The tenant's grant record (``NotFoundError`` otherwise)."""

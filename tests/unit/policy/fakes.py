@@ -23,7 +23,7 @@ from sandboxsec.policy.approvals import ApprovalState, effective_state
 from sandboxsec.policy.errors import GrantSignatureInvalidError, PolicyVersionConflictError
 from sandboxsec.policy.grants import key_id
 from sandboxsec.policy.models import ApprovalRequest, GrantRecord, PolicyRevision
-from sandboxsec.policy.repository import DecidingSession
+from sandboxsec.policy.repository import DecidingSession, IssuedGrant
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
 
@@ -199,8 +199,9 @@ class InMemoryPolicyRepository:
         self.announced.append(approval_id)
 
     # -- grants
-    def add_grant(self, tx: FakeTx, record: GrantRecord) -> None:
-        self.grants[record.id] = record.model_copy()
+    def add_grant(self, tx: FakeTx, record: IssuedGrant) -> None:
+        self.grants[record.id] = GrantRecord(**{k: getattr(record, k)
+                                                for k in IssuedGrant.__slots__})
 
     def grant(self, tx: FakeTx, tenant_id: str, grant_id: str) -> GrantRecord:
         found = self.find_grant(tx, tenant_id, grant_id)
