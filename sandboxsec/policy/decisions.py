@@ -236,11 +236,11 @@ class DecisionService:
                     "routed_to": routed.get("routed_to", []),
                     "approve_path": f"/approve/{row.id}"}, now)
         elif decision.outcome is Outcome.ALLOW:
-            record = self._grants.issue(
-                tx, tenant_id=who.tenant_id, session_id=session.id, approval_id=None,
+            record, grant = self._grants.issue_signed(
+                tx, tenant_id=who.tenant_id, session_id=session.id,
                 decision_id=decision.decision_id, action=ctx.action, resource=ctx.resource,
                 p_hash=p_hash, now=now)
-            grant, grant_expires = self._grants.token(record, p_hash), record.expires_at
+            grant_expires = record.expires_at
             object_ids["grant_id"] = record.id
             if ctx.action == "login" and ctx.domain is not None:
                 self._repo.remember_domain(tx, who.tenant_id, ctx.domain, session.id, now)
