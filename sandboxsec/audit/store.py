@@ -71,7 +71,8 @@ _HEAD_COLS = (
 _SELECT_HEAD = select(*_HEAD_COLS).where(HEADS.c.id == bindparam("log_id"))
 _SELECT_HEAD_FOR_UPDATE = _SELECT_HEAD.with_for_update()
 _TOUCH_HEAD = update(HEADS).where(HEADS.c.id == bindparam("log_id")).values(size=HEADS.c.size)
-# SQLite: the write that takes the writer lock also reads the head (one statement, not two).
+# SQLite: the write that takes the writer lock also reads the head (one statement, not two;
+# RETURNING needs SQLite 3.35, which the proof replay store's insert already does).
 _TOUCH_HEAD_RETURNING = _TOUCH_HEAD.returning(*_HEAD_COLS)
 INSERT_ENTRIES = insert(ENTRIES)
 INSERT_CHECKPOINT = insert(CHECKPOINTS)
