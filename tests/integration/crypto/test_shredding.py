@@ -69,7 +69,8 @@ def _carve(blobs: list[bytes], tenant_id: str, unwrap: Callable[[bytes, bytes], 
            ) -> set[bytes]:
     """Every KEK that ``unwrap`` opens from bytes near an occurrence of the tenant id."""
     marker = tenant_id.encode()
-    found: set[bytes] = set()
+    # The same bytes recur (WAL frames, page copies): try each distinct candidate once.
+    candidates: set[bytes] = set()
     for blob in blobs:
         pos = blob.find(marker)
         while pos != -1:
@@ -80,12 +81,15 @@ def _carve(blobs: list[bytes], tenant_id: str, unwrap: Callable[[bytes, bytes], 
                 cand = blob[off : off + _WRAPPED_LEN]
                 if len(cand) < _WRAPPED_LEN:
                     break
-                for version in (1, 2, 3):
-                    try:
-                        found.add(unwrap(cand, _kek_aad(tenant_id, version)))
-                    except DecryptionFailedError:
-                        continue
+                candidates.add(cand)
             pos = blob.find(marker, pos + 1)
+    found: set[bytes] = set()
+    for cand in candidates:
+        for version in (1, 2, 3):
+            try:
+                found.add(unwrap(cand, _kek_aad(tenant_id, version)))
+            except DecryptionFailedError:
+                continue
     return found
 
 
