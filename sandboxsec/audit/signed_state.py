@@ -91,6 +91,9 @@ class StateFiles:
         # The key is read on first use: building the audit log must not touch the key files.
         self._dir = directory / "state"
         self._alarms = directory / "alarms"
+        # Alarm marker paths by log id: every append checks its log's marker (a file another
+        # worker may create at any moment), and building the path is most of that check.
+        self._alarm_paths: dict[str, str] = {}
         self._key_source = mac_key
         self._mac_key: bytes | None = None
 
@@ -176,8 +179,20 @@ class StateFiles:
         return self.alarm(log_id) or alarm
 
     def alarm(self, log_id: str) -> Alarm | None:
-        """The alarm of ``log_id``, if any."""
-        return self._read_alarm(self._alarms / _file_name(log_id))
+        """The alarm of ``log_id``, if any (read from the file system on every call)."""
+        path = self._alarm_paths.get(log_id)
+        if path is None:
+            if len(self._alarm_paths) >= 65536:  # bounded: one entry per log ever seen
+                self._alarm_paths.clear()
+            path = self._alarm_paths[log_id] = str(self._alarms / _file_name(log_id))
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return _unreadable(path)
+        return self._parse_alarm(Path(path), raw)
 
     def alarms(self) -> list[Alarm]:
         """Every raised alarm (what ``/healthz`` reports)."""
@@ -200,14 +215,26 @@ class StateFiles:
     @staticmethod
     def _read_alarm(path: Path) -> Alarm | None:
         try:
-            doc = json.loads(path.read_bytes())
-            return Alarm(str(doc["log_id"]), str(doc["code"]), str(doc["message"]),
-                         str(doc["at"]))
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            # An unreadable marker is still an alarm: fail closed.
-            return Alarm(path.stem, "audit_state_invalid", "unreadable alarm marker", "")
+        except OSError:
+            return _unreadable(str(path))
+        return StateFiles._parse_alarm(path, raw)
+
+    @staticmethod
+    def _parse_alarm(path: Path, raw: bytes) -> Alarm:
+        try:
+            doc = json.loads(raw)
+            return Alarm(str(doc["log_id"]), str(doc["code"]), str(doc["message"]),
+                         str(doc["at"]))
+        except (ValueError, KeyError, TypeError):
+            return _unreadable(str(path))
+
+
+def _unreadable(path: str) -> Alarm:
+    # An unreadable marker is still an alarm: fail closed.
+    return Alarm(Path(path).stem, "audit_state_invalid", "unreadable alarm marker", "")
 
 
 def check_extends(

@@ -71,6 +71,9 @@ _HEAD_COLS = (
 _SELECT_HEAD = select(*_HEAD_COLS).where(HEADS.c.id == bindparam("log_id"))
 _SELECT_HEAD_FOR_UPDATE = _SELECT_HEAD.with_for_update()
 _TOUCH_HEAD = update(HEADS).where(HEADS.c.id == bindparam("log_id")).values(size=HEADS.c.size)
+# SQLite: the write that takes the writer lock also reads the head (one statement, not two;
+# RETURNING needs SQLite 3.35, which the proof replay store's insert already does).
+_TOUCH_HEAD_RETURNING = _TOUCH_HEAD.returning(*_HEAD_COLS)
 INSERT_ENTRIES = insert(ENTRIES)
 INSERT_CHECKPOINT = insert(CHECKPOINTS)
 INSERT_NODES = insert(NODES)
@@ -154,9 +157,11 @@ def lock_head(conn: Connection, log_id: str, now: datetime) -> Head:
     if conn.dialect.name == "sqlite":
         # A write first: it takes SQLite's writer lock (waiting up to the busy timeout), so
         # the head read below cannot be stale.
-        if conn.execute(_TOUCH_HEAD, key).rowcount == 0:
+        touched = conn.execute(_TOUCH_HEAD_RETURNING, key).first()
+        if touched is None:
             conn.execute(sqlite_insert(HEADS).values(**fresh).on_conflict_do_nothing())
-        row = conn.execute(_SELECT_HEAD, key).one()
+            touched = conn.execute(_SELECT_HEAD, key).one()
+        row = touched
     else:
         found = conn.execute(_SELECT_HEAD_FOR_UPDATE, key).first()
         if found is None:

@@ -33,10 +33,18 @@ class SessionFacts:
 
 
 class _SessionRow(Protocol):
-    id: str
-    attested: bool
-    image_name: str
-    image_digest: str
+    # Read-only: a stored row or a decision's view of it (policy.repository.DecidingSession).
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def attested(self) -> bool: ...
+
+    @property
+    def image_name(self) -> str: ...
+
+    @property
+    def image_digest(self) -> str: ...
 
 
 def session_facts(row: _SessionRow) -> SessionFacts:

@@ -34,11 +34,10 @@ from sandboxsec.policy.errors import (
 from sandboxsec.policy.grant_service import GrantIssuer
 from sandboxsec.policy.hooks import ApprovalRouting, Outbox
 from sandboxsec.policy.models import ApprovalRequest
-from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.repository import DecidingSession, PolicyRepository, Tx
 from sandboxsec.policy.views import ActionResult, ApprovalView, approval_view
 from sandboxsec.principal import Principal
 from sandboxsec.sessions.liveness import is_live
-from sandboxsec.sessions.models import AgentSession
 
 __all__ = ["MAX_PENDING_PER_SESSION", "ApprovalNotifier", "DecisionService", "PolicyTexts"]
 
@@ -96,7 +95,7 @@ class DecisionService:
             self._notifier.close()
             self._notifier = None
 
-    def _context(self, who: Principal, session: AgentSession, action: str, resource: str,
+    def _context(self, who: Principal, session: DecidingSession, action: str, resource: str,
                  params: Mapping[str, Any]) -> ActionContext:
         return action_context(tenant_id=who.tenant_id, role=str(who.role),
                               session=session_facts(session), action=action,
@@ -129,7 +128,8 @@ class DecisionService:
         result: ActionResult | None = None
         with self._repo.transaction() as tx:
             # 2. session
-            session = self._repo.session(tx, who.tenant_id, session_id)
+            # The session and the policy version in force: one read.
+            session, version = self._repo.deciding_session(tx, who.tenant_id, session_id)
             if not is_live(session, now):
                 refused = ActionSessionExpiredError("the session has expired or ended")
                 self._audit.append(
@@ -143,8 +143,7 @@ class DecisionService:
                 if ctx.domain is not None and action == "login":
                     ctx = replace(ctx, new_domain=not self._repo.domain_seen(
                         tx, who.tenant_id, ctx.domain))
-                # 3. decide under the version in force right now
-                version = self._repo.current_version(tx, who.tenant_id)
+                # 3. decide under the version in force right now (read with the session)
                 decision = self.engine.decide(
                     ctx, version=version,
                     load_text=lambda: self._policies.text(who.tenant_id, version),
@@ -187,7 +186,7 @@ class DecisionService:
             self._send_webhook(who, result.approval)
         return result
 
-    def _record_decision(self, tx: Tx, who: Principal, session: AgentSession,
+    def _record_decision(self, tx: Tx, who: Principal, session: DecidingSession,
                          ctx: ActionContext, decision: Decision, canonical: bytes, p_hash: str,
                          code: str, now: datetime, existing: ApprovalRequest | None
                          ) -> ActionResult:
@@ -237,11 +236,11 @@ class DecisionService:
                     "routed_to": routed.get("routed_to", []),
                     "approve_path": f"/approve/{row.id}"}, now)
         elif decision.outcome is Outcome.ALLOW:
-            record = self._grants.issue(
-                tx, tenant_id=who.tenant_id, session_id=session.id, approval_id=None,
+            record, grant = self._grants.issue_signed(
+                tx, tenant_id=who.tenant_id, session_id=session.id,
                 decision_id=decision.decision_id, action=ctx.action, resource=ctx.resource,
                 p_hash=p_hash, now=now)
-            grant, grant_expires = self._grants.token(record, p_hash), record.expires_at
+            grant_expires = record.expires_at
             object_ids["grant_id"] = record.id
             if ctx.action == "login" and ctx.domain is not None:
                 self._repo.remember_domain(tx, who.tenant_id, ctx.domain, session.id, now)

@@ -31,7 +31,7 @@ from sandboxsec.policy.errors import (
 from sandboxsec.policy.grants import GrantClaims, check_grant, decode_grant, encode_grant
 from sandboxsec.policy.keyed_audit import ParamsDigester
 from sandboxsec.policy.models import GrantRecord
-from sandboxsec.policy.repository import PolicyRepository, Tx
+from sandboxsec.policy.repository import IssuedGrant, PolicyRepository, Tx
 from sandboxsec.policy.signing import GrantSigner
 from sandboxsec.policy.target import resolve_target
 from sandboxsec.policy.views import GrantVerdict
@@ -54,11 +54,17 @@ class GrantIssuer(Protocol):
 
     def issue(self, tx: Tx, *, tenant_id: str, session_id: str, approval_id: str | None,
               decision_id: str, action: str, resource: str, p_hash: str, now: datetime,
-              grant_id: str | None = None) -> GrantRecord:
+              grant_id: str | None = None) -> IssuedGrant:
         """Store a new grant for one exact action."""
         ...
 
-    def token(self, record: GrantRecord, p_hash: str) -> str:
+    def issue_signed(self, tx: Tx, *, tenant_id: str, session_id: str, decision_id: str,
+                     action: str, resource: str, p_hash: str, now: datetime
+                     ) -> tuple[IssuedGrant, str]:
+        """Store a new grant for one exact action and return it with its signed token."""
+        ...
+
+    def token(self, record: GrantRecord | IssuedGrant, p_hash: str) -> str:
         """The signed token of a stored grant, binding the plain params hash ``p_hash``."""
         ...
 
@@ -107,10 +113,32 @@ class GrantService:
 
     def issue(self, tx: Tx, *, tenant_id: str, session_id: str, approval_id: str | None,
               decision_id: str, action: str, resource: str, p_hash: str, now: datetime,
-              grant_id: str | None = None) -> GrantRecord:
+              grant_id: str | None = None) -> IssuedGrant:
         """Store a new grant for one exact action, signed by the current key."""
+        record = self._draft(tx, tenant_id=tenant_id, session_id=session_id,
+                             approval_id=approval_id, decision_id=decision_id, action=action,
+                             resource=resource, p_hash=p_hash, now=now, grant_id=grant_id)
+        self._repo.add_grant(tx, record)
+        return record
+
+    def issue_signed(self, tx: Tx, *, tenant_id: str, session_id: str, decision_id: str,
+                     action: str, resource: str, p_hash: str, now: datetime
+                     ) -> tuple[IssuedGrant, str]:
+        """:meth:`issue` (without an approval) and the grant's token, signed before the row
+        is written: on SQLite the first write of a transaction takes the writer lock, which
+        then need not be held across the signature."""
+        record = self._draft(tx, tenant_id=tenant_id, session_id=session_id, approval_id=None,
+                             decision_id=decision_id, action=action, resource=resource,
+                             p_hash=p_hash, now=now, grant_id=None)
+        token = self.token(record, p_hash)
+        self._repo.add_grant(tx, record)
+        return record, token
+
+    def _draft(self, tx: Tx, *, tenant_id: str, session_id: str, approval_id: str | None,
+               decision_id: str, action: str, resource: str, p_hash: str, now: datetime,
+               grant_id: str | None) -> IssuedGrant:
         kid, _ = self._signer.signing_key()
-        record = GrantRecord(
+        return IssuedGrant(
             id=grant_id or new_id("gr"), tenant_id=tenant_id, session_id=session_id,
             approval_id=approval_id, decision_id=decision_id, action=action,
             resource=resource, key_id=kid, issued_at=now,
@@ -118,10 +146,8 @@ class GrantService:
             params_hash=self._digester.params_hmac_in(tx, tenant_id, p_hash),
             expires_at=now + timedelta(seconds=self._config.ttl_seconds),
         )
-        self._repo.add_grant(tx, record)
-        return record
 
-    def token(self, record: GrantRecord, p_hash: str) -> str:
+    def token(self, record: GrantRecord | IssuedGrant, p_hash: str) -> str:
         """The signed token of a stored grant (re-signed on demand: Ed25519 is deterministic),
         binding the plain params hash ``p_hash`` (the row holds only its keyed digest)."""
         kid, private = self._signer.signing_key()

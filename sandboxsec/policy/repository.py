@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, func, text, update
+from sqlalchemy import CursorResult, Table, bindparam, func, insert, text, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from sandboxsec.errors import NotFoundError
 from sandboxsec.ids import new_id
 from sandboxsec.policy.approvals import ApprovalState
 from sandboxsec.policy.errors import PolicyVersionConflictError
@@ -30,11 +33,43 @@ from sandboxsec.storage.db import Database
 from sandboxsec.storage.locks import lock_row
 from sandboxsec.storage.tenancy import get_scoped, select_scoped
 
-__all__ = ["PolicyRepository", "SqlPolicyRepository", "Tx"]
+__all__ = ["DecidingSession", "IssuedGrant", "PolicyRepository", "SqlPolicyRepository", "Tx"]
 
 #: An open transaction of the repository (a database session for the SQL implementation);
 #: the audit sink writes its entries into the same one.
 Tx = Any
+
+
+@dataclass(frozen=True, slots=True)
+class DecidingSession:
+    """What a decision reads of its session: identity, attestation facts and lifetime."""
+
+    id: str
+    attested: bool
+    image_name: str
+    image_digest: str
+    expires_at: datetime
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedGrant:
+    """A grant being issued: the columns of its new ``grants`` row (not used yet).
+
+    A plain value rather than a :class:`GrantRecord`: the row is inserted with one Core
+    statement, and setting up an ORM instance per decision cost more than the insert."""
+
+    id: str
+    tenant_id: str
+    session_id: str
+    approval_id: str | None
+    decision_id: str
+    action: str
+    resource: str
+    params_hash: str
+    key_id: str
+    issued_at: datetime
+    expires_at: datetime
 
 
 class PolicyRepository(Protocol):
@@ -64,6 +99,12 @@ class PolicyRepository(Protocol):
     # -- sessions and login domains
     def session(self, tx: Tx, tenant_id: str, session_id: str) -> AgentSession:
         """The tenant's session (``NotFoundError`` otherwise)."""
+        ...
+
+    def deciding_session(self, tx: Tx, tenant_id: str, session_id: str
+                         ) -> tuple[DecidingSession, int]:
+        """The tenant's session as a decision reads it (``NotFoundError`` otherwise) and the
+        tenant's policy version in force, read together in ``tx``."""
         ...
 
     def domain_seen(self, tx: Tx, tenant_id: str, domain: str) -> bool:
@@ -118,7 +159,7 @@ class PolicyRepository(Protocol):
         ...
 
     # -- grants
-    def add_grant(self, tx: Tx, record: GrantRecord) -> None:
+    def add_grant(self, tx: Tx, record: IssuedGrant) -> None:
         """Store an issued grant."""
         ...
 
@@ -134,6 +175,24 @@ class PolicyRepository(Protocol):
                   used_by: str) -> bool:
         """Mark an unused grant used; True for the one caller that won."""
         ...
+
+
+_SESSIONS = cast(Table, AgentSession.__table__)  # type: ignore[attr-defined]
+_REVISIONS = cast(Table, PolicyRevision.__table__)  # type: ignore[attr-defined]
+_GRANTS = cast(Table, GrantRecord.__table__)  # type: ignore[attr-defined]
+# Statements of every decision, built once (Core, not the ORM): building, cache-keying and
+# loading ORM objects for them cost more than running them.  The session and the policy
+# version in force are one round trip.
+_DECIDING_SESSION = core_select(
+    _SESSIONS.c.id, _SESSIONS.c.attested, _SESSIONS.c.image_name, _SESSIONS.c.image_digest,
+    _SESSIONS.c.expires_at, _SESSIONS.c.ended_at,
+    core_select(func.max(_REVISIONS.c.version))
+    .where(_REVISIONS.c.tenant_id == bindparam("tenant_id"))
+    .scalar_subquery().label("policy_version"),
+).where(_SESSIONS.c.id == bindparam("session_id"),
+        _SESSIONS.c.tenant_id == bindparam("tenant_id"))
+_INSERT_GRANT = insert(_GRANTS)
+_ISSUED_COLUMNS = IssuedGrant.__slots__
 
 
 def _rowcount(result: Any) -> int:
@@ -199,6 +258,19 @@ class SqlPolicyRepository:
     def session(self, tx: Session, tenant_id: str, session_id: str) -> AgentSession:
         """The tenant's session (``NotFoundError`` otherwise)."""
         return get_scoped(tx, AgentSession, tenant_id, session_id, what="session")
+
+    def deciding_session(self, tx: Session, tenant_id: str, session_id: str
+                         ) -> tuple[DecidingSession, int]:
+        """The tenant's session as a decision reads it and the policy version in force, in
+        one statement (``NotFoundError`` for a missing or another tenant's session)."""
+        row = tx.connection().execute(
+            _DECIDING_SESSION, {"session_id": session_id, "tenant_id": tenant_id}).first()
+        if row is None:
+            raise NotFoundError("no such session")
+        return (DecidingSession(id=row.id, attested=bool(row.attested),
+                                image_name=row.image_name, image_digest=row.image_digest,
+                                expires_at=row.expires_at, ended_at=row.ended_at),
+                int(row.policy_version or 0))
 
     def domain_seen(self, tx: Session, tenant_id: str, domain: str) -> bool:
         """Whether an agent of the tenant logged in to ``domain`` before."""
@@ -307,9 +379,10 @@ class SqlPolicyRepository:
             tx.execute(text("SELECT pg_notify(:channel, :payload)"),
                        {"channel": CHANNEL, "payload": approval_id})
 
-    def add_grant(self, tx: Session, record: GrantRecord) -> None:
-        """Store an issued grant."""
-        tx.add(record)
+    def add_grant(self, tx: Session, record: IssuedGrant) -> None:
+        """Store an issued grant (one Core insert; ``used_at``/``used_by`` start empty)."""
+        values = {name: getattr(record, name) for name in _ISSUED_COLUMNS}
+        tx.connection().execute(_INSERT_GRANT, {**values, "used_at": None, "used_by": None})
 
     def grant(self, tx: Session, tenant_id: str, grant_id: str) -> GrantRecord:
         """The tenant's grant record (``NotFoundError`` otherwise)."""

@@ -10,7 +10,7 @@ from sandboxsec.policy.engine import Outcome, bundled_default_policy
 from sandboxsec.principal import Principal, Role
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
-from tests.integration.policy.conftest import PAYMENT, ActFn
+from tests.integration.policy.conftest import PAYMENT, ActFn, make_session
 
 ALLOW_SMALL = """\
 # payments up to 50 EUR need nobody; above that, ask
@@ -43,6 +43,26 @@ def test_replace_policy_takes_effect(client: TestClient, tenant: TenantKeys,
     assert act(params={**PAYMENT, "amount": "1000.01"}).json()["rule_id"] == "broke"
     # The other tenant still runs the default.
     assert client.get("/v1/policy", headers=other_tenant.headers("admin")).json()["version"] == 0
+
+
+def test_each_tenant_decides_under_its_own_version(client: TestClient, tenant: TenantKeys,
+                                                  other_tenant: TenantKeys, act: ActFn,
+                                                  services: Services) -> None:
+    # The version in force is read with the session in one statement: it must be the acting
+    # tenant's, whichever tenant changed its policy last.
+    other_sid = make_session(services, other_tenant)
+    for text in (ALLOW_SMALL, ALLOW_SMALL + "p, tiny, payment, *, amount <= 1, allow\n"):
+        assert client.put("/v1/policy", json={"text": text},
+                          headers=tenant.headers("admin")).status_code == 200
+    small = {**PAYMENT, "amount": "50.00"}
+    mine = act(params=small)
+    assert mine.json()["policy_version"] == 2 and mine.json()["rule_id"] == "small"
+    theirs = act(params=small, sid=other_sid, who=other_tenant)
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["policy_version"] == 0
+    # The other tenant's session is not found for this tenant's agent, and the reverse.
+    assert act(params=small, sid=other_sid).status_code == 404
+    assert act(params=small, who=other_tenant).status_code == 404
 
 
 def test_malformed_policy_refused_old_one_kept(client: TestClient, tenant: TenantKeys,

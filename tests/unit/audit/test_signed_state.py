@@ -133,3 +133,24 @@ def test_alarms_are_shared_markers(tmp_path: Path) -> None:
     assert all(p.parent.name == "alarms" for p in (tmp_path / "audit").rglob("*.json")
                if "alarms" in str(p))
     assert a.alarm("../../etc/passwd") is not None
+
+
+def test_an_alarm_raised_after_a_check_stops_the_next_one(tmp_path: Path) -> None:
+    # The worker that checks keeps the marker's path, never the answer: a marker another
+    # worker writes between two appends stops the second, and so does one it cannot read.
+    checker = StateFiles(tmp_path / "audit", lambda: b"k" * 32)
+    raiser = StateFiles(tmp_path / "audit", lambda: b"k" * 32)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert checker.alarm(LOG) is None
+    raiser.raise_alarm(LOG, "audit_history_mismatch", "rewritten", now)
+    found = checker.alarm(LOG)
+    assert found is not None and found.code == "audit_history_mismatch"
+    assert checker.clear_alarm(LOG) and checker.alarm(LOG) is None
+    marker = tmp_path / "audit" / "alarms" / f"{LOG}.json"
+    marker.mkdir()  # not a file: reading it fails with an OSError other than "missing"
+    unreadable = checker.alarm(LOG)
+    assert unreadable is not None and unreadable.code == "audit_state_invalid"
+    marker.rmdir()
+    marker.write_text("[1, 2]")  # JSON, but not a marker
+    wrong = checker.alarm(LOG)
+    assert wrong is not None and wrong.code == "audit_state_invalid"

@@ -23,6 +23,7 @@ from sandboxsec.policy.approvals import ApprovalState, effective_state
 from sandboxsec.policy.errors import GrantSignatureInvalidError, PolicyVersionConflictError
 from sandboxsec.policy.grants import key_id
 from sandboxsec.policy.models import ApprovalRequest, GrantRecord, PolicyRevision
+from sandboxsec.policy.repository import DecidingSession, IssuedGrant
 from sandboxsec.principal import Principal, Role
 from sandboxsec.sessions.models import AgentSession
 
@@ -123,6 +124,14 @@ class InMemoryPolicyRepository:
             raise NotFoundError("no such session")
         return found
 
+    def deciding_session(self, tx: FakeTx, tenant_id: str, session_id: str
+                         ) -> tuple[DecidingSession, int]:
+        s = self.session(tx, tenant_id, session_id)
+        return (DecidingSession(id=s.id, attested=bool(s.attested), image_name=s.image_name,
+                                image_digest=s.image_digest, expires_at=s.expires_at,
+                                ended_at=s.ended_at),
+                self.current_version(tx, tenant_id))
+
     def domain_seen(self, tx: FakeTx, tenant_id: str, domain: str) -> bool:
         return (tenant_id, domain) in self.domains
 
@@ -190,8 +199,9 @@ class InMemoryPolicyRepository:
         self.announced.append(approval_id)
 
     # -- grants
-    def add_grant(self, tx: FakeTx, record: GrantRecord) -> None:
-        self.grants[record.id] = record.model_copy()
+    def add_grant(self, tx: FakeTx, record: IssuedGrant) -> None:
+        self.grants[record.id] = GrantRecord(**{k: getattr(record, k)
+                                                for k in IssuedGrant.__slots__})
 
     def grant(self, tx: FakeTx, tenant_id: str, grant_id: str) -> GrantRecord:
         found = self.find_grant(tx, tenant_id, grant_id)
