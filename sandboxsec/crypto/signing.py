@@ -26,6 +26,10 @@ __all__ = ["HsmEd25519Signer", "HsmKeyFactory", "Signer", "hsm_key_factory", "hs
 _ED25519_OID = "1.3.101.112"
 
 
+class _UnpairedKeysError(KeyProviderUnavailableError):
+    """Key halves under one label that do not make a pair (reason ``key_provider_unavailable``)."""
+
+
 class HsmEd25519Signer:
     """An Ed25519 key pair labelled ``label`` in the provider's token, made on first use if
     ``create`` (else a missing key is :class:`KeyProviderUnavailableError`: a lost key must
@@ -63,7 +67,7 @@ class HsmEd25519Signer:
             match = [p for p in privs if ident and bytes(p[Attribute.ID] or b"") == ident]
             if len(match) == 1:
                 return match[0], pub
-        raise KeyProviderUnavailableError(
+        raise _UnpairedKeysError(
             f"the HSM holds {len(privs)} private and {len(pubs)} public keys labelled "
             f"{self.label!r} that cannot be paired; keep one complete pair"
         )
@@ -72,7 +76,14 @@ class HsmEd25519Signer:
         from pkcs11 import Attribute, KeyType, Mechanism
         from pkcs11.util.ec import encode_named_curve_parameters
 
-        found = self._find(session)
+        try:
+            found = self._find(session)
+        except _UnpairedKeysError:
+            # Another process may be storing a new pair right now: the token shows one half
+            # before the other.  It stores under the creation lock, so look again holding it;
+            # halves that still do not pair then are a real fault.
+            with self._hsm.creation_lock.held():
+                found = self._find(session)
         if found is not None:
             return found
         if not self._create:

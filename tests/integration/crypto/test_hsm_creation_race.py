@@ -186,3 +186,68 @@ def test_duplicate_signing_pairs_resolve_the_same_way_or_fail_closed(
         assert _count(provider, f"{label}/legacy", ObjectClass.PRIVATE_KEY) == 2  # not re-made
     finally:
         provider.close()
+
+
+def test_a_pair_being_stored_by_another_process_is_waited_for(
+        softhsm: SoftHsm, tmp_path: Path) -> None:
+    """The token shows one half of a new pair before the other.  A process that looks while
+    another is still storing (under the creation lock) waits for it, not calls it broken."""
+    import threading
+    import time
+
+    from pkcs11 import Mechanism
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from sandboxsec.crypto.hsm_objects import CreationLock
+
+    label = f"half-{secrets.token_hex(6)}"
+    provider = Pkcs11KeyProvider(SOFTHSM_MODULE, softhsm.label, softhsm.pin, label,
+                                 lock_dir=tmp_path)
+    name = f"{label}/grants"
+
+    def public_half_only(s: Any) -> None:
+        # The private half is stored under another label for now: what a reader sees between
+        # the two halves of another process's generate call.
+        params = s.create_domain_parameters(
+            KeyType.EC_EDWARDS,
+            {Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")}, local=True)
+        params.generate_keypair(store=True, label=name, id=os.urandom(16),
+                                mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                                private_template={Attribute.LABEL: f"{name}.pending"})
+
+    def finish(s: Any) -> None:
+        (priv,) = s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                 Attribute.LABEL: f"{name}.pending"})
+        priv[Attribute.LABEL] = name
+
+    # The other process: its own token session and its own hold on the lock (two opens of the
+    # lock file conflict even within one process).
+    maker = Pkcs11KeyProvider(SOFTHSM_MODULE, softhsm.label, softhsm.pin, label,
+                              lock_dir=tmp_path)
+    other = CreationLock(tmp_path, SOFTHSM_MODULE, softhsm.label)
+    outcome: dict[str, Any] = {}
+    try:
+        with other.held():
+            maker.run(public_half_only)
+
+            def reader() -> None:
+                try:
+                    signer = HsmEd25519Signer(provider, name, create=False)
+                    outcome["key"] = signer.public_key()
+                    outcome["sig"] = signer.sign(b"m")
+                except Exception as exc:  # the assertion below names it
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            time.sleep(0.3)
+            assert thread.is_alive(), outcome  # waiting for the lock, not refused at once
+            maker.run(finish)
+        thread.join(timeout=20)
+        assert "error" not in outcome, outcome
+        outcome["key"].verify(outcome["sig"], b"m")
+        assert _count(provider, name, ObjectClass.PRIVATE_KEY) == 1
+        assert _count(provider, name, ObjectClass.PUBLIC_KEY) == 1
+    finally:
+        provider.close()
+        maker.close()
