@@ -9,7 +9,9 @@ echo "== mypy --strict sandboxsec"; $BIN/mypy sandboxsec clients/python/src
 echo "== import contracts"; $BIN/lint-imports --no-logo
 echo "== pytest"
 set +e
-$BIN/pytest -n "${SANDBOXSEC_TEST_WORKERS:-2}" --dist worksteal "$@"
+# One test process more than the two cores CI has: many tests wait on a server, swtpm,
+# PostgreSQL or a browser, and the third process fills those waits.
+$BIN/pytest -n "${SANDBOXSEC_TEST_WORKERS:-3}" --dist worksteal "$@"
 rc=$?
 set -e
 # pytest exits 5 when a marker selection collected nothing; that is not a failure of ours.
