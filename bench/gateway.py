@@ -154,10 +154,12 @@ def main() -> int:
     added = statistics.median(v - x for v, x in zip(via, d, strict=True))
     hop = statistics.median(v - i for v, i in zip(via, inproc, strict=True))
     own = statistics.median(i - x - q for i, x, q in zip(inproc, d, ask, strict=True))
+    # The aim is the whole added latency per allowed call, not the gateway's own share.
     print(f"  per round (medians of differences): added {added:.3f} ms "
-          f"({via_med / direct_med:.1f}x direct); the decision {ask_med:.3f} ms, the extra "
-          f"stdio hop and TPM signature {hop:.3f} ms, the gateway's own work {own:.3f} ms "
-          f"(aim < 2 ms: {'met' if own < 2 else 'NOT met'})")
+          f"({via_med / direct_med:.1f}x direct; aim < 2 ms: "
+          f"{'met' if added < 2 else 'NOT met'})")
+    print(f"  of which the decision {ask_med:.3f} ms, the extra stdio hop and TPM signature "
+          f"{hop:.3f} ms, the gateway's own work {own:.3f} ms")
     return 0
 
 
