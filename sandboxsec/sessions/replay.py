@@ -22,7 +22,7 @@ from sqlmodel import Session
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.sessions.errors import DpopReplayStoreUnavailableError
 from sandboxsec.sessions.models import SessionProof
-from sandboxsec.storage.db import Database
+from sandboxsec.storage.db import Database, after_commit
 
 __all__ = ["ReplayStore"]
 
@@ -65,7 +65,13 @@ class ReplayStore:
                     f"the proof replay store is unavailable ({exc.reason})") from None
         self._claims += 1
         if self._claims % _PURGE_EVERY == 0:
-            self.purge(now)
+            if session is not None:
+                # The caller's transaction may hold SQLite's writer lock until it commits; a
+                # purge in a transaction of its own would wait for it, time out and drop
+                # nothing (the table would only grow).  Purge once that transaction is done.
+                after_commit(session, lambda: self.purge(now))
+            else:
+                self.purge(now)
         return won is not None
 
     def purge(self, now: datetime) -> None:
