@@ -57,21 +57,35 @@ def pg_template(pg_cluster: PgCluster | None) -> str | None:
     return "sandboxsec_template"
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that per-test databases are copied from (as PostgreSQL's are
+    from ``pg_template``): migrating every test's file cost more than many of the tests."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "sandboxsec.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.dispose()  # the last connection checkpoints the WAL into the file and removes it
+    assert not Path(f"{path}-wal").exists(), "the template's WAL was not checkpointed"
+    return path
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, migrated database URL: each test runs once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'sandboxsec.db'}"
-        db = Database(url)
-        db.migrate()
-        db.dispose()
-        yield url
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "state" / "sandboxsec.db"
+        path.parent.mkdir(mode=0o700)
+        # Created 0600 before the bytes go in, as the service creates its own file.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(template.read_bytes())
+        yield f"sqlite:///{path}"
         return
     cluster: PgCluster | None = request.getfixturevalue("pg_cluster")
     if cluster is None:
         pytest.skip("PostgreSQL disabled (SANDBOXSEC_TEST_NO_PG=1)")
-    template: str = request.getfixturevalue("pg_template")
-    url = cluster.create_database(f"t_{os.getpid()}_{next(_counter)}", template=template)
+    pg_template: str = request.getfixturevalue("pg_template")
+    url = cluster.create_database(f"t_{os.getpid()}_{next(_counter)}", template=pg_template)
     yield url
     cluster.drop_database(url)
 
