@@ -13,6 +13,7 @@ from sandboxsec.cli import main
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
 from tests.integration.audit.conftest import decision
+from tests.support.cli import cli_json
 
 
 def _export(client: TestClient, tenant: TenantKeys, query: str = "") -> bytes:
@@ -41,7 +42,7 @@ def test_auditor_exports_and_verifies_offline(
     pub = _pem(client, tenant, tmp_path)
     assert main(["audit", "verify", str(export), "--public-key", str(pub),
                  "--log", tenant.id]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = cli_json(capsys.readouterr().out)
     assert summary["valid"] and summary["entries"] == summary["tree_size"] >= 14
     # The export itself was audited, and so was the tenant's creation.
     events = [json.loads(ln)["event"] for ln in data.splitlines() if ln.startswith(b'{"v":')]

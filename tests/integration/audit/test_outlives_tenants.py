@@ -19,6 +19,7 @@ from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
+from tests.support.cli import cli_json
 
 
 def _entries(services: Services, log_id: str, event: AuditEvent) -> list[dict[str, object]]:
@@ -36,7 +37,7 @@ def test_deleted_tenants_log_is_exported_and_verified_by_the_operator(
     assert main(["migrate"]) == 0
     capsys.readouterr()
     assert main(["tenant", "create", "bank-gone"]) == 0
-    tenant_id = json.loads(capsys.readouterr().out)["tenant_id"]
+    tenant_id = cli_json(capsys.readouterr().out)["tenant_id"]
     assert main(["keys", "rotate", "--tenant", "bank-gone"]) == 0
     assert main(["tenant", "delete", "bank-gone", "--yes"]) == 0
     deleted = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from sandboxsec.cli import main
 from sandboxsec.settings import Settings
+from tests.support.cli import cli_json
 
 
 def test_rotate_rewrap_retire_status(settings: Settings,
@@ -16,18 +15,18 @@ def test_rotate_rewrap_retire_status(settings: Settings,
     assert main(["migrate"]) == 0
     capsys.readouterr()
     assert main(["tenant", "create", "bank-a"]) == 0
-    tenant_id = json.loads(capsys.readouterr().out)["tenant_id"]
+    tenant_id = cli_json(capsys.readouterr().out)["tenant_id"]
     assert main(["keys", "rotate", "--tenant", "bank-a"]) == 0
-    assert json.loads(capsys.readouterr().out)["current_version"] == 2
+    assert cli_json(capsys.readouterr().out)["current_version"] == 2
     assert main(["keys", "rotate", "--tenant", tenant_id, "--rewrap"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = cli_json(capsys.readouterr().out)
     assert out["current_version"] == 3 and out["rewrapped"] == 0
     assert main(["keys", "rewrap", "--tenant", "bank-a"]) == 0
-    assert json.loads(capsys.readouterr().out)["version"] == 3
+    assert cli_json(capsys.readouterr().out)["version"] == 3
     assert main(["keys", "retire", "--tenant", "bank-a", "--min-version", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["min_decryption_version"] == 2
+    assert cli_json(capsys.readouterr().out)["min_decryption_version"] == 2
     assert main(["keys", "status", "--tenant", "bank-a"]) == 0
-    status = json.loads(capsys.readouterr().out)
+    status = cli_json(capsys.readouterr().out)
     assert [v["version"] for v in status["versions"]] == [1, 2, 3]
     assert (settings.home / "root.key").stat().st_mode & 0o777 == 0o600
 

@@ -14,6 +14,7 @@ from sandboxsec.people.audit_verify import AuditDecisionInvalidError, verify_dec
 from sandboxsec.services import Services
 from tests.conftest import TenantKeys
 from tests.integration.people.conftest import EnrolFn, owned_session, request_payment
+from tests.support.cli import cli_json
 
 
 def _export_and_key(client: TestClient, tenant: TenantKeys, tmp_path: Path
@@ -44,7 +45,7 @@ def test_export_with_decisions_verifies_offline(
     export.write_bytes(data)
     capsys.readouterr()  # the service's own log lines so far
     assert main(["audit", "verify", str(export), "--public-key", str(pub)]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = cli_json(capsys.readouterr().out)
     assert summary["passkeys_registered"] == 1 and summary["decisions_verified"] == 2
     assert summary["decisions_unanchored"] == 0
     # Editing a recorded assertion: the export no longer verifies and the entry is named.
@@ -58,7 +59,7 @@ def test_export_with_decisions_verifies_offline(
     lines[i] = lines[i].replace(old, base64.b64encode(bytes(sig)))
     export.write_bytes(b"\n".join(lines) + b"\n")
     assert main(["audit", "verify", str(export), "--public-key", str(pub)]) == 1
-    result = json.loads(capsys.readouterr().out)
+    result = cli_json(capsys.readouterr().out)
     assert result["valid"] is False and result["seq"] == seq
 
 
