@@ -185,14 +185,7 @@ class StateFiles:
             if len(self._alarm_paths) >= 65536:  # bounded: one entry per log ever seen
                 self._alarm_paths.clear()
             path = self._alarm_paths[log_id] = str(self._alarms / _file_name(log_id))
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return _unreadable(path)
-        return self._parse_alarm(Path(path), raw)
+        return self._read_alarm(path)
 
     def alarms(self) -> list[Alarm]:
         """Every raised alarm (what ``/healthz`` reports)."""
@@ -213,28 +206,18 @@ class StateFiles:
         (self._dir / _file_name(log_id)).unlink(missing_ok=True)
 
     @staticmethod
-    def _read_alarm(path: Path) -> Alarm | None:
+    def _read_alarm(path: str | Path) -> Alarm | None:
+        # A plain open() on a str path: every append checks its log's marker this way.
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return _unreadable(str(path))
-        return StateFiles._parse_alarm(path, raw)
-
-    @staticmethod
-    def _parse_alarm(path: Path, raw: bytes) -> Alarm:
-        try:
-            doc = json.loads(raw)
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
             return Alarm(str(doc["log_id"]), str(doc["code"]), str(doc["message"]),
                          str(doc["at"]))
-        except (ValueError, KeyError, TypeError):
-            return _unreadable(str(path))
-
-
-def _unreadable(path: str) -> Alarm:
-    # An unreadable marker is still an alarm: fail closed.
-    return Alarm(Path(path).stem, "audit_state_invalid", "unreadable alarm marker", "")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            # An unreadable marker is still an alarm: fail closed.
+            return Alarm(Path(path).stem, "audit_state_invalid", "unreadable alarm marker", "")
 
 
 def check_extends(
