@@ -7,6 +7,8 @@ Store failures surface as :class:`AuditUnavailableError` (fail closed).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import SQLAlchemyError
 
 from sandboxsec.audit.errors import AuditUnavailableError
@@ -41,6 +43,7 @@ __all__ = [
     "StoredCheckpoint",
     "aware",
     "has_checkpoint",
+    "insert_entries",
     "load_checkpoints",
     "lock_free_heads",
     "lock_head",
@@ -78,6 +81,7 @@ INSERT_ENTRIES = insert(ENTRIES)
 INSERT_CHECKPOINT = insert(CHECKPOINTS)
 INSERT_NODES = insert(NODES)
 INSERT_PENDING = insert(PENDING)
+_ENTRY_COLUMNS = ("tenant_id", "seq", "event", "time", "entry", "leaf_hash")
 #: Intents moved per statement while sequencing (a transaction drains all it sees).
 _TAKE_CHUNK = 4096
 _TAKE_PENDING = (
@@ -105,6 +109,65 @@ ADVANCE_HEAD = (
 ADVANCE_HEAD_SIGNED = ADVANCE_HEAD.values(
     checkpoint_size=bindparam("new_size"), checkpoint_at=bindparam("signed_at")
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverInsert:
+    sql: str
+    positional: bool
+    time: Callable[[Any], Any]
+    blob: Callable[[Any], Any]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _driver_insert(dialect: Dialect) -> _DriverInsert:
+    # The statement is compiled by SQLAlchemy for this dialect (its quoting and paramstyle)
+    # and the values are converted by the columns' own bind processors: the rows stored are
+    # those ``conn.execute(INSERT_ENTRIES, rows)`` stores.
+    compiled = insert(ENTRIES).values({c: bindparam(c) for c in _ENTRY_COLUMNS}).compile(
+        dialect=dialect
+    )
+    if compiled.positional and tuple(compiled.positiontup or ()) != _ENTRY_COLUMNS:
+        raise RuntimeError("unexpected parameter order for the audit entry insert")
+
+    def processor(name: str) -> Callable[[Any], Any]:
+        proc = ENTRIES.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        return proc if proc is not None else _identity
+
+    return _DriverInsert(compiled.string, bool(compiled.positional), processor("time"),
+                         processor("leaf_hash"))
+
+
+def insert_entries(
+    conn: Connection,
+    log_id: str,
+    time: datetime,
+    rows: Sequence[tuple[int, str, str, bytes]],
+) -> None:
+    """Insert entries ``(seq, event, line, leaf_hash)`` of ``log_id``, all written at ``time``.
+
+    One driver-level executemany of a statement compiled once per dialect: the values every
+    row shares are converted once, where the Core path converts each row's through the column
+    types (for the 1,000-row batches of a busy log that was about half the insert's cost).
+    """
+    ins = _driver_insert(conn.dialect)
+    at = ins.time(time)
+    blob = ins.blob
+    if ins.positional:
+        params: list[Any] = [
+            (log_id, seq, event, at, line, blob(h)) for seq, event, line, h in rows
+        ]
+    else:
+        params = [
+            {"tenant_id": log_id, "seq": seq, "event": event, "time": at, "entry": line,
+             "leaf_hash": blob(h)}
+            for seq, event, line, h in rows
+        ]
+    conn.exec_driver_sql(ins.sql, params)
 
 
 def log_id_of(record: AuditRecord) -> str:

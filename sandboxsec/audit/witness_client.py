@@ -55,6 +55,26 @@ class WitnessEndpoint:
     key: WitnessKey
 
 
+class _ProofMemo:
+    """The consistency proofs of one submission, made once per starting size.
+
+    Witnesses that cosigned the same size (the usual case) need the same proof: the first
+    caller reads it from the store, the others wait for it and reuse it.
+    """
+
+    def __init__(self, make: Callable[[int], list[bytes]]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._made: dict[int, list[bytes]] = {}
+
+    def get(self, old: int) -> list[bytes]:
+        with self._lock:
+            proof = self._made.get(old)
+            if proof is None:
+                proof = self._made[old] = self._make(old)
+            return proof
+
+
 class WitnessPublisher:
     """Submits checkpoints to witnesses, now (:meth:`submit`) or in the background
     (:meth:`submit_later`, which keeps only the newest pending checkpoint per log)."""
@@ -91,8 +111,10 @@ class WitnessPublisher:
         """Submit to every witness in parallel; the cosignatures that verified."""
         if not self.endpoints:
             return []
+        proofs = _ProofMemo(lambda old: self._proof(log_id, old, checkpoint.size))
         futures = [
-            self._pool.submit(self._one, ep, log_id, note, checkpoint) for ep in self.endpoints
+            self._pool.submit(self._one, ep, log_id, note, checkpoint, proofs)
+            for ep in self.endpoints
         ]
         got = [c for f in futures if (c := f.result()) is not None]
         with self._lock:
@@ -159,7 +181,7 @@ class WitnessPublisher:
     # ------------------------------------------------------------------------ one witness
 
     def _one(
-        self, ep: WitnessEndpoint, log_id: str, note: str, cp: Checkpoint
+        self, ep: WitnessEndpoint, log_id: str, note: str, cp: Checkpoint, proofs: _ProofMemo
     ) -> Cosignature | None:
         key = (ep.url, cp.origin)
         with self._lock:
@@ -176,7 +198,7 @@ class WitnessPublisher:
                     )
                 return None
             try:
-                proof = [] if old in (0, cp.size) else self._proof(log_id, old, cp.size)
+                proof = [] if old in (0, cp.size) else proofs.get(old)
             except Exception as exc:  # the stored tree cannot give the proof: log and skip
                 _log.warning("witness_proof_unavailable", log_id=log_id, witness=ep.key.name,
                              error=type(exc).__name__)

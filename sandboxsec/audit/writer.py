@@ -50,13 +50,13 @@ from sandboxsec.audit.store import (
     ADVANCE_HEAD_SIGNED,
     HEADS,
     INSERT_CHECKPOINT,
-    INSERT_ENTRIES,
     INSERT_NODES,
     INSERT_PENDING,
     NODE_MIN_HEIGHT,
     Head,
     StoredCheckpoint,
     has_checkpoint,
+    insert_entries,
     load_checkpoints,
     lock_free_heads,
     lock_head,
@@ -260,21 +260,20 @@ class AuditWriter:
             return 0
         frontier = Frontier.from_bytes(head.size, head.frontier)
         prev = head.last_leaf
-        rows = []
+        rows: list[tuple[int, str, str, bytes]] = []
         leaves: list[bytes] = []
         nodes: list[tuple[int, int, bytes]] = []
         for event, tail, i in items:
             seq = frontier.size
             line = entry_line(log_id=log_id, seq=seq, prev=prev, now=now, tail=tail)
             h = leaf_hash(line)
-            rows.append({"tenant_id": log_id, "seq": seq, "event": event, "time": now,
-                         "entry": line.decode("ascii"), "leaf_hash": h})
+            rows.append((seq, event, line.decode("ascii"), h))
             frontier.append_recording(h, nodes, NODE_MIN_HEIGHT)
             leaves.append(h)
             prev = h
             if i >= 0:
                 receipts[i] = AuditReceipt(log_id=log_id, seq=seq)
-        conn.execute(INSERT_ENTRIES, rows)
+        insert_entries(conn, log_id, now, rows)
         if nodes:
             node_rows = [
                 {"tenant_id": log_id, "level": lv, "idx": ix, "hash": h}
