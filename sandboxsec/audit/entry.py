@@ -143,6 +143,7 @@ def encode_tail(record: AuditRecord, *, hmac_key: bytes) -> str:
     caller's transaction commits; :func:`entry_line` later puts it at its sequence number.
     """
     macs = {name: hmac_value(hmac_key, value) for name, value in record.sensitive.items()}
+    macs_json = _flat_json(macs) if all(type(k) is str for k in macs) else canonical_json(macs)
     q = _quote
     # Fixed top-level order (documented in docs/audit.md); nested objects sorted.  Plain
     # strings are quoted directly: the same bytes canonical_json gives, without its dispatch.
@@ -150,8 +151,8 @@ def encode_tail(record: AuditRecord, *, hmac_key: bytes) -> str:
         f'"tenant":{q(record.tenant_id)},'
         f'"actor":{{"key_id":{q(record.actor_key_id)},"role":{q(record.actor_role)}}},'
         f'"event":{q(record.event)},"outcome":{q(record.outcome)},"reason":{q(record.reason)},'
-        f'"object_ids":{canonical_json(_str_map(record.object_ids))},'
-        f'"body":{_body_json(record.body)},"hmac":{canonical_json(macs)}}}'
+        f'"object_ids":{_flat_json(_str_map(record.object_ids))},'
+        f'"body":{_body_json(record.body)},"hmac":{macs_json}}}'
     )
 
 
@@ -178,9 +179,18 @@ def _time_text(now: datetime) -> str:
 
 def _quote(value: Any) -> str:
     """A JSON string (ASCII, escaped) or ``null``; enums by value, other types as text."""
+    if type(value) is str:
+        return _encode_str(value)
     if value is None:
         return "null"
     return _encode_str(_text(value) or "")
+
+
+def _flat_json(values: Mapping[str, str]) -> str:
+    """``canonical_json`` of a map of strings to strings (keys sorted, ASCII escapes), built
+    directly: the encoder's per-call set-up cost more than these small objects."""
+    q = _encode_str
+    return "{" + ",".join([q(k) + ":" + q(v) for k, v in sorted(values.items())]) + "}"
 
 
 def _body_json(body: Mapping[str, Any]) -> str:
@@ -211,4 +221,7 @@ def _text(value: Any) -> str | None:
 
 
 def _str_map(values: Mapping[str, Any]) -> dict[str, str]:
-    return {str(k): str(_text(v)) for k, v in values.items()}
+    return {
+        k if type(k) is str else str(k): v if type(v) is str else str(_text(v))
+        for k, v in values.items()
+    }
