@@ -55,7 +55,6 @@ from sandboxsec.audit.merkle import (
     Frontier,
     ProofError,
     leaf_hash,
-    leaf_hashes,
     verify_consistency,
     verify_inclusion,
 )
@@ -278,14 +277,15 @@ def verify_export(
         # Every head and link held in the worker processes; roots are checked below, and a
         # root that does not match is diagnosed on the lines split here.
         leaves, count, linked = fast[0], fast[1], True
-    else:
-        # Every leaf hash, in one pass over the exact line bytes (the one unavoidable cost).
-        leaves = leaf_hashes(entries())
+    elif entries_at < len(data):
+        # Every leaf hash, and every entry's sequence number and prev link, always, in one
+        # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
+        # rewritten before the service signed it) is still named.
+        stop = len(data) - 1 if data.endswith(b"\n") else len(data)
+        leaves, linked = _chunk(data, entries_at, entries_at, stop, prefix, start, prev_hex)
         count = len(leaves)
-        # Every entry's sequence number and prev link, always, in one pass: a checkpoint
-        # signed over a broken chain (a past rewritten before the service signed it) is still
-        # named.
-        linked = _heads_and_links_hold(entries(), leaves, prefix, start, prev_hex)
+    else:
+        leaves, count, linked = [], 0, True
     if not linked:
         # Name the first bad entry exactly as the separate checks do: heads first (a line of
         # another log, a gap, a reordering), then roots, then links.
@@ -409,17 +409,42 @@ def worker_count(requested: int | None, nbytes: int) -> int:
 def _chunk(
     data: bytes, at: int, lo: int, hi: int, prefix: bytes, start: int, first_prev: bytes
 ) -> tuple[list[bytes], bool]:
-    """Leaf hashes of the entry lines in ``data[lo:hi]``, and whether their heads and links
-    hold (the entries of the export start at offset ``at``)."""
-    lines = data[lo:hi].split(b"\n")
+    """Leaf hashes of the entry lines in ``data[lo:hi]``, and whether every one starts
+    ``{"v":1,"log":<log>,"seq":<next>,"prev":"<hex of the previous leaf>`` (the entries of
+    the export start at offset ``at``; the caller names a failure).
+
+    One pass over the lines in place: no copy of them is made (on a large export, allocating
+    and filling those copies cost as much as hashing them).
+    """
     seq = start + data.count(b"\n", at, lo)
     if lo == at:
         prev = first_prev
     else:
         before = data.rfind(b"\n", at, lo - 1) + 1 or at
         prev = binascii.hexlify(leaf_hash(data[before : lo - 1]))
-    leaves = leaf_hashes(lines)
-    return leaves, _heads_and_links_hold(lines, leaves, prefix, seq, prev)
+    view = memoryview(data)
+    seeded = hashlib.sha256(b"\x00")  # copied per entry: RFC 9162's leaf prefix absorbed once
+    fmt = prefix.replace(b"%", b"%%") + b'%d,"prev":"%b'
+    find, starts, hexlify = data.find, data.startswith, binascii.hexlify
+    leaves: list[bytes] = []
+    append = leaves.append
+    ok = True
+    pos = lo
+    while True:
+        j = find(b"\n", pos, hi)
+        if j < 0:
+            j = hi
+        h = seeded.copy()
+        h.update(view[pos:j])
+        leaf = h.digest()
+        append(leaf)
+        if ok and not starts(fmt % (seq, prev), pos, j):
+            ok = False
+        prev = hexlify(leaf)
+        seq += 1
+        if j >= hi:
+            return leaves, ok
+        pos = j + 1
 
 
 _STATUS = struct.Struct(">QB")
@@ -553,20 +578,6 @@ def _walk_entries(
     frontier.extend(leaves[pos:])
     # Entries past the last reached checkpoint are unsigned: the link checks name a broken
     # one, the caller refuses them as uncovered otherwise.
-
-
-def _heads_and_links_hold(
-    entries: list[bytes], leaves: list[bytes], prefix: bytes, start: int, prev_hex: bytes
-) -> bool:
-    """Whether every line starts ``{"v":1,"log":<log>,"seq":<next>,"prev":"<hex of the
-    previous leaf>`` (heads and links in one pass; the caller names a failure)."""
-    # Lazily, at C level: each expected head is made, compared and dropped in turn, so no
-    # list of half a million heads (and hex strings) is built beside the entries.
-    hexes = itertools.chain((prev_hex,), map(binascii.hexlify, leaves))
-    fmt = prefix.replace(b"%", b"%%") + b'%d,"prev":"%b'
-    # zip stops with the sequence numbers: one per entry (the last leaf's hex is never made).
-    heads = map(fmt.__mod__, zip(range(start, start + len(entries)), hexes, strict=False))
-    return all(map(bytes.startswith, entries, heads))
 
 
 def _runs(start: int, n: int) -> Iterator[tuple[int, int, int]]:
