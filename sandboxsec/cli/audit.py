@@ -47,6 +47,9 @@ def register(subs: Any) -> None:
     v.add_argument("--previous", action="append", default=[], type=Path, metavar="CHECKPOINT",
                    help="a checkpoint note kept from an earlier audit (repeatable): a fork or "
                    "a rewrite since then fails verification")
+    v.add_argument("--workers", type=decimal, default=None, metavar="N",
+                   help="processes that hash the entries of a large export (default: one per "
+                   "available core; 1: this process only); the verdict is the same")
     _witness_args(v)
     v.set_defaults(handler=_verify)
 
@@ -181,7 +184,7 @@ def _verify(args: argparse.Namespace) -> int:
         report = verify_export(
             data, key, key_name=args.key_name, expected_log=args.log_id,
             previous_checkpoints=notes, witnesses=policy[0], min_witnesses=policy[1],
-            now=int(time.time()), policy=tlog_policy,
+            now=int(time.time()), policy=tlog_policy, workers=args.workers,
         )
         # Then every passkey-signed decision against its logged registration.
         decisions = verify_decisions(data, first_seq=report.first_seq)

@@ -160,3 +160,30 @@ def test_operator_cli_exports_checkpoints_and_prints_the_key(
     capsys.readouterr()
     assert main(["audit", "checkpoint", "--service"]) == 0
     assert capsys.readouterr().out.startswith("sandboxsec.local/audit/_service\n")
+
+
+def test_worker_processes_give_the_cli_the_same_verdict(
+    client: TestClient, services: Services, tenant: TenantKeys, tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    services.audit.append_many([decision(tenant.id, i) for i in range(40)])
+    data = _export(client, tenant)
+    pub = _pem(client, tenant, tmp_path)
+    lines = data.splitlines()
+    i = next(i for i, ln in enumerate(lines) if b'"seq":30,' in ln)
+    altered = list(lines)
+    altered[i] = altered[i].replace(b'"outcome":"allow"', b'"outcome":"deny"')
+    for name, content in (("genuine", data), ("altered", b"\n".join(altered) + b"\n")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(content)
+        runs = [
+            subprocess.run([sys.executable, "-m", "sandboxsec.cli", "audit", "verify", str(path),
+                            "--public-key", str(pub), "--workers", workers],
+                           capture_output=True, text=True, timeout=120)
+            for workers in ("1", "3")
+        ]
+        assert runs[0].returncode == runs[1].returncode == (0 if name == "genuine" else 1)
+        assert cli_json(runs[0].stdout) == cli_json(runs[1].stdout)
+    assert cli_json(runs[1].stdout)["seq"] == 30
