@@ -15,7 +15,7 @@ Pure functions over hashes: nothing here reads a database, a file or the clock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -184,11 +184,19 @@ class Frontier:
         hashes.append(h)
         self.size += 1
 
-    def extend(self, leaves: Sequence[bytes]) -> None:
+    def extend(
+        self,
+        leaves: Sequence[bytes],
+        blocks: Mapping[int, bytes] | None = None,
+        block_height: int = 0,
+    ) -> None:
         """Append many leaf hashes in order, a whole perfect subtree at a time.
 
         Same result as ``append`` per leaf, but aligned blocks are reduced level by level in
-        tight loops, which roughly halves the cost per leaf.
+        tight loops, which roughly halves the cost per leaf.  ``blocks`` may hold roots of
+        the aligned perfect subtrees of height ``block_height`` already computed over these
+        same leaves (by block index in the whole tree): a subtree made of such blocks is
+        reduced from their roots instead of from its leaves.
         """
         i, n = 0, len(leaves)
         while i < n:
@@ -197,7 +205,13 @@ class Frontier:
                 # The block must start at a multiple of its width to be a subtree of the tree.
                 k = min(k, (self.size & -self.size).bit_length() - 1)
             width = 1 << k
-            self._push(_subtree_root(leaves, i, i + width), k)
+            root = None
+            if blocks and block_height and k >= block_height:
+                first = self.size >> block_height
+                parts = [blocks.get(first + j) for j in range(width >> block_height)]
+                if None not in parts:
+                    root = _subtree_root(parts, 0, len(parts))  # type: ignore[arg-type]
+            self._push(root if root is not None else _subtree_root(leaves, i, i + width), k)
             i += width
 
     def _push(self, h: bytes, height: int) -> None:

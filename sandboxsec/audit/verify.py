@@ -55,6 +55,7 @@ from sandboxsec.audit.merkle import (
     Frontier,
     ProofError,
     leaf_hash,
+    perfect_root,
     verify_consistency,
     verify_inclusion,
 )
@@ -273,16 +274,18 @@ def verify_export(
 
     fast = _parallel_entries(data, entries_at, prefix, start, prev_hex,
                              worker_count(workers, len(data) - entries_at))
+    blocks: dict[int, bytes] = {}
     if fast is not None:
         # Every head and link held in the worker processes; roots are checked below, and a
         # root that does not match is diagnosed on the lines split here.
-        leaves, count, linked = fast[0], fast[1], True
+        leaves, count, blocks = fast
+        linked = True
     elif entries_at < len(data):
         # Every leaf hash, and every entry's sequence number and prev link, always, in one
         # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
         # rewritten before the service signed it) is still named.
         stop = len(data) - 1 if data.endswith(b"\n") else len(data)
-        leaves, linked = _chunk(data, entries_at, entries_at, stop, prefix, start, prev_hex)
+        leaves, linked = _chunk(data, entries_at, stop, prefix, start, prev_hex)
         count = len(leaves)
     else:
         leaves, count, linked = [], 0, True
@@ -290,7 +293,8 @@ def verify_export(
         # Name the first bad entry exactly as the separate checks do: heads first (a line of
         # another log, a gap, a reordering), then roots, then links.
         _check_heads(entries(), prefix, start, prev_hex)
-    _walk_entries(entries, count, leaves, prefix, start, prev_hex, frontier, targets, by_size)
+    _walk_entries(entries, count, leaves, blocks, prefix, start, prev_hex, frontier, targets,
+                  by_size)
     if not linked:
         _check_links(entries(), leaves, prefix, start, prev_hex)
     covered = targets[-1] if targets else start
@@ -407,21 +411,15 @@ def worker_count(requested: int | None, nbytes: int) -> int:
 
 
 def _chunk(
-    data: bytes, at: int, lo: int, hi: int, prefix: bytes, start: int, first_prev: bytes
+    data: bytes, lo: int, hi: int, prefix: bytes, seq: int, prev: bytes
 ) -> tuple[list[bytes], bool]:
     """Leaf hashes of the entry lines in ``data[lo:hi]``, and whether every one starts
-    ``{"v":1,"log":<log>,"seq":<next>,"prev":"<hex of the previous leaf>`` (the entries of
-    the export start at offset ``at``; the caller names a failure).
+    ``{"v":1,"log":<log>,"seq":<next from seq>,"prev":"<hex of the previous leaf>`` (``prev``
+    for the first; the caller names a failure).
 
     One pass over the lines in place: no copy of them is made (on a large export, allocating
     and filling those copies cost as much as hashing them).
     """
-    seq = start + data.count(b"\n", at, lo)
-    if lo == at:
-        prev = first_prev
-    else:
-        before = data.rfind(b"\n", at, lo - 1) + 1 or at
-        prev = binascii.hexlify(leaf_hash(data[before : lo - 1]))
     view = memoryview(data)
     seeded = hashlib.sha256(b"\x00")  # copied per entry: RFC 9162's leaf prefix absorbed once
     fmt = prefix.replace(b"%", b"%%") + b'%d,"prev":"%b'
@@ -447,15 +445,44 @@ def _chunk(
         pos = j + 1
 
 
-_STATUS = struct.Struct(">QB")
+#: Workers also reduce the aligned subtrees of this height inside their share, so the tree is
+#: built from their roots (a 256th of the node hashes) rather than from every leaf.
+_BLOCK_HEIGHT = 8
+_HEAD = struct.Struct(">QBQQ")
+
+
+def _share(
+    data: bytes, at: int, lo: int, hi: int, prefix: bytes, start: int, first_prev: bytes
+) -> bytes:
+    """One worker's report on the entry lines in ``data[lo:hi]`` (the entries start at
+    ``at``): how many, whether their heads and links hold, and their leaf hashes and the roots
+    of the aligned blocks of 2**_BLOCK_HEIGHT leaves wholly inside the share."""
+    seq = start + data.count(b"\n", at, lo)
+    if lo == at:
+        prev = first_prev
+    else:
+        before = data.rfind(b"\n", at, lo - 1) + 1 or at
+        prev = binascii.hexlify(leaf_hash(data[before : lo - 1]))
+    leaves, ok = _chunk(data, lo, hi, prefix, seq, prev)
+    width = 1 << _BLOCK_HEIGHT
+    first_block = -(-seq // width)
+    roots = []
+    b = first_block
+    while (b + 1) * width <= seq + len(leaves):
+        k = b * width - seq
+        roots.append(perfect_root(leaves[k : k + width]))
+        b += 1
+    return (_HEAD.pack(len(leaves), ok, first_block, len(roots)) + b"".join(leaves)
+            + b"".join(roots))
 
 
 def _parallel_entries(
     data: bytes, at: int, prefix: bytes, start: int, prev_hex: bytes, workers: int
-) -> tuple[list[bytes], int] | None:
-    """Leaf hashes of every entry, hashed by ``workers`` processes (forked: each reads its
-    share of ``data`` in place), when every entry's head and link hold; None when anything
-    does not hold or a worker fails, so the one-process pass names the failure."""
+) -> tuple[list[bytes], int, dict[int, bytes]] | None:
+    """Leaf hashes of every entry and roots of aligned blocks of them, computed by ``workers``
+    processes (forked: each reads its share of ``data`` in place), when every entry's head and
+    link hold; None when anything does not hold or a worker fails, so the one-process pass
+    names the failure."""
     if workers < 2:
         return None
     end = len(data) - 1 if data.endswith(b"\n") else len(data)
@@ -470,6 +497,8 @@ def _parallel_entries(
             cuts.append(j + 1)
     bounds = [(lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(cuts[-1], end)]
     children: list[tuple[int, int]] = []
+    reports: list[bytes] = []
+    failed = False
     try:
         for lo, hi in bounds[1:]:
             r, w = os.pipe()
@@ -478,9 +507,7 @@ def _parallel_entries(
                 code = 1
                 try:
                     os.close(r)
-                    leaves, ok = _chunk(data, at, lo, hi, prefix, start, prev_hex)
-                    payload = _STATUS.pack(len(leaves), ok) + b"".join(leaves)
-                    view = memoryview(payload)
+                    view = memoryview(_share(data, at, lo, hi, prefix, start, prev_hex))
                     while view:
                         view = view[os.write(w, view):]
                     code = 0
@@ -488,35 +515,34 @@ def _parallel_entries(
                     os._exit(code)
             os.close(w)
             children.append((pid, r))
-        lo, hi = bounds[0]
-        mine, ok = _chunk(data, at, lo, hi, prefix, start, prev_hex)
-        results = [mine]
+        reports.append(_share(data, at, *bounds[0], prefix, start, prev_hex))
         for _pid, r in children:
             with os.fdopen(r, "rb", closefd=False) as pipe:
-                payload = pipe.read()
-            if len(payload) < _STATUS.size:
-                return None
-            n, child_ok = _STATUS.unpack_from(payload)
-            blob = payload[_STATUS.size :]
-            if len(blob) != n * HASH_SIZE:
-                return None
-            ok = ok and bool(child_ok)
-            results.append([blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)])
-        if not ok:
-            return None
+                reports.append(pipe.read())
     finally:
         for pid, r in children:
             try:
                 os.close(r)
             except OSError:
                 pass
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                results = []
-    if not results:
+            if os.waitpid(pid, 0)[1] != 0:
+                failed = True
+    if failed:
         return None
-    leaves = list(itertools.chain.from_iterable(results))
-    return leaves, len(leaves)
+    leaves: list[bytes] = []
+    blocks: dict[int, bytes] = {}
+    for report in reports:
+        if len(report) < _HEAD.size:
+            return None
+        n, ok, first_block, m = _HEAD.unpack_from(report)
+        body = memoryview(report)[_HEAD.size :]
+        if not ok or len(body) != (n + m) * HASH_SIZE:
+            return None
+        cut = n * HASH_SIZE
+        leaves.extend(bytes(body[i : i + HASH_SIZE]) for i in range(0, cut, HASH_SIZE))
+        for k in range(m):
+            blocks[first_block + k] = bytes(body[cut + k * HASH_SIZE : cut + (k + 1) * HASH_SIZE])
+    return leaves, len(leaves), blocks
 
 
 def _check_consistency(a: Checkpoint, b: Checkpoint, proof: list[bytes] | None) -> None:
@@ -534,6 +560,7 @@ def _walk_entries(
     entries_of: Callable[[], list[bytes]],
     count: int,
     leaves: list[bytes],
+    blocks: dict[int, bytes],
     prefix: bytes,
     start: int,
     prev_hex: bytes,
@@ -554,7 +581,7 @@ def _walk_entries(
             continue
         if t - start > count:
             break  # the file ends early; named by the caller
-        frontier.extend(leaves[pos : t - start])
+        frontier.extend(leaves[pos : t - start], blocks, _BLOCK_HEIGHT)
         pos = t - start
         if frontier.root() != by_size[t].root_hash:
             # d. Find the first entry of the span (and its successor, which records its hash)
@@ -575,7 +602,7 @@ def _walk_entries(
                 seq=t - 1,
             )
         last_checked = t
-    frontier.extend(leaves[pos:])
+    frontier.extend(leaves[pos:], blocks, _BLOCK_HEIGHT)
     # Entries past the last reached checkpoint are unsigned: the link checks name a broken
     # one, the caller refuses them as uncovered otherwise.
 

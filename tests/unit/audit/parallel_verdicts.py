@@ -110,6 +110,16 @@ def main() -> None:
             original = SynthLog(0, every=EVERY, key=BASE.key)
             original.n, original.lines, original.notes = len(lines), lines, dict(BASE.notes)
             cases.append((f"{edit}@{k}", original.export()))
+    # A log long enough for workers to reduce whole blocks of 256 leaves, with shares that
+    # cut through blocks.
+    big = SynthLog(1300, every=600, key=BASE.key)
+    cases += [("big genuine", big.export()), ("big range", big.export(start=300, end=1200))]
+    for k in (0, 255, 256, 650, 1023, 1299):
+        lines = list(big.lines)
+        lines[k] = lines[k].replace(b'"outcome":"', b'"outcome":"x', 1)
+        edited = SynthLog(0, every=600, key=BASE.key)
+        edited.n, edited.lines, edited.notes = len(lines), lines, dict(big.notes)
+        cases.append((f"big byte@{k}", edited.export()))
     out = []
     for name, data in cases:
         one = _verdict(data, 1)
