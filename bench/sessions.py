@@ -9,7 +9,8 @@ before and after, and every figure is read against the raw primitive timed besid
 2. the latency of ``POST /v1/actions`` in a session bound to a key (with its proof:
    verification and the single-use mark, which commits in the decision's transaction) and
    in an unbound session (no proof), alternating on the same in-process service and SQLite
-   file: median and p99 of each and what the proof adds (aim < 0.3 ms median).
+   file: median and p99 of each and what the proof adds (aim < 0.3 ms median), also as the
+   median over adjacent pairs of calls (steadier when others load the machine).
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ def latency(raw_verify: float, n: int = 400) -> None:
     print(f"  bound session, with proof         {a * 1000:8.3f} ms  {a99 * 1000:8.3f} ms")
     print(f"  added by the proof                {(a - b) * 1000:8.3f} ms  "
           f"{(a99 - b99) * 1000:8.3f} ms  (aim < 0.3 ms median)")
+    # The same figure from adjacent pairs (each call with a proof minus the call without one
+    # made right after it): a load that drifts over the run shifts both calls of a pair.
+    paired = statistics.median(p - q for p, q in zip(with_proof, without, strict=True))
+    print(f"  added, median of adjacent pairs   {paired * 1000:8.3f} ms")
     print(f"  added median / raw verify time    {(a - b) / raw_verify:8.2f}     "
           "(one verify is the floor; the rest is parsing and the single-use insert)")
     # CPU time of the whole process per call (the in-process client's share included, the

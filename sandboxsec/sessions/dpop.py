@@ -39,10 +39,7 @@ from urllib.parse import urlsplit
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from sandboxsec_client.proofs import create_proof as _client_proof
 
 from sandboxsec.attestation.jwk import b64url, ec_jwk
@@ -271,7 +268,8 @@ def verify_proof(
     Raises the error of the first check that fails (order in the module docstring).
     """
     _, claims = verify_signature(proof, jkt, keys)
-    jti, htm, htu = _claim(claims, "jti"), _claim(claims, "htm"), _claim(claims, "htu")
+    # jti, htm and htu were checked (present, non-empty, bounded strings) by verify_signature.
+    jti, htm, htu = claims["jti"], claims["htm"], claims["htu"]
     sid, bh = _claim(claims, "sid"), _claim(claims, "bh")
     iat = claims["iat"]
     nonce = claims.get("nonce")
@@ -330,15 +328,31 @@ def verify_signature(
     if len(signature) != 64:
         raise DpopSignatureInvalidError("an ES256 signature is 64 bytes (r || s)")
     key = cached.key if cached is not None else _p256_key(jwk)
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
-                               int.from_bytes(signature[32:], "big"))
     try:
-        key.verify(der, f"{head_b64}.{claims_b64}".encode("ascii"), _ECDSA_SHA256)
+        key.verify(_raw_to_der(signature), proof[:len(proof) - len(sig_b64) - 1].encode("ascii"),
+                   _ECDSA_SHA256)
     except InvalidSignature:
         raise DpopSignatureInvalidError("the proof signature does not verify") from None
     if cached is None and keys is not None:
         keys.remember(head_b64, _Header(jwk=jwk, jkt=thumbprint, key=key))
     return jwk, claims
+
+
+def _raw_to_der(signature: bytes) -> bytes:
+    # ASN.1 DER of ECDSA-Sig-Value {r, s} from the 64-byte raw form (what
+    # encode_dss_signature makes from the two integers, without converting them): each a
+    # minimal big-endian INTEGER, with a 0x00 prefix when its top bit is set.  At most
+    # 2 * (2 + 33) = 70 bytes, so every length fits one byte.
+    r = _der_integer(signature[:32])
+    s = _der_integer(signature[32:])
+    return b"\x30" + bytes((len(r) + len(s),)) + r + s
+
+
+def _der_integer(value: bytes) -> bytes:
+    value = value.lstrip(b"\x00") or b"\x00"
+    if value[0] & 0x80:
+        value = b"\x00" + value
+    return b"\x02" + bytes((len(value),)) + value
 
 
 def _header_jwk(head_b64: str) -> dict[str, Any]:

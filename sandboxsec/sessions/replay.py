@@ -22,7 +22,7 @@ from sqlmodel import Session
 from sandboxsec.errors import SandboxSecError
 from sandboxsec.sessions.errors import DpopReplayStoreUnavailableError
 from sandboxsec.sessions.models import SessionProof
-from sandboxsec.storage.db import Database, after_commit
+from sandboxsec.storage.db import Database, DriverStatement, after_commit
 
 __all__ = ["ReplayStore"]
 
@@ -36,13 +36,16 @@ class ReplayStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._claims = 0
-        # Built once: the claim runs on every proof-carrying request, and building and
-        # cache-keying a fresh statement each time costs more than executing it.
+        # Compiled once and run on the driver's cursor: the claim runs on every
+        # proof-carrying request, and SQLAlchemy's per-statement execution machinery costs
+        # several times the one-row insert itself (DriverStatement keeps the writer lock,
+        # the types' bind processing and the fail-closed error mapping).
         insert = pg_insert if db.is_postgres else sqlite_insert
-        self._insert = (insert(_PROOFS)
-                        .values(id=bindparam("id"), tenant_id=bindparam("tenant_id"),
-                                expires_at=bindparam("expires_at"))
-                        .on_conflict_do_nothing().returning(_PROOFS.c.id))
+        self._insert = DriverStatement(db, insert(_PROOFS)
+                                       .values(id=bindparam("id"),
+                                               tenant_id=bindparam("tenant_id"),
+                                               expires_at=bindparam("expires_at"))
+                                       .on_conflict_do_nothing().returning(_PROOFS.c.id))
 
     def claim(self, tenant_id: str, jkt: str, jti: str, *, keep_until: datetime,
               now: datetime, session: Session | None = None) -> bool:
@@ -55,11 +58,11 @@ class ReplayStore:
         params = {"id": hashlib.sha256(f"{jkt}.{jti}".encode()).hexdigest(),
                   "tenant_id": tenant_id, "expires_at": keep_until}
         if session is not None:
-            won = session.connection().execute(self._insert, params).first()
+            won = self._insert.first(session.connection(), params)
         else:
             try:
-                with self._db.session() as s:
-                    won = s.connection().execute(self._insert, params).first()
+                with self._db.connection() as conn:
+                    won = self._insert.first(conn, params)
             except SandboxSecError as exc:
                 raise DpopReplayStoreUnavailableError(
                     f"the proof replay store is unavailable ({exc.reason})") from None

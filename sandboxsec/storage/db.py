@@ -7,16 +7,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import ClauseElement
 from sqlmodel import Session, create_engine
 
 from sandboxsec.errors import DependencyUnavailableError
@@ -28,6 +29,7 @@ __all__ = [
     "Database",
     "DatabaseMissingError",
     "DatabaseUnavailableError",
+    "DriverStatement",
     "SchemaNotCurrentError",
     "after_commit",
 ]
@@ -102,11 +104,13 @@ class Database:
                 f" -c statement_timeout={int(timeout_seconds * 4000)}",
             }
         self.engine: Engine = create_engine(url, **kwargs)
+        self._writer_lock: _WriterLock | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             path = url.split("sqlite:///", 1)[1] if "sqlite:///" in url else ""
             if path and path != ":memory:":
-                _WriterLock(Path(path + ".writer-lock"), timeout_seconds).install(self.engine)
+                self._writer_lock = _WriterLock(Path(path + ".writer-lock"), timeout_seconds)
+                self._writer_lock.install(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -199,6 +203,69 @@ _DML = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 _HELD = "sandboxsec_writer_lock"
 
 
+class DriverStatement:
+    """A Core statement compiled once for ``db``'s dialect, run on the driver's own cursor in
+    a transaction the caller holds (:meth:`first`).
+
+    For a one-row statement on the path of every request (the single-use claim of a session
+    proof), where SQLAlchemy's execution machinery (execution context, result wrapping,
+    events) costs several times what the database spends on the row.  What that machinery
+    would do for this statement still happens: the SQL text is the one SQLAlchemy compiles,
+    every value goes through its column type's bind processing, a write takes the SQLite
+    writer lock first (as :class:`_WriterLock` does for the engine's statements, released
+    when the transaction ends), and a driver error is raised as SQLAlchemy's own error class
+    (so :meth:`Database.session` and :meth:`Database.connection` still fail closed).
+    """
+
+    __slots__ = ("_dbapi_error", "_lock", "_positions", "_processors", "_sql")
+
+    def __init__(self, db: Database, statement: ClauseElement) -> None:
+        dialect = db.engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        self._sql: str = compiled.string
+        # A positional paramstyle (SQLite's qmark) names the order; a named one (psycopg's
+        # pyformat) takes the mapping as it is.
+        positions = getattr(compiled, "positiontup", None)
+        self._positions: tuple[str, ...] | None = tuple(positions) if positions else None
+        binds = getattr(compiled, "binds", {})
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in binds.items():
+            # The dialect's own implementation (SQLite's DATETIME writes its fixed text form),
+            # as SQLAlchemy's execution would process the value.
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self._processors[name] = processor
+        is_write = self._sql.lstrip()[:7].upper().startswith(_DML)
+        self._lock = db._writer_lock if is_write else None
+        self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Execute with ``params`` in ``conn``'s transaction; the first row, or None."""
+        processors = self._processors
+        values = {k: (processors[k](v) if k in processors else v) for k, v in params.items()}
+        args: Any = ([values[n] for n in self._positions] if self._positions is not None
+                     else values)
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = None
+        try:
+            if self._lock is not None:  # its timeout is a driver error too, mapped below
+                self._lock.hold(conn.info)
+            cursor = dbapi_conn.cursor()
+            cursor.execute(self._sql, args)
+            row = cursor.fetchone()
+        except self._dbapi_error as exc:
+            disconnected = conn.dialect.is_disconnect(cast(Any, exc), dbapi_conn, cursor)
+            if disconnected:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(self._sql, args, exc, self._dbapi_error,
+                                      connection_invalidated=disconnected) from exc
+        finally:
+            if cursor is not None:
+                cursor.close()
+        return tuple(row) if row is not None else None
+
+
 class _WriterLock:
     """Serializes SQLite writers across threads (a lock) and processes (``flock``).
 
@@ -225,8 +292,15 @@ class _WriterLock:
     def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if conn.info.get(_HELD) or not statement.lstrip()[:7].upper().startswith(_DML):
             return
+        self.hold(conn.info)
+
+    def hold(self, info: dict[str, Any]) -> None:
+        """Take the lock for the transaction of the connection whose ``info`` this is (kept
+        until it commits or rolls back); nothing when that transaction holds it already."""
+        if info.get(_HELD):
+            return
         self._acquire()
-        conn.info[_HELD] = True
+        info[_HELD] = True
 
     def _acquire(self) -> None:
         deadline = time.monotonic() + self._timeout

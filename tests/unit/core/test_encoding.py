@@ -46,6 +46,27 @@ def test_round_trip_and_every_other_spelling_is_refused(data: bytes) -> None:
             b64url_decode_strict(bad)
 
 
+def _b64url_by_reencoding(text: str) -> bytes | None:
+    # The definition: decodes, and re-encodes to itself.
+    if len(text) % 4 == 1:
+        return None
+    try:
+        out = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        return None
+    return out if base64.urlsafe_b64encode(out).rstrip(b"=").decode() == text else None
+
+
+@given(st.text(alphabet=_URL + "=+/ .", max_size=14))
+def test_b64url_strict_is_exactly_the_text_that_re_encodes_to_itself(text: str) -> None:
+    expected = _b64url_by_reencoding(text) if set(text) <= set(_URL) else None
+    if expected is None:
+        with pytest.raises(ValueError):
+            b64url_decode_strict(text)
+    else:
+        assert b64url_decode_strict(text) == expected
+
+
 @pytest.mark.parametrize("text", ["\u00b2", "\u2460", "\u0661", "\uff11", "1_0", " 1", "+1",
                                   "01", "", "1e3", "0x1"])
 def test_ascii_int_refuses(text: str) -> None:
