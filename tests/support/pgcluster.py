@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 PG_BIN = Path(os.environ.get("SANDBOXSEC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -36,6 +42,8 @@ class PgCluster:
             os.chmod(self.root, 0o777)
             shutil.chown(self.root, "postgres")
         self.started = False
+        self._admin_conn: psycopg.Connection[Any] | None = None
+        self._admin_lock = threading.Lock()
 
     def _run(self, *cmd: str) -> None:
         subprocess.run([*self._as, *cmd], check=True, stdout=subprocess.DEVNULL,
@@ -56,14 +64,34 @@ class PgCluster:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{dbname}"
 
     def _admin(self, sql: str) -> None:
-        from sqlalchemy import create_engine, text
+        """Run ``sql`` as the superuser on one connection kept for the cluster's life.
 
-        admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as c:
-                c.execute(text(sql))
-        finally:
-            admin.dispose()
+        Every PostgreSQL test creates and drops a database: a new engine and connection for
+        each statement cost more than the statement.  A connection the server dropped (a
+        fault test restarted it) is opened again once.
+        """
+        import psycopg
+
+        with self._admin_lock:
+            for attempt in (1, 2):
+                if self._admin_conn is None or self._admin_conn.closed:
+                    self._admin_conn = psycopg.connect(
+                        host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                        autocommit=True)
+                try:
+                    self._admin_conn.execute(sql.encode())
+                    return
+                except psycopg.OperationalError:
+                    self._close_admin()
+                    if attempt == 2:
+                        raise
+
+    def _close_admin(self) -> None:
+        """Close the kept superuser connection (it is opened again when next needed)."""
+        conn, self._admin_conn = self._admin_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def create_database(self, name: str, *, template: str | None = None) -> str:
         """Create database ``name`` (empty, or a copy of ``template``) and return its URL."""
@@ -77,6 +105,7 @@ class PgCluster:
 
     def pg_ctl(self, action: str) -> None:
         """``stop`` / ``start`` the server (for fault tests), data kept."""
+        self._close_admin()
         if action == "stop":
             self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
         else:
@@ -87,6 +116,7 @@ class PgCluster:
 
     def stop(self) -> None:
         """Stop the server and delete its directory."""
+        self._close_admin()
         if self.started:
             try:
                 self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate",

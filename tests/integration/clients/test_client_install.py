@@ -52,11 +52,15 @@ def test_fresh_install_pulls_no_service_dependency(tmp_path: Path) -> None:
     assert {"fastapi", "psycopg", "python-pkcs11", "tpm2-pytss", "mcp"} <= service_only
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # A venv with nothing in it, not even pip: this process's pip installs into it
+    # (``--python``), so what lands there is the client and what it pulls, and the run
+    # skips bootstrapping a pip of its own (ensurepip cost as much as the install).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     py = str(venv / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    str(ROOT / "clients" / "python")], check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q",
+                    "--disable-pip-version-check", str(ROOT / "clients" / "python")],
+                   check=True, timeout=600, capture_output=True)
     out = json.loads(subprocess.run([py, "-c", _PROBE], check=True, capture_output=True,
                                      text=True, timeout=60, cwd=tmp_path).stdout)
     installed = set(out["dists"])
