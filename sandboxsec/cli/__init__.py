@@ -45,14 +45,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (every group that is installed)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every group that is installed, or just the group ``only``.
+
+    A command names its group first, and each group module imports what its commands need
+    (the service's storage, policy engine, web framework...), so parsing one group's command
+    imports that group alone: a witness, the gateway or an auditor's ``audit verify`` start
+    in a fraction of the time the whole command set takes to import.
+    """
     parser = _Parser(prog="sandboxsec", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sandboxsec {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs.required = True
-    for name in GROUPS:
+    for name in GROUPS if only is None else (only,):
         try:
             module = importlib.import_module(f"sandboxsec.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -81,8 +87,9 @@ def exit_code(exc: SandboxSecError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns (and, as a script, exits with) its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    group = words[0] if words and words[0] in GROUPS else None
+    args = build_parser(group).parse_args(words)
     if args.command != "serve":
         from sandboxsec.multiproc import leave_multiprocess_mode
 
