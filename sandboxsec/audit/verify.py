@@ -272,29 +272,29 @@ def verify_export(
             held.append(_entry_lines(data, entries_at))
         return held[0]
 
-    fast = _parallel_entries(data, entries_at, prefix, start, prev_hex,
+    # The entry lines run from entries_at to stop (a final newline ends the last one).
+    stop = len(data) - 1 if data.endswith(b"\n") else len(data)
+    fast = _parallel_entries(data, entries_at, stop, prefix, start, prev_hex,
                              worker_count(workers, len(data) - entries_at))
     blocks: dict[int, bytes] = {}
     if fast is not None:
         # Every head and link held in the worker processes; roots are checked below, and a
         # root that does not match is diagnosed on the lines split here.
-        leaves, count, blocks = fast
+        leaves, blocks = fast
         linked = True
     elif entries_at < len(data):
         # Every leaf hash, and every entry's sequence number and prev link, always, in one
         # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
         # rewritten before the service signed it) is still named.
-        stop = len(data) - 1 if data.endswith(b"\n") else len(data)
         leaves, linked = _chunk(data, entries_at, stop, prefix, start, prev_hex)
-        count = len(leaves)
     else:
-        leaves, count, linked = [], 0, True
+        leaves, linked = [], True
+    count = len(leaves)
     if not linked:
         # Name the first bad entry exactly as the separate checks do: heads first (a line of
         # another log, a gap, a reordering), then roots, then links.
         _check_heads(entries(), prefix, start, prev_hex)
-    _walk_entries(entries, count, leaves, blocks, prefix, start, prev_hex, frontier, targets,
-                  by_size)
+    _walk_entries(entries, leaves, blocks, prefix, start, prev_hex, frontier, targets, by_size)
     if not linked:
         _check_links(entries(), leaves, prefix, start, prev_hex)
     covered = targets[-1] if targets else start
@@ -477,16 +477,13 @@ def _share(
 
 
 def _parallel_entries(
-    data: bytes, at: int, prefix: bytes, start: int, prev_hex: bytes, workers: int
-) -> tuple[list[bytes], int, dict[int, bytes]] | None:
-    """Leaf hashes of every entry and roots of aligned blocks of them, computed by ``workers``
-    processes (forked: each reads its share of ``data`` in place), when every entry's head and
-    link hold; None when anything does not hold or a worker fails, so the one-process pass
-    names the failure."""
-    if workers < 2:
-        return None
-    end = len(data) - 1 if data.endswith(b"\n") else len(data)
-    if end <= at:
+    data: bytes, at: int, end: int, prefix: bytes, start: int, prev_hex: bytes, workers: int
+) -> tuple[list[bytes], dict[int, bytes]] | None:
+    """Leaf hashes of the entry lines in ``data[at:end]`` and roots of aligned blocks of
+    them, computed by ``workers`` processes (forked: each reads its share of ``data`` in
+    place), when every entry's head and link hold; None when anything does not hold or a
+    worker fails, so the one-process pass names the failure."""
+    if workers < 2 or end <= at:
         return None
     cuts = [at]
     for k in range(1, workers):
@@ -542,7 +539,7 @@ def _parallel_entries(
         leaves.extend(bytes(body[i : i + HASH_SIZE]) for i in range(0, cut, HASH_SIZE))
         for k in range(m):
             blocks[first_block + k] = bytes(body[cut + k * HASH_SIZE : cut + (k + 1) * HASH_SIZE])
-    return leaves, len(leaves), blocks
+    return leaves, blocks
 
 
 def _check_consistency(a: Checkpoint, b: Checkpoint, proof: list[bytes] | None) -> None:
@@ -558,7 +555,6 @@ def _check_consistency(a: Checkpoint, b: Checkpoint, proof: list[bytes] | None) 
 
 def _walk_entries(
     entries_of: Callable[[], list[bytes]],
-    count: int,
     leaves: list[bytes],
     blocks: dict[int, bytes],
     prefix: bytes,
@@ -579,7 +575,7 @@ def _walk_entries(
     for t in targets:
         if t <= start:
             continue
-        if t - start > count:
+        if t - start > len(leaves):
             break  # the file ends early; named by the caller
         frontier.extend(leaves[pos : t - start], blocks, _BLOCK_HEIGHT)
         pos = t - start
@@ -588,7 +584,7 @@ def _walk_entries(
             #    whose sequence number or chain link is wrong.
             entries = entries_of()
             lo = last_checked - start
-            hi = min(count, t - start + 1)
+            hi = min(len(leaves), t - start + 1)
             prev = prev_hex if lo == 0 else leaves[lo - 1].hex().encode()
             for i in range(lo, hi):
                 seq = start + i
