@@ -8,7 +8,7 @@ Store failures surface as :class:`AuditUnavailableError` (fail closed).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,7 @@ from sandboxsec.audit.models import (
     AuditPendingRow,
 )
 from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
-from sandboxsec.storage.db import Database, DatabaseUnavailableError
+from sandboxsec.storage.db import Database, DatabaseUnavailableError, DriverForm
 
 __all__ = [
     "CHECKPOINTS",
@@ -111,35 +111,20 @@ ADVANCE_HEAD_SIGNED = ADVANCE_HEAD.values(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _DriverInsert:
-    sql: str
-    positional: bool
-    time: Callable[[Any], Any]
-    blob: Callable[[Any], Any]
-
-
 def _identity(value: Any) -> Any:
     return value
 
 
 @functools.lru_cache(maxsize=8)
-def _driver_insert(dialect: Dialect) -> _DriverInsert:
-    # The statement is compiled by SQLAlchemy for this dialect (its quoting and paramstyle)
-    # and the values are converted by the columns' own bind processors: the rows stored are
-    # those ``conn.execute(INSERT_ENTRIES, rows)`` stores.
-    compiled = insert(ENTRIES).values({c: bindparam(c) for c in _ENTRY_COLUMNS}).compile(
-        dialect=dialect
+def _driver_insert(dialect: Dialect) -> DriverForm:
+    # Compiled by SQLAlchemy for this dialect, values converted by the columns' own bind
+    # processors: the rows stored are those ``conn.execute(INSERT_ENTRIES, rows)`` stores.
+    form = DriverForm.of(
+        insert(ENTRIES).values({c: bindparam(c) for c in _ENTRY_COLUMNS}), dialect
     )
-    if compiled.positional and tuple(compiled.positiontup or ()) != _ENTRY_COLUMNS:
+    if form.positions is not None and form.positions != _ENTRY_COLUMNS:
         raise RuntimeError("unexpected parameter order for the audit entry insert")
-
-    def processor(name: str) -> Callable[[Any], Any]:
-        proc = ENTRIES.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        return proc if proc is not None else _identity
-
-    return _DriverInsert(compiled.string, bool(compiled.positional), processor("time"),
-                         processor("leaf_hash"))
+    return form
 
 
 def insert_entries(
@@ -154,10 +139,10 @@ def insert_entries(
     row shares are converted once, where the Core path converts each row's through the column
     types (for the 1,000-row batches of a busy log that was about half the insert's cost).
     """
-    ins = _driver_insert(conn.dialect)
-    at = ins.time(time)
-    blob = ins.blob
-    if ins.positional:
+    form = _driver_insert(conn.dialect)
+    at = form.processors.get("time", _identity)(time)
+    blob = form.processors.get("leaf_hash", _identity)
+    if form.positions is not None:
         params: list[Any] = [
             (log_id, seq, event, at, line, blob(h)) for seq, event, line, h in rows
         ]
@@ -167,7 +152,7 @@ def insert_entries(
              "leaf_hash": blob(h)}
             for seq, event, line, h in rows
         ]
-    conn.exec_driver_sql(ins.sql, params)
+    conn.exec_driver_sql(form.sql, params)
 
 
 def log_id_of(record: AuditRecord) -> str:

@@ -9,11 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool
@@ -29,6 +30,7 @@ __all__ = [
     "Database",
     "DatabaseMissingError",
     "DatabaseUnavailableError",
+    "DriverForm",
     "DriverStatement",
     "SchemaNotCurrentError",
     "after_commit",
@@ -203,6 +205,30 @@ _DML = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 _HELD = "sandboxsec_writer_lock"
 
 
+@dataclass(frozen=True, slots=True)
+class DriverForm:
+    """A Core statement as the database driver takes it: the SQL SQLAlchemy compiles for the
+    dialect, the order of its parameters (None for a named paramstyle such as psycopg's,
+    which takes a mapping) and the dialect's bind processing of each parameter that has one
+    (SQLite's DATETIME writes its fixed text form), as SQLAlchemy's execution applies it."""
+
+    sql: str
+    positions: tuple[str, ...] | None
+    processors: dict[str, Callable[[Any], Any]]
+
+    @classmethod
+    def of(cls, statement: ClauseElement, dialect: Dialect) -> DriverForm:
+        """Compile ``statement`` for ``dialect``."""
+        compiled = statement.compile(dialect=dialect)
+        positions = getattr(compiled, "positiontup", None)
+        processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in getattr(compiled, "binds", {}).items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                processors[name] = processor
+        return cls(compiled.string, tuple(positions) if positions else None, processors)
+
+
 class DriverStatement:
     """A Core statement compiled once for ``db``'s dialect, run on the driver's own cursor in
     a transaction the caller holds (:meth:`first`).
@@ -221,20 +247,10 @@ class DriverStatement:
 
     def __init__(self, db: Database, statement: ClauseElement) -> None:
         dialect = db.engine.dialect
-        compiled = statement.compile(dialect=dialect)
-        self._sql: str = compiled.string
-        # A positional paramstyle (SQLite's qmark) names the order; a named one (psycopg's
-        # pyformat) takes the mapping as it is.
-        positions = getattr(compiled, "positiontup", None)
-        self._positions: tuple[str, ...] | None = tuple(positions) if positions else None
-        binds = getattr(compiled, "binds", {})
-        self._processors: dict[str, Callable[[Any], Any]] = {}
-        for name, bind in binds.items():
-            # The dialect's own implementation (SQLite's DATETIME writes its fixed text form),
-            # as SQLAlchemy's execution would process the value.
-            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                self._processors[name] = processor
+        form = DriverForm.of(statement, dialect)
+        self._sql = form.sql
+        self._positions = form.positions
+        self._processors = form.processors
         is_write = self._sql.lstrip()[:7].upper().startswith(_DML)
         self._lock = db._writer_lock if is_write else None
         self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
