@@ -7,7 +7,7 @@ only grew and every so many requests one stalled."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -24,16 +24,24 @@ def _rows(db: Database) -> int:
         return int(s.execute(select(func.count()).select_from(SessionProof)).scalar_one())
 
 
-def test_claims_in_the_requests_transaction_are_purged_after_it_commits(
-        database: Database, clock: FixedClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay, "_PURGE_EVERY", 4)
+def _store_with_expired(database: Database, clock: FixedClock, monkeypatch: pytest.MonkeyPatch,
+                        *, purge_every: int, expired: int) -> tuple[ReplayStore, datetime]:
+    """A store that purges every ``purge_every`` claims, holding ``expired`` proofs whose
+    window has passed (claimed on their own); and the time now."""
+    monkeypatch.setattr(replay, "_PURGE_EVERY", purge_every)
     store = ReplayStore(database)
     now = clock.now()
     old = now - timedelta(minutes=10)
-    # Three proofs whose window has passed, claimed on their own.
-    for n in range(3):
+    for n in range(expired):
         assert store.claim("tn_a", "jkt", f"old-{n}", keep_until=old, now=old)
-    assert _rows(database) == 3
+    assert _rows(database) == expired
+    return store, now
+
+
+def test_claims_in_the_requests_transaction_are_purged_after_it_commits(
+        database: Database, clock: FixedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three proofs whose window has passed.
+    store, now = _store_with_expired(database, clock, monkeypatch, purge_every=4, expired=3)
     # The fourth claim (the purge's turn) is made in a request's transaction, with a write
     # before it as the decision would have made.
     with database.session() as s:
@@ -47,11 +55,7 @@ def test_claims_in_the_requests_transaction_are_purged_after_it_commits(
 
 def test_a_rolled_back_request_leaves_its_proof_unused(
         database: Database, clock: FixedClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay, "_PURGE_EVERY", 2)
-    store = ReplayStore(database)
-    now = clock.now()
-    old = now - timedelta(minutes=10)
-    assert store.claim("tn_a", "jkt", "old", keep_until=old, now=old)
+    store, now = _store_with_expired(database, clock, monkeypatch, purge_every=2, expired=1)
 
     class Refused(Exception):
         pass
