@@ -54,7 +54,7 @@ def test_auditor_exports_and_verifies_offline(
     export.write_bytes(b"\n".join(lines) + b"\n")
     assert main(["audit", "verify", str(export), "--public-key", str(pub)]) == 1
     captured = capsys.readouterr()
-    result = json.loads(captured.out)
+    result = cli_json(captured.out)
     assert (result["valid"], result["code"], result["seq"]) == (False, "audit_chain_broken", 5)
     assert "first bad entry: seq 5" in captured.err
 

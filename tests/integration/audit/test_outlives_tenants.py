@@ -19,7 +19,7 @@ from sandboxsec.services import Services
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 from tests.conftest import TenantKeys
-from tests.support.cli import cli_json
+from tests.support.cli import cli_json, cli_jsons
 
 
 def _entries(services: Services, log_id: str, event: AuditEvent) -> list[dict[str, object]]:
@@ -40,7 +40,7 @@ def test_deleted_tenants_log_is_exported_and_verified_by_the_operator(
     tenant_id = cli_json(capsys.readouterr().out)["tenant_id"]
     assert main(["keys", "rotate", "--tenant", "bank-gone"]) == 0
     assert main(["tenant", "delete", "bank-gone", "--yes"]) == 0
-    deleted = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    deleted = cli_jsons(capsys.readouterr().out)[-1]
     assert deleted["tenant_key_destroyed"] is True
     export = tmp_path / "gone.jsonl"
     # By its former name and by id: the log is still there after the tenant is gone.

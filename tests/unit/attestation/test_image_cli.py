@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from sandboxsec.cli import main
+from tests.support.cli import cli_json
 from tests.support.pki import Publisher, make_publisher
 
 PCR0 = hashlib.sha256(b"firmware").hexdigest()
@@ -103,7 +104,7 @@ def test_sign_then_verify(
     f = _files(tmp_path, key_type)
     code, manifest = f.sign()
     assert code == 0, capsys.readouterr().err
-    summary = json.loads(capsys.readouterr().out)
+    summary = cli_json(capsys.readouterr().out)
     assert summary["image_digest"] == "sha256:" + hashlib.sha256(f.image.read_bytes()).hexdigest()
     assert summary["image_name"] == "sandbox.qcow2"
     assert f.verify(manifest) == 0
@@ -111,7 +112,7 @@ def test_sign_then_verify(
     assert out.startswith("valid: sandbox.qcow2 sha256:") and "version 2.0.1" in out
 
     assert f.verify(manifest, "--json") == 0
-    result = json.loads(capsys.readouterr().out)
+    result = cli_json(capsys.readouterr().out)
     assert result["valid"] is True
     reference = result["manifest"]["reference"]
     assert reference["pcrs"] == {"sha256": {"0": PCR0, "7": PCR7}}
@@ -142,7 +143,7 @@ def test_tampered_manifest(files: Files, capsys: pytest.CaptureFixture[str]) -> 
     capsys.readouterr()
     assert files.verify(manifest, "--json") == 1
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["error"]["code"] == "image_signature_invalid"
+    assert cli_json(captured.out)["error"]["code"] == "image_signature_invalid"
     assert "invalid: image_signature_invalid" in captured.err
 
 
@@ -203,7 +204,7 @@ def test_explicit_expiry_and_name(files: Files, capsys: pytest.CaptureFixture[st
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     assert files.verify(manifest, "--json") == 0
-    result = json.loads(capsys.readouterr().out)["manifest"]
+    result = cli_json(capsys.readouterr().out)["manifest"]
     assert result["image_name"] == "registry/sandbox:2"
     assert result["expires_at"] == expires.strftime("%Y-%m-%dT%H:%M:%SZ")
 
