@@ -4,8 +4,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Needed to build and run the service (tpm2-pytss links libtss2), plus the vTPM and HSM.
-APT_RUN := libtss2-dev pkg-config swtpm swtpm-tools softhsm2
+# Needed to build and run the service (tpm2-pytss links libtss2), plus the vTPM and HSM;
+# a C compiler, Python and OpenSSL headers build the native audit verifier (optional).
+APT_RUN := libtss2-dev pkg-config swtpm swtpm-tools softhsm2 gcc python3-dev libssl-dev
 # Needed by the test suite only: the database server (and pg_auto_failover for the failover
 # soak), a browser, TPM tools.
 APT_TEST := postgresql-15 postgresql-15-auto-failover pg-auto-failover-cli chromium tpm2-tools

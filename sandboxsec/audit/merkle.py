@@ -15,7 +15,7 @@ Pure functions over hashes: nothing here reads a database, a file or the clock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -171,6 +171,7 @@ class Frontier:
         leaves: Sequence[bytes],
         blocks: Mapping[int, bytes] | None = None,
         block_height: int = 0,
+        root_of: Callable[[int, int], bytes] | None = None,
     ) -> None:
         """Append many leaf hashes in order, a whole perfect subtree at a time.
 
@@ -178,7 +179,9 @@ class Frontier:
         tight loops, which roughly halves the cost per leaf.  ``blocks`` may hold roots of
         the aligned perfect subtrees of height ``block_height`` already computed over these
         same leaves (by block index in the whole tree): a subtree made of such blocks is
-        reduced from their roots instead of from its leaves.
+        reduced from their roots instead of from its leaves.  ``root_of(i, k)``, when given,
+        returns the root of ``leaves[i : i + 2**k]`` in place of reducing them here (a bulk
+        hasher's answer for the same RFC 9162 subtree).
         """
         i, n = 0, len(leaves)
         while i < n:
@@ -193,7 +196,9 @@ class Frontier:
                 parts = [blocks.get(first + j) for j in range(width >> block_height)]
                 if None not in parts:
                     root = _subtree_root(parts, 0, len(parts))  # type: ignore[arg-type]
-            self._push(root if root is not None else _subtree_root(leaves, i, i + width), k)
+            if root is None:
+                root = root_of(i, k) if root_of else _subtree_root(leaves, i, i + width)
+            self._push(root, k)
             i += width
 
     def _push(self, h: bytes, height: int) -> None:

@@ -7,6 +7,11 @@ The export format is described in :mod:`sandboxsec.audit.export` and docs/audit.
 The entry loop hashes the stored line bytes directly and checks ``seq`` and ``prev`` by a
 prefix comparison in one pass, so it never parses an entry as JSON; its cost is about twice
 the raw SHA-256 of the lines (a leaf hash and a node hash per entry) plus one line split.
+
+When the optional C extension :mod:`sandboxsec.audit._native` is built, that pass and the
+reduction of the tree run in it (OpenSSL's SHA-256, no interpreter work per entry); it
+computes exactly what :func:`_chunk` and :func:`~sandboxsec.audit.merkle.perfect_root`
+compute, and every failure is still named by the Python checks below.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -62,9 +67,16 @@ from sandboxsec.audit.merkle import (
 from sandboxsec.audit.witness_policy import WitnessPolicy
 from sandboxsec.encoding import b64decode_strict
 
+try:
+    # Built with the package when a C compiler and the libcrypto headers are present.
+    from sandboxsec.audit import _native
+except ImportError:  # pragma: no cover - depends on the build; the Python pass does the same
+    _native = None  # type: ignore[assignment]
+
 __all__ = [
     "EntryProofReport",
     "ExportReport",
+    "implementation",
     "verify_entry_proof",
     "verify_export",
     "worker_count",
@@ -150,9 +162,10 @@ def verify_export(
     (``now``, POSIX seconds, refuses cosignatures dated later).  A C2SP tlog-``policy`` adds
     its witnesses and must be satisfied by the newest checkpoint's cosignatures too.
 
-    ``workers`` processes hash the entries of a large export (None: one per available core,
-    when the export is large and the calling process runs no other thread; 1: none).  They
-    only speed up an export that verifies: any failure is named by the one-process pass.
+    ``workers`` hash the entries of a large export (None: one per available core when the
+    export is large; 1: none): threads with the native hasher (it releases the GIL), else
+    processes, forked only when the calling process runs no other thread.  They only speed up
+    an export that verifies: any failure is named by the one-pass checks.
     """
     if policy is not None:
         witnesses = [*witnesses, *policy.keys]
@@ -277,16 +290,17 @@ def verify_export(
     fast = _parallel_entries(data, entries_at, stop, prefix, start, prev_hex,
                              worker_count(workers, len(data) - entries_at))
     blocks: dict[int, bytes] = {}
+    leaves: Sequence[bytes]
     if fast is not None:
-        # Every head and link held in the worker processes; roots are checked below, and a
-        # root that does not match is diagnosed on the lines split here.
+        # Every head and link held in the workers; roots are checked below, and a root that
+        # does not match is diagnosed on the lines split here.
         leaves, blocks = fast
         linked = True
     elif entries_at < len(data):
         # Every leaf hash, and every entry's sequence number and prev link, always, in one
         # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
         # rewritten before the service signed it) is still named.
-        leaves, linked = _chunk(data, entries_at, stop, prefix, start, prev_hex)
+        leaves, linked = _leaf_pass(data, entries_at, stop, prefix, start, prev_hex)
     else:
         leaves, linked = [], True
     count = len(leaves)
@@ -393,9 +407,14 @@ _PARALLEL_MIN_BYTES = 16 << 20
 _MAX_WORKERS = 8
 
 
+def implementation() -> str:
+    """``"native"`` when the entries are hashed by the C extension, else ``"python"``."""
+    return "python" if _native is None else "native"
+
+
 def worker_count(requested: int | None, nbytes: int) -> int:
-    """How many processes :func:`verify_export` uses for ``nbytes`` of entries when asked for
-    ``requested`` (None: the default)."""
+    """How many workers :func:`verify_export` uses for ``nbytes`` of entries when asked for
+    ``requested`` (None: the default): threads with the native hasher, else processes."""
     if requested is not None:
         want = max(1, requested)
     elif nbytes < _PARALLEL_MIN_BYTES:
@@ -404,10 +423,71 @@ def worker_count(requested: int | None, nbytes: int) -> int:
         affinity = getattr(os, "sched_getaffinity", None)
         want = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     # A process that runs other threads is never forked: a lock one of them holds would stay
-    # held forever in the child.
-    if want > 1 and (not hasattr(os, "fork") or threading.active_count() > 1):
+    # held forever in the child.  Threads (the native hasher) have no such hazard.
+    if want > 1 and _native is None and (
+        not hasattr(os, "fork") or threading.active_count() > 1
+    ):
         return 1
     return min(want, _MAX_WORKERS)
+
+
+class _Hashes(Sequence[bytes]):
+    """32-byte hashes held back to back, as the native pass returns them: a hash becomes its
+    own bytes object only when a check asks for it, and subtrees are reduced from the blob."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, blob: bytes | memoryview) -> None:
+        self.view = memoryview(blob)
+
+    def __len__(self) -> int:
+        return len(self.view) // HASH_SIZE
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("hash index out of range")
+        i %= n
+        return bytes(self.view[i * HASH_SIZE : (i + 1) * HASH_SIZE])
+
+    def span(self, lo: int, hi: int) -> _Hashes:
+        """The hashes ``lo..hi`` without copying them."""
+        return _Hashes(self.view[lo * HASH_SIZE : hi * HASH_SIZE])
+
+    def root(self, i: int, height: int) -> bytes:
+        """The root of the perfect subtree over hashes ``i .. i + 2**height``."""
+        return self.roots(i, 1, height)
+
+    def roots(self, i: int, count: int, height: int) -> bytes:
+        """The roots of ``count`` consecutive perfect subtrees of height ``height`` from hash
+        ``i``, concatenated."""
+        assert _native is not None  # a _Hashes only exists when the native pass ran
+        width = HASH_SIZE << height
+        return _native.roots(self.view[i * HASH_SIZE : i * HASH_SIZE + count * width], height)
+
+
+#: The native pass counts sequence numbers in 64 bits: a range a (hostile) header places
+#: beyond that is checked in Python.
+_NATIVE_SEQ_LIMIT = 1 << 63
+
+
+def _leaf_pass(
+    data: bytes, lo: int, hi: int, prefix: bytes, seq: int, prev: bytes
+) -> tuple[Sequence[bytes], bool]:
+    """What :func:`_chunk` returns, from the native pass when it is built (it reads ``data``
+    without the GIL, so only an immutable ``bytes`` is handed to it)."""
+    if _native is not None and type(data) is bytes and seq + (hi - lo) < _NATIVE_SEQ_LIMIT:
+        blob, ok = _native.leaves(data, lo, hi, prefix, seq, prev)
+        return _Hashes(blob), ok
+    return _chunk(data, lo, hi, prefix, seq, prev)
 
 
 def _chunk(
@@ -449,11 +529,14 @@ def _chunk(
 #: built from their roots (a 256th of the node hashes) rather than from every leaf.
 _BLOCK_HEIGHT = 8
 _HEAD = struct.Struct(">QBQQ")
+#: One worker's share: leaf count, whether heads and links held, index of its first whole
+#: block, its leaf hashes and the roots of its whole blocks (both concatenated).
+_Share = tuple[int, bool, int, bytes, bytes]
 
 
 def _share(
     data: bytes, at: int, lo: int, hi: int, prefix: bytes, start: int, first_prev: bytes
-) -> bytes:
+) -> _Share:
     """One worker's report on the entry lines in ``data[lo:hi]`` (the entries start at
     ``at``): how many, whether their heads and links hold, and their leaf hashes and the roots
     of the aligned blocks of 2**_BLOCK_HEIGHT leaves wholly inside the share."""
@@ -463,26 +546,28 @@ def _share(
     else:
         before = data.rfind(b"\n", at, lo - 1) + 1 or at
         prev = binascii.hexlify(leaf_hash(data[before : lo - 1]))
-    leaves, ok = _chunk(data, lo, hi, prefix, seq, prev)
+    leaves, ok = _leaf_pass(data, lo, hi, prefix, seq, prev)
     width = 1 << _BLOCK_HEIGHT
     first_block = -(-seq // width)
-    roots = []
-    b = first_block
-    while (b + 1) * width <= seq + len(leaves):
-        k = b * width - seq
-        roots.append(perfect_root(leaves[k : k + width]))
-        b += 1
-    return (_HEAD.pack(len(leaves), ok, first_block, len(roots)) + b"".join(leaves)
-            + b"".join(roots))
+    k = first_block * width - seq
+    m = max(0, (seq + len(leaves)) // width - first_block)
+    if isinstance(leaves, _Hashes):
+        blob = leaves.view.tobytes()
+        roots = leaves.roots(k, m, _BLOCK_HEIGHT)
+    else:
+        blob = b"".join(leaves)
+        roots = b"".join(perfect_root(leaves[k + b * width : k + (b + 1) * width])
+                         for b in range(m))
+    return len(leaves), ok, first_block, blob, roots
 
 
 def _parallel_entries(
     data: bytes, at: int, end: int, prefix: bytes, start: int, prev_hex: bytes, workers: int
-) -> tuple[list[bytes], dict[int, bytes]] | None:
+) -> tuple[Sequence[bytes], dict[int, bytes]] | None:
     """Leaf hashes of the entry lines in ``data[at:end]`` and roots of aligned blocks of
-    them, computed by ``workers`` processes (forked: each reads its share of ``data`` in
-    place), when every entry's head and link hold; None when anything does not hold or a
-    worker fails, so the one-process pass names the failure."""
+    them, computed by ``workers`` threads (native hasher) or forked processes (each reads its
+    share of ``data`` in place), when every entry's head and link hold; None when anything
+    does not hold or a worker fails, so the one-pass checks name the failure."""
     if workers < 2 or end <= at:
         return None
     cuts = [at]
@@ -493,8 +578,54 @@ def _parallel_entries(
         if j + 1 > cuts[-1]:
             cuts.append(j + 1)
     bounds = [(lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(cuts[-1], end)]
+    if _native is not None:
+        reports = _threaded_shares(data, at, bounds, prefix, start, prev_hex)
+    else:
+        reports = _forked_shares(data, at, bounds, prefix, start, prev_hex)
+    if reports is None or not all(ok for _, ok, _, _, _ in reports):
+        return None
+    blocks: dict[int, bytes] = {}
+    for _n, _ok, first_block, _blob, roots in reports:
+        for k in range(len(roots) // HASH_SIZE):
+            blocks[first_block + k] = roots[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+    blob = b"".join(r[3] for r in reports)
+    if _native is not None:
+        return _Hashes(blob), blocks
+    return [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)], blocks
+
+
+def _threaded_shares(
+    data: bytes, at: int, bounds: list[tuple[int, int]], prefix: bytes, start: int,
+    prev_hex: bytes,
+) -> list[_Share] | None:
+    """Each share hashed by its own thread: the native pass releases the GIL while hashing."""
+    reports: list[_Share | None] = [None] * len(bounds)
+
+    def run(i: int, lo: int, hi: int) -> None:
+        reports[i] = _share(data, at, lo, hi, prefix, start, prev_hex)
+
+    threads = [threading.Thread(target=run, args=(i, lo, hi), daemon=True)
+               for i, (lo, hi) in enumerate(bounds[1:], 1)]
+    for t in threads:
+        t.start()
+    try:
+        run(0, *bounds[0])
+    finally:
+        for t in threads:
+            t.join()
+    # A thread that raised left its report None: the one-pass checks then decide.
+    done = [r for r in reports if r is not None]
+    return done if len(done) == len(reports) else None
+
+
+def _forked_shares(
+    data: bytes, at: int, bounds: list[tuple[int, int]], prefix: bytes, start: int,
+    prev_hex: bytes,
+) -> list[_Share] | None:
+    """Each share but the first hashed by a forked process (reporting through a pipe)."""
     children: list[tuple[int, int]] = []
-    reports: list[bytes] = []
+    raw: list[bytes] = []
+    first: _Share | None = None
     failed = False
     try:
         for lo, hi in bounds[1:]:
@@ -504,7 +635,10 @@ def _parallel_entries(
                 code = 1
                 try:
                     os.close(r)
-                    view = memoryview(_share(data, at, lo, hi, prefix, start, prev_hex))
+                    n, ok, first_block, blob, roots = _share(
+                        data, at, lo, hi, prefix, start, prev_hex)
+                    view = memoryview(_HEAD.pack(n, ok, first_block, len(roots) // HASH_SIZE)
+                                      + blob + roots)
                     while view:
                         view = view[os.write(w, view):]
                     code = 0
@@ -512,10 +646,10 @@ def _parallel_entries(
                     os._exit(code)
             os.close(w)
             children.append((pid, r))
-        reports.append(_share(data, at, *bounds[0], prefix, start, prev_hex))
+        first = _share(data, at, *bounds[0], prefix, start, prev_hex)
         for _pid, r in children:
             with os.fdopen(r, "rb", closefd=False) as pipe:
-                reports.append(pipe.read())
+                raw.append(pipe.read())
     finally:
         for pid, r in children:
             try:
@@ -524,22 +658,19 @@ def _parallel_entries(
                 pass
             if os.waitpid(pid, 0)[1] != 0:
                 failed = True
-    if failed:
+    if failed or first is None:
         return None
-    leaves: list[bytes] = []
-    blocks: dict[int, bytes] = {}
-    for report in reports:
+    reports = [first]
+    for report in raw:
         if len(report) < _HEAD.size:
             return None
         n, ok, first_block, m = _HEAD.unpack_from(report)
-        body = memoryview(report)[_HEAD.size :]
-        if not ok or len(body) != (n + m) * HASH_SIZE:
+        body = report[_HEAD.size :]
+        if len(body) != (n + m) * HASH_SIZE:
             return None
         cut = n * HASH_SIZE
-        leaves.extend(bytes(body[i : i + HASH_SIZE]) for i in range(0, cut, HASH_SIZE))
-        for k in range(m):
-            blocks[first_block + k] = bytes(body[cut + k * HASH_SIZE : cut + (k + 1) * HASH_SIZE])
-    return leaves, blocks
+        reports.append((n, bool(ok), first_block, body[:cut], body[cut:]))
+    return reports
 
 
 def _check_consistency(a: Checkpoint, b: Checkpoint, proof: list[bytes] | None) -> None:
@@ -555,7 +686,7 @@ def _check_consistency(a: Checkpoint, b: Checkpoint, proof: list[bytes] | None) 
 
 def _walk_entries(
     entries_of: Callable[[], list[bytes]],
-    leaves: list[bytes],
+    leaves: Sequence[bytes],
     blocks: dict[int, bytes],
     prefix: bytes,
     start: int,
@@ -577,7 +708,7 @@ def _walk_entries(
             continue
         if t - start > len(leaves):
             break  # the file ends early; named by the caller
-        frontier.extend(leaves[pos : t - start], blocks, _BLOCK_HEIGHT)
+        _grow(frontier, leaves, pos, t - start, blocks)
         pos = t - start
         if frontier.root() != by_size[t].root_hash:
             # d. Find the first entry of the span (and its successor, which records its hash)
@@ -598,9 +729,21 @@ def _walk_entries(
                 seq=t - 1,
             )
         last_checked = t
-    frontier.extend(leaves[pos:], blocks, _BLOCK_HEIGHT)
+    _grow(frontier, leaves, pos, len(leaves), blocks)
     # Entries past the last reached checkpoint are unsigned: the link checks name a broken
     # one, the caller refuses them as uncovered otherwise.
+
+
+def _grow(
+    frontier: Frontier, leaves: Sequence[bytes], lo: int, hi: int, blocks: dict[int, bytes]
+) -> None:
+    """Append ``leaves[lo:hi]`` to the tree: subtrees the workers reduced come from
+    ``blocks``, the rest from the native reduction when the leaves came from it."""
+    if isinstance(leaves, _Hashes):
+        span = leaves.span(lo, hi)
+        frontier.extend(span, blocks, _BLOCK_HEIGHT, root_of=span.root)
+    else:
+        frontier.extend(leaves[lo:hi], blocks, _BLOCK_HEIGHT)
 
 
 def _runs(start: int, n: int) -> Iterator[tuple[int, int, int]]:
@@ -629,7 +772,7 @@ def _check_heads(entries: list[bytes], prefix: bytes, start: int, prev_hex: byte
 
 
 def _check_links(
-    entries: list[bytes], leaves: list[bytes], prefix: bytes, start: int, prev_hex: bytes
+    entries: list[bytes], leaves: Sequence[bytes], prefix: bytes, start: int, prev_hex: bytes
 ) -> None:
     """Every entry's ``prev`` is the leaf hash of its predecessor (after :func:`_check_heads`,
     so the field sits at a fixed offset within each run): one C-level pass per run."""

@@ -1,6 +1,10 @@
 """Run as a program (a process with one thread, as the verifier requires before it forks):
-verify exports, genuine and edited, with one process and with several, and print both
-verdicts per case as JSON, with how many worker processes were started."""
+verify exports, genuine and edited, with one worker and with several, and print both
+verdicts per case as JSON, with how many worker processes and thread passes were started.
+
+``python -m tests.unit.audit.parallel_verdicts SEED [native|python]``: "python" hides the
+native hasher, so the workers are forked processes running the pure-Python pass.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,23 @@ from sandboxsec.audit.merkle import MerkleTree
 from sandboxsec.audit.verify import verify_export
 from tests.unit.audit.synth import SynthLog
 
+if len(sys.argv) > 2 and sys.argv[2] == "python":
+    verify._native = None  # type: ignore[assignment]
 N, EVERY = 60, 7
 BASE = SynthLog(N, every=EVERY)
 PUB = BASE.key.public_key()
-forks = 0
+forks = threaded = 0
 _real_fork = os.fork
+_real_threaded = verify._threaded_shares
+
+
+def _counting_threaded(*args: Any) -> Any:
+    global threaded
+    threaded += 1
+    return _real_threaded(*args)
+
+
+verify._threaded_shares = _counting_threaded  # type: ignore[assignment]
 
 
 def _counting_fork() -> int:
@@ -125,7 +141,8 @@ def main() -> None:
         one = _verdict(data, 1)
         out.append({"case": name, "one": one,
                     "many": {w: _many(data, w) for w in (2, 3, 5)}})
-    print(json.dumps({"forks": forks, "cases": out}))
+    print(json.dumps({"forks": forks, "threaded": threaded,
+                      "implementation": verify.implementation(), "cases": out}))
 
 
 if __name__ == "__main__":
