@@ -27,6 +27,9 @@ from sandboxsec.audit.merkle import MerkleTree
 from sandboxsec.audit.verify import verify_entry_proof, verify_export
 from tests.unit.audit.synth import KEY_NAME, LOG, SynthLog
 
+#: Every test here runs with the native hasher and with the pure-Python pass.
+pytestmark = pytest.mark.usefixtures("each_verifier")
+
 LOG50 = SynthLog(50, every=10)
 PUB = LOG50.key.public_key()
 

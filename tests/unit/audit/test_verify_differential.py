@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,9 @@ from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.merkle import MerkleTree
 from sandboxsec.audit.verify import verify_export
 from tests.unit.audit.synth import LOG, SynthLog
+
+#: Every test here runs with the native hasher and with the pure-Python pass.
+pytestmark = pytest.mark.usefixtures("each_verifier")
 
 BASE = SynthLog(40, every=7)
 PUB = BASE.key.public_key()
