@@ -213,164 +213,170 @@ def verify_export(
     else:
         raise AuditExportMalformedError("the header has no prev_leaf for a range after 0")
 
-    # 2. Checkpoint and proof lines come before the entries.
-    prefix = entry_prefix(log_id)
-    idx = 1
-    notes: list[str] = []
-    cosig_lines: list[list[str]] = []
-    proofs: dict[tuple[int, int], list[bytes]] = {}
-    while idx < len(lines):
-        rec = _json_line(lines[idx], f"line {idx + 1}")
-        kind = rec.get("type")
-        if kind == "checkpoint" and isinstance(rec.get("note"), str):
-            notes.append(rec["note"])
-            extra = rec.get("cosignatures", [])
-            if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
-                raise AuditExportMalformedError(f"line {idx + 1} has malformed cosignatures")
-            cosig_lines.append(extra)
-        elif kind == "consistency":
-            a, b = _int(rec.get("first"), "first"), _int(rec.get("second"), "second")
-            proofs[(a, b)] = _b64_hashes(rec.get("proof"), "a consistency proof")
-        else:
-            raise AuditExportMalformedError(f"line {idx + 1} is not a checkpoint or proof")
-        idx += 1
-
-    # 3. Every checkpoint must carry a valid signature by the trusted key for this log.
-    by_size: dict[int, Checkpoint] = {}
-    # Each note is parsed and its signature checked once; the witness step reuses the result.
-    admitted: dict[str, Checkpoint] = {}
-
-    def admit(note: str) -> None:
-        cp = admitted.get(note)
-        if cp is None:
-            cp = admitted[note] = verify_signed_checkpoint(
-                note, public_key, origin=origin, name=key_name
-            )
-        seen = by_size.get(cp.size)
-        # 4. Two signed checkpoints of one size with different roots are a fork.
-        if seen is not None and seen.root_hash != cp.root_hash:
-            raise AuditForkError(
-                f"two signed checkpoints of size {cp.size} have different roots: the log forked"
-            )
-        by_size[cp.size] = cp
-
-    for note in notes:
-        admit(note)
-    exported_sizes = sorted(by_size)
-    # 3b. Every cosignature claiming a trusted witness must verify (others are ignored).
-    cosigned: dict[int, list[Cosignature]] = {}
-    if witnesses:
-        for note, extra in zip(notes, cosig_lines, strict=True):
-            cp = admitted[note]
-            sig_lines = signature_lines(note.partition("\n\n")[2]) + list(extra)
-            for c in verify_cosignatures(cp, sig_lines, witnesses, not_after=now):
-                have = cosigned.setdefault(cp.size, [])
-                if c.witness not in {h.witness for h in have}:
-                    have.append(c)
-    for note in previous_checkpoints:
-        admit(note)
-    sizes = sorted(by_size)
-
-    # 5. Recompute every leaf in order, follow the hash chain and match the covered roots.
-    targets = [s for s in sizes if start <= s <= end]
-    if start in by_size and frontier.root() != by_size[start].root_hash:
-        raise AuditRootMismatchError(
-            f"the tree before entry {start} does not match the checkpoint of size {start}",
-            seq=start,
-        )
-    held: list[list[bytes]] = []
-
-    def entries() -> list[bytes]:
-        if not held:
-            held.append(_entry_lines(data, entries_at))
-        return held[0]
-
     # The entry lines run from entries_at to stop (a final newline ends the last one).
     stop = len(data) - 1 if data.endswith(b"\n") else len(data)
-    fast = _parallel_entries(data, entries_at, stop, prefix, start, prev_hex,
-                             worker_count(workers, len(data) - entries_at))
-    blocks: dict[int, bytes] = {}
-    leaves: Sequence[bytes]
-    if fast is not None:
-        # Every head and link held in the workers; roots are checked below, and a root that
-        # does not match is diagnosed on the lines split here.
-        leaves, blocks = fast
-        linked = True
-    elif entries_at < len(data):
-        # Every leaf hash, and every entry's sequence number and prev link, always, in one
-        # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
-        # rewritten before the service signed it) is still named.
-        leaves, linked = _leaf_pass(data, entries_at, stop, prefix, start, prev_hex)
-    else:
-        leaves, linked = [], True
-    count = len(leaves)
-    if not linked:
-        # Name the first bad entry exactly as the separate checks do: heads first (a line of
-        # another log, a gap, a reordering), then roots, then links.
-        _check_heads(entries(), prefix, start, prev_hex)
-    _walk_entries(entries, leaves, blocks, prefix, start, prev_hex, frontier, targets, by_size)
-    if not linked:
-        _check_links(entries(), leaves, prefix, start, prev_hex)
-    covered = targets[-1] if targets else start
-    last_end = start + count
-    if last_end > covered:
-        raise AuditUncoveredEntriesError(
-            f"entries {covered}..{last_end - 1} are not covered by a signed checkpoint",
-            seq=covered,
-        )
-    if last_end != end:
-        raise AuditEntryOrderError(
-            f"the header promises entries up to {end - 1}, the file ends at {last_end - 1}",
-            seq=last_end,
-        )
-    # 6. Consecutive exported checkpoints are linked by a verifying consistency proof.
-    checked_proofs = 0
-    for a, b in itertools.pairwise(exported_sizes):
-        _check_consistency(by_size[a], by_size[b], proofs.get((a, b)))
-        checked_proofs += 1
-    # 7. A kept checkpoint the entries do not cover must be linked to the export by a proof.
-    for kept in sorted({s for s in sizes if s not in exported_sizes and not start <= s <= end}):
-        later = [s for s in exported_sizes if s >= kept]
-        if not later:
-            raise AuditConsistencyError(
-                f"the export does not reach the kept checkpoint of size {kept}; export up to it"
-            )
-        nxt = later[0]
-        _check_consistency(by_size[kept], by_size[nxt], proofs.get((kept, nxt)))
-        checked_proofs += 1
+    # Worker threads (native hasher) start on the entries now and are joined at step 5:
+    # the checkpoint and cosignature checks run meanwhile.
+    entry_workers = _parallel_entries(data, entries_at, stop, entry_prefix(log_id), start,
+                                      prev_hex, worker_count(workers, len(data) - entries_at))
+    try:
+        # 2. Checkpoint and proof lines come before the entries.
+        prefix = entry_prefix(log_id)
+        idx = 1
+        notes: list[str] = []
+        cosig_lines: list[list[str]] = []
+        proofs: dict[tuple[int, int], list[bytes]] = {}
+        while idx < len(lines):
+            rec = _json_line(lines[idx], f"line {idx + 1}")
+            kind = rec.get("type")
+            if kind == "checkpoint" and isinstance(rec.get("note"), str):
+                notes.append(rec["note"])
+                extra = rec.get("cosignatures", [])
+                if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+                    raise AuditExportMalformedError(f"line {idx + 1} has malformed cosignatures")
+                cosig_lines.append(extra)
+            elif kind == "consistency":
+                a, b = _int(rec.get("first"), "first"), _int(rec.get("second"), "second")
+                proofs[(a, b)] = _b64_hashes(rec.get("proof"), "a consistency proof")
+            else:
+                raise AuditExportMalformedError(f"line {idx + 1} is not a checkpoint or proof")
+            idx += 1
 
-    top = by_size[targets[-1]] if targets else (by_size[sizes[-1]] if sizes else None)
-    # 8. The witness quorum on the newest checkpoint: it covers every entry before it, through
-    #    the recomputed roots and the consistency proofs checked above.
-    top_cosigs = tuple(cosigned.get(top.size, [])) if top is not None else ()
-    if policy is not None and not policy.satisfied({c.witness for c in top_cosigs}):
-        raise AuditWitnessQuorumError(
-            f"the cosignatures on the checkpoint of size {top.size if top else 0} "
-            f"({', '.join(sorted(c.witness for c in top_cosigs)) or 'none'}) do not meet the "
-            "policy's quorum"
+        # 3. Every checkpoint must carry a valid signature by the trusted key for this log.
+        by_size: dict[int, Checkpoint] = {}
+        # Each note is parsed and its signature checked once; the witness step reuses the result.
+        admitted: dict[str, Checkpoint] = {}
+
+        def admit(note: str) -> None:
+            cp = admitted.get(note)
+            if cp is None:
+                cp = admitted[note] = verify_signed_checkpoint(
+                    note, public_key, origin=origin, name=key_name
+                )
+            seen = by_size.get(cp.size)
+            # 4. Two signed checkpoints of one size with different roots are a fork.
+            if seen is not None and seen.root_hash != cp.root_hash:
+                raise AuditForkError(
+                    f"two signed checkpoints of size {cp.size} have different roots: the log forked"
+                )
+            by_size[cp.size] = cp
+
+        for note in notes:
+            admit(note)
+        exported_sizes = sorted(by_size)
+        # 3b. Every cosignature claiming a trusted witness must verify (others are ignored).
+        cosigned: dict[int, list[Cosignature]] = {}
+        if witnesses:
+            for note, extra in zip(notes, cosig_lines, strict=True):
+                cp = admitted[note]
+                sig_lines = signature_lines(note.partition("\n\n")[2]) + list(extra)
+                for c in verify_cosignatures(cp, sig_lines, witnesses, not_after=now):
+                    have = cosigned.setdefault(cp.size, [])
+                    if c.witness not in {h.witness for h in have}:
+                        have.append(c)
+        for note in previous_checkpoints:
+            admit(note)
+        sizes = sorted(by_size)
+
+        # 5. Recompute every leaf in order, follow the hash chain and match the covered roots.
+        targets = [s for s in sizes if start <= s <= end]
+        if start in by_size and frontier.root() != by_size[start].root_hash:
+            raise AuditRootMismatchError(
+                f"the tree before entry {start} does not match the checkpoint of size {start}",
+                seq=start,
+            )
+        held: list[list[bytes]] = []
+
+        def entries() -> list[bytes]:
+            if not held:
+                held.append(_entry_lines(data, entries_at))
+            return held[0]
+
+        fast = entry_workers.result()
+        blocks: dict[int, bytes] = {}
+        leaves: Sequence[bytes]
+        if fast is not None:
+            # Every head and link held in the workers; roots are checked below, and a root that
+            # does not match is diagnosed on the lines split here.
+            leaves, blocks = fast
+            linked = True
+        elif entries_at < len(data):
+            # Every leaf hash, and every entry's sequence number and prev link, always, in one
+            # pass over the exact line bytes: a checkpoint signed over a broken chain (a past
+            # rewritten before the service signed it) is still named.
+            leaves, linked = _leaf_pass(data, entries_at, stop, prefix, start, prev_hex)
+        else:
+            leaves, linked = [], True
+        count = len(leaves)
+        if not linked:
+            # Name the first bad entry exactly as the separate checks do: heads first (a line of
+            # another log, a gap, a reordering), then roots, then links.
+            _check_heads(entries(), prefix, start, prev_hex)
+        _walk_entries(entries, leaves, blocks, prefix, start, prev_hex, frontier, targets, by_size)
+        if not linked:
+            _check_links(entries(), leaves, prefix, start, prev_hex)
+        covered = targets[-1] if targets else start
+        last_end = start + count
+        if last_end > covered:
+            raise AuditUncoveredEntriesError(
+                f"entries {covered}..{last_end - 1} are not covered by a signed checkpoint",
+                seq=covered,
+            )
+        if last_end != end:
+            raise AuditEntryOrderError(
+                f"the header promises entries up to {end - 1}, the file ends at {last_end - 1}",
+                seq=last_end,
+            )
+        # 6. Consecutive exported checkpoints are linked by a verifying consistency proof.
+        checked_proofs = 0
+        for a, b in itertools.pairwise(exported_sizes):
+            _check_consistency(by_size[a], by_size[b], proofs.get((a, b)))
+            checked_proofs += 1
+        # 7. A kept checkpoint the entries do not cover must be linked to the export by a proof.
+        for kept in sorted({s for s in sizes if s not in exported_sizes and not start <= s <= end}):
+            later = [s for s in exported_sizes if s >= kept]
+            if not later:
+                raise AuditConsistencyError(
+                    f"the export does not reach the kept checkpoint of size {kept}; export up to it"
+                )
+            nxt = later[0]
+            _check_consistency(by_size[kept], by_size[nxt], proofs.get((kept, nxt)))
+            checked_proofs += 1
+
+        top = by_size[targets[-1]] if targets else (by_size[sizes[-1]] if sizes else None)
+        # 8. The witness quorum on the newest checkpoint: it covers every entry before it, through
+        #    the recomputed roots and the consistency proofs checked above.
+        top_cosigs = tuple(cosigned.get(top.size, [])) if top is not None else ()
+        if policy is not None and not policy.satisfied({c.witness for c in top_cosigs}):
+            raise AuditWitnessQuorumError(
+                f"the cosignatures on the checkpoint of size {top.size if top else 0} "
+                f"({', '.join(sorted(c.witness for c in top_cosigs)) or 'none'}) do not meet the "
+                "policy's quorum"
+            )
+        if min_witnesses and len(top_cosigs) < min_witnesses:
+            size = top.size if top is not None else 0
+            raise AuditWitnessQuorumError(
+                f"the checkpoint of size {size} has {len(top_cosigs)} valid witness cosignatures, "
+                f"{min_witnesses} are required: no quorum of independent witnesses saw this tree",
+                seq=None,
+            )
+        return ExportReport(
+            log_id=log_id,
+            origin=origin,
+            first_seq=start,
+            end_seq=end,
+            entries=count,
+            checkpoints=len(exported_sizes),
+            consistency_proofs=checked_proofs,
+            tree_size=top.size if top else 0,
+            root_hash=top.root_hash if top else b"",
+            cosignatures=top_cosigs,
+            witnessed=tuple(
+                (size, tuple(c.witness for c in cosigned.get(size, []))) for size in exported_sizes
+            ),
         )
-    if min_witnesses and len(top_cosigs) < min_witnesses:
-        size = top.size if top is not None else 0
-        raise AuditWitnessQuorumError(
-            f"the checkpoint of size {size} has {len(top_cosigs)} valid witness cosignatures, "
-            f"{min_witnesses} are required: no quorum of independent witnesses saw this tree",
-            seq=None,
-        )
-    return ExportReport(
-        log_id=log_id,
-        origin=origin,
-        first_seq=start,
-        end_seq=end,
-        entries=count,
-        checkpoints=len(exported_sizes),
-        consistency_proofs=checked_proofs,
-        tree_size=top.size if top else 0,
-        root_hash=top.root_hash if top else b"",
-        cosignatures=top_cosigs,
-        witnessed=tuple(
-            (size, tuple(c.witness for c in cosigned.get(size, []))) for size in exported_sizes
-        ),
-    )
+    finally:
+        entry_workers.wait()
 
 
 def _lines_before_entries(data: bytes) -> tuple[list[bytes], int]:
@@ -404,6 +410,8 @@ def _entry_lines(data: bytes, at: int) -> list[bytes]:
 
 #: Below this many bytes of entries, starting processes costs more than it saves.
 _PARALLEL_MIN_BYTES = 16 << 20
+#: The same for threads (the native hasher): a thread starts in tens of microseconds.
+_THREADS_MIN_BYTES = 1 << 20
 _MAX_WORKERS = 8
 
 
@@ -417,7 +425,7 @@ def worker_count(requested: int | None, nbytes: int) -> int:
     ``requested`` (None: the default): threads with the native hasher, else processes."""
     if requested is not None:
         want = max(1, requested)
-    elif nbytes < _PARALLEL_MIN_BYTES:
+    elif nbytes < (_PARALLEL_MIN_BYTES if _native is None else _THREADS_MIN_BYTES):
         return 1
     else:
         affinity = getattr(os, "sched_getaffinity", None)
@@ -561,15 +569,45 @@ def _share(
     return len(leaves), ok, first_block, blob, roots
 
 
+@dataclass(frozen=True, slots=True)
+class _EntryWorkers:
+    """The workers' pass over the entries: threads are already running (the native pass
+    releases the GIL, so they hash while the caller checks the checkpoints); processes are
+    forked when the result is asked for (a fork must not meet other threads)."""
+
+    collect: Callable[[], list[_Share] | None]
+    threads: tuple[threading.Thread, ...] = ()
+
+    def wait(self) -> None:
+        """Wait for the threads (also when the caller fails before asking for the result)."""
+        for t in self.threads:
+            t.join()
+
+    def result(self) -> tuple[Sequence[bytes], dict[int, bytes]] | None:
+        """Leaf hashes and roots of aligned blocks, when every head and link held; None
+        when anything did not hold or a worker failed (the one-pass checks then decide)."""
+        self.wait()
+        reports = self.collect()
+        if reports is None or not all(ok for _, ok, _, _, _ in reports):
+            return None
+        blocks: dict[int, bytes] = {}
+        for _n, _ok, first_block, _blob, roots in reports:
+            for k in range(len(roots) // HASH_SIZE):
+                blocks[first_block + k] = roots[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+        blob = b"".join(r[3] for r in reports)
+        if _native is not None:
+            return _Hashes(blob), blocks
+        return [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)], blocks
+
+
 def _parallel_entries(
     data: bytes, at: int, end: int, prefix: bytes, start: int, prev_hex: bytes, workers: int
-) -> tuple[Sequence[bytes], dict[int, bytes]] | None:
+) -> _EntryWorkers:
     """Leaf hashes of the entry lines in ``data[at:end]`` and roots of aligned blocks of
     them, computed by ``workers`` threads (native hasher) or forked processes (each reads its
-    share of ``data`` in place), when every entry's head and link hold; None when anything
-    does not hold or a worker fails, so the one-pass checks name the failure."""
+    share of ``data`` in place); see :meth:`_EntryWorkers.result`."""
     if workers < 2 or end <= at:
-        return None
+        return _EntryWorkers(lambda: None)
     cuts = [at]
     for k in range(1, workers):
         j = data.find(b"\n", at + (end - at) * k // workers, end)
@@ -579,43 +617,37 @@ def _parallel_entries(
             cuts.append(j + 1)
     bounds = [(lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(cuts[-1], end)]
     if _native is not None:
-        reports = _threaded_shares(data, at, bounds, prefix, start, prev_hex)
-    else:
-        reports = _forked_shares(data, at, bounds, prefix, start, prev_hex)
-    if reports is None or not all(ok for _, ok, _, _, _ in reports):
-        return None
-    blocks: dict[int, bytes] = {}
-    for _n, _ok, first_block, _blob, roots in reports:
-        for k in range(len(roots) // HASH_SIZE):
-            blocks[first_block + k] = roots[k * HASH_SIZE : (k + 1) * HASH_SIZE]
-    blob = b"".join(r[3] for r in reports)
-    if _native is not None:
-        return _Hashes(blob), blocks
-    return [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)], blocks
+        return _threaded_shares(data, at, bounds, prefix, start, prev_hex)
+    return _EntryWorkers(lambda: _forked_shares(data, at, bounds, prefix, start, prev_hex))
 
 
 def _threaded_shares(
     data: bytes, at: int, bounds: list[tuple[int, int]], prefix: bytes, start: int,
     prev_hex: bytes,
-) -> list[_Share] | None:
-    """Each share hashed by its own thread: the native pass releases the GIL while hashing."""
+) -> _EntryWorkers:
+    """Each share hashed by its own thread, started now: the native pass releases the GIL
+    while hashing, so the threads run on all cores beside the caller."""
     reports: list[_Share | None] = [None] * len(bounds)
 
     def run(i: int, lo: int, hi: int) -> None:
         reports[i] = _share(data, at, lo, hi, prefix, start, prev_hex)
 
-    threads = [threading.Thread(target=run, args=(i, lo, hi), daemon=True)
-               for i, (lo, hi) in enumerate(bounds[1:], 1)]
-    for t in threads:
-        t.start()
+    def collect() -> list[_Share] | None:
+        # A thread that raised left its report None: the one-pass checks then decide.
+        done = [r for r in reports if r is not None]
+        return done if len(done) == len(reports) else None
+
+    threads = tuple(threading.Thread(target=run, args=(i, lo, hi), daemon=True)
+                    for i, (lo, hi) in enumerate(bounds))
+    started: list[threading.Thread] = []
     try:
-        run(0, *bounds[0])
-    finally:
         for t in threads:
-            t.join()
-    # A thread that raised left its report None: the one-pass checks then decide.
-    done = [r for r in reports if r is not None]
-    return done if len(done) == len(reports) else None
+            t.start()
+            started.append(t)
+    except RuntimeError:
+        # No thread to be had (a process limit): the one-pass checks do all the work.
+        return _EntryWorkers(lambda: None, tuple(started))
+    return _EntryWorkers(collect, threads)
 
 
 def _forked_shares(
