@@ -48,8 +48,9 @@ def register(subs: Any) -> None:
                    help="a checkpoint note kept from an earlier audit (repeatable): a fork or "
                    "a rewrite since then fails verification")
     v.add_argument("--workers", type=decimal, default=None, metavar="N",
-                   help="processes that hash the entries of a large export (default: one per "
-                   "available core; 1: this process only); the verdict is the same")
+                   help="workers that hash the entries of a large export (threads with the "
+                   "native hasher, else processes; default: one per available core; 1: one "
+                   "pass); the verdict is the same")
     _witness_args(v)
     v.set_defaults(handler=_verify)
 
