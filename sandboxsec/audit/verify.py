@@ -25,7 +25,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -536,10 +536,32 @@ def _chunk(
 #: Workers also reduce the aligned subtrees of this height inside their share, so the tree is
 #: built from their roots (a 256th of the node hashes) rather than from every leaf.
 _BLOCK_HEIGHT = 8
-_HEAD = struct.Struct(">QBQQ")
-#: One worker's share: leaf count, whether heads and links held, index of its first whole
-#: block, its leaf hashes and the roots of its whole blocks (both concatenated).
-_Share = tuple[int, bool, int, bytes, bytes]
+_HEAD = struct.Struct(">QQBQQ")
+
+
+class _Share(NamedTuple):
+    """One worker's report on its share of the entry lines."""
+
+    #: The sequence number its heads were checked against: read from its first line, so the
+    #: caller confirms it is ``start`` plus the count of the lines before (else: no verdict).
+    seq: int
+    entries: int
+    #: Whether every head and link in the share held.
+    ok: bool
+    #: Index of its first whole block of 2**_BLOCK_HEIGHT leaves.
+    first_block: int
+    leaves: bytes
+    roots: bytes
+
+
+def _claimed_seq(data: bytes, lo: int, prefix: bytes) -> int | None:
+    """The sequence number the line at ``lo`` claims, when it reads as one."""
+    if not data.startswith(prefix, lo):
+        return None
+    at = lo + len(prefix)
+    text = data[at : data.find(b",", at, at + 21)]
+    # ASCII digits only, at most 20 (bytes.isdigit is ASCII-only), and within 64 bits.
+    return int(text) if text.isdigit() and int(text) < _NATIVE_SEQ_LIMIT else None
 
 
 def _share(
@@ -547,13 +569,20 @@ def _share(
 ) -> _Share:
     """One worker's report on the entry lines in ``data[lo:hi]`` (the entries start at
     ``at``): how many, whether their heads and links hold, and their leaf hashes and the roots
-    of the aligned blocks of 2**_BLOCK_HEIGHT leaves wholly inside the share."""
-    seq = start + data.count(b"\n", at, lo)
+    of the aligned blocks of 2**_BLOCK_HEIGHT leaves wholly inside the share.
+
+    A later share checks its heads against the number its first line claims (counting the
+    lines before it would hold the GIL over half the file); :meth:`_EntryWorkers.result`
+    accepts the shares only when each claim is the count of the lines before it.
+    """
     if lo == at:
-        prev = first_prev
+        seq, prev = start, first_prev
     else:
+        claimed = _claimed_seq(data, lo, prefix)
+        if claimed is None:
+            return _Share(0, 0, False, 0, b"", b"")
         before = data.rfind(b"\n", at, lo - 1) + 1 or at
-        prev = binascii.hexlify(leaf_hash(data[before : lo - 1]))
+        seq, prev = claimed, binascii.hexlify(leaf_hash(data[before : lo - 1]))
     leaves, ok = _leaf_pass(data, lo, hi, prefix, seq, prev)
     width = 1 << _BLOCK_HEIGHT
     first_block = -(-seq // width)
@@ -566,7 +595,7 @@ def _share(
         blob = b"".join(leaves)
         roots = b"".join(perfect_root(leaves[k + b * width : k + (b + 1) * width])
                          for b in range(m))
-    return len(leaves), ok, first_block, blob, roots
+    return _Share(seq, len(leaves), ok, first_block, blob, roots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,13 +617,20 @@ class _EntryWorkers:
         when anything did not hold or a worker failed (the one-pass checks then decide)."""
         self.wait()
         reports = self.collect()
-        if reports is None or not all(ok for _, ok, _, _, _ in reports):
+        if reports is None or not reports:
             return None
+        expected = reports[0].seq
+        for r in reports:
+            # Each share's heads were checked from the number its first line claims: it must
+            # be the count of the lines before it.
+            if not r.ok or r.seq != expected:
+                return None
+            expected += r.entries
         blocks: dict[int, bytes] = {}
-        for _n, _ok, first_block, _blob, roots in reports:
-            for k in range(len(roots) // HASH_SIZE):
-                blocks[first_block + k] = roots[k * HASH_SIZE : (k + 1) * HASH_SIZE]
-        blob = b"".join(r[3] for r in reports)
+        for r in reports:
+            for k in range(len(r.roots) // HASH_SIZE):
+                blocks[r.first_block + k] = r.roots[k * HASH_SIZE : (k + 1) * HASH_SIZE]
+        blob = b"".join(r.leaves for r in reports)
         if _native is not None:
             return _Hashes(blob), blocks
         return [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)], blocks
@@ -667,10 +703,10 @@ def _forked_shares(
                 code = 1
                 try:
                     os.close(r)
-                    n, ok, first_block, blob, roots = _share(
-                        data, at, lo, hi, prefix, start, prev_hex)
-                    view = memoryview(_HEAD.pack(n, ok, first_block, len(roots) // HASH_SIZE)
-                                      + blob + roots)
+                    own = _share(data, at, lo, hi, prefix, start, prev_hex)
+                    view = memoryview(_HEAD.pack(own.seq, own.entries, own.ok, own.first_block,
+                                                 len(own.roots) // HASH_SIZE)
+                                      + own.leaves + own.roots)
                     while view:
                         view = view[os.write(w, view):]
                     code = 0
@@ -696,12 +732,12 @@ def _forked_shares(
     for report in raw:
         if len(report) < _HEAD.size:
             return None
-        n, ok, first_block, m = _HEAD.unpack_from(report)
+        seq, n, ok, first_block, m = _HEAD.unpack_from(report)
         body = report[_HEAD.size :]
         if len(body) != (n + m) * HASH_SIZE:
             return None
         cut = n * HASH_SIZE
-        reports.append((n, bool(ok), first_block, body[:cut], body[cut:]))
+        reports.append(_Share(seq, n, bool(ok), first_block, body[:cut], body[cut:]))
     return reports
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from sandboxsec.audit import verify
+from sandboxsec.audit.errors import AuditVerificationError
+from sandboxsec.audit.merkle import MerkleTree
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -78,3 +80,46 @@ def test_threads_of_the_caller_do_not_stop_native_workers() -> None:
 def test_small_exports_are_verified_in_one_process() -> None:
     assert verify.worker_count(None, 1 << 10) == 1
     assert verify.worker_count(1, 1 << 30) == 1
+
+
+def test_a_share_whose_first_line_claims_the_wrong_number_is_not_accepted() -> None:
+    """A later share checks its heads against the number its first line claims; lines
+    renumbered from the cut on, each linked to the line before, hold inside the share, so only
+    the comparison with the count of the lines before can refuse them."""
+    if verify.implementation() != "native":
+        pytest.skip("the native hasher is not built (threads run in this process)")
+    from tests.unit.audit.synth import SynthLog
+
+    log = SynthLog(40, every=40)
+    data = log.export()
+    at = verify._lines_before_entries(data)[1]
+    end = len(data) - 1
+    cut = data.find(b"\n", at + (end - at) // 2, end) + 1
+    k = data.count(b"\n", at, cut)  # the first line of the second share
+    lines = list(log.lines)
+    prev = lines[k - 1]
+    for i in range(k, len(lines)):
+        rest = lines[i].split(b'"prev":"', 1)[1][64:]
+        lines[i] = (b'{"v":1,"log":"tn_test","seq":%d,"prev":"%s' % (i + 3, verify.leaf_hash(
+            prev).hex().encode()) + rest)
+        prev = lines[i]
+    forged = log.export(lines=lines)
+    prefix = verify.entry_prefix("tn_test")
+    genesis = verify.GENESIS_PREV.encode()
+    # Same lengths, so the cut falls on the same line.
+    assert len(forged) == len(data) and verify._claimed_seq(forged, cut, prefix) == k + 3
+    assert verify._parallel_entries(forged, at, len(forged) - 1, prefix, 0, genesis,
+                                    2).result() is None
+    assert verify._parallel_entries(data, at, end, prefix, 0, genesis, 2).result() is not None
+    # Under the original checkpoints, and under checkpoints signed over the renumbered lines
+    # (a past rewritten before the service signed it: every root matches).
+    resigned = SynthLog(0, every=40, key=log.key)
+    resigned.n, resigned.lines = len(lines), lines
+    resigned.notes = {40: log.sign(40, MerkleTree(resigned.leaves).root())}
+    for export in (forged, resigned.export()):
+        verdicts = []
+        for workers in (1, 2):
+            with pytest.raises(AuditVerificationError) as exc:
+                verify.verify_export(export, log.key.public_key(), workers=workers)
+            verdicts.append((exc.value.reason, exc.value.seq, str(exc.value)))
+        assert verdicts[0] == verdicts[1] and verdicts[0][1] == k
