@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple, Protocol, cast, overload
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -67,11 +68,30 @@ from sandboxsec.audit.merkle import (
 from sandboxsec.audit.witness_policy import WitnessPolicy
 from sandboxsec.encoding import b64decode_strict
 
-try:
-    # Built with the package when a C compiler and the libcrypto headers are present.
-    from sandboxsec.audit import _native
-except ImportError:  # pragma: no cover - depends on the build; the Python pass does the same
-    _native = None  # type: ignore[assignment]
+
+class _NativeHasher(Protocol):
+    """sandboxsec/audit/_native.c: what :func:`_chunk` and ``perfect_root`` compute, in C."""
+
+    def leaves(
+        self, data: bytes, lo: int, hi: int, prefix: bytes, seq: int, prev: bytes, /
+    ) -> tuple[bytes, bool]: ...
+
+    def roots(self, hashes: memoryview, height: int, /) -> bytes: ...
+
+
+def _load_native() -> _NativeHasher | None:
+    """The C extension, built with the package when a C compiler and the libcrypto headers
+    are present; None without it (the Python pass then does the same work)."""
+    try:
+        # By name: the import contracts see only Python modules, and would read a plain import
+        # of this binary module as an import of the whole sandboxsec.audit package.
+        module: Any = importlib.import_module("sandboxsec.audit._native")
+    except ImportError:
+        return None
+    return cast(_NativeHasher, module)
+
+
+_native = _load_native()
 
 __all__ = [
     "EntryProofReport",
