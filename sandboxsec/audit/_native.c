@@ -77,8 +77,8 @@ head_holds(const unsigned char *line, size_t len, const Py_buffer *prefix,
     char digits[20];
     size_t nd = decimal(seq, digits);
     size_t p = (size_t)prefix->len;
-    /* Each term is bounded (the buffers' own lengths, 20, 9), so the sum cannot overflow. */
-    if (len < p + nd + PREV_FIELD_LEN + prev_len)
+    /* Subtract piece by piece rather than add the lengths: no sum can wrap around. */
+    if (len < p || len - p < nd + PREV_FIELD_LEN || len - p - nd - PREV_FIELD_LEN < prev_len)
         return 0;
     return memcmp(line, prefix->buf, p) == 0
         && memcmp(line + p, digits, nd) == 0
@@ -181,7 +181,8 @@ native_roots(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *out = NULL;
     if (!PyArg_ParseTuple(args, "y*i:roots", &hashes, &height))
         return NULL;
-    if (height < 0 || height > MAX_HEIGHT) {
+    /* 2**height leaf hashes must be countable in a Py_ssize_t (also on 32-bit builds). */
+    if (height < 0 || height > MAX_HEIGHT || height >= (int)(8 * sizeof(Py_ssize_t)) - 6) {
         PyErr_SetString(PyExc_ValueError, "block height out of range");
         goto done;
     }
