@@ -32,7 +32,7 @@ apt-test: .stamp-apt-test
 	@touch $@
 
 venv: $(BIN)/.installed
-$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml | .stamp-apt-run
+$(BIN)/.installed: pyproject.toml setup.py sandboxsec/audit/_native.c clients/python/pyproject.toml | .stamp-apt-run
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@# The client first, from this tree: the service depends on it by name.
