@@ -233,15 +233,15 @@ def verify_export(
     else:
         raise AuditExportMalformedError("the header has no prev_leaf for a range after 0")
 
+    prefix = entry_prefix(log_id)
     # The entry lines run from entries_at to stop (a final newline ends the last one).
     stop = len(data) - 1 if data.endswith(b"\n") else len(data)
     # Worker threads (native hasher) start on the entries now and are joined at step 5:
     # the checkpoint and cosignature checks run meanwhile.
-    entry_workers = _parallel_entries(data, entries_at, stop, entry_prefix(log_id), start,
-                                      prev_hex, worker_count(workers, len(data) - entries_at))
+    entry_workers = _parallel_entries(data, entries_at, stop, prefix, start, prev_hex,
+                                      worker_count(workers, len(data) - entries_at))
     try:
         # 2. Checkpoint and proof lines come before the entries.
-        prefix = entry_prefix(log_id)
         idx = 1
         notes: list[str] = []
         cosig_lines: list[list[str]] = []
