@@ -621,20 +621,30 @@ def _share(
 @dataclass(frozen=True, slots=True)
 class _EntryWorkers:
     """The workers' pass over the entries: threads are already running (the native pass
-    releases the GIL, so they hash while the caller checks the checkpoints); processes are
-    forked when the result is asked for (a fork must not meet other threads)."""
+    releases the GIL, so they hash while the caller checks the checkpoints, and the caller
+    takes shares too when it asks for the result); processes are forked when the result is
+    asked for (a fork must not meet other threads)."""
 
     collect: Callable[[], list[_Share] | None]
     threads: tuple[threading.Thread, ...] = ()
+    #: The caller's part: hash shares no thread has taken yet.
+    join_in: Callable[[], None] | None = None
+    #: Set when no more shares are to be taken.
+    cancel: threading.Event | None = None
 
     def wait(self) -> None:
-        """Wait for the threads (also when the caller fails before asking for the result)."""
+        """Hand out no more shares and wait for the threads (also when the caller fails
+        before asking for the result)."""
+        if self.cancel is not None:
+            self.cancel.set()
         for t in self.threads:
             t.join()
 
     def result(self) -> tuple[Sequence[bytes], dict[int, bytes]] | None:
         """Leaf hashes and roots of aligned blocks, when every head and link held; None
         when anything did not hold or a worker failed (the one-pass checks then decide)."""
+        if self.join_in is not None:
+            self.join_in()
         self.wait()
         reports = self.collect()
         if reports is None or not reports:
@@ -664,46 +674,58 @@ def _parallel_entries(
     share of ``data`` in place); see :meth:`_EntryWorkers.result`."""
     if workers < 2 or end <= at:
         return _EntryWorkers(lambda: None)
+    bounds = _split(data, at, end, workers * (_SHARES_PER_THREAD if _native else 1))
+    if _native is not None:
+        return _threaded_shares(data, at, bounds, prefix, start, prev_hex, workers - 1)
+    return _EntryWorkers(lambda: _forked_shares(data, at, bounds, prefix, start, prev_hex))
+
+
+#: With the native hasher the entries are cut into this many shares per worker, taken in
+#: turn by the threads and, once it has checked the checkpoints, by the caller: the work
+#: balances itself, and no more threads than cores are running.
+_SHARES_PER_THREAD = 4
+
+
+def _split(data: bytes, at: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """``data[at:end]`` cut at line ends into about ``parts`` ranges of similar size."""
     cuts = [at]
-    for k in range(1, workers):
-        j = data.find(b"\n", at + (end - at) * k // workers, end)
+    for k in range(1, parts):
+        j = data.find(b"\n", at + (end - at) * k // parts, end)
         if j < 0:
             break
         if j + 1 > cuts[-1]:
             cuts.append(j + 1)
-    bounds = [(lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(cuts[-1], end)]
-    if _native is not None:
-        return _threaded_shares(data, at, bounds, prefix, start, prev_hex)
-    return _EntryWorkers(lambda: _forked_shares(data, at, bounds, prefix, start, prev_hex))
+    return [(lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(cuts[-1], end)]
 
 
 def _threaded_shares(
     data: bytes, at: int, bounds: list[tuple[int, int]], prefix: bytes, start: int,
-    prev_hex: bytes,
+    prev_hex: bytes, threads: int,
 ) -> _EntryWorkers:
-    """Each share hashed by its own thread, started now: the native pass releases the GIL
-    while hashing, so the threads run on all cores beside the caller."""
+    """``threads`` threads, started now, and then the caller take the shares in turn: the
+    native pass releases the GIL while hashing, so they run on all cores."""
     reports: list[_Share | None] = [None] * len(bounds)
+    taken = itertools.count()  # next() on it is atomic under the GIL: each share goes once
+    cancel = threading.Event()
 
-    def run(i: int, lo: int, hi: int) -> None:
-        reports[i] = _share(data, at, lo, hi, prefix, start, prev_hex)
+    def take_shares() -> None:
+        while not cancel.is_set() and (i := next(taken)) < len(bounds):
+            reports[i] = _share(data, at, *bounds[i], prefix, start, prev_hex)
 
     def collect() -> list[_Share] | None:
-        # A thread that raised left its report None: the one-pass checks then decide.
+        # A share whose worker raised has no report: the one-pass checks then decide.
         done = [r for r in reports if r is not None]
         return done if len(done) == len(reports) else None
 
-    threads = tuple(threading.Thread(target=run, args=(i, lo, hi), daemon=True)
-                    for i, (lo, hi) in enumerate(bounds))
     started: list[threading.Thread] = []
     try:
-        for t in threads:
+        for _ in range(threads):
+            t = threading.Thread(target=take_shares, daemon=True)
             t.start()
             started.append(t)
     except RuntimeError:
-        # No thread to be had (a process limit): the one-pass checks do all the work.
-        return _EntryWorkers(lambda: None, tuple(started))
-    return _EntryWorkers(collect, threads)
+        pass  # no more threads to be had (a process limit): the caller takes the rest
+    return _EntryWorkers(collect, tuple(started), take_shares, cancel)
 
 
 def _forked_shares(

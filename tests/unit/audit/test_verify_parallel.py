@@ -95,7 +95,9 @@ def test_a_share_whose_first_line_claims_the_wrong_number_is_not_accepted() -> N
     at = verify._lines_before_entries(data)[1]
     end = len(data) - 1
     cut = data.find(b"\n", at + (end - at) // 2, end) + 1
-    k = data.count(b"\n", at, cut)  # the first line of the second share
+    # The middle cut of the shares two workers take.
+    assert cut in {lo for lo, _ in verify._split(data, at, end, 2 * verify._SHARES_PER_THREAD)}
+    k = data.count(b"\n", at, cut)  # the first line of the share after it
     lines = list(log.lines)
     prev = lines[k - 1]
     for i in range(k, len(lines)):
