@@ -12,9 +12,12 @@ test tool server (stdio) three ways:
 
 (2b: the same gateway in process with a software session key, to separate the extra stdio
 hop and the TPM's signature from its work; 4: one ``TPM2_Sign`` by the session key, measured
-before the gateway takes the TPM over.)  Prints medians and p90s, the added latency (2 - 1)
-split into the decision (3), the stdio hop and TPM signature (2 - 2b) and the gateway's own
-work (2b - 1 - 3).  Aim: under 2 ms median of its own work.
+before the gateway takes the TPM over; 5: a bare MCP proxy on stdio built on the same SDK
+(``bench/mcp_passthrough.py``: it forwards each call as it came and decides nothing), the
+floor that one more stdio hop sets for any proxy in the gateway's place.)  Prints medians and
+p90s, the added latency (2 - 1) split into the decision (3), the stdio hop and TPM signature
+(2 - 2b) and the gateway's own work (2b - 1 - 3), and the bare proxy's share (5 - 1).  Aim:
+under 2 ms median added per allowed call.
 
 Usage: ``python bench/gateway.py [--calls N]``
 """
@@ -46,6 +49,7 @@ from tests.support.sessionkeys import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_SERVER = ROOT / "tests" / "integration" / "clients" / "tool_server.py"
+PASSTHROUGH = ROOT / "bench" / "mcp_passthrough.py"
 MAPPING = """server = "payments"
 [tools.get_balance]
 action = "read"
@@ -116,6 +120,9 @@ def main() -> int:
                                       "--", sys.executable, str(TOOL_SERVER)],
                 env={**env, "SANDBOXSEC_AGENT_KEY": live.key("agent"),
                      "SANDBOXSEC_LOG_LEVEL": "warning", "SANDBOXSEC_HOME": str(tmp)})
+            bare = StdioServerParameters(
+                command=sys.executable, args=[str(PASSTHROUGH), "--", sys.executable,
+                                              str(TOOL_SERVER)], env=env)
             arguments = {"account": "main"}
 
             config = GatewayConfig(live.base, live.key("agent"), sid, session_key=KEYS[sid])
@@ -123,7 +130,7 @@ def main() -> int:
             async def run() -> dict[str, list[float]]:
                 # All four clients open at once and timed round-robin, call by call: on a
                 # shared machine the load drifts, and differences within one round do not.
-                async with Client(direct) as c, Client(gateway) as g, \
+                async with Client(direct) as c, Client(gateway) as g, Client(bare) as b, \
                         Gateway(direct, load_mapping(mapping), config) as gw, \
                         Client(gw.server) as gi, \
                         AsyncAgentClient(live.base, live.key("agent"), session_key=KEYS[sid],
@@ -135,6 +142,7 @@ def main() -> int:
                         "via": lambda: g.call_tool("get_balance", arguments),
                         "inproc": lambda: gi.call_tool("get_balance", arguments),
                         "ask": lambda: a.ask(sid, "read", "account:main", {"account": "main"}),
+                        "bare": lambda: b.call_tool("get_balance", arguments),
                     }
                     return await _rounds(args.calls, ways)
 
@@ -144,13 +152,15 @@ def main() -> int:
             finally:
                 device.process.terminate()
                 device.process.wait(timeout=10)
-            d, via, inproc, ask = t["direct"], t["via"], t["inproc"], t["ask"]
+            d, via, inproc, ask, bare_ms = (t["direct"], t["via"], t["inproc"], t["ask"],
+                                            t["bare"])
     print(f"gateway latency, {args.calls} sequential allowed calls (SQLite, 1 worker)")
     direct_med = _stats("1. direct MCP call (stdio)", d)
     via_med = _stats("2. through sandboxsec gateway (stdio, swtpm key)", via)
     _stats("2b. through the gateway in process (soft key)", inproc)
     ask_med = _stats("3. the service's decision alone (soft key)", ask)
     _stats("4. one TPM2_Sign by the session key (swtpm)", signs)
+    _stats("5. through a bare MCP proxy (stdio, no decision)", bare_ms)
     added = statistics.median(v - x for v, x in zip(via, d, strict=True))
     hop = statistics.median(v - i for v, i in zip(via, inproc, strict=True))
     own = statistics.median(i - x - q for i, x, q in zip(inproc, d, ask, strict=True))
@@ -160,6 +170,9 @@ def main() -> int:
           f"{'met' if added < 2 else 'NOT met'})")
     print(f"  of which the decision {ask_med:.3f} ms, the extra stdio hop and TPM signature "
           f"{hop:.3f} ms, the gateway's own work {own:.3f} ms")
+    floor = statistics.median(x - y for x, y in zip(bare_ms, d, strict=True))
+    print(f"  floor: a bare proxy on the same SDK adds {floor:.3f} ms per call with no decision "
+          f"and no proof ({floor / 2:.0%} of the 2 ms aim before any gateway work)")
     return 0
 
 
