@@ -313,12 +313,14 @@ class Services:
     def _wakeups(self) -> Wakeups:
         return Wakeups()
 
-    def close(self) -> None:
-        """Stop background work of every service that was built, then close the database."""
+    def close(self, *, keep_db: bool = False) -> None:
+        """Stop background work of every service that was built, then close the database
+        (``keep_db``: leave it open for another user of the same :class:`Database`)."""
         for name in ("webhooks", "approvals", "decisions", "key_hierarchy", "attestation",
                      "sessions", "audit_writer", "keys"):
             svc: Any = self.__dict__.get(name)
             closer = getattr(svc, "close", None)
             if callable(closer):
                 closer()
-        self.db.dispose()
+        if not keep_db:
+            self.db.dispose()

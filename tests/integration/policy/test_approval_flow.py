@@ -406,7 +406,7 @@ def test_grant_key_is_wrapped_and_fails_closed(services: Services, tenant: Tenan
         with pytest.raises(GrantKeyUnavailableError):
             message(other)
     finally:
-        other.policy.close()
+        other.close(keep_db=True)  # its audit writer thread too, not the shared database
 
 
 def test_grant_checks_offline_with_published_keys(client: TestClient, tenant: TenantKeys,

@@ -127,4 +127,4 @@ def test_change_reaches_another_worker(services: Services, tenant: TenantKeys,
         services.policy.replace_policy(admin, ALLOW_SMALL)
         assert decide(other) is Outcome.ALLOW
     finally:
-        other.policy.close()
+        other.close(keep_db=True)  # its audit writer thread too, not the shared database

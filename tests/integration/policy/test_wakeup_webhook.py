@@ -57,7 +57,7 @@ def test_wait_wakes_across_workers(services: Services, tenant: TenantKeys,
         assert seen and seen[0].state is ApprovalState.APPROVED
         assert seen[0].grant is not None
     finally:
-        other.policy.close()
+        other.close(keep_db=True)  # its audit writer thread too, not the shared database
 
 
 class _Receiver:
@@ -144,7 +144,7 @@ def test_approval_request_notifies_webhook(settings: Settings, services: Service
                                               resource="payee:acme-gmbh", params=PAYMENT)
         assert receiver.done.wait(10)
     finally:
-        hooked.policy.close()
+        hooked.close(keep_db=True)  # its audit writer thread too, not the shared database
     assert result.approval is not None
     event = json.loads(receiver.calls[0][1])
     assert event["approval_id"] == result.approval.id
