@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +30,11 @@ from sandboxsec.audit.errors import (
 from sandboxsec.audit.merkle import Frontier, leaf_hash
 from sandboxsec.audit.verify import verify_export
 from sandboxsec.cli import main as cli
-from sandboxsec.clock import FixedClock
 from sandboxsec.services import Services
-from sandboxsec.settings import AuditWitness, Settings
-from sandboxsec.storage.db import Database
 from tests.integration.audit.conftest import CHECKPOINT_EVERY, decision
-from tests.integration.audit.witnesses import WitnessProcess, witnesses
+from tests.integration.audit.witnesses import WitnessProcess
 
 LOG = "tn_witnessed"
-
-
-@pytest.fixture
-def witnessed(
-    settings: Settings, database: Database, clock: FixedClock, tmp_path: Path
-) -> Iterator[tuple[Services, list[WitnessProcess]]]:
-    """Services (both backends) whose checkpoints go to two witness processes."""
-    log_vkey = Services(settings, clock=clock, db=database).audit.keys.verifier_key()
-    with witnesses(tmp_path, log_vkey) as ws:
-        s = settings.model_copy(update={
-            "audit_checkpoint_every": CHECKPOINT_EVERY,
-            "audit_write_timeout_seconds": 10.0,
-            "audit_witnesses": [AuditWitness(url=w.url, key=w.vkey) for w in ws],
-        })
-        svc = Services(s, clock=clock, db=database)
-        try:
-            yield svc, ws
-        finally:
-            svc.close()
 
 
 def _json_out(capsys: pytest.CaptureFixture[str]) -> Any:
