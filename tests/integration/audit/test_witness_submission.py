@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint, verifier_key
-from sandboxsec.audit.cosignature import WitnessKey, parse_witness_key, verify_cosignatures
+from sandboxsec.audit.cosignature import (
+    Cosignature,
+    WitnessKey,
+    parse_witness_key,
+    verify_cosignatures,
+)
+from sandboxsec.audit.cosignature_store import insert_cosignatures
+from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.merkle import MerkleTree
 from sandboxsec.audit.reader import StoredTree
+from sandboxsec.audit.record import AuditReceipt
 from sandboxsec.audit.verify import verify_export
 from sandboxsec.audit.witness_client import WitnessEndpoint, WitnessPublisher
 from sandboxsec.clock import FixedClock
@@ -231,3 +241,64 @@ def test_a_configured_proxy_is_used_for_witness_requests(
     finally:
         pub.close()
     assert refused == []
+
+
+# ------------------------------------------------------- cosignatures in the group commit
+
+
+def _cosig(witness: str, size: int) -> Cosignature:
+    return Cosignature(witness=witness, key_id=b"\0" * 4, timestamp=0, size=size,
+                       root_hash=b"\0" * 32, line=f"\u2014 {witness} AAAA{size}\n")
+
+
+def test_work_rides_in_a_group_commit_and_a_failing_one_denies_no_append(
+    audit_services: Services,
+) -> None:
+    svc = audit_services
+    writer = svc.audit.writer
+    svc.audit.append(decision(LOG, 0))  # the writer thread runs
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> None:
+        # Occupies the writer inside a transaction so what follows queues into one batch.
+        insert_cosignatures(conn, svc.clock.now(), LOG, 1, [_cosig("held.example/w", 1)])
+        inside.set()
+        release.wait(10)
+
+    def failing(conn: Connection) -> None:
+        insert_cosignatures(conn, svc.clock.now(), LOG, 2, [_cosig("bad.example/w", 2)])
+        raise ValueError("a broken work item")
+
+    results: dict[str, object] = {}
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            results[name] = exc
+
+    group = writer._group
+    first = threading.Thread(target=run, args=("held", lambda: group.submit([], 10, work=hold)))
+    first.start()
+    assert inside.wait(10)
+    others = [
+        threading.Thread(target=run, args=("append", lambda: svc.audit.append(decision(LOG, 1)))),
+        threading.Thread(target=run, args=("bad", lambda: group.submit([], 10, work=failing))),
+        threading.Thread(target=run, args=("cosig", lambda: writer.store_cosignatures(
+            LOG, 3, [_cosig("good.example/w", 3)]))),
+    ]
+    for t in others:
+        t.start()
+    time.sleep(0.3)  # all three queued behind the held transaction
+    release.set()
+    for t in [first, *others]:
+        t.join(15)
+    assert results["held"] == []
+    assert isinstance(results["bad"], AuditUnavailableError)
+    assert results["cosig"] is None
+    receipt = results["append"]
+    assert isinstance(receipt, AuditReceipt) and receipt.seq == 1
+    stored = svc.audit.cosignatures(LOG)
+    # The failing item's own write was rolled back with it; the others committed.
+    assert stored == {1: [_cosig("held.example/w", 1).line], 3: [_cosig("good.example/w", 3).line]}
+    assert svc.audit.size(LOG) == 2
