@@ -69,7 +69,10 @@ def build_guard(
     recent = None
     holder: list[HistoryGuard] = []
     if settings.audit_witnesses:
-        recent = RecentTrees()
+        # Room for a few checkpoints' worth of leaves: a witness's size is nearly always the
+        # previous checkpoint (bounded: about 2 MiB per log at most).
+        recent = RecentTrees(
+            max_leaves=min(65536, max(2048, 4 * settings.audit_checkpoint_every)))
         kept = recent
 
         def witness_proof(log_id: str, old: int, new: int) -> list[bytes]:

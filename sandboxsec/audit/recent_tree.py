@@ -59,8 +59,9 @@ class _Run(ProofSource):
         self.leaves: list[bytes] = []
         #: Perfect subtrees known exactly: boundary frontiers, and nodes hashed so far.
         self.nodes: dict[tuple[int, int], bytes] = _frontier_nodes(base, frontier)
-        #: Boundary sizes (ascending) and their frontiers: where the run can be cut.
-        self.marks: list[tuple[int, bytes]] = [(base, frontier)]
+        #: Boundary sizes (ascending), whose frontiers are all in ``nodes``: where the run
+        #: can be cut.
+        self.marks: list[int] = [base]
 
     def add(self, leaves: Sequence[bytes], frontier: bytes) -> None:
         size = self.size + len(leaves)
@@ -68,20 +69,29 @@ class _Run(ProofSource):
         self.leaves.extend(leaves)
         self.size = size
         self.end_frontier = frontier
-        self.marks.append((size, frontier))
+        self.marks.append(size)
 
     def cut(self, keep: int) -> None:
-        """Drop leaves so at most about ``keep`` remain, restarting at a recorded boundary."""
+        """Drop leaves so at most about ``keep`` remain, restarting at a recorded boundary.
+
+        Kept: the nodes a proof from any size at or after the new start can need.  Those left
+        of it are the new start's own frontier (for ``old >= base`` the frontier of ``old``
+        shares its nodes left of ``base`` with the frontier of ``base``) and nodes straddling
+        it (frontier nodes of later boundaries); everything at or after it stays too.
+        """
         if self.size - self.base <= 2 * keep:
             return
         # The last mark is the run's end, so there is always one.
-        base = next(s for s, _ in self.marks if s >= self.size - keep)
+        base = next(s for s in self.marks if s >= self.size - keep)
+        start = {(bit, (base >> bit + 1) << 1) for bit in range(base.bit_length())
+                 if base >> bit & 1}
+        self.nodes = {
+            (lv, ix): h for (lv, ix), h in self.nodes.items()
+            if (ix + 1) << lv > base or (lv, ix) in start
+        }
         self.leaves = self.leaves[base - self.base :]
         self.base = base
-        self.marks = [(s, f) for s, f in self.marks if s >= base]
-        self.nodes = {}
-        for s, f in self.marks:
-            self.nodes.update(_frontier_nodes(s, f))
+        self.marks = [s for s in self.marks if s >= base]
 
     def perfect(self, level: int, index: int) -> bytes:
         node = self.nodes.get((level, index))
@@ -99,7 +109,7 @@ class _Run(ProofSource):
 class RecentTrees:
     """The newest committed leaves of each log, for witness consistency proofs (module doc)."""
 
-    def __init__(self, *, max_leaves: int = 8192, max_logs: int = 16) -> None:
+    def __init__(self, *, max_leaves: int = 4096, max_logs: int = 16) -> None:
         self._max_leaves = max_leaves
         self._max_logs = max_logs
         self._runs: OrderedDict[str, _Run] = OrderedDict()

@@ -59,11 +59,31 @@ def test_every_proof_from_memory_equals_the_stored_tree_proof(
         answered += 1
         assert got == tree.consistency_proof(old, new), (old, new)
         assert verify_consistency(old, new, tree.root(old), tree.root(new), got)
-    # The previous transaction boundary (where the last checkpoint usually is) is always
-    # answered from memory while it is within the kept leaves.
-    if len(boundaries) >= 3 and end - boundaries[-2] <= max_leaves // 2 and boundaries[-2]:
-        assert recent.consistency_proof("tn_a", boundaries[-2], end) is not None
-    assert answered or max_leaves < 8192 or start == 0 or end == start
+    # Every transaction boundary (where checkpoints are) among the newest max_leaves / 2
+    # leaves is answered from memory, to any later boundary.
+    recent_marks = [m for m in boundaries if m and m >= end - max_leaves // 2]
+    for old in recent_marks:
+        for new in recent_marks:
+            if new >= old:
+                assert recent.consistency_proof("tn_a", old, new) is not None, (old, new)
+    assert answered or start == 0 or end == start
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.integers(1, 5), min_size=1, max_size=40),
+       max_leaves=st.integers(4, 24))
+def test_small_transactions_cut_often_keep_every_recent_boundary(
+    batches: list[int], max_leaves: int
+) -> None:
+    leaves = _leaves(sum(batches))
+    tree = MerkleTree(leaves)
+    recent = RecentTrees(max_leaves=max_leaves)
+    end = _feed(recent, "tn_a", leaves, 0, batches)
+    marks = [sum(batches[:i]) for i in range(1, len(batches) + 1)]
+    for old in [m for m in marks if m >= end - max_leaves // 2]:
+        for new in [m for m in marks if m >= old]:
+            assert recent.consistency_proof("tn_a", old, new) == tree.consistency_proof(
+                old, new), (old, new)
 
 
 def test_a_size_before_the_kept_run_is_left_to_the_store() -> None:
