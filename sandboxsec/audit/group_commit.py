@@ -230,7 +230,9 @@ class GroupCommit:
                     self._defer(stuck)
             records = [r for p in batch for r in p.records]
             logs = {log for p in batch for log in p.logs}
-            receipts = self._write(conn, records, logs) if logs else []
+            # Called even with nothing to write: it starts the batch's bookkeeping afresh, so
+            # what a failed transaction left behind is never taken for this one's.
+            receipts = self._write(conn, records, logs)
             work = [p.work for p in batch if p.work is not None]
             for fn in work:
                 fn(conn)

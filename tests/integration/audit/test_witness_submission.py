@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from sandboxsec.audit.checkpoint import Checkpoint, sign_checkpoint, verifier_key
 from sandboxsec.audit.cosignature import (
@@ -302,3 +303,59 @@ def test_work_rides_in_a_group_commit_and_a_failing_one_denies_no_append(
     # The failing item's own write was rolled back with it; the others committed.
     assert stored == {1: [_cosig("held.example/w", 1).line], 3: [_cosig("good.example/w", 3).line]}
     assert svc.audit.size(LOG) == 2
+
+
+def test_a_failed_transaction_leaves_nothing_for_the_next_commit_to_publish(
+    audit_services: Services,
+) -> None:
+    """A group transaction that signed a checkpoint and then failed as a whole (the database
+    went away mid-batch) must not have that checkpoint published by the next commit, even one
+    that only stores cosignatures: the state file would then hold a tree the log never had,
+    and the next checkpoint would stop the log with a false alarm."""
+    svc = audit_services
+    writer = svc.audit.writer
+    group = writer._group
+    svc.audit.append(decision(LOG, 0))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> None:
+        inside.set()
+        release.wait(10)
+
+    def outage(conn: Connection) -> None:
+        raise OperationalError("COMMIT", {}, Exception("the database went away"))
+
+    results: dict[str, object] = {}
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("held", lambda: group.submit([], 10, work=hold)))
+    first.start()
+    assert inside.wait(10)
+    batch = [decision(LOG, 1 + i) for i in range(CHECKPOINT_EVERY)]  # signs a checkpoint
+    others = [
+        threading.Thread(target=run, args=("signed", lambda: svc.audit.append_many(batch))),
+        threading.Thread(target=run, args=("outage", lambda: group.submit([], 10,
+                                                                          work=outage))),
+    ]
+    for t in others:
+        t.start()
+    time.sleep(0.3)
+    release.set()
+    for t in [first, *others]:
+        t.join(15)
+    assert isinstance(results["signed"], AuditUnavailableError)
+    assert isinstance(results["outage"], AuditUnavailableError)
+    assert svc.audit.size(LOG) == 1
+    # A commit that writes no entry (cosignatures only), then the log goes on.
+    writer.store_cosignatures(LOG, 1, [_cosig("w.example/w", 1)])
+    state = svc.audit.guard.states.load(LOG)
+    assert state is None or state.size <= 1
+    svc.audit.append_many([decision(LOG, 100 + i) for i in range(CHECKPOINT_EVERY)])
+    assert svc.audit.guard.states.alarm(LOG) is None
+    newest = svc.audit.latest_checkpoint(LOG)
+    assert newest is not None and newest.size == 1 + CHECKPOINT_EVERY
