@@ -88,6 +88,9 @@ class _DirectHTTP:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        if u.username is not None or u.password is not None:
+            # Credentials in the URL: the general client sends them (as Basic auth).
+            raise ValueError("a witness URL with credentials")
         self._https = u.scheme == "https"
         self._host = u.hostname
         self._port = u.port
@@ -95,6 +98,7 @@ class _DirectHTTP:
         self._timeout = timeout
         self._ssl = httpx.create_ssl_context() if self._https else None
         self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
         self._lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -137,13 +141,18 @@ class _DirectHTTP:
             conn.close()  # the witness closes it, or the body was not read to its end
         else:
             with self._lock:
-                self._idle.append(conn)
+                keep = not self._closed
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
         return _Answer(r.status, r.getheader("content-type", "") or "",
                        data[:_MAX_ANSWER_BYTES].decode("utf-8", "replace"))
 
     def close(self) -> None:
         """Close the idle connections."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

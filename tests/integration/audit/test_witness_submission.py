@@ -177,12 +177,14 @@ def test_a_witness_restarted_between_submissions_still_cosigns(
 class _Garbage(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     answers: list[tuple[int, str, bytes]] = []
+    authorization: list[str | None] = []
 
     def log_message(self, format: str, *args: object) -> None:
         return
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
+        self.authorization.append(self.headers.get("Authorization"))
         status, ctype, body = self.answers.pop(0)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -194,25 +196,38 @@ class _Garbage(http.server.BaseHTTPRequestHandler):
 def test_answers_that_are_not_cosignatures_give_none(log_key: Ed25519PrivateKey) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     tree = MerkleTree([bytes([i]) * 32 for i in range(8)])
     key = WitnessKey.from_private("w.example/w", Ed25519PrivateKey.generate())
-    ep = WitnessEndpoint(f"http://127.0.0.1:{server.server_address[1]}/add-checkpoint", key)
+    note, cp = _checkpoint(log_key, tree, 8)
     refused: list[str] = []
-    pub = _publisher([ep], tree, refused)
     try:
-        note, cp = _checkpoint(log_key, tree, 8)
-        _Garbage.answers[:] = [
-            (200, "text/plain", b"\xe2\x80\x94 w.example/w " + b"A" * 100_000 + b"\n"),
-            (200, "text/plain", b"\xe2\x80\x94 w.example/w AAAA\n"),
-            (409, "text/plain", b"not a size\n"),
-        ]
-        assert pub.submit("tn_a", note, cp) == []  # too large to be one
-        assert pub.submit("tn_a", note, cp) == []  # not signed by the witness's key
-        assert refused == []
-        assert pub.submit("tn_a", note, cp) == []  # 409 that is not a size: another past
-        assert len(refused) == 1 and "409" in refused[0]
+        pub = _publisher([WitnessEndpoint(f"http://127.0.0.1:{port}/add-checkpoint", key)],
+                         tree, refused)
+        try:
+            _Garbage.answers[:] = [
+                (200, "text/plain", b"\xe2\x80\x94 w.example/w " + b"A" * 100_000 + b"\n"),
+                (200, "text/plain", b"\xe2\x80\x94 w.example/w AAAA\n"),
+                (409, "text/plain", b"not a size\n"),
+            ]
+            assert pub.submit("tn_a", note, cp) == []  # too large to be one
+            assert pub.submit("tn_a", note, cp) == []  # not signed by the witness's key
+            assert refused == []
+            assert pub.submit("tn_a", note, cp) == []  # 409 that is not a size: another past
+            assert len(refused) == 1 and "409" in refused[0]
+        finally:
+            pub.close()
+        # Credentials in a witness URL are sent, as they always were (Basic auth).
+        pub = _publisher([WitnessEndpoint(f"http://u:p@127.0.0.1:{port}/add-checkpoint", key)],
+                         tree, refused)
+        try:
+            _Garbage.answers[:] = [(404, "text/plain", b"no\n")]
+            _Garbage.authorization.clear()
+            assert pub.submit("tn_a", note, cp) == []
+            assert _Garbage.authorization == ["Basic dTpw"]
+        finally:
+            pub.close()
     finally:
-        pub.close()
         server.shutdown()
         server.server_close()
 
