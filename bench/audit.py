@@ -9,7 +9,8 @@ Prints:
    and ``append_many`` batches of 1,000; each returns only after its commit.  Measured three
    times, each labelled: "durable" with ``synchronous=FULL`` (the WAL fsynced at every commit)
    without witnesses, then with two ``sandboxsec witness serve`` processes configured (every
-   checkpoint is checked against the state file and submitted to both), then the shipped
+   checkpoint is checked against the state file and submitted to both; how many checkpoints
+   ended up with both cosignatures is printed too), then the shipped
    ``synchronous=NORMAL`` (no fsync per commit) without witnesses;
 3. offline export verification (``verify_export``) in entries/s, over an export of
    ``VERIFY_ENTRIES`` realistic entries with a checkpoint every 1,000, requiring two witness
