@@ -38,13 +38,20 @@ _LINGER_BELOW = 32
 _LINGER_SECONDS = 0.0005
 
 
+#: Extra writes a caller has carried out in the next group-commit transaction.
+Work = Callable[[Connection], None]
+
+
 class _Pending:
-    __slots__ = ("done", "error", "logs", "receipts", "records", "state")
+    __slots__ = ("done", "error", "logs", "receipts", "records", "state", "work")
 
     QUEUED, TAKEN, CANCELLED, DEFERRED = 0, 1, 2, 3
 
-    def __init__(self, records: list[AuditRecord], flush: frozenset[str]) -> None:
+    def __init__(
+        self, records: list[AuditRecord], flush: frozenset[str], work: Work | None = None
+    ) -> None:
         self.records = records
+        self.work = work
         #: Every log this caller touches: its records' and those it asked to sequence.
         self.logs = frozenset(log_id_of(r) for r in records) | flush
         self.receipts: list[AuditReceipt] = []
@@ -112,11 +119,13 @@ class GroupCommit:
             self._thread.start()
 
     def submit(
-        self, records: list[AuditRecord], timeout: float, flush: frozenset[str] = frozenset()
+        self, records: list[AuditRecord], timeout: float, flush: frozenset[str] = frozenset(),
+        *, work: Work | None = None,
     ) -> list[AuditReceipt]:
-        """Write ``records`` (and sequence the pending intents of the logs in ``flush``) in
-        the next batch; return after its commit."""
-        p = _Pending(records, flush)
+        """Write ``records`` (and sequence the pending intents of the logs in ``flush``, and
+        run ``work`` on the transaction's connection) in the next batch; return after its
+        commit."""
+        p = _Pending(records, flush, work)
         with self._cv:
             if self._stopping:
                 raise AuditUnavailableError("the audit log is shutting down")
@@ -134,6 +143,10 @@ class GroupCommit:
         if p.error is not None:
             raise p.error
         return p.receipts
+
+    def on_writer_thread(self) -> bool:
+        """Whether the caller is the writer thread (which must not wait for its own batch)."""
+        return threading.current_thread() is self._thread
 
     def stop(self) -> None:
         with self._cv:
@@ -217,8 +230,15 @@ class GroupCommit:
                     self._defer(stuck)
             records = [r for p in batch for r in p.records]
             logs = {log for p in batch for log in p.logs}
-            receipts = self._write(conn, records, logs) if logs else []
-            if not records and (not logs or (self._wrote is not None and not self._wrote())):
+            # Called even with nothing to write: it starts the batch's bookkeeping afresh, so
+            # what a failed transaction left behind is never taken for this one's.
+            receipts = self._write(conn, records, logs)
+            work = [p.work for p in batch if p.work is not None]
+            for fn in work:
+                fn(conn)
+            if not records and not work and (
+                not logs or (self._wrote is not None and not self._wrote())
+            ):
                 tx.rollback()
         if self._after_commit is not None:
             self._after_commit()

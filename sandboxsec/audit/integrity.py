@@ -31,6 +31,7 @@ from sandboxsec.audit.errors import (
     AuditStateInvalidError,
 )
 from sandboxsec.audit.merkle import Frontier
+from sandboxsec.audit.recent_tree import RecentTrees
 from sandboxsec.audit.signed_state import Alarm, SignedState, StateFiles, check_extends
 from sandboxsec.audit.store import ENTRIES, StoredCheckpoint
 from sandboxsec.audit.witness_client import WitnessPublisher
@@ -63,9 +64,13 @@ class HistoryGuard:
         publisher: WitnessPublisher | None = None,
         on_alarm: Callable[[Alarm], None] | None = None,
         count_cosignatures: Callable[[str, int], int] | None = None,
+        recent: RecentTrees | None = None,
     ) -> None:
         self.states = states
         self.publisher = publisher
+        #: The newest committed leaves per log, which the writer feeds after each commit and
+        #: the witness proofs are built from (None: proofs come from the stored tree).
+        self.recent = recent
         self._clock = clock
         self._on_alarm = on_alarm
         self._count_cosignatures = count_cosignatures

@@ -9,15 +9,17 @@ state files and witness publisher from the settings (called by the composition r
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import structlog
 
-from sandboxsec.audit.cosignature import parse_witness_key
+from sandboxsec.audit.cosignature import Cosignature, parse_witness_key
 from sandboxsec.audit.cosignature_store import store_cosignatures, stored_cosignatures
 from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.integrity import HistoryGuard
 from sandboxsec.audit.keys import AuditKeys
+from sandboxsec.audit.recent_tree import RecentTrees
 from sandboxsec.audit.record import SERVICE_LOG, AuditRecord
 from sandboxsec.audit.signed_state import Alarm, StateFiles
 from sandboxsec.audit.sink import AuditSink
@@ -28,11 +30,21 @@ from sandboxsec.errors import SandboxSecError
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
 
-__all__ = ["build_guard", "record_alarm"]
+__all__ = ["CosignatureKeeper", "build_guard", "record_alarm"]
 
 _log = structlog.get_logger("sandboxsec.audit")
 
 ProofFn = Callable[[str, int, int], list[bytes]]
+
+
+@runtime_checkable
+class CosignatureKeeper(Protocol):
+    """Stores verified cosignatures with its own transactions (the audit writer does, in its
+    group commits)."""
+
+    def store_cosignatures(self, log_id: str, size: int, cos: Sequence[Cosignature]) -> None:
+        """Store the cosignatures of checkpoint ``size`` of ``log_id``; return once durable."""
+        ...
 
 
 def build_guard(
@@ -46,23 +58,35 @@ def build_guard(
 ) -> HistoryGuard:
     """The guard: state files under ``<home>/audit``, the configured witnesses.
 
-    ``proof(log_id, old, new)`` builds a consistency proof from the stored tree; ``sink()``
+    ``proof(log_id, old, new)`` builds a consistency proof from the stored tree; the
+    witnesses get theirs from the leaves the writer just committed when it still holds them
+    (:class:`~sandboxsec.audit.recent_tree.RecentTrees`), from ``proof`` otherwise.  ``sink()``
     gives the audit writer that records alarms in the service log (late-bound: the writer is
     built with this guard).
     """
     states = StateFiles(settings.home / "audit", keys.state_key)
     publisher = None
+    recent = None
     holder: list[HistoryGuard] = []
     if settings.audit_witnesses:
+        # Room for a few checkpoints' worth of leaves: a witness's size is nearly always the
+        # previous checkpoint (bounded: about 2 MiB per log at most).
+        recent = RecentTrees(
+            max_leaves=min(65536, max(2048, 4 * settings.audit_checkpoint_every)))
+        kept = recent
+
+        def witness_proof(log_id: str, old: int, new: int) -> list[bytes]:
+            found = kept.consistency_proof(log_id, old, new)
+            return found if found is not None else proof(log_id, old, new)
+
         endpoints = [
             WitnessEndpoint(w.url, parse_witness_key(w.key)) for w in settings.audit_witnesses
         ]
         publisher = WitnessPublisher(
             endpoints,
             timeout=settings.audit_witness_timeout_seconds,
-            proof=proof,
-            on_cosigned=lambda log_id, size, cos: store_cosignatures(db, clock, log_id, size,
-                                                                     cos),
+            proof=witness_proof,
+            on_cosigned=lambda log_id, size, cos: _keep(sink(), db, clock, log_id, size, cos),
             on_refused=lambda log_id, w, msg: holder[0].witness_refused(log_id, w, msg),
             newest=lambda log_id: _newest_size(db, log_id),
         )
@@ -71,9 +95,22 @@ def build_guard(
         on_alarm=lambda alarm: record_alarm(sink(), alarm),
         count_cosignatures=lambda log_id, size: len(
             stored_cosignatures(db, log_id, size).get(size, [])),
+        recent=recent,
     )
     holder.append(guard)
     return guard
+
+
+def _keep(
+    sink: AuditSink, db: Database, clock: Clock, log_id: str, size: int,
+    cos: Sequence[Cosignature],
+) -> None:
+    # The writer stores them in its next group commit; another sink, in a transaction of
+    # their own.
+    if isinstance(sink, CosignatureKeeper):
+        sink.store_cosignatures(log_id, size, cos)
+    else:
+        store_cosignatures(db, clock, log_id, size, cos)
 
 
 def record_alarm(sink: AuditSink, alarm: Alarm) -> None:

@@ -37,6 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sandboxsec.audit.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
 from sandboxsec.audit.config import AuditConfig
+from sandboxsec.audit.cosignature import Cosignature
+from sandboxsec.audit.cosignature_store import insert_cosignatures
 from sandboxsec.audit.entry import encode_tail, entry_line
 from sandboxsec.audit.errors import AuditUnavailableError
 from sandboxsec.audit.group_commit import GroupCommit
@@ -193,11 +195,22 @@ class AuditWriter:
     ) -> list[AuditReceipt]:
         self._batch.unpublished = []
         self._batch.wrote = False
+        self._batch.extended = []
         return self.write(conn, records, signed=self._batch.unpublished, flush=logs)
 
     def _group_committed(self) -> None:
         trees: list[SignedTree] = getattr(self._batch, "unpublished", [])
         self._batch.unpublished = []
+        extended: list[tuple[str, int, bytes, list[bytes], bytes]] | None = getattr(
+            self._batch, "extended", None)
+        self._batch.extended = None
+        if extended and self.guard.recent is not None:
+            # Committed: these leaves may now serve the witnesses' consistency proofs.
+            try:
+                for log_id, size, start, leaves, end in extended:
+                    self.guard.recent.committed(log_id, size, start, leaves, end)
+            except Exception as exc:  # the commit stands; proofs then come from the store
+                _log.warning("audit_recent_tree_not_kept", error=type(exc).__name__)
         if not trees:
             return
         try:
@@ -280,10 +293,11 @@ class AuditWriter:
                 for lv, ix, h in nodes
             ]
             conn.execute(INSERT_NODES, node_rows)
+        end = frontier.to_bytes()
         values: dict[str, Any] = {
             "log_id": log_id,
             "new_size": frontier.size,
-            "new_frontier": frontier.to_bytes(),
+            "new_frontier": end,
             "new_last_leaf": prev,
         }
         if signed is not None and (
@@ -299,7 +313,11 @@ class AuditWriter:
             conn.execute(ADVANCE_HEAD_SIGNED, {**values, "signed_at": now})
         else:
             conn.execute(ADVANCE_HEAD, values)
-        head.size, head.frontier, head.last_leaf = frontier.size, frontier.to_bytes(), prev
+        extended = getattr(self._batch, "extended", None)
+        if extended is not None and signed is not None:
+            # A group-commit transaction: once it committed, these leaves serve witness proofs.
+            extended.append((log_id, head.size, head.frontier, leaves, end))
+        head.size, head.frontier, head.last_leaf = frontier.size, end, prev
         return len(items)
 
     def _sign(
@@ -355,6 +373,30 @@ class AuditWriter:
         assert latest
         self.guard.publish_now(latest[0], signed, wait=wait)
         return latest[0]
+
+    def store_cosignatures(self, log_id: str, size: int, cos: Sequence[Cosignature]) -> None:
+        """Store verified witness cosignatures of checkpoint ``size``; returns once committed.
+
+        They ride in the next group-commit transaction (with whatever appends it carries)
+        instead of committing, and flushing to disk, on their own.  Readers see them, and
+        exports publish them, only once that transaction committed; a crash before it loses
+        nothing a witness cannot give again (the witness keeps its own durable state; the
+        next submission learns its size from a 409 and the newest checkpoint is resubmitted
+        when it lacks cosignatures)."""
+        if not cos:
+            return
+
+        def work(conn: Connection) -> None:
+            insert_cosignatures(conn, self._clock.now(), log_id, size, cos)
+
+        if self._group.on_writer_thread():  # it cannot wait for its own next batch
+            try:
+                with self._db.connection() as conn:
+                    work(conn)
+            except (SQLAlchemyError, DatabaseUnavailableError) as exc:
+                raise AuditUnavailableError("the cosignatures could not be stored") from exc
+            return
+        self._group.submit([], self._config.write_timeout_seconds, work=work)
 
     def sign_due_checkpoints(self) -> int:
         """Sign a checkpoint for every log with entries older than the checkpoint period."""

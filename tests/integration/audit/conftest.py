@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +13,9 @@ from sandboxsec.audit.events import AuditEvent
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.clock import FixedClock
 from sandboxsec.services import Services
-from sandboxsec.settings import Settings
+from sandboxsec.settings import AuditWitness, Settings
 from sandboxsec.storage.db import Database
+from tests.integration.audit.witnesses import WitnessProcess, witnesses
 
 CHECKPOINT_EVERY = 8
 
@@ -29,6 +31,25 @@ def audit_services(
     svc = Services(s, clock=clock, db=database)
     yield svc
     svc.close()
+
+
+@pytest.fixture
+def witnessed(
+    settings: Settings, database: Database, clock: FixedClock, tmp_path: Path
+) -> Iterator[tuple[Services, list[WitnessProcess]]]:
+    """Services (both backends) whose checkpoints go to two witness processes."""
+    log_vkey = Services(settings, clock=clock, db=database).audit.keys.verifier_key()
+    with witnesses(tmp_path, log_vkey) as ws:
+        s = settings.model_copy(update={
+            "audit_checkpoint_every": CHECKPOINT_EVERY,
+            "audit_write_timeout_seconds": 10.0,
+            "audit_witnesses": [AuditWitness(url=w.url, key=w.vkey) for w in ws],
+        })
+        svc = Services(s, clock=clock, db=database)
+        try:
+            yield svc, ws
+        finally:
+            svc.close()
 
 
 def decision(tenant_id: str | None, i: int, **kw: Any) -> AuditRecord:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +31,11 @@ from sandboxsec.audit.errors import (
 from sandboxsec.audit.merkle import Frontier, leaf_hash
 from sandboxsec.audit.verify import verify_export
 from sandboxsec.cli import main as cli
-from sandboxsec.clock import FixedClock
 from sandboxsec.services import Services
-from sandboxsec.settings import AuditWitness, Settings
-from sandboxsec.storage.db import Database
 from tests.integration.audit.conftest import CHECKPOINT_EVERY, decision
-from tests.integration.audit.witnesses import WitnessProcess, witnesses
+from tests.integration.audit.witnesses import WitnessProcess
 
 LOG = "tn_witnessed"
-
-
-@pytest.fixture
-def witnessed(
-    settings: Settings, database: Database, clock: FixedClock, tmp_path: Path
-) -> Iterator[tuple[Services, list[WitnessProcess]]]:
-    """Services (both backends) whose checkpoints go to two witness processes."""
-    log_vkey = Services(settings, clock=clock, db=database).audit.keys.verifier_key()
-    with witnesses(tmp_path, log_vkey) as ws:
-        s = settings.model_copy(update={
-            "audit_checkpoint_every": CHECKPOINT_EVERY,
-            "audit_write_timeout_seconds": 10.0,
-            "audit_witnesses": [AuditWitness(url=w.url, key=w.vkey) for w in ws],
-        })
-        svc = Services(s, clock=clock, db=database)
-        try:
-            yield svc, ws
-        finally:
-            svc.close()
 
 
 def _json_out(capsys: pytest.CaptureFixture[str]) -> Any:
@@ -201,7 +179,6 @@ def test_a_dba_rewrite_is_refused_by_the_service_and_by_witnessing_auditors(
     listed = _json_out(capsys)
     assert [(a["log_id"], a["code"]) for a in listed] == [(LOG, "audit_history_mismatch")]
     # The alarm is evidence too: recorded in the service's own log.
-    import time
 
     deadline = time.monotonic() + 20
     alarm_event = "audit:log:alarm"
@@ -216,11 +193,20 @@ def test_a_dba_rewrite_is_refused_by_the_service_and_by_witnessing_auditors(
     svc.audit.guard.states.clear_alarm(LOG)
     svc.audit.guard.states.forget(LOG)
     svc.audit.append_many([decision(LOG, 100 + i) for i in range(3)])
+    # ... but no witness cosigns it: each holds the genuine tree of size 20, and the proof
+    # from it does not verify (422).  The checkpoint signed with these appends reaches them
+    # in the background, and the service raises the witness alarm ...
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and svc.audit.guard.states.alarm(LOG) is None:
+        time.sleep(0.05)
+    alarm = svc.audit.guard.states.alarm(LOG)
+    assert alarm is not None and alarm.code == "audit_witness_refused"
+    # ... the insider removes that marker too and exports: the export verifies on its own,
+    # and its checkpoint, submitted again before the export is served, is refused again ...
+    svc.audit.guard.states.clear_alarm(LOG)
     forged = _export(svc)
     report = verify_export(forged, svc.audit.keys.public_key)
     assert report.tree_size == 23
-    # ... but no witness cosigns it: each holds the genuine tree of size 20, and the proof
-    # from it does not verify (422), so the service raises the witness alarm ...
     alarm = svc.audit.guard.states.alarm(LOG)
     assert alarm is not None and alarm.code == "audit_witness_refused"
     # ... and an auditor requiring witnesses refuses the export.
@@ -293,7 +279,6 @@ def test_a_tampered_state_file_stops_the_log(
 def test_unchanged_checkpoints_are_resubmitted_so_cosignatures_stay_fresh(
     witnessed: tuple[Services, list[WitnessProcess]],
 ) -> None:
-    import time
 
     from sandboxsec.audit.cosignature import parse_cosignature_line
 
