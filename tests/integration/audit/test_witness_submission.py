@@ -286,12 +286,7 @@ def test_work_rides_in_a_group_commit_and_a_failing_one_denies_no_append(
         raise ValueError("a broken work item")
 
     results: dict[str, object] = {}
-
-    def run(name: str, fn: Callable[[], object]) -> None:
-        try:
-            results[name] = fn()
-        except Exception as exc:
-            results[name] = exc
+    run = _recorder(results)
 
     group = writer._group
     first = threading.Thread(target=run, args=("held", lambda: group.submit([], 10, work=hold)))
@@ -341,12 +336,7 @@ def test_a_failed_transaction_leaves_nothing_for_the_next_commit_to_publish(
         raise OperationalError("COMMIT", {}, Exception("the database went away"))
 
     results: dict[str, object] = {}
-
-    def run(name: str, fn: Callable[[], object]) -> None:
-        try:
-            results[name] = fn()
-        except Exception as exc:
-            results[name] = exc
+    run = _recorder(results)
 
     first = threading.Thread(target=run, args=("held", lambda: group.submit([], 10, work=hold)))
     first.start()
@@ -374,3 +364,15 @@ def test_a_failed_transaction_leaves_nothing_for_the_next_commit_to_publish(
     assert svc.audit.guard.states.alarm(LOG) is None
     newest = svc.audit.latest_checkpoint(LOG)
     assert newest is not None and newest.size == 1 + CHECKPOINT_EVERY
+
+
+def _recorder(results: dict[str, object]) -> Callable[[str, Callable[[], object]], None]:
+    """``run(name, fn)`` for a thread: keeps what ``fn`` returned, or what it raised."""
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            results[name] = exc
+
+    return run
