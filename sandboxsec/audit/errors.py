@@ -152,6 +152,8 @@ class AuditHistoryMismatchError(DependencyUnavailableError):
     altered behind the service's back.  The service refuses to sign and stops the log."""
 
     code = "audit_history_mismatch"
+    #: The log it stopped (or found stopped), when the raiser knows it.
+    log_id: str | None = None
 
 
 class AuditWitnessRefusedError(DependencyUnavailableError):
@@ -165,6 +167,8 @@ class AuditStateInvalidError(DependencyUnavailableError):
     """The state file holding the last signed checkpoint fails its integrity check."""
 
     code = "audit_state_invalid"
+    #: The log it stopped (or found stopped), when the raiser knows it.
+    log_id: str | None = None
 
 
 class AuditCheckpointKeyMismatchError(DependencyUnavailableError):
@@ -179,6 +183,8 @@ class AuditLogAlarmedError(DependencyUnavailableError):
     """The log is stopped by an earlier integrity alarm; nothing more is appended or signed."""
 
     code = "audit_log_alarmed"
+    #: The log it stopped (or found stopped), when the raiser knows it.
+    log_id: str | None = None
 
 
 # --- the witness's answers (tlog-witness add-checkpoint), each with the status the spec gives

@@ -16,12 +16,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import structlog
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.audit.errors import AuditLogAlarmedError, AuditUnavailableError
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
 from sandboxsec.audit.store import log_id_of
 from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
@@ -182,7 +183,7 @@ class GroupCommit:
             else:
                 self._sweep()
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending], cause: Exception | None = None) -> None:
         try:
             self._commit_once(batch)
         except Exception as exc:  # every failure must reach the waiting callers
@@ -194,8 +195,13 @@ class GroupCommit:
             if len(batch) > 1 and not unavailable:
                 # One bad record must not deny the others: retry each on its own.
                 for p in batch:
-                    self._commit([p])
+                    self._commit([p], cause=exc)
                 return
+            if (isinstance(exc, AuditLogAlarmedError) and exc.log_id is not None
+                    and getattr(cause, "log_id", None) == exc.log_id):
+                # The batch's own failure stopped this log a moment ago (the retry alone
+                # then finds it stopped): its writers get that failure, with its reason.
+                exc = cast(Exception, cause)
             _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
             # Integrity refusals (503s of their own) keep their reason code.
             err = (

@@ -81,10 +81,12 @@ class HistoryGuard:
         """Refuse to touch a log that an alarm stopped (in this or any other worker)."""
         alarm = self.states.alarm(log_id)
         if alarm is not None:
-            raise AuditLogAlarmedError(
+            stopped = AuditLogAlarmedError(
                 f"the audit log is stopped by an integrity alarm ({alarm.code}); nothing is "
                 "recorded or signed until an operator clears it"
             )
+            stopped.log_id = log_id
+            raise stopped
 
     def check(
         self,
@@ -105,6 +107,7 @@ class HistoryGuard:
             state = self.states.load(log_id)
         except AuditStateInvalidError as exc:
             self.alarm(log_id, exc.reason, exc.message)
+            exc.log_id = log_id
             raise
         if state is None:
             # First checkpoint of this log on this service home: trusted on first use.
@@ -135,9 +138,12 @@ class HistoryGuard:
         except (AuditHistoryMismatchError, UnicodeEncodeError) as exc:
             message = getattr(exc, "message", "an entry is not ASCII")
             self.alarm(log_id, AuditHistoryMismatchError.code, message)
-            if isinstance(exc, AuditHistoryMismatchError):
+            mismatch = (exc if isinstance(exc, AuditHistoryMismatchError)
+                        else AuditHistoryMismatchError(message))
+            mismatch.log_id = log_id
+            if mismatch is exc:
                 raise
-            raise AuditHistoryMismatchError(message) from exc
+            raise mismatch from exc
 
     # ---------------------------------------------------------------------- after commit
 

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from sandboxsec.audit.events import AuditEvent
+from sandboxsec.audit.merkle import Frontier
 from sandboxsec.audit.record import AuditRecord
 from sandboxsec.clock import FixedClock
 from sandboxsec.services import Services
@@ -73,3 +74,22 @@ def sql(services: Services, statement: str, **params: Any) -> None:
     """Run one statement directly against the database, behind the service's back."""
     with services.db.engine.begin() as conn:
         conn.execute(text(statement), params)
+
+
+def truncate_log(svc: Services, log_id: str, keep: int) -> None:
+    """What a database administrator can do: drop the entries from ``keep`` on and roll the
+    log's head and checkpoints back to a size the service never signed."""
+    with svc.db.engine.begin() as conn:
+        rows = conn.execute(text(
+            "SELECT leaf_hash FROM audit_entries WHERE tenant_id = :t ORDER BY seq"
+        ), {"t": log_id}).all()
+        leaves = [bytes(r[0]) for r in rows][:keep]
+        conn.execute(text("DELETE FROM audit_entries WHERE tenant_id = :t AND seq >= :k"),
+                     {"t": log_id, "k": keep})
+        f = Frontier()
+        f.extend(leaves)
+        conn.execute(text("UPDATE audit_heads SET size = :k, frontier = :f, last_leaf = :l, "
+                          "checkpoint_size = 0 WHERE id = :t"),
+                     {"k": keep, "f": f.to_bytes(), "l": leaves[-1], "t": log_id})
+        conn.execute(text("DELETE FROM audit_checkpoints WHERE tenant_id = :t AND size > :s"),
+                     {"t": log_id, "s": keep - keep % CHECKPOINT_EVERY})

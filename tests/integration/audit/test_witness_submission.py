@@ -28,7 +28,11 @@ from sandboxsec.audit.cosignature import (
     verify_cosignatures,
 )
 from sandboxsec.audit.cosignature_store import insert_cosignatures
-from sandboxsec.audit.errors import AuditUnavailableError
+from sandboxsec.audit.errors import (
+    AuditHistoryMismatchError,
+    AuditLogAlarmedError,
+    AuditUnavailableError,
+)
 from sandboxsec.audit.merkle import MerkleTree
 from sandboxsec.audit.reader import StoredTree
 from sandboxsec.audit.record import AuditReceipt
@@ -37,7 +41,7 @@ from sandboxsec.audit.witness_client import WitnessEndpoint, WitnessPublisher
 from sandboxsec.clock import FixedClock
 from sandboxsec.services import Services
 from sandboxsec.storage.db import Database
-from tests.integration.audit.conftest import CHECKPOINT_EVERY, decision
+from tests.integration.audit.conftest import CHECKPOINT_EVERY, decision, truncate_log
 from tests.integration.audit.witnesses import (
     WitnessProcess,
     start_witness,
@@ -313,6 +317,59 @@ def test_work_rides_in_a_group_commit_and_a_failing_one_denies_no_append(
     # The failing item's own write was rolled back with it; the others committed.
     assert stored == {1: [_cosig("held.example/w", 1).line], 3: [_cosig("good.example/w", 3).line]}
     assert svc.audit.size(LOG) == 2
+
+
+def test_a_write_that_stops_its_log_in_a_shared_commit_learns_why(
+    audit_services: Services,
+) -> None:
+    """A write whose log turns out truncated by a database administrator stops that log.  When
+    it shares its group commit with other work (a cosignature, another log's entry), the
+    batch fails, and each caller is retried alone: the writer of the stopped log gets the
+    mismatch with its own reason code (not the later "log stopped"), and nobody else is
+    denied."""
+    svc = audit_services
+    writer = svc.audit.writer
+    group = writer._group
+    svc.audit.append_many([decision(LOG, i) for i in range(12)])
+    svc.audit.checkpoint_now(LOG)
+    truncate_log(svc, LOG, 10)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> None:
+        inside.set()
+        release.wait(10)
+
+    results: dict[str, object] = {}
+    run = _recorder(results)
+    first = threading.Thread(target=run, args=("held", lambda: group.submit([], 10, work=hold)))
+    first.start()
+    assert inside.wait(10)
+    others = [
+        threading.Thread(target=run, args=("truncated", lambda: svc.audit.append_many(
+            [decision(LOG, 50 + i) for i in range(CHECKPOINT_EVERY)]))),
+        threading.Thread(target=run, args=("other", lambda: svc.audit.append(
+            decision("tn_other", 0)))),
+        threading.Thread(target=run, args=("cosig", lambda: writer.store_cosignatures(
+            "tn_other", 1, [_cosig("good.example/w", 1)]))),
+    ]
+    for t in others:
+        t.start()
+    time.sleep(0.3)  # all three queued behind the held transaction: one batch
+    release.set()
+    for t in [first, *others]:
+        t.join(15)
+    assert isinstance(results["truncated"], AuditHistoryMismatchError)
+    assert results["truncated"].code == "audit_history_mismatch"
+    alarm = svc.audit.guard.states.alarm(LOG)
+    assert alarm is not None and alarm.code == "audit_history_mismatch"
+    assert svc.audit.size(LOG) == 10
+    # The other log's writers were not denied.
+    receipt = results["other"]
+    assert isinstance(receipt, AuditReceipt) and receipt.seq == 0
+    assert results["cosig"] is None
+    # Once stopped, a later write of that log is told the log is stopped.
+    with pytest.raises(AuditLogAlarmedError):
+        svc.audit.append(decision(LOG, 99))
 
 
 def test_a_failed_transaction_leaves_nothing_for_the_next_commit_to_publish(
