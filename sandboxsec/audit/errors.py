@@ -37,6 +37,7 @@ __all__ = [
     "AuditVerificationError",
     "AuditWitnessQuorumError",
     "AuditWitnessRefusedError",
+    "StopsLog",
     "WitnessForkError",
     "WitnessOriginUnknownError",
     "WitnessProofInvalidError",
@@ -44,6 +45,14 @@ __all__ = [
     "WitnessSignatureUntrustedError",
     "WitnessSizeConflictError",
 ]
+
+
+class StopsLog:
+    """Mixin of the integrity refusals that stop one log, or find it stopped: ``log_id`` names
+    that log when the raiser knows it (a write retried after its own batch stopped the log is
+    then told the cause, and only that log's writers are)."""
+
+    log_id: str | None = None
 
 
 class AuditUnavailableError(DependencyUnavailableError):
@@ -147,13 +156,11 @@ class AuditWitnessQuorumError(AuditVerificationError):
     code = "audit_witness_quorum_not_met"
 
 
-class AuditHistoryMismatchError(DependencyUnavailableError):
+class AuditHistoryMismatchError(StopsLog, DependencyUnavailableError):
     """The stored log does not extend the last checkpoint this service signed: the past was
     altered behind the service's back.  The service refuses to sign and stops the log."""
 
     code = "audit_history_mismatch"
-    #: The log it stopped (or found stopped), when the raiser knows it.
-    log_id: str | None = None
 
 
 class AuditWitnessRefusedError(DependencyUnavailableError):
@@ -163,12 +170,10 @@ class AuditWitnessRefusedError(DependencyUnavailableError):
     code = "audit_witness_refused"
 
 
-class AuditStateInvalidError(DependencyUnavailableError):
+class AuditStateInvalidError(StopsLog, DependencyUnavailableError):
     """The state file holding the last signed checkpoint fails its integrity check."""
 
     code = "audit_state_invalid"
-    #: The log it stopped (or found stopped), when the raiser knows it.
-    log_id: str | None = None
 
 
 class AuditCheckpointKeyMismatchError(DependencyUnavailableError):
@@ -179,12 +184,10 @@ class AuditCheckpointKeyMismatchError(DependencyUnavailableError):
     code = "audit_checkpoint_key_mismatch"
 
 
-class AuditLogAlarmedError(DependencyUnavailableError):
+class AuditLogAlarmedError(StopsLog, DependencyUnavailableError):
     """The log is stopped by an earlier integrity alarm; nothing more is appended or signed."""
 
     code = "audit_log_alarmed"
-    #: The log it stopped (or found stopped), when the raiser knows it.
-    log_id: str | None = None
 
 
 # --- the witness's answers (tlog-witness add-checkpoint), each with the status the spec gives

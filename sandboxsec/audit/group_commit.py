@@ -16,13 +16,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import cast
 
 import structlog
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from sandboxsec.audit.errors import AuditLogAlarmedError, AuditUnavailableError
+from sandboxsec.audit.errors import AuditLogAlarmedError, AuditUnavailableError, StopsLog
 from sandboxsec.audit.record import AuditReceipt, AuditRecord
 from sandboxsec.audit.store import log_id_of
 from sandboxsec.errors import DependencyUnavailableError, SandboxSecError
@@ -197,11 +196,11 @@ class GroupCommit:
                 for p in batch:
                     self._commit([p], cause=exc)
                 return
-            if (isinstance(exc, AuditLogAlarmedError) and exc.log_id is not None
-                    and getattr(cause, "log_id", None) == exc.log_id):
+            if (isinstance(exc, AuditLogAlarmedError) and isinstance(cause, StopsLog)
+                    and exc.log_id is not None and cause.log_id == exc.log_id):
                 # The batch's own failure stopped this log a moment ago (the retry alone
                 # then finds it stopped): its writers get that failure, with its reason.
-                exc = cast(Exception, cause)
+                exc = cause
             _log.error("audit_write_failed", error=type(exc).__name__, records=len(batch))
             # Integrity refusals (503s of their own) keep their reason code.
             err = (
