@@ -17,6 +17,7 @@ compute, and every failure is still named by the Python checks below.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import importlib
 import itertools
@@ -305,13 +306,8 @@ def verify_export(
                 f"the tree before entry {start} does not match the checkpoint of size {start}",
                 seq=start,
             )
-        held: list[list[bytes]] = []
-
-        def entries() -> list[bytes]:
-            if not held:
-                held.append(_entry_lines(data, entries_at))
-            return held[0]
-
+        # The entry lines are split only if a check has to name a failing entry.
+        entries = functools.cache(lambda: _entry_lines(data, entries_at))
         fast = entry_workers.result()
         blocks: dict[int, bytes] = {}
         leaves: Sequence[bytes]

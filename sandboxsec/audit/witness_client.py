@@ -168,7 +168,8 @@ class _ProofMemo:
     """The consistency proofs of one submission, made once per starting size.
 
     Witnesses that cosigned the same size (the usual case) need the same proof: the first
-    caller reads it from the store, the others wait for it and reuse it.
+    caller makes it (from the writer's kept leaves, or the store), the others wait for it and
+    reuse it.
     """
 
     def __init__(self, make: Callable[[int], list[bytes]]) -> None:
