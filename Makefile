@@ -5,7 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Needed to build and run the service (tpm2-pytss links libtss2), plus the vTPM and HSM;
-# a C compiler, Python and OpenSSL headers build the native audit verifier (optional).
+# a C compiler, Python and OpenSSL headers build the native audit verifier and proof
+# signature checks (optional).
 APT_RUN := libtss2-dev pkg-config swtpm swtpm-tools softhsm2 gcc python3-dev libssl-dev
 # Needed by the test suite only: the database server (and pg_auto_failover for the failover
 # soak), a browser, TPM tools.
@@ -32,7 +33,7 @@ apt-test: .stamp-apt-test
 	@touch $@
 
 venv: $(BIN)/.installed
-$(BIN)/.installed: pyproject.toml setup.py sandboxsec/audit/_native.c clients/python/pyproject.toml | .stamp-apt-run
+$(BIN)/.installed: pyproject.toml setup.py sandboxsec/audit/_native.c sandboxsec/sessions/_p256.c clients/python/pyproject.toml | .stamp-apt-run
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@# The client first, from this tree: the service depends on it by name.

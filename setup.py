@@ -1,9 +1,14 @@
-"""Build of the optional C extension; everything else is declared in pyproject.toml.
+"""Build of the optional C extensions; everything else is declared in pyproject.toml.
 
-``sandboxsec.audit._native`` hashes audit export entries in bulk with OpenSSL's libcrypto
-(headers: Debian ``libssl-dev``).  It is optional: when it does not compile, the install goes
-on and the verifier runs the same checks in pure Python.  ``SANDBOXSEC_BUILD_NATIVE=0`` skips
-it on purpose (the test that notices a missing build honours the same variable).
+Both use OpenSSL's libcrypto (headers: Debian ``libssl-dev``) and implement no primitive:
+
+* ``sandboxsec.audit._native`` hashes audit export entries in bulk;
+* ``sandboxsec.sessions._p256`` checks session-proof signatures (ECDSA P-256) on threads that
+  do not hold the GIL, so the check runs while the action is decided.
+
+They are optional: when one does not compile, the install goes on and the same checks run in
+pure Python or with ``cryptography``.  ``SANDBOXSEC_BUILD_NATIVE=0`` skips them on purpose
+(the tests that notice a missing build honour the same variable).
 """
 
 import os
@@ -16,7 +21,13 @@ native = [
         ["sandboxsec/audit/_native.c"],
         libraries=["crypto"],
         optional=True,
-    )
+    ),
+    Extension(
+        "sandboxsec.sessions._p256",
+        ["sandboxsec/sessions/_p256.c"],
+        libraries=["crypto"],
+        optional=True,
+    ),
 ]
 
 setup(ext_modules=[] if os.environ.get("SANDBOXSEC_BUILD_NATIVE") == "0" else native)

@@ -208,7 +208,8 @@ class Services:
         config = BindingConfig(public_url=s.public_url,
                                require_session_key=s.require_session_key,
                                max_age_seconds=s.dpop_max_age_seconds,
-                               skew_seconds=s.dpop_clock_skew_seconds)
+                               skew_seconds=s.dpop_clock_skew_seconds,
+                               parallel_signature_check=s.dpop_parallel_signature_check)
         nonces = (dpop_nonces(s.home, s.dpop_nonce_lifetime_seconds, s.dpop_clock_skew_seconds)
                   if s.dpop_require_nonce else None)
         return SessionBinding(config, self.db, self.clock, self.audit_writer, nonces=nonces)

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
         "freshness is judged on the service's clock (docs/attestation.md).",
     )
     dpop_nonce_lifetime_seconds: int = Field(default=300, ge=10, le=3600)
+    dpop_parallel_signature_check: bool = Field(
+        default=True,
+        description="Check a proof's signature on a thread of its own while the action is "
+        "decided; the decision commits only once it verified (docs/attestation.md).",
+    )
 
     # --- policy ---
     approval_ttl_seconds: int = Field(default=300, ge=10, le=86400)

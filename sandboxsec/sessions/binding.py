@@ -20,7 +20,11 @@ Refusals after step 2 are audited (``session:proof:refuse`` with the reason code
 
 Routes that write (``POST /v1/actions``, trajectory writes) call :meth:`SessionBinding.acting`
 instead: checks 1, 3 and 4 first without a write, and step 5 inside the route's own
-transaction, so the proof is used up exactly when the request is carried out.
+transaction, so the proof is used up exactly when the request is carried out.  With
+``overlap=True`` (``POST /v1/actions``) the signature of step 4 is checked on a thread of its
+own while the route works, and step 5 waits for it, inside the transaction: a forged proof's
+work is rolled back and refused with ``dpop_signature_invalid``
+(:mod:`sandboxsec.sessions.signatures`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from sandboxsec.sessions.lru import Lru
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.sessions.nonce import DpopNonces
 from sandboxsec.sessions.replay import ReplayStore
+from sandboxsec.sessions.signatures import PendingSignature, SignatureChecks
 from sandboxsec.storage.db import Database
 from sandboxsec.storage.tenancy import get_scoped
 
@@ -74,6 +79,8 @@ class BindingConfig:
     require_session_key: bool = True
     max_age_seconds: int = 60
     skew_seconds: int = 5
+    #: check a proof's signature beside the action that waits for it (``acting(overlap=)``)
+    parallel_signature_check: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,7 @@ class SessionBinding:
         self._audit = audit
         self._replay = replay or ReplayStore(db)
         self._keys = keys or dpop.KeyCache()
+        self._signatures = SignatureChecks(self._keys, native=config.parallel_signature_check)
         self._nonces = nonces
         # (tenant, session) -> key thumbprint ("" for an unbound session): fixed at start.
         self._session_keys: Lru[tuple[str, str], str] = Lru(16384)
@@ -161,7 +169,7 @@ class SessionBinding:
         return state
 
     def acting(self, who: Principal, request: RequestProof, session_id: str,
-               act: Callable[[Claim], T]) -> T:
+               act: Callable[[Claim], T], *, overlap: bool = False) -> T:
         """Run ``act`` for a request acting in ``session_id`` once its proof verified, with
         the proof's single-use claim (check 5) folded into ``act``'s own transaction.
 
@@ -173,6 +181,12 @@ class SessionBinding:
         worker.  An ``act`` that returns without calling it gets the claim in a transaction
         of its own (never skipped).  Whether the session is open is ``act``'s check (as
         ``check_open=False`` of :meth:`require`).
+
+        ``overlap=True`` starts the signature check and runs ``act`` at once; the
+        :data:`Claim` waits for the check first, so it is only for an ``act`` whose every
+        effect is in the transaction in which it calls the claim (a forged proof's work then
+        rolls back).  Any refusal of ``act`` also waits for it: a forged proof is refused as
+        such (``dpop_signature_invalid``), whatever else ``act`` found.
         """
         now = self._clock.now()
         proof = _one(request.proofs)
@@ -183,8 +197,12 @@ class SessionBinding:
                     raise SessionNotBoundError("the session has no TPM-held key to prove")
                 return act(_no_claim)
             pending = self._verify(who.tenant_id, request, proof, session_id=session_id,
-                                   jkt=jkt, now=now)
-            result = act(pending.claim)
+                                   jkt=jkt, now=now, overlap=overlap)
+            try:
+                result = act(pending.claim)
+            except BaseException:
+                pending.signature_first()
+                raise
             if not pending.claimed:
                 pending.claim(None)
             return result
@@ -225,26 +243,38 @@ class SessionBinding:
         return row.key_thumbprint or None
 
     def _verify(self, tenant_id: str, request: RequestProof | None, proof: str | None, *,
-                session_id: str, jkt: str, now: datetime) -> _PendingClaim:
+                session_id: str, jkt: str, now: datetime,
+                overlap: bool = False) -> _PendingClaim:
         if request is None or proof is None:
             raise DpopMissingError("send a DPoP proof signed by the session key")
         base = self._config.public_url
         if not base:
             raise DpopUrlUnconfiguredError("SANDBOXSEC_PUBLIC_URL is not configured")
-        verified = dpop.verify_proof(
+        checked = dpop.check_proof(
             proof, method=request.method, url=base.rstrip("/") + request.path,
             body=request.body, session_id=session_id, jkt=jkt, now=now,
             max_age_seconds=self._config.max_age_seconds,
             skew_seconds=self._config.skew_seconds, api_key=request.api_key,
             keys=self._keys,
         )
+        signature: PendingSignature | None = None
+        if overlap and self._signatures.overlaps:
+            signature = self._signatures.start(checked.signature)
+        else:
+            self._signatures.check(checked.signature)
+        verified = checked.claims
         # 4b. The server nonce, when this deployment hands them out (sessions/nonce.py).
         if self._nonces is not None:
-            self._nonces.check(verified.nonce, now)
+            try:
+                self._nonces.check(verified.nonce, now)
+            except SandboxSecError:
+                if signature is not None:
+                    signature.require()  # a forged proof is refused as such
+                raise
         keep_until = datetime.fromtimestamp(
             verified.iat + self._config.max_age_seconds
             + self._config.skew_seconds + 1, UTC)
-        return _PendingClaim(self._replay, tenant_id, verified, keep_until, now)
+        return _PendingClaim(self._replay, tenant_id, verified, keep_until, now, signature)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -294,22 +324,31 @@ _PROOF_REFUSALS = (DpopError, DpopMalformedError, SessionNotBoundError)
 
 
 class _PendingClaim:
-    """A verified proof whose ``jti`` is still to be marked used, once."""
+    """A checked proof whose ``jti`` is still to be marked used, once; its signature check
+    may still be running (then the claim waits for it, and refuses a forged proof)."""
 
-    __slots__ = ("claimed", "keep_until", "now", "proof", "replay", "tenant_id")
+    __slots__ = ("claimed", "keep_until", "now", "proof", "replay", "signature", "tenant_id")
 
     def __init__(self, replay: ReplayStore, tenant_id: str, proof: dpop.VerifiedProof,
-                 keep_until: datetime, now: datetime) -> None:
+                 keep_until: datetime, now: datetime,
+                 signature: PendingSignature | None = None) -> None:
         self.replay = replay
         self.tenant_id = tenant_id
         self.proof = proof
         self.keep_until = keep_until
         self.now = now
+        self.signature = signature
         self.claimed = False
+
+    def signature_first(self) -> None:
+        """Raise :class:`DpopSignatureInvalidError` if the signature check failed (waits)."""
+        if self.signature is not None:
+            self.signature.require()
 
     def claim(self, session: Session | None) -> None:
         if self.claimed:
             return
+        self.signature_first()
         won = self.replay.claim(self.tenant_id, self.proof.jkt, self.proof.jti,
                                 keep_until=self.keep_until, now=self.now, session=session)
         self.claimed = True

@@ -11,6 +11,10 @@ a sandbox, a software key in tests and SDKs) and ``now``; :func:`verify_proof` t
 proof, the request as received, the session's key thumbprint and ``now``, and returns the
 verified claims or raises one typed error of :mod:`sandboxsec.sessions.errors`.  Single use
 of ``jti`` is the caller's job (a store shared by all workers), after verification.
+:func:`check_proof` runs every check but the signature and hands it back prepared
+(:class:`ProofSignature`), for a caller that checks it while the request goes on
+(:mod:`sandboxsec.sessions.signatures`); the reason codes stay those of the order below,
+because a refusal by checks 5-6 is only given once the signature verified.
 
 Checks of :func:`verify_proof`, in order (RFC 9449 section 4.3):
 
@@ -27,7 +31,6 @@ Checks of :func:`verify_proof`, in order (RFC 9449 section 4.3):
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from sandboxsec.encoding import b64url_decode_strict
 from sandboxsec.sessions.errors import (
     DpopAthMismatchError,
     DpopBodyMismatchError,
+    DpopError,
     DpopKeyMismatchError,
     DpopMalformedError,
     DpopMethodMismatchError,
@@ -62,17 +66,21 @@ __all__ = [
     "ALG",
     "MAX_PROOF_CHARS",
     "TYP",
+    "CheckedProof",
     "KeyCache",
+    "ProofSignature",
     "Signer",
     "VerifiedProof",
     "ath_of",
     "b64url",
     "body_hash",
+    "check_proof",
     "create_proof",
     "der_to_raw",
     "ec_jwk",
     "jwk_thumbprint",
     "normalize_url",
+    "require_signature",
     "verify_proof",
     "verify_signature",
 ]
@@ -107,6 +115,11 @@ def body_hash(body: bytes) -> str:
 def ath_of(api_key: str) -> str:
     """The ``ath`` claim: base64url SHA-256 of the API key as sent (RFC 9449 section 4.2)."""
     return b64url(hashlib.sha256(api_key.encode("utf-8")).digest())
+
+
+# An agent sends the same key with every request; its hash is not secret (every proof
+# carries it), and the bound keeps a flood of junk keys from growing the cache.
+_ath_cached = lru_cache(maxsize=1024)(ath_of)
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
@@ -193,23 +206,63 @@ class KeyCache:
         """Keep a header whose proof verified."""
         self._headers.put(head_b64, entry)
 
+    def verified(self, signature: ProofSignature) -> None:
+        """Keep the header of ``signature``, which verified (a no-op when it was kept)."""
+        if signature.fresh_header is not None:
+            self.remember(signature.head_b64, signature.fresh_header)
+
 
 @dataclass(frozen=True, slots=True)
 class _Header:
     jwk: dict[str, Any]
     jkt: str
     key: ec.EllipticCurvePublicKey
+    #: the key as an uncompressed SEC1 point (``0x04 || x || y``)
+    point: bytes
 
 
-def _p256_key(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+def _p256_key(jwk: Mapping[str, Any]) -> tuple[ec.EllipticCurvePublicKey, bytes]:
     x = _unb64url(str(jwk.get("x", "")), "jwk x")
     y = _unb64url(str(jwk.get("y", "")), "jwk y")
     if len(x) != 32 or len(y) != 32:
         raise DpopMalformedError("jwk coordinates must be 32 bytes each")
+    point = b"\x04" + x + y
     try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point), point
     except ValueError:
         raise DpopMalformedError("jwk is not a point on P-256") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ProofSignature:
+    """Check 4 of a proof, prepared and not yet run: the key (a point on P-256 that
+    ``cryptography`` accepted), the raw ``r || s`` signature (64 bytes) and the exact bytes
+    it signs."""
+
+    key: ec.EllipticCurvePublicKey
+    point: bytes
+    raw: bytes
+    message: bytes
+    head_b64: str
+    #: the checked header, when it is not in the key cache yet (kept once this verifies)
+    fresh_header: _Header | None
+
+    def verify(self) -> bool:
+        """Whether the signature verifies (``cryptography``, in this thread)."""
+        try:
+            self.key.verify(_raw_to_der(self.raw), self.message, _ECDSA_SHA256)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedProof:
+    """A proof that passed every check but its signature (:func:`check_proof`).  Nothing may
+    be acted on until ``signature`` verified."""
+
+    claims: VerifiedProof
+    signature: ProofSignature
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +281,8 @@ class VerifiedProof:
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(_unb64url(segment, what))
+        # RFC 7515: the segments are UTF-8 (json.loads would also guess UTF-16 and UTF-32).
+        value = json.loads(_unb64url(segment, what).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DpopMalformedError(f"{what} is not JSON") from None
     if not isinstance(value, dict):
@@ -236,9 +290,9 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _same(a: str, b: str) -> bool:
-    # compare_digest refuses non-ASCII str (a JSON escape can make one): compare bytes.
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+#: The string claims of RFC 9449 (``sid`` and ``bh``, this service's, are checked with the
+#: request).
+_REQUIRED: Final = ("jti", "htm", "htu")
 
 
 def _claim(claims: Mapping[str, Any], name: str) -> str:
@@ -267,8 +321,60 @@ def verify_proof(
 
     Raises the error of the first check that fails (order in the module docstring).
     """
-    _, claims = verify_signature(proof, jkt, keys)
-    # jti, htm and htu were checked (present, non-empty, bounded strings) by verify_signature.
+    checked = check_proof(proof, method=method, url=url, body=body, session_id=session_id,
+                          jkt=jkt, now=now, max_age_seconds=max_age_seconds,
+                          skew_seconds=skew_seconds, api_key=api_key, keys=keys)
+    require_signature(checked.signature, keys)
+    return checked.claims
+
+
+def require_signature(signature: ProofSignature, keys: KeyCache | None = None) -> None:
+    """Check 4: raise :class:`DpopSignatureInvalidError` unless ``signature`` verifies (its
+    header is then kept in ``keys``)."""
+    if not signature.verify():
+        raise DpopSignatureInvalidError("the proof signature does not verify")
+    if keys is not None:
+        keys.verified(signature)
+
+
+def check_proof(
+    proof: str,
+    *,
+    method: str,
+    url: str,
+    body: bytes,
+    session_id: str,
+    jkt: str,
+    now: datetime,
+    max_age_seconds: int,
+    skew_seconds: int,
+    api_key: str | None = None,
+    keys: KeyCache | None = None,
+) -> CheckedProof:
+    """Every check of :func:`verify_proof` but the signature, which is returned prepared.
+
+    A proof refused by checks 5-6 has its signature checked first, so the reason code is
+    the one :func:`verify_proof` gives: ``dpop_signature_invalid`` for a forged proof
+    whatever else is wrong with it.  The caller must verify ``signature`` (and give
+    ``keys.verified`` the answer) before it acts on the claims.
+    """
+    _, claims, signature = _prepare(proof, jkt, keys)
+    try:
+        verified = _bound(claims, method=method, url=url, body=body, session_id=session_id,
+                          jkt=jkt, now=now, max_age_seconds=max_age_seconds,
+                          skew_seconds=skew_seconds, api_key=api_key)
+    except (DpopError, DpopMalformedError):
+        require_signature(signature, keys)
+        raise
+    return CheckedProof(claims=verified, signature=signature)
+
+
+def _bound(claims: Mapping[str, Any], *, method: str, url: str, body: bytes, session_id: str,
+           jkt: str, now: datetime, max_age_seconds: int, skew_seconds: int,
+           api_key: str | None) -> VerifiedProof:
+    # Checks 5 and 6.  The _REQUIRED claims are present, non-empty, bounded strings and iat
+    # an int (_prepare).  None of the values compared below is secret (the body hash and
+    # the API key's hash are of what this very request carries), so == compares them.
     jti, htm, htu = claims["jti"], claims["htm"], claims["htu"]
     sid, bh = _claim(claims, "sid"), _claim(claims, "bh")
     iat = claims["iat"]
@@ -282,12 +388,10 @@ def verify_proof(
         raise DpopMethodMismatchError("the proof was made for another HTTP method")
     if htu != url and normalize_url(htu) != normalize_url(url):
         raise DpopUrlMismatchError("the proof was made for another URL")
-    if not _same(bh, body_hash(body)):
+    if bh != body_hash(body):
         raise DpopBodyMismatchError("the proof's body hash does not match the body")
-    if api_key is not None:
-        ath = claims.get("ath")
-        if not isinstance(ath, str) or not _same(ath, ath_of(api_key)):
-            raise DpopAthMismatchError("the proof was made for another API key")
+    if api_key is not None and claims.get("ath") != _ath_cached(api_key):
+        raise DpopAthMismatchError("the proof was made for another API key")
     # 6. Fresh.
     t = int(now.timestamp())
     if iat < t - max_age_seconds or iat > t + skew_seconds:
@@ -304,6 +408,15 @@ def verify_signature(
     Returns the header's ``jwk`` and the claims; checks only that ``jti``, ``htm``, ``htu``
     and ``iat`` are present with their types (the RFC 9449 claims), not their values.
     """
+    jwk, claims, signature = _prepare(proof, jkt, keys)
+    require_signature(signature, keys)
+    return jwk, claims
+
+
+def _prepare(
+    proof: str, jkt: str, keys: KeyCache | None
+) -> tuple[dict[str, Any], dict[str, Any], ProofSignature]:
+    # Checks 0-3, and check 4 made ready to run.
     # 0. One compact JWS, bounded.
     if len(proof) > MAX_PROOF_CHARS or not proof.isascii() or proof.count(".") != 2:
         raise DpopMalformedError("the DPoP header is not one compact JWS of bounded size")
@@ -314,28 +427,29 @@ def verify_signature(
     jwk = cached.jwk if cached is not None else _header_jwk(head_b64)
     # 2. Claims present, with their types.
     claims = _json_object(claims_b64, "proof claims")
-    for name in ("jti", "htm", "htu"):
+    for name in _REQUIRED:
         _claim(claims, name)
     iat = claims.get("iat")
     if not isinstance(iat, int) or isinstance(iat, bool):
         raise DpopMalformedError("claim iat is missing or not an integer")
     # 3. The key is the session's key.
     thumbprint = cached.jkt if cached is not None else jwk_thumbprint(jwk)
-    if not _same(thumbprint, jkt):
+    if thumbprint != jkt:  # both public: the key's thumbprint
         raise DpopKeyMismatchError("the proof is not signed by this session's key")
     # 4. The signature over exactly the received bytes, raw r || s.
     signature = _unb64url(sig_b64, "proof signature")
     if len(signature) != 64:
         raise DpopSignatureInvalidError("an ES256 signature is 64 bytes (r || s)")
-    key = cached.key if cached is not None else _p256_key(jwk)
-    try:
-        key.verify(_raw_to_der(signature), proof[:len(proof) - len(sig_b64) - 1].encode("ascii"),
-                   _ECDSA_SHA256)
-    except InvalidSignature:
-        raise DpopSignatureInvalidError("the proof signature does not verify") from None
-    if cached is None and keys is not None:
-        keys.remember(head_b64, _Header(jwk=jwk, jkt=thumbprint, key=key))
-    return jwk, claims
+    fresh: _Header | None = None
+    if cached is not None:
+        entry = cached
+    else:
+        key, point = _p256_key(jwk)
+        entry = fresh = _Header(jwk=jwk, jkt=thumbprint, key=key, point=point)
+    return jwk, claims, ProofSignature(
+        key=entry.key, point=entry.point, raw=signature,
+        message=proof[:len(proof) - len(sig_b64) - 1].encode("ascii"), head_b64=head_b64,
+        fresh_header=fresh)
 
 
 def _raw_to_der(signature: bytes) -> bytes:

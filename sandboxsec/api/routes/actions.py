@@ -65,12 +65,14 @@ def request_action(body: ActionIn, services: ServicesDep,
     The request carries a ``DPoP`` proof by the session's TPM-held key, checked after the
     body's own shape (params that cannot be canonicalised are a 4xx whatever the session)."""
     canonical_json(body.params)
-    # The proof's single-use mark commits in the decision's own transaction.
+    # The proof's single-use mark commits in the decision's own transaction, which holds
+    # every effect of the decision: its signature is checked meanwhile (overlap).
     result = services.session_binding.acting(
         who, proof, body.session_id,
         lambda claim: services.decisions.request_action(
             who, session_id=body.session_id, action=body.action, resource=body.resource,
-            params=body.params, claim=claim))
+            params=body.params, claim=claim),
+        overlap=True)
     d = result.decision
     approval = result.approval
     DECISIONS.labels(str(d.outcome)).inc()
