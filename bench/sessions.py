@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives import hashes
@@ -126,16 +127,7 @@ def latency(raw_verify: float, n: int = 1000, *, parallel: bool = True) -> None:
         # Says require_session_key=False: the unbound baseline needs it (bound sessions are
         # checked exactly as shipped).
         print("  " + describe(settings, database="SQLite WAL, synchronous=NORMAL (shipped)"))
-        tenant = services.tenants.create("bench")
-        agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")]
-        key = Key()
-        now = services.clock.now()
-        bound, unbound = new_id("ses"), new_id("ses")
-        with db.session() as s:
-            for sid, jkt in ((bound, key.jkt), (unbound, None)):
-                s.add(AgentSession(id=sid, tenant_id=tenant.tenant_id, attested=True,
-                                   created_at=now, expires_at=now + timedelta(hours=1),
-                                   key_thumbprint=jkt))
+        agent, key, bound, unbound = _sessions(services, db)
         headers = {"Authorization": f"Bearer {agent.key}", "Content-Type": "application/json"}
 
         cpu: dict[bool, list[float]] = {True: [], False: []}
@@ -190,6 +182,21 @@ def latency(raw_verify: float, n: int = 1000, *, parallel: bool = True) -> None:
           f"{ca * 1000:.3f} ms, added {(ca - cb) * 1000:.3f} ms")
 
 
+def _sessions(services: Services, db: Database) -> tuple[Any, Key, str, str]:
+    """A tenant's agent key, a session key, and two sessions: one bound to it, one not."""
+    tenant = services.tenants.create("bench")
+    agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")]
+    key = Key()
+    now = services.clock.now()
+    bound, unbound = new_id("ses"), new_id("ses")
+    with db.session() as s:
+        for sid, jkt in ((bound, key.jkt), (unbound, None)):
+            s.add(AgentSession(id=sid, tenant_id=tenant.tenant_id, attested=True,
+                               created_at=now, expires_at=now + timedelta(hours=1),
+                               key_thumbprint=jkt))
+    return agent, key, bound, unbound
+
+
 def _how(parallel: bool) -> str:
     if parallel and signatures.implementation() == "native":
         return "checked beside the decision"
@@ -213,16 +220,7 @@ def over_http(n: int = 1000, runs: int = 3, *, parallel: bool = True) -> None:
         db = Database(settings.resolved_database_url())
         db.migrate()
         services = Services(settings, db=db)
-        tenant = services.tenants.create("bench")
-        agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")]
-        key = Key()
-        now = services.clock.now()
-        bound, unbound = new_id("ses"), new_id("ses")
-        with db.session() as s:
-            for sid, jkt in ((bound, key.jkt), (unbound, None)):
-                s.add(AgentSession(id=sid, tenant_id=tenant.tenant_id, attested=True,
-                                   created_at=now, expires_at=now + timedelta(hours=1),
-                                   key_thumbprint=jkt))
+        agent, key, bound, unbound = _sessions(services, db)
         services.close()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
         env.update(SANDBOXSEC_HOME=str(home), SANDBOXSEC_PUBLIC_URL=base,

@@ -51,11 +51,15 @@ def _sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> tuple[int, int]:
     return decode_dss_signature(key.sign(message, _ECDSA))
 
 
+def _signature(key: ec.EllipticCurvePrivateKey, raw: bytes,
+               message: bytes) -> dpop.ProofSignature:
+    return dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
+                               message=message, head_b64="h", fresh_header=None)
+
+
 def _reference(key: ec.EllipticCurvePrivateKey, raw: bytes, message: bytes) -> bool:
     """What the service answers without the module: cryptography on the same DER."""
-    sig = dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
-                              message=message, head_b64="", fresh_header=None)
-    return sig.verify()
+    return _signature(key, raw, message).verify()
 
 
 def test_native_build() -> None:
@@ -244,10 +248,7 @@ def test_without_the_module_checks_run_with_cryptography(
     assert not checks.overlaps
     key = _KEYS[0]
     raw = _raw(*_sign(key, b"m"))
-    good = dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
-                               message=b"m", head_b64="h", fresh_header=None)
-    bad = dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
-                              message=b"n", head_b64="h", fresh_header=None)
+    good, bad = _signature(key, raw, b"m"), _signature(key, raw, b"n")
     assert checks.start(good).valid() is True
     assert checks.start(bad).valid() is False
 
@@ -261,10 +262,7 @@ def test_a_key_whose_proof_failed_is_checked_before_acting() -> None:
     assert checks.overlaps
     key = _KEYS[1]
     raw = _raw(*_sign(key, b"m"))
-    good = dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
-                               message=b"m", head_b64="h", fresh_header=None)
-    forged = dpop.ProofSignature(key=key.public_key(), point=_point(key), raw=raw,
-                                 message=b"forged", head_b64="h", fresh_header=None)
+    good, forged = _signature(key, raw, b"m"), _signature(key, raw, b"forged")
     assert checks.start(good)._running is not None  # on the pool
     assert checks.start(forged).valid() is False
     after = checks.start(good)
