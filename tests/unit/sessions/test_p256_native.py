@@ -163,17 +163,21 @@ def test_inputs_are_bounded() -> None:
         public.verify("not bytes", b"m")  # type: ignore[arg-type]
 
 
-@needs_native
+_GOOD_POINT = _point(_KEYS[0])
+
+
+# Named ids: the keys are random, and every test worker must collect the same names.
 @pytest.mark.parametrize("point", [
-    b"",
-    b"\x04" + b"\x00" * 64,                       # not on the curve
-    b"\x04" + b"\x01" * 64,                       # not on the curve
-    b"\x02" + b"\x00" * 32,                       # compressed: refused
-    _point(_KEYS[0])[:64],                        # short
-    _point(_KEYS[0]) + b"\x00",                   # long
-    b"\x05" + _point(_KEYS[0])[1:],               # wrong prefix
-    b"\x04" + (2**256 - 1).to_bytes(32, "big") * 2,  # coordinates beyond the field
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\x04" + b"\x00" * 64, id="zero-not-on-curve"),
+    pytest.param(b"\x04" + b"\x01" * 64, id="ones-not-on-curve"),
+    pytest.param(b"\x02" + b"\x00" * 32, id="compressed"),
+    pytest.param(_GOOD_POINT[:64], id="short"),
+    pytest.param(_GOOD_POINT + b"\x00", id="long"),
+    pytest.param(b"\x05" + _GOOD_POINT[1:], id="wrong-prefix"),
+    pytest.param(b"\x04" + (2**256 - 1).to_bytes(32, "big") * 2, id="beyond-the-field"),
 ])
+@needs_native
 def test_points_off_the_curve_are_refused(point: bytes) -> None:
     assert native is not None
     with pytest.raises(ValueError, match="P-256"):
