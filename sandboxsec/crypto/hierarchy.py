@@ -46,6 +46,7 @@ from sandboxsec.crypto.errors import (
     KeyProviderUnavailableError,
     KeyVersionConflictError,
     KeyVersionRetiredError,
+    TenantKeyMissingError,
     TenantKeysShreddedError,
 )
 from sandboxsec.crypto.keyring import TtlCache, WriteLease
@@ -284,18 +285,32 @@ class KeyHierarchy:
                 f"the configured provider is {provider.provider_id}"
             )
         aad = kek_aad(tenant_id, version)
-        if is_tenant_wrapped(row.wrapped_key):
-            material = self.tenant_keys.unwrap(tenant_id, row.wrapped_key, aad)
-        else:
-            # Written before per-tenant keys existed: wrapped by the root key alone.  Move it
-            # under the tenant key now (committed with the caller's transaction).
-            material = provider.unwrap(row.wrapped_key, aad)
-            row.wrapped_key = self.tenant_keys.wrap(
-                tenant_id, material, aad, create=self._may_create_tenant_key(s, tenant_id)
-            )
-            s.add(row)
+        try:
+            if is_tenant_wrapped(row.wrapped_key):
+                material = self.tenant_keys.unwrap(tenant_id, row.wrapped_key, aad)
+            else:
+                # Written before per-tenant keys existed: wrapped by the root key alone.  Move
+                # it under the tenant key now (committed with the caller's transaction).
+                material = provider.unwrap(row.wrapped_key, aad)
+                row.wrapped_key = self.tenant_keys.wrap(
+                    tenant_id, material, aad, create=self._may_create_tenant_key(s, tenant_id)
+                )
+                s.add(row)
+        except TenantKeyMissingError:
+            # Shredding commits, then destroys the tenant key: a transaction whose snapshot
+            # still shows the KEK (SQLite keeps a reader's snapshot to its end) finds the key
+            # gone.  Only a fresh read can tell that from a key lost without a shredding.
+            if self._shredded_now(tenant_id):
+                raise TenantKeysShreddedError() from None
+            raise
         self._keks.put((tenant_id, version), material, now)
         return material
+
+    def _shredded_now(self, tenant_id: str) -> bool:
+        # In a transaction of its own, so it sees what committed after the caller's began.
+        with self._db.session() as fresh:
+            ring = fresh.get(TenantKeyring, tenant_id)
+            return ring is not None and ring.shredded_at is not None
 
     @staticmethod
     def _may_create_tenant_key(s: Session, tenant_id: str) -> bool:

@@ -200,6 +200,30 @@ def test_shredding_while_first_keys_are_made(
     assert not services.key_hierarchy.tenant_keys.exists(tenant.id)
 
 
+def test_a_writer_that_read_the_kek_before_the_shredding_is_told_shredded(
+    services: Services, racers: list[Services], tenant: TenantKeys,
+    make_session: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race above, forced: a writer reads the KEK row, then the shredding commits and
+    destroys the tenant key before the writer unwraps the KEK with it.  The writer must be
+    told ``tenant_keys_shredded`` (as when it comes a moment later), not
+    ``tenant_key_missing``, which means a key lost without any shredding."""
+    agent, admin = principal(tenant, Role.AGENT), principal(tenant, Role.ADMIN)
+    services.trajectory.write(agent, make_session(tenant.id), "action", b"first")
+    writer = racers[0]  # its caches have never held this tenant's KEK
+    keys = writer.key_hierarchy.tenant_keys
+    unwrap = keys.unwrap
+
+    def shredded_first(tenant_id: str, wrapped: bytes, aad: bytes) -> bytes:
+        services.key_admin.shred_tenant(tenant.id, admin)
+        return unwrap(tenant_id, wrapped, aad)
+
+    monkeypatch.setattr(keys, "unwrap", shredded_first)
+    with pytest.raises(TenantKeysShreddedError):
+        writer.trajectory.write(agent, make_session(tenant.id), "action", b"second")
+    assert not keys.exists(tenant.id)
+
+
 def test_worker_processes_make_first_keys_at_once(
     services: Services, settings: Settings, db_url: str, tenant: TenantKeys,
 ) -> None:
