@@ -40,6 +40,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -168,10 +169,16 @@ enqueue(Job *job)
         pthread_attr_t attr;
         pthread_t thread;
         if (pthread_attr_init(&attr) == 0) {
+            /* Signals are the interpreter's business: the thread starts with all blocked
+             * (it inherits this mask), so its own threads take them. */
+            sigset_t all, before;
+            sigfillset(&all);
+            pthread_sigmask(SIG_BLOCK, &all, &before);
             pthread_attr_setstacksize(&attr, THREAD_STACK);
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
             if (pthread_create(&thread, &attr, worker, NULL) == 0)
                 pool.workers++;
+            pthread_sigmask(SIG_SETMASK, &before, NULL);
             pthread_attr_destroy(&attr);
         }
     }

@@ -274,3 +274,26 @@ def test_a_key_whose_proof_failed_is_checked_before_acting() -> None:
     assert after.valid() is True
     with pytest.raises(InvalidSignature):  # the reference refuses the forged one too
         key.public_key().verify(dpop._raw_to_der(raw), b"forged", _ECDSA)
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux /proc only")
+def test_pool_threads_leave_signals_to_the_interpreter() -> None:
+    """A pool thread blocks SIGINT and SIGTERM, so Ctrl-C and a shutdown signal reach the
+    interpreter's own threads (not a thread that only runs OpenSSL)."""
+    assert native is not None
+    key = _KEYS[0]
+    public = native.PublicKey(_point(key))
+    assert public.start(_raw(*_sign(key, b"m")), b"m").result() is True
+    python_threads = {t.native_id for t in threading.enumerate()}
+    masks = {}
+    for task in os.listdir("/proc/self/task"):
+        if int(task) in python_threads:
+            continue
+        with open(f"/proc/self/task/{task}/status") as status:
+            for line in status:
+                if line.startswith("SigBlk:"):
+                    masks[task] = int(line.split()[1], 16)
+    wanted = (1 << (2 - 1)) | (1 << (15 - 1))  # SIGINT, SIGTERM
+    pool = [t for t, m in masks.items() if m & wanted == wanted]
+    assert pool, f"no thread outside Python blocks SIGINT and SIGTERM: {masks}"
