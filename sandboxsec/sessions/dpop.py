@@ -117,11 +117,6 @@ def ath_of(api_key: str) -> str:
     return b64url(hashlib.sha256(api_key.encode("utf-8")).digest())
 
 
-# An agent sends the same key with every request; its hash is not secret (every proof
-# carries it), and the bound keeps a flood of junk keys from growing the cache.
-_ath_cached = lru_cache(maxsize=1024)(ath_of)
-
-
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint (:func:`sandboxsec.attestation.jwk.jwk_thumbprint`);
     a key it cannot name is a malformed proof."""
@@ -390,7 +385,7 @@ def _bound(claims: Mapping[str, Any], *, method: str, url: str, body: bytes, ses
         raise DpopUrlMismatchError("the proof was made for another URL")
     if bh != body_hash(body):
         raise DpopBodyMismatchError("the proof's body hash does not match the body")
-    if api_key is not None and claims.get("ath") != _ath_cached(api_key):
+    if api_key is not None and claims.get("ath") != ath_of(api_key):
         raise DpopAthMismatchError("the proof was made for another API key")
     # 6. Fresh.
     t = int(now.timestamp())
