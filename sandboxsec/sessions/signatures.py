@@ -39,8 +39,6 @@ class _Pending(Protocol):
 
 
 class _NativeKey(Protocol):
-    def verify(self, signature: bytes, message: bytes) -> bool: ...
-
     def start(self, signature: bytes, message: bytes) -> _Pending: ...
 
 
@@ -106,18 +104,19 @@ class SignatureChecks:
         without the native module, already done."""
         native = self._native_key(signature)
         if native is None:
-            ok = signature.verify()
-            self.answered(signature, ok)
-            return PendingSignature(self, signature, None, ok)
+            return self.now(signature)
         return PendingSignature(self, signature,
                                 native.start(signature.raw, signature.message), None)
 
-    def check(self, signature: dpop.ProofSignature) -> None:
-        """Check ``signature`` now; :class:`DpopSignatureInvalidError` if it fails."""
+    def now(self, signature: dpop.ProofSignature) -> PendingSignature:
+        """The check of ``signature``, done in this thread (``cryptography``)."""
         ok = signature.verify()
         self.answered(signature, ok)
-        if not ok:
-            raise DpopSignatureInvalidError("the proof signature does not verify")
+        return PendingSignature(self, signature, None, ok)
+
+    def check(self, signature: dpop.ProofSignature) -> None:
+        """Check ``signature`` now; :class:`DpopSignatureInvalidError` if it fails."""
+        self.now(signature).require()
 
     def answered(self, signature: dpop.ProofSignature, ok: bool) -> None:
         """Record an answer: a verified header is kept, a failing key becomes suspect."""
