@@ -257,19 +257,19 @@ class SessionBinding:
             skew_seconds=self._config.skew_seconds, api_key=request.api_key,
             keys=self._keys,
         )
-        signature: PendingSignature | None = None
-        if overlap and self._signatures.overlaps:
-            signature = self._signatures.start(checked.signature)
-        else:
-            self._signatures.check(checked.signature)
+        signature = (self._signatures.start(checked.signature) if overlap
+                     else self._signatures.now(checked.signature))
+        if signature.done:
+            # Checked here (asked to, no native module, or a key whose proof failed before):
+            # a forged proof is refused before anything is decided.
+            signature.require()
         verified = checked.claims
         # 4b. The server nonce, when this deployment hands them out (sessions/nonce.py).
         if self._nonces is not None:
             try:
                 self._nonces.check(verified.nonce, now)
             except SandboxSecError:
-                if signature is not None:
-                    signature.require()  # a forged proof is refused as such
+                signature.require()  # a forged proof is refused as such
                 raise
         keep_until = datetime.fromtimestamp(
             verified.iat + self._config.max_age_seconds
@@ -330,8 +330,7 @@ class _PendingClaim:
     __slots__ = ("claimed", "keep_until", "now", "proof", "replay", "signature", "tenant_id")
 
     def __init__(self, replay: ReplayStore, tenant_id: str, proof: dpop.VerifiedProof,
-                 keep_until: datetime, now: datetime,
-                 signature: PendingSignature | None = None) -> None:
+                 keep_until: datetime, now: datetime, signature: PendingSignature) -> None:
         self.replay = replay
         self.tenant_id = tenant_id
         self.proof = proof
@@ -342,8 +341,7 @@ class _PendingClaim:
 
     def signature_first(self) -> None:
         """Raise :class:`DpopSignatureInvalidError` if the signature check failed (waits)."""
-        if self.signature is not None:
-            self.signature.require()
+        self.signature.require()
 
     def claim(self, session: Session | None) -> None:
         if self.claimed:

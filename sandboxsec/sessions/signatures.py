@@ -70,6 +70,11 @@ class PendingSignature:
         self._running = running
         self._ok = ok
 
+    @property
+    def done(self) -> bool:
+        """Whether the answer is known (checked in the caller, or already waited for)."""
+        return self._ok is not None
+
     def valid(self) -> bool:
         """Whether the signature verifies (waits for a running check)."""
         if self._ok is None:
@@ -113,10 +118,6 @@ class SignatureChecks:
         ok = signature.verify()
         self.answered(signature, ok)
         return PendingSignature(self, signature, None, ok)
-
-    def check(self, signature: dpop.ProofSignature) -> None:
-        """Check ``signature`` now; :class:`DpopSignatureInvalidError` if it fails."""
-        self.now(signature).require()
 
     def answered(self, signature: dpop.ProofSignature, ok: bool) -> None:
         """Record an answer: a verified header is kept, a failing key becomes suspect."""

@@ -163,3 +163,31 @@ def test_forged_proofs_in_a_row_are_all_refused_and_genuine_ones_still_work(
                          headers=_headers(services, tenant, sid, body))
         assert ok.status_code == 200, ok.text
     assert len(_events(services, tenant, AuditEvent.POLICY_DECISION)) == 4
+
+
+def test_after_a_forged_proof_the_keys_next_forgeries_get_no_decision(
+        client: TestClient, services: Services, tenant: TenantKeys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first forged proof of a key may cost one decision, computed beside its signature
+    check and rolled back; the key's later proofs are checked first, so a forger cannot make
+    the service decide (and roll back) once per forged proof."""
+    decided: list[str] = []
+    decide = services.decisions.request_action
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        decided.append(kwargs["session_id"])
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(services.decisions, "request_action", counted)
+    sid = make_session(services, tenant)
+    for i in range(3):
+        body = _body(sid, "message", "app:chat", {"i": i})
+        other = _headers(services, tenant, sid, _body(sid, "message", "app:chat", {"o": i}))
+        forged = client.post("/v1/actions", content=body,
+                             headers=_forge(_headers(services, tenant, sid, body), other))
+        _refused_forged(services, tenant, forged)
+    assert len(decided) <= 1, decided
+    body = _body(sid, "message", "app:chat", {"genuine": True})
+    ok = client.post("/v1/actions", content=body, headers=_headers(services, tenant, sid, body))
+    assert ok.status_code == 200, ok.text
+    assert _events(services, tenant, AuditEvent.POLICY_DECISION) != []
