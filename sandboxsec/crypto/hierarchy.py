@@ -269,13 +269,8 @@ class KeyHierarchy:
             )
         ).first()
         if row is None:
-            # Shredded since the caller read the keyring: say so, not "tampered".  (A fresh
-            # read: the session may hold the keyring as it was before the shredding.)
-            ring = s.exec(
-                select(TenantKeyring).where(TenantKeyring.id == tenant_id)
-                .execution_options(populate_existing=True)
-            ).first()
-            if ring is not None and ring.shredded_at is not None:
+            # Shredded since the caller read the keyring: say so, not "tampered".
+            if self._shredded_now(tenant_id):
                 raise TenantKeysShreddedError()
             raise DecryptionFailedError()
         provider = self.provider
@@ -297,9 +292,9 @@ class KeyHierarchy:
                 )
                 s.add(row)
         except TenantKeyMissingError:
-            # Shredding commits, then destroys the tenant key: a transaction whose snapshot
-            # still shows the KEK (SQLite keeps a reader's snapshot to its end) finds the key
-            # gone.  Only a fresh read can tell that from a key lost without a shredding.
+            # Shredding commits, then destroys the tenant key: a caller that read the KEK row
+            # just before that commit finds the key gone.  The keyring, read afresh, tells
+            # that from a key lost without a shredding.
             if self._shredded_now(tenant_id):
                 raise TenantKeysShreddedError() from None
             raise
@@ -307,7 +302,8 @@ class KeyHierarchy:
         return material
 
     def _shredded_now(self, tenant_id: str) -> bool:
-        # In a transaction of its own, so it sees what committed after the caller's began.
+        # In a session of its own: the caller's may hold the keyring as it was before the
+        # shredding (its identity map, or its transaction's snapshot).
         with self._db.session() as fresh:
             ring = fresh.get(TenantKeyring, tenant_id)
             return ring is not None and ring.shredded_at is not None
