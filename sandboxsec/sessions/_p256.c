@@ -160,9 +160,9 @@ worker(void *unused)
     return NULL;
 }
 
-/* Queue job (pool.lock held), starting a thread when none is idle; 0 if it cannot be
- * queued (no thread at all), and the owner then runs it. */
-static int
+/* Queue job (pool.lock held), starting a thread when none is idle.  With no thread at all
+ * it stays QUEUED outside the queue, and finish() runs it in its owner. */
+static void
 enqueue(Job *job)
 {
     if (pool.idle == 0 && pool.workers < MAX_WORKERS) {
@@ -183,7 +183,7 @@ enqueue(Job *job)
         }
     }
     if (pool.workers == 0)
-        return 0;
+        return;
     job->next = NULL;
     if (pool.tail != NULL)
         pool.tail->next = job;
@@ -191,7 +191,6 @@ enqueue(Job *job)
         pool.head = job;
     pool.tail = job;
     pthread_cond_signal(&pool.work);
-    return 1;
 }
 
 /* A child of fork has none of the parent's threads: it starts its own pool. */
@@ -391,7 +390,7 @@ publickey_start(PublicKeyObject *self, PyObject *args)
     job->state = QUEUED;
     /* Short critical sections only: no thread holds the lock while it verifies. */
     pthread_mutex_lock(&pool.lock);
-    enqueue(job); /* not queued: finish() runs it in the caller */
+    enqueue(job);
     pthread_mutex_unlock(&pool.lock);
     return (PyObject *)pending;
 }
@@ -432,30 +431,31 @@ answer_if_done(Job *job)
     return result;
 }
 
-static PyObject *
-pending_result(PendingObject *self, PyObject *Py_UNUSED(ignored))
+/* The answer for job, called with the GIL: usually done by the time it is asked for, and
+ * then given without giving up the GIL; otherwise finished without it. */
+static int
+answer(Job *job)
 {
-    Job *job = self->job;
-    /* Usually done by the time it is asked for: answer without giving up the GIL. */
     int result = answer_if_done(job);
     if (result < 0) {
         Py_BEGIN_ALLOW_THREADS
         result = finish(job);
         Py_END_ALLOW_THREADS
     }
-    return PyBool_FromLong(result);
+    return result;
+}
+
+static PyObject *
+pending_result(PendingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(answer(self->job));
 }
 
 static void
 pending_dealloc(PendingObject *self)
 {
     Job *job = self->job;
-    /* A thread may still be reading it: finish first (the GIL is not needed for that). */
-    if (answer_if_done(job) < 0) {
-        Py_BEGIN_ALLOW_THREADS
-        finish(job);
-        Py_END_ALLOW_THREADS
-    }
+    answer(job); /* a thread may still be reading it: finished before it is freed */
     job_free(job);
     PyObject_Free(self);
 }
