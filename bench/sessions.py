@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives import hashes
@@ -51,6 +47,10 @@ from sandboxsec.sessions import dpop, signatures
 from sandboxsec.sessions.models import AgentSession
 from sandboxsec.settings import Settings
 from sandboxsec.storage.db import Database
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+from tests.support.benchconfig import describe
+from tests.support.serve import Server, clean_env
 
 BASE = "http://testserver"
 
@@ -122,50 +122,30 @@ def latency(raw_verify: float, n: int = 1000, runs: int = 3, *, parallel: bool =
         db = Database(settings.resolved_database_url())
         db.migrate()
         services = Services(settings, db=db)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
-        from tests.support.benchconfig import describe
-
         # Says require_session_key=False: the unbound baseline needs it (bound sessions are
         # checked exactly as shipped).
         print("  " + describe(settings, database="SQLite WAL, synchronous=NORMAL (shipped)"))
-        agent, key, bound, unbound = _sessions(services, db)
-        headers = {"Authorization": f"Bearer {agent.key}", "Content-Type": "application/json"}
-
+        actions = _Actions(services, db, BASE)
         cpu: dict[bool, list[float]] = {True: [], False: []}
 
-        def call(client: TestClient, sid: str, prove: bool) -> float:
-            body = json.dumps({"session_id": sid, "action": "message",
-                               "resource": "app:chat", "params": {}}).encode()
-            h = dict(headers)
-            if prove:  # signing happens in the sandbox; only the service side is timed
-                h["DPoP"] = dpop.create_proof(key.sign, key.jwk, method="POST",
-                                              url=BASE + "/v1/actions", session_id=sid,
-                                              body=body, now=services.clock.now(),
-                                              api_key=agent.key)
-            c0 = time.process_time()
-            start = time.perf_counter()
-            r = client.post("/v1/actions", content=body, headers=h)
-            elapsed = time.perf_counter() - start
-            cpu[prove].append(time.process_time() - c0)
-            assert r.status_code == 200, r.text
-            return elapsed
-
         with TestClient(create_app(services)) as client:
-            for _ in range(50):  # warm up caches, the policy engine, the connection pool
-                call(client, bound, True)
-                call(client, unbound, False)
-            with_proof, without = [], []
-            cpu[True].clear()
-            cpu[False].clear()
-            per_run = []
-            for _ in range(runs):
-                first = len(with_proof)
-                for _ in range(n):
-                    with_proof.append(call(client, bound, True))
-                    without.append(call(client, unbound, False))
-                per_run.append(statistics.median(with_proof[first:])
-                               - statistics.median(without[first:]))
+            def call(sid: str, prove: bool) -> float:
+                body, headers = actions.request(sid, prove)
+                c0 = time.process_time()
+                start = time.perf_counter()
+                r = client.post("/v1/actions", content=body, headers=headers)
+                elapsed = time.perf_counter() - start
+                cpu[prove].append(time.process_time() - c0)
+                assert r.status_code == 200, r.text
+                return elapsed
+
+            # Warm up caches, the policy engine, the connection pool.
+            measured = _alternate(call, actions, n, runs, warm_up=50,
+                                  after_warm_up=lambda: (cpu[True].clear(),
+                                                         cpu[False].clear()))
         services.close()
+    with_proof = [t for w, _ in measured for t in w]
+    without = [t for _, wo in measured for t in wo]
     a, b = statistics.median(with_proof), statistics.median(without)
     a99, b99 = _p99(with_proof), _p99(without)
     print(f"2. POST /v1/actions, in process, SQLite, {runs} runs of {n} each, alternating, "
@@ -175,9 +155,7 @@ def latency(raw_verify: float, n: int = 1000, runs: int = 3, *, parallel: bool =
     print(f"  bound session, with proof         {a * 1000:8.3f} ms  {a99 * 1000:8.3f} ms")
     print(f"  added by the proof                {(a - b) * 1000:8.3f} ms  "
           f"{(a99 - b99) * 1000:8.3f} ms")
-    added = sorted(per_run)
-    print(f"  added, median of the runs         {statistics.median(added) * 1000:8.3f} ms  "
-          f"(runs: {', '.join(f'{x * 1000:.3f}' for x in added)})  (aim < 0.3 ms median)")
+    print(f"  added, median of the runs         {_added_by_runs(measured)}")
     # The same figure from adjacent pairs (each call with a proof minus the call without one
     # made right after it): a load that drifts over the run shifts both calls of a pair.
     paired = statistics.median(p - q for p, q in zip(with_proof, without, strict=True))
@@ -192,19 +170,62 @@ def latency(raw_verify: float, n: int = 1000, runs: int = 3, *, parallel: bool =
           f"{ca * 1000:.3f} ms, added {(ca - cb) * 1000:.3f} ms")
 
 
-def _sessions(services: Services, db: Database) -> tuple[Any, Key, str, str]:
-    """A tenant's agent key, a session key, and two sessions: one bound to it, one not."""
-    tenant = services.tenants.create("bench")
-    agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")]
-    key = Key()
-    now = services.clock.now()
-    bound, unbound = new_id("ses"), new_id("ses")
-    with db.session() as s:
-        for sid, jkt in ((bound, key.jkt), (unbound, None)):
-            s.add(AgentSession(id=sid, tenant_id=tenant.tenant_id, attested=True,
-                               created_at=now, expires_at=now + timedelta(hours=1),
-                               key_thumbprint=jkt))
-    return agent, key, bound, unbound
+class _Actions:
+    """A tenant's agent key, a session key and two sessions (one bound to the key, one not),
+    and the request body and headers of one action in either."""
+
+    def __init__(self, services: Services, db: Database, base: str) -> None:
+        tenant = services.tenants.create("bench")
+        self._agent = tenant.keys[next(r for r in tenant.keys if str(r) == "agent")].key
+        self._key = Key()
+        self._clock = services.clock
+        self._url = base + "/v1/actions"
+        now = self._clock.now()
+        self.bound, self.unbound = new_id("ses"), new_id("ses")
+        with db.session() as s:
+            for sid, jkt in ((self.bound, self._key.jkt), (self.unbound, None)):
+                s.add(AgentSession(id=sid, tenant_id=tenant.tenant_id, attested=True,
+                                   created_at=now, expires_at=now + timedelta(hours=1),
+                                   key_thumbprint=jkt))
+
+    def request(self, sid: str, prove: bool) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of an action in ``sid``, with a proof if ``prove`` (signed
+        here, before any clock starts: signing happens in the sandbox)."""
+        body = json.dumps({"session_id": sid, "action": "message", "resource": "app:chat",
+                           "params": {}}).encode()
+        headers = {"Authorization": f"Bearer {self._agent}",
+                   "Content-Type": "application/json"}
+        if prove:
+            headers["DPoP"] = dpop.create_proof(
+                self._key.sign, self._key.jwk, method="POST", url=self._url, session_id=sid,
+                body=body, now=self._clock.now(), api_key=self._agent)
+        return body, headers
+
+
+def _alternate(call: Callable[[str, bool], float], actions: _Actions, n: int, runs: int, *,
+               warm_up: int, after_warm_up: Callable[[], object] = lambda: None,
+               ) -> list[tuple[list[float], list[float]]]:
+    """``runs`` runs of ``n`` pairs (an action with a proof, then one without), after
+    ``warm_up`` pairs; each run's times with and without."""
+    for _ in range(warm_up):
+        call(actions.bound, True)
+        call(actions.unbound, False)
+    after_warm_up()
+    measured = []
+    for _ in range(runs):
+        with_proof, without = [], []
+        for _ in range(n):
+            with_proof.append(call(actions.bound, True))
+            without.append(call(actions.unbound, False))
+        measured.append((with_proof, without))
+    return measured
+
+
+def _added_by_runs(measured: list[tuple[list[float], list[float]]]) -> str:
+    # The median over the runs of what the proof adds to each run's median, and each run's.
+    added = sorted(statistics.median(w) - statistics.median(wo) for w, wo in measured)
+    return (f"{statistics.median(added) * 1000:8.3f} ms  "
+            f"(runs: {', '.join(f'{x * 1000:.3f}' for x in added)})  (aim < 0.3 ms median)")
 
 
 def _how(parallel: bool) -> str:
@@ -213,93 +234,44 @@ def _how(parallel: bool) -> str:
     return "checked first"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def over_http(n: int = 1000, runs: int = 3, *, parallel: bool = True) -> None:
     """Section 3: the same comparison against ``sandboxsec serve`` in a process of its own."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        settings = Settings(home=home, public_url=base, require_session_key=False,
+        server = Server(clean_env(home, None), home / "serve.log", workers=1, migrate=False)
+        settings = Settings(home=home, public_url=server.base, require_session_key=False,
                             log_level="error", dpop_parallel_signature_check=parallel)
         db = Database(settings.resolved_database_url())
         db.migrate()
         services = Services(settings, db=db)
-        agent, key, bound, unbound = _sessions(services, db)
+        actions = _Actions(services, db, server.base)
         services.close()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXSEC_")}
-        env.update(SANDBOXSEC_HOME=str(home), SANDBOXSEC_PUBLIC_URL=base,
-                   SANDBOXSEC_REQUIRE_SESSION_KEY="false", SANDBOXSEC_LOG_LEVEL="error",
-                   SANDBOXSEC_DPOP_PARALLEL_SIGNATURE_CHECK=str(parallel).lower())
-        server = subprocess.Popen(
-            [sys.executable, "-m", "sandboxsec.cli", "serve", "--port", str(port),
-             "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        server.env.update(SANDBOXSEC_PUBLIC_URL=server.base,
+                          SANDBOXSEC_REQUIRE_SESSION_KEY="false", SANDBOXSEC_LOG_LEVEL="error",
+                          SANDBOXSEC_DPOP_PARALLEL_SIGNATURE_CHECK=str(parallel).lower())
+        server.start()
         try:
-            _wait_healthy(base, server)
-            headers = {"Authorization": f"Bearer {agent.key}",
-                       "Content-Type": "application/json"}
-            with httpx.Client(base_url=base) as client:
+            with httpx.Client(base_url=server.base) as client:
                 def call(sid: str, prove: bool) -> float:
-                    body = json.dumps({"session_id": sid, "action": "message",
-                                       "resource": "app:chat", "params": {}}).encode()
-                    h = dict(headers)
-                    if prove:  # signed before the clock starts, as in section 2
-                        h["DPoP"] = dpop.create_proof(
-                            key.sign, key.jwk, method="POST", url=base + "/v1/actions",
-                            session_id=sid, body=body, now=services.clock.now(),
-                            api_key=agent.key)
+                    body, headers = actions.request(sid, prove)
                     request = client.build_request("POST", "/v1/actions", content=body,
-                                                   headers=h)
+                                                   headers=headers)
                     start = time.perf_counter()
                     r = client.send(request)
                     elapsed = time.perf_counter() - start
                     assert r.status_code == 200, r.text
                     return elapsed
 
-                for _ in range(100):  # warm up the worker
-                    call(bound, True)
-                    call(unbound, False)
-                results = []
-                for _ in range(runs):
-                    with_proof = [0.0] * n
-                    without = [0.0] * n
-                    for i in range(n):
-                        with_proof[i] = call(bound, True)
-                        without[i] = call(unbound, False)
-                    results.append((statistics.median(with_proof),
-                                    statistics.median(without)))
+                measured = _alternate(call, actions, n, runs, warm_up=100)  # the worker
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
-    added = sorted(a - b for a, b in results)
-    a = statistics.median(r[0] for r in results)
-    b = statistics.median(r[1] for r in results)
+            server.stop()
+    a = statistics.median(statistics.median(w) for w, _ in measured)
+    b = statistics.median(statistics.median(wo) for _, wo in measured)
     print(f"3. POST /v1/actions over HTTP (sandboxsec serve, 1 worker, SQLite; the client in "
           f"this process), signature {_how(parallel)}")
     print(f"  {runs} runs of {n} each, alternating: unbound {b * 1000:.3f} ms, bound "
           f"{a * 1000:.3f} ms (medians of the runs' medians)")
-    print(f"  added by the proof                {statistics.median(added) * 1000:8.3f} ms  "
-          f"(runs: {', '.join(f'{x * 1000:.3f}' for x in added)})  (aim < 0.3 ms median)")
-
-
-def _wait_healthy(base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("sandboxsec serve exited before it answered")
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("sandboxsec serve did not answer /healthz within 120 s")
+    print(f"  added by the proof                {_added_by_runs(measured)}")
 
 
 def _p99(values: list[float]) -> float:
