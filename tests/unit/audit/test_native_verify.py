@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import sys
 from types import ModuleType
 
@@ -22,6 +21,7 @@ from sandboxsec.audit import verify
 from sandboxsec.audit.entry import GENESIS_PREV, entry_prefix
 from sandboxsec.audit.errors import AuditVerificationError
 from sandboxsec.audit.merkle import MerkleTree, perfect_root
+from tests.support.native import require_built
 from tests.unit.audit.synth import SynthLog
 
 native: ModuleType | None
@@ -36,13 +36,7 @@ needs_native = pytest.mark.skipif(native is None, reason="the native hasher is n
 def test_native_build() -> None:
     """The extension must be built in this environment unless the build was turned off on
     purpose: a silent fallback to the (slower) Python pass would otherwise go unnoticed."""
-    if os.environ.get("SANDBOXSEC_BUILD_NATIVE") == "0":
-        pytest.skip("SANDBOXSEC_BUILD_NATIVE=0: the native hasher is off on purpose")
-    assert native is not None, (
-        "sandboxsec.audit._native did not build: install gcc, python3-dev and libssl-dev "
-        "and reinstall (pip install -e .), or set SANDBOXSEC_BUILD_NATIVE=0"
-    )
-    assert verify.implementation() == "native"
+    require_built(native, "sandboxsec.audit._native", verify.implementation())
 
 
 # -- leaves: differential against the pure-Python pass ---------------------------------------

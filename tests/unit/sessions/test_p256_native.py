@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandboxsec.sessions import dpop, signatures
+from tests.support.native import require_built
 
 native: ModuleType | None
 try:
@@ -65,13 +66,7 @@ def _reference(key: ec.EllipticCurvePrivateKey, raw: bytes, message: bytes) -> b
 def test_native_build() -> None:
     """Built here unless turned off on purpose: a silent fallback would put the signature
     check back on every action's path unnoticed."""
-    if os.environ.get("SANDBOXSEC_BUILD_NATIVE") == "0":
-        pytest.skip("SANDBOXSEC_BUILD_NATIVE=0: the native modules are off on purpose")
-    assert native is not None, (
-        "sandboxsec.sessions._p256 did not build: install gcc, python3-dev and libssl-dev "
-        "and reinstall (pip install -e .), or set SANDBOXSEC_BUILD_NATIVE=0"
-    )
-    assert signatures.implementation() == "native"
+    require_built(native, "sandboxsec.sessions._p256", signatures.implementation())
 
 
 _MUTATIONS = st.sampled_from([
