@@ -63,6 +63,15 @@ def _forge(headers: dict[str, str], other: dict[str, str]) -> dict[str, str]:
     return {**headers, "DPoP": signed + "." + other["DPoP"].rpartition(".")[2]}
 
 
+def _post_forged(client: TestClient, services: Services, tenant: TenantKeys, sid: str,
+                 body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    """``POST /v1/actions`` of ``body`` with ``headers`` (a genuine proof for it when None)
+    whose proof carries the signature of another proof by the session's key."""
+    genuine = headers if headers is not None else _headers(services, tenant, sid, body)
+    other = _headers(services, tenant, sid, b"{}")
+    return client.post("/v1/actions", content=body, headers=_forge(genuine, other))
+
+
 def _code(r: httpx.Response) -> str:
     return str(r.json()["error"]["code"])
 
@@ -92,8 +101,7 @@ def test_a_forged_proof_gets_no_decision_and_does_not_use_up_its_jti(
     sid = make_session(services, tenant)
     body = _body(sid, action, resource, params)
     genuine = _headers(services, tenant, sid, body, jti="the-one-jti")
-    other = _headers(services, tenant, sid, _body(sid, action, resource, {"x": 1}))
-    forged = client.post("/v1/actions", content=body, headers=_forge(genuine, other))
+    forged = _post_forged(client, services, tenant, sid, body, genuine)
     _refused_forged(services, tenant, forged)
     assert _events(services, tenant, AuditEvent.POLICY_DECISION) == []
     assert _events(services, tenant, stores) == []
@@ -114,20 +122,15 @@ def test_a_forged_proof_is_refused_as_forged_whatever_the_action_is_refused_for(
     sid = make_session(services, tenant)
     no_currency = _body(sid, "payment", "payee:acme-gmbh", {"amount": "12.00"})
     genuine = _headers(services, tenant, sid, no_currency)
-    other = _headers(services, tenant, sid, _body(sid, "message", "app:chat", {}))
     plain = client.post("/v1/actions", content=no_currency, headers=genuine)
     assert (plain.status_code, _code(plain)) == (400, "action_invalid")
-    forged = client.post("/v1/actions", content=no_currency,
-                         headers=_forge(_headers(services, tenant, sid, no_currency), other))
-    _refused_forged(services, tenant, forged)
+    _refused_forged(services, tenant,
+                    _post_forged(client, services, tenant, sid, no_currency))
 
     ended = make_session(services, tenant, ttl_seconds=60)
     body = _body(ended, "message", "app:chat", {})
     services.clock.advance(120)  # type: ignore[attr-defined]
-    other = _headers(services, tenant, ended, _body(ended, "message", "app:chat", {"y": 2}))
-    forged = client.post("/v1/actions", content=body,
-                         headers=_forge(_headers(services, tenant, ended, body), other))
-    _refused_forged(services, tenant, forged)
+    _refused_forged(services, tenant, _post_forged(client, services, tenant, ended, body))
     assert _events(services, tenant, AuditEvent.POLICY_DECISION) == []  # deny rolled back
     genuine_late = client.post("/v1/actions", content=body,
                                headers=_headers(services, tenant, ended, body))
@@ -141,9 +144,8 @@ def test_a_forged_proof_for_another_url_is_refused_as_forged(
     sid = make_session(services, tenant)
     body = _body(sid, "message", "app:chat", {})
     elsewhere = _headers(services, tenant, sid, body, url=BASE + "/v1/elsewhere")
-    other = _headers(services, tenant, sid, _body(sid, "message", "app:chat", {"z": 3}))
-    r = client.post("/v1/actions", content=body, headers=_forge(elsewhere, other))
-    _refused_forged(services, tenant, r)
+    _refused_forged(services, tenant,
+                    _post_forged(client, services, tenant, sid, body, elsewhere))
     honest = client.post("/v1/actions", content=body, headers=elsewhere)
     assert (honest.status_code, _code(honest)) == (401, "dpop_url_mismatch")
 
@@ -155,10 +157,7 @@ def test_forged_proofs_in_a_row_are_all_refused_and_genuine_ones_still_work(
     sid = make_session(services, tenant)
     for i in range(4):
         body = _body(sid, "message", "app:chat", {"i": i})
-        other = _headers(services, tenant, sid, _body(sid, "message", "app:chat", {"o": i}))
-        forged = client.post("/v1/actions", content=body,
-                             headers=_forge(_headers(services, tenant, sid, body), other))
-        _refused_forged(services, tenant, forged)
+        _refused_forged(services, tenant, _post_forged(client, services, tenant, sid, body))
         ok = client.post("/v1/actions", content=body,
                          headers=_headers(services, tenant, sid, body))
         assert ok.status_code == 200, ok.text
@@ -182,10 +181,7 @@ def test_after_a_forged_proof_the_keys_next_forgeries_get_no_decision(
     sid = make_session(services, tenant)
     for i in range(3):
         body = _body(sid, "message", "app:chat", {"i": i})
-        other = _headers(services, tenant, sid, _body(sid, "message", "app:chat", {"o": i}))
-        forged = client.post("/v1/actions", content=body,
-                             headers=_forge(_headers(services, tenant, sid, body), other))
-        _refused_forged(services, tenant, forged)
+        _refused_forged(services, tenant, _post_forged(client, services, tenant, sid, body))
     assert len(decided) <= 1, decided
     body = _body(sid, "message", "app:chat", {"genuine": True})
     ok = client.post("/v1/actions", content=body, headers=_headers(services, tenant, sid, body))
